@@ -1,0 +1,84 @@
+"""The attention backend seam: the operations a model's forward pass needs that a backend may implement in kernels.
+
+Backends are registered by name in `BACKENDS` and chosen by `EngineConfig.attention_backend`. Every backend passes
+the same tests; `torch` is the reference and the CPU default, `triton` the fast path on CUDA.
+A backend takes plain tensors and the metadata of `metadata.py`; it knows nothing of sequences or scheduling.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from prmkern.attention.metadata import DecodeMetadata, PrefillMetadata
+
+
+class AttentionBackend(ABC):
+    name: str = "abstract"
+
+    @abstractmethod
+    def store_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        """Write key/value [num_tokens, num_kv_heads, head_dim] into the caches at `slot_mapping` (-1 = skip)."""
+
+    @abstractmethod
+    def prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PrefillMetadata,
+                scale: float) -> torch.Tensor:
+        """Causal attention of new tokens q [num_tokens, num_heads, head_dim] over their cached prefix + themselves."""
+
+    @abstractmethod
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMetadata,
+               scale: float) -> torch.Tensor:
+        """Attention of one token per sequence q [batch, num_heads, head_dim] over its paged KV."""
+
+    # Elementwise layers. Backends with fused kernels override these; the torch versions are the reference.
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """RMSNorm of `x + residual` (when given); returns (normed, x + residual) like vLLM's fused add-norm."""
+        if residual is not None:
+            x = x + residual
+            residual = x
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return (normed.to(x.dtype) * weight), residual
+
+    def apply_rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                     cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Neox-style rotary embedding. q [T, Hq, D], k [T, Hkv, D]; cos_sin_cache [max_pos, D] float32 = [cos | sin]
+        over the D/2 frequencies. Returns rotated (q, k) (backends may rotate in place)."""
+        half = q.shape[-1] // 2
+        cs = cos_sin_cache[positions]  # [T, D]
+        cos = cs[:, None, :half]
+        sin = cs[:, None, half:]
+
+        def rot(x: torch.Tensor) -> torch.Tensor:
+            xf = x.float()
+            x1, x2 = xf[..., :half], xf[..., half:]
+            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+        return rot(q), rot(k)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, 2 * I] = [gate | up] -> silu(gate) * up [T, I]."""
+        gate, up = x.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
+
+BACKENDS: dict[str, type[AttentionBackend]] = {}
+
+
+def register_backend(cls: type[AttentionBackend]) -> type[AttentionBackend]:
+    BACKENDS[cls.name] = cls
+    return cls
+
+
+def get_backend(name: str) -> AttentionBackend:
+    # Import the implementations here so that registering does not depend on import order elsewhere.
+    from prmkern.attention import torch_backend  # noqa: F401
+    try:
+        from prmkern.attention import triton_backend  # noqa: F401
+    except ImportError:
+        pass
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(BACKENDS)}")
+    return BACKENDS[name]()

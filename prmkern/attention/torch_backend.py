@@ -1,0 +1,121 @@
+"""The torch attention backend: the CPU default and the reference that the Triton kernels are tested against.
+
+Reads K/V through block tables by gathering; no Python loop over tokens (prefill loops over sequences, decode over
+shared-prefix groups). Softmax statistics are kept in float32 whatever the cache dtype.
+Decode is cascade attention: each group's shared prefix is attended by all of the group's chains in one batched
+product (the prefix K/V is gathered once per group, not once per chain), each chain's suffix in one padded batch,
+and the two partial states are merged by log-sum-exp (the Hydragen / FlashInfer-cascade decomposition).
+"""
+from __future__ import annotations
+
+import torch
+
+from prmkern.attention.backend import AttentionBackend, register_backend
+from prmkern.attention.metadata import DecodeMetadata, PrefillMetadata
+
+
+def gather_kv_index(block_tables: torch.Tensor, block_size: int, length: int) -> torch.Tensor:
+    """Flat cache slot of each of the first `length` tokens of each row: [rows, length] int64 (garbage past a row's
+    own length; callers mask it)."""
+    nblk = -(-length // block_size)
+    bt = block_tables[:, :nblk].to(torch.int64).clamp_min(0)  # [rows, nblk]
+    offs = torch.arange(block_size, device=bt.device)
+    return (bt[:, :, None] * block_size + offs).reshape(bt.shape[0], -1)[:, :length]
+
+
+def attend_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial attention state of grouped queries over keys, in float32.
+
+    q [R, Hkv, M, D] (M queries per KV head: GQA group x chains), k/v [R, L, Hkv, D], valid bool [R, M or 1, L]
+    -> out [R, Hkv, M, D] float32, lse [R, Hkv, M] float32 (-inf and out 0 where a query sees no key).
+    """
+    kf = k.float().permute(0, 2, 3, 1)  # [R, Hkv, D, L]
+    vf = v.float().permute(0, 2, 1, 3)  # [R, Hkv, L, D]
+    s = torch.matmul(q.float(), kf) * scale  # [R, Hkv, M, L]
+    s = s.masked_fill(~valid[:, None], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # [R, Hkv, M]
+    p = torch.exp(s - lse.nan_to_num(neginf=0.0)[..., None])  # rows without keys: exp(-inf) = 0
+    return torch.matmul(p, vf), lse
+
+
+def merge_states(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
+                 lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two partial softmax states over disjoint key sets. o [..., D] float32, lse [...] float32."""
+    m = torch.maximum(lse1, lse2)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    w1, w2 = torch.exp(lse1 - m), torch.exp(lse2 - m)
+    total = w1 + w2
+    out = (o1 * w1[..., None] + o2 * w2[..., None]) / total.clamp_min(1e-30)[..., None]
+    return out, m + torch.log(total)
+
+
+@register_backend
+class TorchBackend(AttentionBackend):
+    name = "torch"
+
+    def store_kv(self, key, value, k_cache, v_cache, slot_mapping):
+        num_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        keep = slot_mapping >= 0
+        slots = slot_mapping[keep]
+        k_cache.view(-1, num_heads, head_dim)[slots] = key[keep].to(k_cache.dtype)
+        v_cache.view(-1, num_heads, head_dim)[slots] = value[keep].to(v_cache.dtype)
+
+    def prefill(self, q, k_cache, v_cache, meta: PrefillMetadata, scale):
+        block_size, num_kv_heads, head_dim = k_cache.shape[1:]
+        num_heads = q.shape[1]
+        group = num_heads // num_kv_heads
+        k_flat = k_cache.view(-1, num_kv_heads, head_dim)
+        v_flat = v_cache.view(-1, num_kv_heads, head_dim)
+        out = torch.empty_like(q)
+        cu = meta.cu_seqlens_q.tolist()
+        seq_lens = meta.seq_lens.tolist()
+        for s, seq_len in enumerate(seq_lens):  # one batched product per sequence
+            q0, q1 = cu[s], cu[s + 1]
+            q_len = q1 - q0
+            if q_len == 0:
+                continue
+            idx = gather_kv_index(meta.block_tables[s:s + 1], block_size, seq_len)[0]  # [L]
+            k, v = k_flat[idx][None], v_flat[idx][None]  # [1, L, Hkv, D]
+            qs = q[q0:q1].reshape(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)  # [Hkv, G, Tq, D]
+            qpos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+            valid = torch.arange(seq_len, device=q.device)[None, :] <= qpos[:, None]  # [Tq, L]
+            valid = valid[None].expand(group, -1, -1).reshape(1, group * q_len, seq_len)
+            o, _ = attend_states(qs.reshape(1, num_kv_heads, group * q_len, head_dim), k, v, valid, scale)
+            o = o.reshape(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3)
+            out[q0:q1] = o.reshape(q_len, num_heads, head_dim).to(q.dtype)
+        return out
+
+    def decode_states(self, q, k_cache, v_cache, meta: DecodeMetadata, scale):
+        """Cascade decode, returning the merged float32 state (out [B, Hq, D], lse [B, Hq])."""
+        block_size, num_kv_heads, head_dim = k_cache.shape[1:]
+        batch, num_heads, _ = q.shape
+        group = num_heads // num_kv_heads
+        k_flat = k_cache.view(-1, num_kv_heads, head_dim)
+        v_flat = v_cache.view(-1, num_kv_heads, head_dim)
+        qg = q.reshape(batch, num_kv_heads, group, head_dim)
+
+        # Each chain's own suffix, all chains in one padded batch.
+        idx = gather_kv_index(meta.suffix_block_tables, block_size, meta.max_suffix_len)  # [B, Ls]
+        pos = torch.arange(meta.max_suffix_len, device=q.device)
+        valid = (pos[None, :] < meta.suffix_lens[:, None].to(pos.dtype))[:, None, :]  # [B, 1, Ls]
+        out, lse = attend_states(qg, k_flat[idx], v_flat[idx], valid, scale)  # [B, Hkv, G, D], [B, Hkv, G]
+
+        # Each group's shared prefix: all of the group's chains x query heads against the prefix in one product.
+        starts, plens = meta.group_starts_list, meta.prefix_lens_list
+        for g, plen in enumerate(plens):
+            if plen == 0:
+                continue
+            r0, r1 = starts[g], starts[g + 1]
+            n = r1 - r0
+            pidx = gather_kv_index(meta.prefix_block_tables[g:g + 1], block_size, plen)[0]  # [Lp]
+            qp = qg[r0:r1].permute(1, 0, 2, 3).reshape(1, num_kv_heads, n * group, head_dim)
+            ones = torch.ones(1, 1, plen, dtype=torch.bool, device=q.device)
+            po, plse = attend_states(qp, k_flat[pidx][None], v_flat[pidx][None], ones, scale)
+            po = po.reshape(num_kv_heads, n, group, head_dim).permute(1, 0, 2, 3)
+            plse = plse.reshape(num_kv_heads, n, group).permute(1, 0, 2)
+            out[r0:r1], lse[r0:r1] = merge_states(out[r0:r1], lse[r0:r1], po, plse)
+        return out.reshape(batch, num_heads, head_dim), lse.reshape(batch, num_heads)
+
+    def decode(self, q, k_cache, v_cache, meta: DecodeMetadata, scale):
+        return self.decode_states(q, k_cache, v_cache, meta, scale)[0].to(q.dtype)
