@@ -1,0 +1,40 @@
+"""EngineConfig: every engine setting in one validated dataclass, passed explicitly (no global state)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    dtype: torch.dtype
+    device: torch.device
+    block_size: int = 16
+    num_kvcache_blocks: int | None = None  # explicit pool size; else derived from kv_cache_memory
+    kv_cache_memory: int | None = None  # bytes for the KV pool (default: 1 GiB on the CPU, 90% of free on CUDA)
+    max_num_seqs: int = 256  # cap on running sequences
+    max_num_batched_tokens: int = 4096  # per-step token budget (chunked prefill)
+    max_model_len: int | None = None  # defaults to the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    attention_backend: str | None = None  # None: "triton" on CUDA, "torch" elsewhere
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, accepted: str) -> None:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; accepted: {accepted}")
+
+        check(isinstance(self.block_size, int) and self.block_size >= 1, "block_size", "an int >= 1 (default 16)")
+        check(self.num_kvcache_blocks is None or (isinstance(self.num_kvcache_blocks, int) and
+                                                  self.num_kvcache_blocks >= 1),
+              "num_kvcache_blocks", "None or an int >= 1")
+        check(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory", "None or bytes > 0")
+        check(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1, "max_num_seqs", "an int >= 1")
+        check(isinstance(self.max_num_batched_tokens, int) and self.max_num_batched_tokens >= 1,
+              "max_num_batched_tokens", "an int >= 1")
+        check(self.max_model_len is None or (isinstance(self.max_model_len, int) and self.max_model_len >= 1),
+              "max_model_len", "None or an int >= 1")
+        if self.attention_backend is None:
+            self.attention_backend = "triton" if self.device.type == "cuda" else "torch"

@@ -1,0 +1,138 @@
+"""Load a Hugging Face checkpoint directory into our decoder: config.json, model.safetensors or a sharded index.
+
+Maps checkpoint names onto our stacked projections (q/k/v -> qkv_proj, gate/up -> gate_up_proj). Errors name what
+is supported or expected. Does not download anything: `model` must be a local directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import torch
+from safetensors import safe_open
+
+from prmkern.models.decoder import DecoderForCausalLM, DecoderSpec
+from prmkern.models.llama import llama_spec
+from prmkern.models.qwen2 import qwen2_spec
+from prmkern.models.qwen3 import qwen3_spec
+
+ARCHITECTURES: dict[str, Callable[[dict[str, Any]], DecoderSpec]] = {
+    "Qwen2ForCausalLM": qwen2_spec,
+    "LlamaForCausalLM": llama_spec,
+    "Qwen3ForCausalLM": qwen3_spec,
+}
+
+# checkpoint projection name -> (our stacked name, shard index)
+_STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+            "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+class UnsupportedArchitectureError(ValueError):
+    pass
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, config: dict[str, Any]) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; use one of float32, bfloat16, float16")
+        return dtype
+    if dtype in (None, "auto"):
+        dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(set(DTYPES))} or 'auto'")
+    return DTYPES[dtype]
+
+
+def read_config(model_dir: str) -> dict[str, Any]:
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"model {model_dir!r} is not a local directory; prmkern loads Hugging Face checkpoint "
+                                f"directories (config.json, model.safetensors or model.safetensors.index.json, "
+                                f"tokenizer files) and downloads nothing")
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: a checkpoint directory needs config.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def model_spec(config: dict[str, Any]) -> DecoderSpec:
+    archs = config.get("architectures") or []
+    for arch in archs:
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch](config)
+    raise UnsupportedArchitectureError(f"architecture {archs or config.get('model_type')!r} is not supported; "
+                                       f"supported: {sorted(ARCHITECTURES)}")
+
+
+def _safetensors_files(model_dir: str) -> list[str]:
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(model_dir, s))]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are missing: {missing}")
+        return [os.path.join(model_dir, s) for s in shards]
+    single = os.path.join(model_dir, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise FileNotFoundError(f"no weights in {model_dir}: expected model.safetensors or model.safetensors.index.json "
+                            f"(PyTorch .bin checkpoints are not supported)")
+
+
+def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str) -> DecoderForCausalLM:
+    config = read_config(model_dir)
+    spec = model_spec(config)
+    with torch.device("meta"):
+        model = DecoderForCausalLM(spec)
+    model = model.to_empty(device=device).to(dtype)
+    model.init_rope(device)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    with torch.no_grad():
+        for file in _safetensors_files(model_dir):
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    _load_tensor(model, spec, params, name, f.get_tensor(name), loaded)
+    if spec.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        loaded.add("lm_head.weight")
+    expected = set()
+    for n in params:
+        shards = 3 if ".qkv_proj." in n else 2 if ".gate_up_proj." in n else 0
+        expected.update([f"{n}#{i}" for i in range(shards)] if shards else [n])
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ValueError(f"checkpoint {model_dir} lacks weights for: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    return model.eval()
+
+
+def _load_tensor(model: DecoderForCausalLM, spec: DecoderSpec, params: dict[str, torch.nn.Parameter], name: str,
+                 tensor: torch.Tensor, loaded: set[str]) -> None:
+    if "rotary_emb" in name:
+        return
+    parts = name.split(".")
+    proj = parts[-2] if len(parts) >= 2 else ""
+    if proj in _STACKED:
+        stacked, shard = _STACKED[proj]
+        target_name = ".".join(parts[:-2] + [stacked, parts[-1]])
+        target = params[target_name]
+        if stacked == "qkv_proj":
+            q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+            offset, size = [(0, q), (q, kv), (q + kv, kv)][shard]
+        else:
+            size = spec.intermediate_size
+            offset = shard * size
+        target.data[offset:offset + size].copy_(tensor)
+        loaded.add(f"{target_name}#{shard}")  # each shard is checked for separately in load_model
+        return
+    if name not in params:
+        if name == "lm_head.weight" and spec.tie_word_embeddings:
+            return
+        raise ValueError(f"unexpected weight {name!r} in checkpoint for architecture {spec.architecture}")
+    params[name].data.copy_(tensor)
+    loaded.add(name)

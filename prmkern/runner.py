@@ -1,0 +1,143 @@
+"""The model runner: owns the KV cache tensors, turns a scheduled step into model inputs and attention metadata,
+runs the model and returns the logits of the rows that sample.
+
+Decode steps group sequences by the leading blocks they share (the blocks with more than one reference, i.e. a
+prompt prefilled once and forked into chains); the backend reads each group's shared prefix once for all its chains.
+Knows nothing of sampling or stopping.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from prmkern.attention import AttentionMetadata, DecodeMetadata, PrefillMetadata, get_backend
+from prmkern.block_manager import BlockManager
+from prmkern.config import EngineConfig
+from prmkern.models import DecoderForCausalLM, ForwardContext
+from prmkern.scheduler import ScheduledSeq, SchedulerOutput
+
+
+def kv_block_bytes(model: DecoderForCausalLM, block_size: int, dtype: torch.dtype) -> int:
+    spec = model.spec
+    return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * torch.finfo(dtype).bits // 8
+
+
+def _padded(rows: list[list[int]], device: torch.device, width: int | None = None) -> torch.Tensor:
+    """int32 [len(rows), width] padded with -1."""
+    width = max((len(r) for r in rows), default=0) if width is None else width
+    out = np.full((len(rows), max(width, 1)), -1, dtype=np.int32)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return torch.from_numpy(out).to(device)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model: DecoderForCausalLM, num_blocks: int, block_manager: BlockManager):
+        self.config = config
+        self.model = model
+        self.block_manager = block_manager
+        self.backend = get_backend(config.attention_backend)
+        spec = model.spec
+        shape = (num_blocks, config.block_size, spec.num_kv_heads, spec.head_dim)
+        # Zeroed: masked-out slots are multiplied by zero probabilities and must not hold NaN.
+        self.kv_caches = [(torch.zeros(shape, dtype=config.dtype, device=config.device),
+                           torch.zeros(shape, dtype=config.dtype, device=config.device))
+                          for _ in range(spec.num_layers)]
+
+    @torch.inference_mode()
+    def run(self, step: SchedulerOutput) -> torch.Tensor:
+        """Runs one step; returns float32 logits [num_sampling_rows, vocab] in the order of the scheduled rows that
+        sample. Reorders `step.scheduled` for decode (rows grouped by shared prefix)."""
+        if step.copies:
+            self._copy_blocks(step.copies)
+        if step.is_prefill:
+            input_ids, positions, meta, rows = self._prepare_prefill(step.scheduled)
+        else:
+            input_ids, positions, meta, rows = self._prepare_decode(step)
+        ctx = ForwardContext(self.backend, meta, self.kv_caches, self.model.cos_sin_cache)
+        hidden = self.model(input_ids, positions, ctx)
+        return self.model.compute_logits(hidden[rows])
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        src = torch.tensor([s for s, _ in copies], device=self.config.device)
+        dst = torch.tensor([d for _, d in copies], device=self.config.device)
+        for k, v in self.kv_caches:
+            k[dst] = k[src]
+            v[dst] = v[src]
+
+    def _prepare_prefill(self, scheduled: list[ScheduledSeq]):
+        bs = self.config.block_size
+        ids, pos, slots, cu, seq_lens, rows = [], [], [], [0], [], []
+        for item in scheduled:
+            seq = item.seq
+            p = np.arange(item.start, item.end)
+            table = np.asarray(seq.block_table, dtype=np.int64)
+            s = table[p // bs] * bs + p % bs
+            s[p < item.store_from] = -1
+            ids.append(np.asarray(seq.token_ids[item.start:item.end], dtype=np.int64))
+            pos.append(p)
+            slots.append(s)
+            cu.append(cu[-1] + item.num_new)
+            seq_lens.append(item.end)
+            if item.samples:
+                rows.append(cu[-1] - 1)
+        dev = self.config.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+            prefill=PrefillMetadata(
+                cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+                seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+                block_tables=_padded([it.seq.block_table for it in scheduled], dev),
+                max_q_len=max(it.num_new for it in scheduled),
+                max_seq_len=max(seq_lens)))
+        return (torch.from_numpy(np.concatenate(ids)).to(dev), torch.from_numpy(np.concatenate(pos)).to(dev),
+                meta, torch.tensor(rows, dtype=torch.int64, device=dev))
+
+    def _shared_blocks(self, table: list[int]) -> int:
+        """Leading blocks of this table that other running sequences also reference."""
+        blocks = self.block_manager.blocks
+        n = 0
+        while n < len(table) - 1 and blocks[table[n]].ref_count > 1:
+            n += 1
+        return n
+
+    def _prepare_decode(self, step: SchedulerOutput):
+        bs = self.config.block_size
+        groups: dict[tuple[int, ...], list[ScheduledSeq]] = {}
+        for item in step.scheduled:
+            table = item.seq.block_table
+            groups.setdefault(tuple(table[:self._shared_blocks(table)]), []).append(item)
+        ordered: list[ScheduledSeq] = []
+        group_starts, prefix_lens, prefix_tables = [0], [], []
+        for prefix, items in groups.items():
+            shared = prefix if len(items) > 1 else ()
+            ordered.extend(items)
+            group_starts.append(len(ordered))
+            prefix_lens.append(len(shared) * bs)
+            prefix_tables.append(list(shared))
+        step.scheduled[:] = ordered
+        seq_lens, suffix_lens, suffix_tables, slots = [], [], [], []
+        for g, plen in enumerate(prefix_lens):
+            for item in ordered[group_starts[g]:group_starts[g + 1]]:
+                seq = item.seq
+                p = seq.num_tokens - 1
+                seq_lens.append(seq.num_tokens)
+                suffix_lens.append(seq.num_tokens - plen)
+                suffix_tables.append(seq.block_table[plen // bs:])
+                slots.append(seq.block_table[p // bs] * bs + p % bs)
+        dev = self.config.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            decode=DecodeMetadata(
+                seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+                block_tables=_padded([it.seq.block_table for it in ordered], dev),
+                group_starts=torch.tensor(group_starts, dtype=torch.int32, device=dev),
+                prefix_lens=torch.tensor(prefix_lens, dtype=torch.int32, device=dev),
+                prefix_block_tables=_padded(prefix_tables, dev),
+                suffix_lens=torch.tensor(suffix_lens, dtype=torch.int32, device=dev),
+                suffix_block_tables=_padded(suffix_tables, dev),
+                max_seq_len=max(seq_lens), max_prefix_len=max(prefix_lens), max_suffix_len=max(suffix_lens),
+                group_starts_list=group_starts, prefix_lens_list=prefix_lens))
+        input_ids = torch.tensor([it.seq.token_ids[-1] for it in ordered], dtype=torch.int64, device=dev)
+        positions = torch.tensor([it.seq.num_tokens - 1 for it in ordered], dtype=torch.int64, device=dev)
+        return input_ids, positions, meta, torch.arange(len(ordered), device=dev)

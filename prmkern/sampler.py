@@ -1,0 +1,80 @@
+"""Turns a step's logits into next tokens, one row per sequence, each with its own parameters and RNG.
+
+Greedy rows take the argmax; others are scaled by temperature, filtered by top-k / top-p when asked (the sort is
+skipped otherwise) and drawn with the sequence's own generator, so a seeded request reproduces its chains whatever
+else is batched. Log-probabilities returned are of the model's distribution (before temperature and filtering).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prmkern.sequence import Sequence
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float | None]  # of the sampled token, where the request asked for it
+    chosen_logprobs: list[dict[int, float] | None]  # of the request's logprob_token_ids
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """logits [R, V]; top_k [R] (<= 0: off), top_p [R] -> logits with the filtered-out tokens at -inf."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    rank = torch.arange(vocab, device=logits.device)[None, :]
+    drop = rank >= k[:, None]
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    # Drop a token when the tokens ranked above it already reach top_p (the first token is always kept).
+    drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: tuple[int, ...]):
+        self.eos_token_ids = list(eos_token_ids)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        """logits [R, V] float32, one row per sequence in `seqs`."""
+        assert logits.shape[0] == len(seqs), f"{logits.shape[0]} logit rows for {len(seqs)} sequences"
+        need_logprobs = any(s.params.logprobs or s.params.logprob_token_ids for s in seqs)
+        logprobs = torch.log_softmax(logits, dim=-1) if need_logprobs else None
+
+        # min_tokens: EOS and stop tokens cannot end a chain before it has min_tokens tokens.
+        for r, seq in enumerate(seqs):
+            p = seq.params
+            if seq.num_output_tokens < p.min_tokens:
+                banned = p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)
+                if banned:
+                    logits[r, banned] = float("-inf")
+
+        tokens = logits.argmax(dim=-1)
+        random_rows = [r for r, s in enumerate(seqs) if not s.params.greedy]
+        if random_rows:
+            idx = torch.tensor(random_rows, device=logits.device)
+            temps = torch.tensor([seqs[r].params.temperature for r in random_rows], device=logits.device)
+            scaled = logits[idx] / temps[:, None]
+            top_k = torch.tensor([seqs[r].params.top_k for r in random_rows], device=logits.device)
+            top_p = torch.tensor([seqs[r].params.top_p for r in random_rows], device=logits.device)
+            if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+                scaled = _apply_top_k_top_p(scaled, top_k, top_p)
+            probs = scaled.softmax(dim=-1).cpu()
+            for j, r in enumerate(random_rows):
+                tokens[r] = int(torch.multinomial(probs[j], 1, generator=seqs[r].generator))
+
+        token_list = tokens.tolist()
+        sampled_lp: list[float | None] = [None] * len(seqs)
+        chosen: list[dict[int, float] | None] = [None] * len(seqs)
+        if logprobs is not None:
+            lp_cpu = logprobs.cpu()
+            for r, seq in enumerate(seqs):
+                if seq.params.logprobs:
+                    sampled_lp[r] = float(lp_cpu[r, token_list[r]])
+                ids = seq.params.logprob_token_ids
+                if ids:
+                    chosen[r] = dict(zip(ids, lp_cpu[r, ids].tolist()))
+        return SampleResult(token_list, sampled_lp, chosen)

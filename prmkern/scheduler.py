@@ -1,0 +1,154 @@
+"""Continuous batching: which sequences run in the next step, and how many of their tokens.
+
+A step is either a prefill step (new and partially prefilled sequences, chunked under a per-step token budget) or a
+decode step (one token for every sequence that has all but its newest token in the cache). Prefill goes first, so
+new requests join the running batch as soon as memory allows. When the block pool runs dry during decode, the most
+recently admitted sequences are preempted: their blocks are freed and they are recomputed later (by prefill, which
+the prefix cache mostly skips), so outputs are unchanged. Knows nothing of tensors or models.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from prmkern.block_manager import BlockManager
+from prmkern.config import EngineConfig
+from prmkern.sequence import Sequence, SequenceStatus
+from prmkern.stats import EngineStats
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    start: int  # first position whose KV this step computes
+    num_new: int  # tokens computed this step
+    store_from: int  # positions below this are already in the cache (not written again)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_new
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step produces the sequence's next token (its last uncomputed token is in this step)."""
+        return self.end == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    is_prefill: bool
+    scheduled: list[ScheduledSeq]
+    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write block copies, before the forward
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, stats: EngineStats):
+        self.config = config
+        self.bm = block_manager
+        self.stats = stats
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput | None:
+        out = self._schedule_prefill()
+        if out is None:
+            out = self._schedule_decode()
+        return out
+
+    # -- prefill --------------------------------------------------------------------------------------------------
+    def _schedule_prefill(self) -> SchedulerOutput | None:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        in_flight: set[int] = set()  # blocks that this step's batch fills, readable by later rows of the batch
+        candidates = [s for s in self.running if s.num_uncomputed_tokens > 1] + list(self.waiting)
+        for seq in candidates:
+            if budget == 0:
+                break
+            if seq.status is SequenceStatus.WAITING:
+                chains = seq.params.n if seq.needs_fork else 1
+                if self.running and len(self.running) + chains > self.config.max_num_seqs:
+                    break
+                if not self.bm.allocate(seq):
+                    break  # first come, first served: later requests wait behind this one
+                self.waiting.remove(seq)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+            skip = self._skip_cached(seq, in_flight)
+            if skip is None:
+                continue  # another sequence is computing the blocks this one needs next
+            start, store_from = skip
+            num_new = min(seq.num_tokens - start, budget)
+            self.stats.cached_tokens += start - seq.num_computed_tokens
+            seq.num_computed_tokens = start
+            bs = self.bm.block_size
+            in_flight.update(seq.block_table[start // bs:(start + num_new) // bs])
+            scheduled.append(ScheduledSeq(seq, start, num_new, store_from))
+            budget -= num_new
+        return SchedulerOutput(True, scheduled) if scheduled else None
+
+    def _skip_cached(self, seq: Sequence, in_flight: set[int]) -> tuple[int, int] | None:
+        """Where this sequence's computation starts: past leading full blocks whose KV is in the cache or is being
+        computed earlier in this batch. None if the next block is being computed by another sequence not in this
+        batch (wait one step rather than compute it twice)."""
+        bs = self.bm.block_size
+        pos = seq.num_computed_tokens
+        if pos % bs:
+            return pos, pos
+        i = pos // bs
+        while (i + 1) * bs <= seq.num_tokens:
+            block_id = seq.block_table[i]
+            if self.bm.is_computed(block_id) or block_id in in_flight:
+                i += 1
+                continue
+            owner = self.bm.owner(block_id)
+            if owner is not None and owner != seq.seq_id:
+                return None
+            break
+        store_from = max(pos, i * bs)
+        # The last token is always run through the model: its logits give the next token.
+        return min(store_from, seq.num_tokens - 1), store_from
+
+    # -- decode ---------------------------------------------------------------------------------------------------
+    def _schedule_decode(self) -> SchedulerOutput | None:
+        queue = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        scheduled: list[ScheduledSeq] = []
+        copies: list[tuple[int, int]] = []
+        while queue:
+            seq = queue.pop(0)
+            while (cow := self.bm.append_slot(seq)) is None:
+                if queue:
+                    self.preempt(queue.pop())  # the most recently admitted gives way
+                else:
+                    self.preempt(seq)
+                    break
+            else:
+                copies.extend(cow)
+                scheduled.append(ScheduledSeq(seq, seq.num_tokens - 1, 1, seq.num_tokens - 1))
+        return SchedulerOutput(False, scheduled, copies) if scheduled else None
+
+    def preempt(self, seq: Sequence) -> None:
+        self.bm.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.stats.preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        self.bm.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        self.running.remove(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop a sequence wherever it is (its request failed)."""
+        if seq in self.running:
+            self.finish(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+            seq.status = SequenceStatus.FINISHED

@@ -1,0 +1,90 @@
+"""A sequence (one chain: prompt + its generated tokens, its block table) and the request that owns n of them.
+
+A request starts as one sequence; when its prompt is prefilled it is forked into n chains that point at the same
+physical KV blocks (see BlockManager.fork). Sequences hold token ids and bookkeeping only: no tensors.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from prmkern.sampling import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # not holding blocks (new, or preempted and to be recomputed)
+    RUNNING = "running"  # holding blocks: prefilling or decoding
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list["Sequence"] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or (len(self.seqs) == self.params.n and
+                                          all(s.status is SequenceStatus.FINISHED for s in self.seqs))
+
+
+class Sequence:
+    def __init__(self, seq_id: int, request: Request, chain_index: int, generator: torch.Generator):
+        self.seq_id = seq_id
+        self.request = request
+        self.chain_index = chain_index
+        self.generator = generator  # this chain's own RNG: its samples do not depend on the batch
+        self.token_ids: list[int] = list(request.prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.block_table: list[int] = []
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.logprobs: list[float] = []
+        self.token_logprobs: list[dict[int, float]] = []
+        self.needs_fork = request.params.n > 1 and chain_index == 0
+        # Incremental detokenisation state (only used when the request has stop strings).
+        self.text = ""
+        self.prefix_offset = self.num_prompt_tokens
+        self.read_offset = self.num_prompt_tokens
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens whose KV the next forward pass must compute; 1 for a decoding sequence (its newest token)."""
+        return self.num_tokens - self.num_computed_tokens
+
+    def fork(self, seq_id: int, chain_index: int, generator: torch.Generator) -> "Sequence":
+        child = Sequence(seq_id, self.request, chain_index, generator)
+        child.token_ids = list(self.token_ids)
+        child.num_computed_tokens = self.num_computed_tokens
+        child.block_table = list(self.block_table)
+        child.status = self.status
+        child.needs_fork = False
+        return child
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, req={self.request.request_id}, chain={self.chain_index}, "
+                f"tokens={self.num_tokens}, computed={self.num_computed_tokens}, {self.status.value})")

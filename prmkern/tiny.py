@@ -1,0 +1,105 @@
+"""Small random-weight checkpoints built locally, for tests, demos and benchmarks (nothing is downloaded).
+
+`build_checkpoint` writes a Hugging Face checkpoint directory (config.json, model.safetensors, tokenizer files)
+for Qwen2, Llama or Qwen3 using transformers' own config and model classes, so transformers is the reference that
+loads the very same files. The tokenizer is a byte-level BPE trained here with `tokenizers` on generated text.
+`default_model_dir` builds and caches the embedded default (a small Qwen2) under ~/.cache/prmkern.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from typing import Any
+
+import torch
+
+ARCH_CONFIGS = {"qwen2": "Qwen2Config", "llama": "LlamaConfig", "qwen3": "Qwen3Config"}
+ARCH_MODELS = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+# The embedded default: Qwen2 architecture, random weights, small enough to run fast on a laptop CPU.
+DEFAULT_MODEL = dict(arch="qwen2", vocab_size=2048, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+
+
+def _corpus(seed: int = 0, lines: int = 4000) -> list[str]:
+    """Generated math-flavoured text: enough to give a BPE tokenizer sensible merges for numbers and words."""
+    rng = random.Random(seed)
+    words = ("step the solution is correct incorrect we compute so therefore answer let x y n equals total sum "
+             "product each problem verify check yes no because then number of times add subtract multiply divide "
+             "fraction remainder integer value first second third final boxed").split()
+    ops = ["+", "-", "*", "/", "=", "(", ")", "^", "\\frac", "\\boxed", "{", "}", "$"]
+    out = []
+    for _ in range(lines):
+        parts = []
+        for _ in range(rng.randint(5, 20)):
+            r = rng.random()
+            parts.append(rng.choice(words) if r < 0.6 else rng.choice(ops) if r < 0.8 else str(rng.randint(0, 999)))
+        out.append(" ".join(parts))
+    return out
+
+
+def build_tokenizer(path: str, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=SPECIAL_TOKENS[1:])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+
+
+def build_checkpoint(path: str, arch: str = "qwen2", *, dtype: torch.dtype = torch.float32, seed: int = 0,
+                     tokenizer: bool = True, **overrides: Any) -> str:
+    """Writes a random-weight checkpoint of `arch` to `path` (config overrides as transformers config kwargs)."""
+    import transformers
+
+    if arch not in ARCH_CONFIGS:
+        raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCH_CONFIGS)}")
+    kwargs: dict[str, Any] = dict(vocab_size=512, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
+                                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024,
+                                  tie_word_embeddings=False)
+    kwargs.update(overrides)
+    config = getattr(transformers, ARCH_CONFIGS[arch])(**kwargs)
+    config.architectures = [ARCH_MODELS[arch]]
+    config.eos_token_id = 0
+    config.bos_token_id = 0
+    torch.manual_seed(seed)
+    model = getattr(transformers, ARCH_MODELS[arch])(config)
+    with torch.no_grad():  # random init with larger scale than the default so logits are not all near-equal
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif p.dim() == 1:
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * (1.0 / p.shape[-1] ** 0.5))
+    model.to(dtype).save_pretrained(path)
+    if tokenizer:
+        build_tokenizer(path, config.vocab_size)
+    return path
+
+
+def default_model_dir() -> str:
+    """The embedded default checkpoint, built on first use and cached (PRMKERN_CACHE or ~/.cache/prmkern)."""
+    root = os.environ.get("PRMKERN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "prmkern"))
+    tag = "tiny-qwen2-" + hashlib.sha256(json.dumps(DEFAULT_MODEL, sort_keys=True).encode()).hexdigest()[:10]
+    path = os.path.join(root, tag)
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=root)
+        cfg = dict(DEFAULT_MODEL)
+        build_checkpoint(tmp, cfg.pop("arch"), **cfg)
+        os.replace(tmp, path) if not os.path.exists(path) else None
+    return path
