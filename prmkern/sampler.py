@@ -62,10 +62,12 @@ class Sampler:
             top_p = torch.tensor([seqs[r].params.top_p for r in random_rows], device=logits.device)
             if bool((top_k > 0).any()) or bool((top_p < 1).any()):
                 scaled = _apply_top_k_top_p(scaled, top_k, top_p)
-            probs = scaled.softmax(dim=-1).cpu()
-            for j, r in enumerate(random_rows):
-                tokens[r] = int(torch.multinomial(probs[j], 1, generator=seqs[r].generator))
-
+            # Inverse-CDF draw: one uniform per row from the row's own generator, one batched search.
+            cdf = scaled.softmax(dim=-1).cumsum(dim=-1).cpu()  # [R, V]
+            u = torch.cat([torch.rand(1, generator=seqs[r].generator, dtype=torch.float64) for r in random_rows])
+            target = (u * cdf[:, -1].double()).to(cdf.dtype)[:, None]
+            drawn = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)[:, 0]
+            tokens[idx] = drawn.to(tokens.device)
         token_list = tokens.tolist()
         sampled_lp: list[float | None] = [None] * len(seqs)
         chosen: list[dict[int, float] | None] = [None] * len(seqs)

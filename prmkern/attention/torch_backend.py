@@ -86,6 +86,21 @@ class TorchBackend(AttentionBackend):
             out[q0:q1] = o.reshape(q_len, num_heads, head_dim).to(q.dtype)
         return out
 
+    def __init__(self) -> None:
+        self._decode_cache: tuple[DecodeMetadata, tuple] | None = None
+
+    def _decode_indices(self, meta: DecodeMetadata, block_size: int):
+        """Gather indices for a decode step, computed once per step and reused by every layer."""
+        if self._decode_cache is not None and self._decode_cache[0] is meta:
+            return self._decode_cache[1]
+        idx = gather_kv_index(meta.suffix_block_tables, block_size, meta.max_suffix_len)  # [B, Ls]
+        pos = torch.arange(meta.max_suffix_len, device=idx.device)
+        valid = (pos[None, :] < meta.suffix_lens[:, None].to(pos.dtype))[:, None, :]  # [B, 1, Ls]
+        prefix_idx = {g: gather_kv_index(meta.prefix_block_tables[g:g + 1], block_size, plen)[0]
+                      for g, plen in enumerate(meta.prefix_lens_list) if plen}
+        self._decode_cache = (meta, (idx, valid, prefix_idx))
+        return self._decode_cache[1]
+
     def decode_states(self, q, k_cache, v_cache, meta: DecodeMetadata, scale):
         """Cascade decode, returning the merged float32 state (out [B, Hq, D], lse [B, Hq])."""
         block_size, num_kv_heads, head_dim = k_cache.shape[1:]
@@ -95,10 +110,8 @@ class TorchBackend(AttentionBackend):
         v_flat = v_cache.view(-1, num_kv_heads, head_dim)
         qg = q.reshape(batch, num_kv_heads, group, head_dim)
 
+        idx, valid, prefix_idx = self._decode_indices(meta, block_size)
         # Each chain's own suffix, all chains in one padded batch.
-        idx = gather_kv_index(meta.suffix_block_tables, block_size, meta.max_suffix_len)  # [B, Ls]
-        pos = torch.arange(meta.max_suffix_len, device=q.device)
-        valid = (pos[None, :] < meta.suffix_lens[:, None].to(pos.dtype))[:, None, :]  # [B, 1, Ls]
         out, lse = attend_states(qg, k_flat[idx], v_flat[idx], valid, scale)  # [B, Hkv, G, D], [B, Hkv, G]
 
         # Each group's shared prefix: all of the group's chains x query heads against the prefix in one product.
@@ -108,7 +121,7 @@ class TorchBackend(AttentionBackend):
                 continue
             r0, r1 = starts[g], starts[g + 1]
             n = r1 - r0
-            pidx = gather_kv_index(meta.prefix_block_tables[g:g + 1], block_size, plen)[0]  # [Lp]
+            pidx = prefix_idx[g]  # [Lp]
             qp = qg[r0:r1].permute(1, 0, 2, 3).reshape(1, num_kv_heads, n * group, head_dim)
             ones = torch.ones(1, 1, plen, dtype=torch.bool, device=q.device)
             po, plse = attend_states(qp, k_flat[pidx][None], v_flat[pidx][None], ones, scale)

@@ -1,0 +1,56 @@
+"""Shared fixtures: small random-weight checkpoints built once per session with transformers' own classes, so the
+Hugging Face implementation loads the very same files as the reference."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from prmkern.tiny import build_checkpoint
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 128}
+
+# GQA and odd sizes: 6 query heads over 2 KV heads (head dim 16), odd vocab and intermediate sizes.
+CHECKPOINTS = {
+    "qwen2": dict(arch="qwen2", vocab_size=509, intermediate_size=197),
+    "qwen2-tied": dict(arch="qwen2", vocab_size=509, intermediate_size=197, tie_word_embeddings=True),
+    "llama3": dict(arch="llama", vocab_size=509, intermediate_size=197, rope_theta=5000.0, rope_scaling=LLAMA3_ROPE),
+    "qwen3": dict(arch="qwen3", vocab_size=509, intermediate_size=197, head_dim=24, num_attention_heads=4,
+                  num_key_value_heads=1),
+}
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dirs(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    out = {}
+    for name, kw in CHECKPOINTS.items():
+        kw = dict(kw)
+        out[name] = build_checkpoint(str(root / name), kw.pop("arch"), seed=len(out), **kw)
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(checkpoint_dirs) -> str:
+    return checkpoint_dirs["qwen2"]
+
+
+def hf_model(path: str, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=None, pad_token_id=0, attention_mask=torch.ones(1, len(prompt)))
+    return out[0, len(prompt):].tolist()
+
+
+def random_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
