@@ -14,5 +14,15 @@ from .shared_prefix_decode import shared_prefix_decode
 from .silu_and_mul import silu_and_mul
 from .store_kv import store_kv
 
-__all__ = ["merge_states", "paged_decode", "paged_prefill", "reduce_states", "rms_norm", "rotary",
+
+def interpreted() -> bool:
+    """True when these kernels were decorated under TRITON_INTERPRET=1 (they run on CPU tensors, through numpy);
+    False when they compile for a GPU. Fixed at import: the env var must be set before triton is imported."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from .paged_decode import _paged_decode_kernel
+    return isinstance(_paged_decode_kernel, InterpretedFunction)
+
+
+__all__ = ["interpreted", "merge_states", "paged_decode", "paged_prefill", "reduce_states", "rms_norm", "rotary",
            "shared_prefix_decode", "silu_and_mul", "store_kv"]

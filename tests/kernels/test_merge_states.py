@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, assert_close, assert_lse_close, nan_like
+from tests.kernels.conftest import DEVICE, assert_close, assert_lse_close, nan_like
 
 from kernels import merge_states, reduce_states
 

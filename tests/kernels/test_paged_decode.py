@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import (DEVICE, assert_close, assert_lse_close, dtype_params, make_paged_kv, nan_like,
+from tests.kernels.conftest import DEVICE, assert_close, assert_lse_close, dtype_params, make_paged_kv, nan_like
                       ref_paged_decode)
 
 from kernels import paged_decode

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, assert_close, contiguous_kv, dtype_params, make_paged_kv, nan_like, ref_attention
+from tests.kernels.conftest import (DEVICE, assert_close, contiguous_kv, dtype_params, make_paged_kv, nan_like,
+                                    ref_attention)
 
 from kernels import paged_prefill
 

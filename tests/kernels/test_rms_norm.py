@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, assert_close, dtype_params, nan_like
+from tests.kernels.conftest import DEVICE, assert_close, dtype_params, nan_like
 
 from kernels import rms_norm
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, assert_close, dtype_params
+from tests.kernels.conftest import DEVICE, assert_close, dtype_params
 
 from kernels import rotary
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, dtype_params
+from tests.kernels.conftest import DEVICE, dtype_params
 
 from kernels import store_kv
 
