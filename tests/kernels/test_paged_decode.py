@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.kernels.conftest import DEVICE, assert_close, assert_lse_close, dtype_params, make_paged_kv, nan_like
-                      ref_paged_decode)
+from tests.kernels.conftest import (DEVICE, assert_close, assert_lse_close, dtype_params, make_paged_kv, nan_like,
+                                    ref_paged_decode)
 
 from kernels import paged_decode
 

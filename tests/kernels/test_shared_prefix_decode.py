@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.kernels.conftest import DEVICE, assert_close, assert_lse_close, dtype_params, make_cascade, nan_like
-                      ref_paged_decode)
+from tests.kernels.conftest import (DEVICE, assert_close, assert_lse_close, dtype_params, make_cascade, nan_like,
+                                    ref_paged_decode)
 
 from kernels import merge_states, paged_decode, shared_prefix_decode
 
