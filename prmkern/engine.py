@@ -123,6 +123,7 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     # -- the step -------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> list[Sequence]:
         """Runs one step; returns the sequences that finished in it."""
         step = self.scheduler.schedule()

@@ -112,7 +112,9 @@ class TorchBackend(AttentionBackend):
 
         idx, valid, prefix_idx = self._decode_indices(meta, block_size)
         # Each chain's own suffix, all chains in one padded batch.
-        out, lse = attend_states(qg, k_flat[idx], v_flat[idx], valid, scale)  # [B, Hkv, G, D], [B, Hkv, G]
+        # Padding slots may hold anything (stale KV, NaN): zero V there so 0-probability keys contribute 0.
+        v_suffix = v_flat[idx].masked_fill(~valid[:, 0, :, None, None], 0)
+        out, lse = attend_states(qg, k_flat[idx], v_suffix, valid, scale)  # [B, Hkv, G, D], [B, Hkv, G]
 
         # Each group's shared prefix: all of the group's chains x query heads against the prefix in one product.
         starts, plens = meta.group_starts_list, meta.prefix_lens_list
