@@ -1,40 +1,41 @@
 """Running model-written Python code outside the engine's process, contained.
 
-A verifier such as GenPRM writes Python to check a step; that code is untrusted. This module runs it in a
-separate interpreter started from a small bootstrap program, which isolates itself before it runs any of it:
+A verifier such as GenPRM writes Python to check a step; that code is untrusted. It runs in a separate
+interpreter (`python -I`) started with a fixed minimal environment (no variable of the engine's is passed on),
+from a small bootstrap program that isolates it before running any of it:
 
-* ``isolation="root"`` (the engine runs as root, as on our CI machines): new network and mount namespaces
-  (the child sees no network interface that is up, so even 127.0.0.1 is unreachable); private, size-limited
-  tmpfs mounts over the world-writable directories (/tmp, /var/tmp, /dev/shm, /run/lock) and over the working
-  directory, so nothing written there reaches the host; directories the interpreter needs but an unprivileged
-  user cannot reach (e.g. a Python under /root) are re-exposed inside the namespace by bind mounts, and the rest
-  of such a directory is hidden; then the child drops to a per-run unprivileged uid (from a reserved range,
-  ``uid_base``..``uid_base+uid_count``), sets no_new_privs, and only then runs the code. The private uid is what
-  stops it reading /proc/<engine>/environ, signalling the engine, writing root-owned files, and it makes
-  RLIMIT_NPROC a per-sandbox process count. Leftovers (daemonised children, fork bombs) are killed by uid.
-* ``isolation="userns"`` (not root, unprivileged user namespaces allowed): a user namespace with network and
-  mount namespaces and the same tmpfs mounts; the code keeps the engine's uid, so it *can* signal processes of
-  that user (including the engine) and read files that user can read. Cleanup is by process group only.
-* ``isolation="none"``: resource limits, scrubbed environment and a temporary working directory only; the
-  network is blocked best-effort by an audit hook inside the interpreter (code using ctypes or a subprocess
-  can get around it).
+* ``isolation="root"`` (the engine runs as root, as on our CI machines): new network, mount and PID namespaces.
+  The code sees no network interface that is up (even 127.0.0.1 is unreachable), only its own processes (a
+  fresh /proc), and private size-limited tmpfs mounts over the world-writable directories (/tmp, /var/tmp,
+  /dev/shm, /run/lock) and over its working directory, so nothing it writes reaches the host. Directories the
+  interpreter needs that an unprivileged user cannot enter (e.g. a Python under /root, mode 0700) are hidden
+  behind an empty tmpfs with just the interpreter's directories bound back in. The code then runs under a
+  private uid (one per live sandbox, from ``uid_base``.. ``uid_base+uid_count``, reserved across processes by
+  flock), with no_new_privs: it cannot read root's files or /proc/<pid>/environ, cannot signal anything outside,
+  and RLIMIT_NPROC counts only its own processes. The namespace's init (our code) reaps every orphan and kills
+  what is left when the code ends, so nothing outlives a run and no zombie is left behind (this machine's pid 1
+  does not reap orphans).
+* ``isolation="userns"`` (not root, unprivileged user namespaces allowed): the same namespaces inside a user
+  namespace, and a nested one so the code cannot undo the mounts. The code keeps the engine's uid: it can read
+  what that user can read; RLIMIT_NPROC is that user's current task count plus the allowance.
+* ``isolation="none"``: limits, scrubbed environment and a temporary working directory only; the network is
+  blocked best-effort by an audit hook in the interpreter (ctypes or a subprocess get around it); cleanup is by
+  process group; the code can signal the engine. As root, RLIMIT_NPROC does not bind at all.
 
-``isolation="auto"`` picks the strongest that works on this machine (probed once per process and cached); every
-result says what it ran under (``isolation``, ``network_isolation`` = "namespace" | "best-effort").
+``isolation="auto"`` picks the strongest mode that works here (probed once per process, cached); every result
+says what it ran under (``isolation``, ``network_isolation`` = "namespace" | "best-effort").
 
-Limits in every mode: wall clock (the whole process group, and in root mode every process of the uid, is
-SIGKILLed), CPU seconds (RLIMIT_CPU), address space (RLIMIT_AS), processes (RLIMIT_NPROC; outside root mode it
-is the user's current task count plus the allowance, since Linux counts per user), file size (RLIMIT_FSIZE),
-open files, and captured output (read incrementally; the child is killed when stdout+stderr pass the cap).
-The environment is replaced by a fixed minimal one (no variable of the engine's is passed on).
+Limits in every mode: wall clock (the run is SIGKILLed: its PID namespace, or its process group), CPU seconds
+(RLIMIT_CPU), address space (RLIMIT_AS), processes (RLIMIT_NPROC), file size (RLIMIT_FSIZE), open files, and
+captured output (read incrementally; the run is killed when stdout+stderr pass the cap). Each result's
+``status`` names the limit that stopped it.
 
 ``SandboxSession`` keeps one worker per chain whose globals persist across snippets (as GenPRM's executor
-does); a snippet that has to be killed loses that state and the result says so. ``run_many`` and
-``SessionPool.run_many`` run many snippets concurrently on a thread pool (each in its own process).
+does), each snippet under the same limits; a snippet that has to be killed loses that state and the result
+says so. ``run_many`` and ``SessionPool.run_many`` run many snippets concurrently on a thread pool.
 
-It does not: filter what the code computes, limit disk use of the working directory beyond the tmpfs size
-(outside root/userns mode, RLIMIT_FSIZE per file only), hide /proc (process list and command lines are visible),
-or use seccomp. Linux only.
+It does not: inspect what the code computes, use seccomp or cgroups (memory is address space, not RSS), or
+bound the number of files written other than by the tmpfs size. Linux only.
 """
 from __future__ import annotations
 
@@ -87,9 +88,9 @@ _SANDBOX_GID = 65534  # nogroup / nobody
 # The program the child interpreter runs before the untrusted code. It receives a JSON config in argv[1].
 # Kept self-contained (stdlib only) because it runs in a fresh `python -I`.
 _BOOTSTRAP = r'''
-import ctypes, json, os, resource, signal, struct, sys, traceback
+import ctypes, json, os, resource, select, signal, struct, sys, traceback
 cfg = json.loads(sys.argv[1])
-MAIN_PID = os.getpid()
+MODE = cfg["mode"]
 # One-shot runs get their code on stdin (argv is capped at 128 KiB per argument); then stdin is emptied.
 CODE = None if cfg["session"] else sys.stdin.buffer.read().decode("utf-8")
 _devnull = os.open(os.devnull, os.O_RDONLY)
@@ -106,8 +107,8 @@ def _c(name, *args):
         e = ctypes.get_errno()
         raise OSError(e, "%s%r: %s" % (name, args, os.strerror(e)))
 
-CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWUSER = 0x00020000, 0x40000000, 0x10000000
-MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 4096, 16384, 1 << 18
+CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWUSER, CLONE_NEWPID = 0x00020000, 0x40000000, 0x10000000, 0x20000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
 
 def _mounts(owner):
     _c("mount", b"none", b"/", None, MS_REC | MS_PRIVATE, None)
@@ -122,62 +123,129 @@ def _mounts(owner):
     os.makedirs(wd, exist_ok=True)
     opts = "size=%d,mode=0700,uid=%d,gid=%d" % (cfg["tmpfs_bytes"], owner[0], owner[1])
     _c("mount", b"tmpfs", wd.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, opts.encode())
+    # A fresh /proc for the new PID namespace: the code sees only its own processes.
+    _c("mount", b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
 
-def _isolate():
-    mode = cfg["mode"]
-    if mode == "root":
-        _c("unshare", CLONE_NEWNS | CLONE_NEWNET)
-        _mounts((cfg["uid"], cfg["gid"]))
-    elif mode == "userns":
-        uid, gid = os.getuid(), os.getgid()
-        _c("unshare", CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET)
+def _close_ctrl():
+    for fd in cfg.get("ctrl", []):
+        os.close(fd)
+
+def _launch_namespaces():
+    """B (this process): enters new namespaces, forks C, the namespace's init, and waits for it.
+
+    C mounts, forks D (which drops privileges and runs the code), reaps every orphan, and when D ends kills
+    what is left, reports D's exit status and CPU time on the status pipe and exits; the kernel then tears the
+    whole PID namespace down. The engine stops a run by closing the lifeline pipe: B then kills C."""
+    uid, gid = os.getuid(), os.getgid()
+    flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID
+    if MODE == "userns":
+        flags |= CLONE_NEWUSER
+    _c("unshare", flags)
+    if MODE == "userns":
         for name, text in (("setgroups", "deny"), ("uid_map", "%d %d 1" % (uid, uid)),
                            ("gid_map", "%d %d 1" % (gid, gid))):
             with open("/proc/self/" + name, "w") as f:
                 f.write(text)
-        _mounts((uid, gid))
-        # A nested user namespace owns neither the mount nor the network namespace, so the code cannot
-        # undo the mounts above.
+    status_fd, life_fd = cfg["status_fd"], cfg["life_fd"]
+    c = os.fork()
+    if c:  # B: never returns. No threads here (none can start after unshare(NEWPID)), and no imports (C's
+        # mounts are in B's mount namespace too, and may hide the interpreter's files from root's view).
+        try:
+            _close_ctrl()
+            os.close(status_fd)
+            wake_r, wake_w = os.pipe()
+            os.set_blocking(wake_w, False)
+            signal.set_wakeup_fd(wake_w)
+            signal.signal(signal.SIGCHLD, lambda *a: None)
+            while True:
+                pid, st = os.waitpid(c, os.WNOHANG)
+                if pid:
+                    os._exit(os.waitstatus_to_exitcode(st) & 0xFF if os.WIFEXITED(st) else 70)
+                ready, _, _ = select.select([life_fd, wake_r], [], [])
+                if life_fd in ready:  # EOF: the engine ended the run, or died
+                    os.kill(c, signal.SIGKILL)
+                    os.waitpid(c, 0)
+                    os._exit(71)
+                if wake_r in ready:
+                    os.read(wake_r, 512)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(72)
+    # C: pid 1 of the new namespace
+    os.close(life_fd)
+    _c("prctl", 1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG: dies with B
+    try:
+        _mounts((cfg["uid"], cfg["gid"]) if MODE == "root" else (uid, gid))
+    except OSError as e:
+        _fail(str(e))
+    d = os.fork()
+    if d == 0:
+        os.close(status_fd)
+        return  # D continues below
+    _close_ctrl()
+    report = None
+    while True:
+        try:
+            pid, st, ru = os.wait4(-1, 0)
+        except ChildProcessError:
+            break
+        if pid == d:
+            report = {"exit_code": os.waitstatus_to_exitcode(st), "cpu": ru.ru_utime + ru.ru_stime}
+            try:
+                os.kill(-1, signal.SIGKILL)  # from init: every other process of the namespace
+            except ProcessLookupError:
+                pass
+    if report is not None:
+        os.write(status_fd, json.dumps(report).encode())
+    os._exit(0)
+
+def _drop_privileges():
+    if MODE == "userns":
+        # A nested user namespace owns neither the mounts nor the network namespace, so the code cannot
+        # undo them.
         _c("unshare", CLONE_NEWUSER)
     os.chdir(cfg["workdir"])
-    lim = cfg["limits"]
-    for name, value in lim.items():
+    for name, value in cfg["limits"].items():
         soft, hard = value if isinstance(value, list) else (value, value)
         resource.setrlimit(getattr(resource, name), (soft, hard))
-    if mode == "root":
+    if MODE == "root":
         os.setgroups([])
         os.setresgid(cfg["gid"], cfg["gid"], cfg["gid"])
         os.setresuid(cfg["uid"], cfg["uid"], cfg["uid"])
     _c("prctl", 38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: setuid binaries cannot raise privileges
-    if cfg["pdeathsig"]:
-        _c("prctl", 1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG (cleared by setuid, so set after)
-    if mode == "none":
+    if MODE == "none":
+        if cfg["pdeathsig"]:
+            _c("prctl", 1, int(signal.SIGKILL), 0, 0, 0)
         def _no_network(event, args):
             if event.startswith("socket.") and event != "socket.gethostname":
                 raise PermissionError("network access is disabled in the prmkern sandbox")
         sys.addaudithook(_no_network)
 
-_forks = [0]
-def _count_forks(event, args):
-    if event in ("os.fork", "os.forkpty", "os.posix_spawn", "subprocess.Popen", "os.system", "_thread.start_new_thread"):
-        _forks[0] += 1
-
 try:
-    _isolate()
+    if MODE != "none":
+        _launch_namespaces()
+    _drop_privileges()
 except OSError as e:
     _fail(str(e))
 if cfg.get("probe"):
     os._exit(0)
+MAIN_PID = os.getpid()
+
+_forks = [0]
+def _count_forks(event, args):
+    if event in ("os.fork", "os.forkpty", "os.posix_spawn", "subprocess.Popen", "os.system",
+                 "_thread.start_new_thread"):
+        _forks[0] += 1
 sys.addaudithook(_count_forks)
 
 def _classify(exc):
     """'memory_limit' | 'process_limit' | 'error' for an exception that escaped the code."""
     if isinstance(exc, MemoryError):
         return "memory_limit"
-    if isinstance(exc, (BlockingIOError, RuntimeError)) and _forks[0]:
-        text = str(exc)
-        if isinstance(exc, BlockingIOError) or "can't start new thread" in text:
-            return "process_limit"
+    if _forks[0] and (isinstance(exc, BlockingIOError) or
+                      (isinstance(exc, RuntimeError) and "can't start new thread" in str(exc))):
+        return "process_limit"
     return "error"
 
 def _run(code, ns):
@@ -222,7 +290,7 @@ if cfg["session"]:
         code = _read(n).decode("utf-8")
         used = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
         hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
-        soft = int(used) + cfg["cpu_per_snippet"]
+        soft = int(used) + 1 + cfg["cpu_per_snippet"]  # whole seconds: round the used part up
         resource.setrlimit(resource.RLIMIT_CPU, (soft if hard < 0 else min(soft, hard), hard))
         _forks[0] = 0
         status, rc = _run(code, ns)
@@ -356,35 +424,20 @@ class _UidSlot:
         self.uid, self.fd = uid, fd
 
     def release(self) -> None:
-        _kill_uid(self.uid)
         os.close(self.fd)
 
 
-def _kill_uid(uid: int) -> None:
-    """SIGKILLs every process running as uid (kill(-1) from a forked helper that becomes uid)."""
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setgroups([])
-            os.setresgid(_SANDBOX_GID, _SANDBOX_GID, _SANDBOX_GID)
-            os.setresuid(uid, uid, uid)
-            for _ in range(100):
-                os.kill(-1, signal.SIGKILL)  # all processes of uid but this one; ESRCH ends the loop
-        except OSError:
-            pass
-        finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
-
-
 _uid_lock = threading.Lock()
+_uid_cursor = [os.getpid() * 7919]  # rotates, so a uid whose killed processes are still being reaped
+                                    # (they count against RLIMIT_NPROC until then) is not reused at once
 
 
 def _acquire_uid(base: int, count: int) -> _UidSlot:
     lock_dir = os.path.join(tempfile.gettempdir(), "prmkern-sandbox-uids")
     os.makedirs(lock_dir, mode=0o700, exist_ok=True)
     with _uid_lock:
-        start = (os.getpid() * 7919 + threading.get_ident()) % count
+        start = _uid_cursor[0] % count
+        _uid_cursor[0] += 1
         for i in range(count):
             uid = base + (start + i) % count
             fd = os.open(os.path.join(lock_dir, str(uid)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -393,7 +446,6 @@ def _acquire_uid(base: int, count: int) -> _UidSlot:
             except BlockingIOError:
                 os.close(fd)
                 continue
-            _kill_uid(uid)  # anything a crashed engine left behind
             return _UidSlot(uid, fd)
     raise RuntimeError(f"all {count} sandbox uids from {base} are in use")
 
@@ -427,7 +479,11 @@ _ENV = {
 
 
 class _Child:
-    """One sandboxed interpreter: its pid, pipes, uid slot and working directory."""
+    """One sandboxed interpreter: its pid, pipes, uid slot and working directory.
+
+    In the namespace modes the process we start (B) only waits; the code runs two forks down, inside a new
+    PID namespace whose init (C) reports the code's exit status and CPU time on the status pipe. Closing the
+    lifeline pipe makes B kill C, which takes the whole namespace down with it."""
 
     def __init__(self, code: str | None, limits: SandboxLimits, mode: str, python: str, *, uid_base: int,
                  uid_count: int, session: bool, probe: bool = False) -> None:
@@ -435,9 +491,11 @@ class _Child:
         self.mode, self.limits = mode, limits
         self.workdir = tempfile.mkdtemp(prefix="prmkern-sbx-")
         self.slot: _UidSlot | None = None
-        self.ctrl_w = self.ctrl_r = None
-        self.exit_code: int | None = None
+        self.ctrl_w = self.ctrl_r = self.status_r = self.life_w = None
+        self.exit_code: int | None = None  # of the code's process
         self.cpu_time_s: float | None = None
+        self.reaped = False
+        to_close: list[int] = []
         try:
             if mode == "root":
                 self.slot = _acquire_uid(uid_base, uid_count)
@@ -455,7 +513,7 @@ class _Child:
                 "RLIMIT_CPU": [cpu, cpu + 1] if not session else [cpu, max(cpu * 1000, 3600)],
             }
             hide, expose = ([], []) if mode == "none" else _fs_plan(python, self.workdir, limits, mode)
-            pass_fds: tuple[int, ...] = ()
+            pass_fds: list[int] = []
             cfg = {
                 "mode": mode, "uid": self.slot.uid if self.slot else -1, "gid": _SANDBOX_GID,
                 "workdir": self.workdir, "hide": hide, "expose": expose, "tmpfs_bytes": limits.max_file_bytes,
@@ -467,17 +525,23 @@ class _Child:
                 req_r, self.ctrl_w = os.pipe()  # engine -> worker: snippets
                 self.ctrl_r, resp_w = os.pipe()  # worker -> engine: per-snippet status
                 cfg["ctrl"] = [req_r, resp_w]
-                pass_fds = (req_r, resp_w)
+                pass_fds += [req_r, resp_w]
+                to_close += [req_r, resp_w]
+            if mode != "none":
+                self.status_r, status_w = os.pipe()
+                life_r, self.life_w = os.pipe()
+                cfg["status_fd"], cfg["life_fd"] = status_w, life_r
+                pass_fds += [status_w, life_r]
+                to_close += [status_w, life_r]
             argv = [python, "-I", "-u", "-c", _BOOTSTRAP, json.dumps(cfg)]
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL if session else subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=self.workdir, env=dict(_ENV, HOME=self.workdir, TMPDIR=self.workdir),
+                stderr=subprocess.PIPE, cwd=self.workdir, env=dict(_ENV, HOME=self.workdir, TMPDIR=self.workdir),
                 start_new_session=True, pass_fds=pass_fds, close_fds=True)
-            if session:
-                os.close(req_r)
-                os.close(resp_w)
-            else:
+            for fd in to_close:
+                os.close(fd)
+            to_close = []
+            if not session:
                 # The bootstrap reads all of stdin before anything else, so this cannot deadlock.
                 try:
                     self.proc.stdin.write((code or "").encode("utf-8"))
@@ -485,6 +549,8 @@ class _Child:
                 except BrokenPipeError:
                     pass  # it died at start-up; its exit status and stderr say why
         except BaseException:
+            for fd in to_close:
+                os.close(fd)
             self.cleanup()
             raise
         self.pid = self.proc.pid
@@ -492,25 +558,48 @@ class _Child:
             os.set_blocking(f.fileno(), False)
 
     def poll(self) -> bool:
-        """Reaps the main process if it has exited; True once it has."""
-        if self.exit_code is not None:
+        """Reaps the process we started if it has exited; True once it has."""
+        if self.reaped:
             return True
         pid, status, ru = os.wait4(self.pid, os.WNOHANG)
         if pid == 0:
             return False
-        self.exit_code = os.waitstatus_to_exitcode(status)
-        self.proc.returncode = self.exit_code
-        self.cpu_time_s = ru.ru_utime + ru.ru_stime
+        self.reaped = True
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        if self.status_r is None:
+            self.exit_code, self.cpu_time_s = self.proc.returncode, ru.ru_utime + ru.ru_stime
+        else:
+            data = b""
+            os.set_blocking(self.status_r, False)
+            try:
+                while chunk := os.read(self.status_r, 4096):
+                    data += chunk
+            except BlockingIOError:
+                pass
+            if data:  # no report: C itself was killed (timeout, output cap) or setup failed
+                report = json.loads(data)
+                self.exit_code, self.cpu_time_s = report["exit_code"], report["cpu"]
+            elif self.proc.returncode == _EXIT_SETUP:
+                self.exit_code = _EXIT_SETUP
+            else:
+                self.exit_code = -signal.SIGKILL  # the code died with its namespace
         return True
 
     def kill(self) -> None:
-        """SIGKILLs the process group (and, in root mode, every process of the private uid)."""
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if self.slot is not None:
-            _kill_uid(self.slot.uid)
+        """Ends the run: every process of it dies (the PID namespace, or the process group in mode none)."""
+        if self.life_w is not None:
+            os.close(self.life_w)
+            self.life_w = None
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                if self.poll():
+                    return
+                time.sleep(0.002)
+        if not self.reaped:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def reap(self) -> None:
         while not self.poll():
@@ -520,17 +609,14 @@ class _Child:
         proc = getattr(self, "proc", None)
         if proc is not None:
             self.kill()
-            if self.exit_code is None:
-                self.reap()
+            self.reap()
             for f in (proc.stdout, proc.stderr):
                 f.close()
-        for fd in (self.ctrl_w, self.ctrl_r):
+        for name in ("ctrl_w", "ctrl_r", "status_r", "life_w"):
+            fd = getattr(self, name)
             if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self.ctrl_w = self.ctrl_r = None
+                os.close(fd)
+                setattr(self, name, None)
         if self.slot is not None:
             self.slot.release()
             self.slot = None
