@@ -9,6 +9,7 @@ and the two partial states are merged by log-sum-exp (the Hydragen / FlashInfer-
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from prmkern.attention.backend import AttentionBackend, register_backend
 from prmkern.attention.metadata import DecodeMetadata, PrefillMetadata
@@ -63,27 +64,28 @@ class TorchBackend(AttentionBackend):
 
     def prefill(self, q, k_cache, v_cache, meta: PrefillMetadata, scale):
         block_size, num_kv_heads, head_dim = k_cache.shape[1:]
-        num_heads = q.shape[1]
-        group = num_heads // num_kv_heads
         k_flat = k_cache.view(-1, num_kv_heads, head_dim)
         v_flat = v_cache.view(-1, num_kv_heads, head_dim)
         out = torch.empty_like(q)
         cu = meta.cu_seqlens_q.tolist()
         seq_lens = meta.seq_lens.tolist()
-        for s, seq_len in enumerate(seq_lens):  # one batched product per sequence
+        for s, seq_len in enumerate(seq_lens):  # one fused attention call per sequence
             q0, q1 = cu[s], cu[s + 1]
             q_len = q1 - q0
             if q_len == 0:
                 continue
             idx = gather_kv_index(meta.block_tables[s:s + 1], block_size, seq_len)[0]  # [L]
-            k, v = k_flat[idx][None], v_flat[idx][None]  # [1, L, Hkv, D]
-            qs = q[q0:q1].reshape(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)  # [Hkv, G, Tq, D]
-            qpos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-            valid = torch.arange(seq_len, device=q.device)[None, :] <= qpos[:, None]  # [Tq, L]
-            valid = valid[None].expand(group, -1, -1).reshape(1, group * q_len, seq_len)
-            o, _ = attend_states(qs.reshape(1, num_kv_heads, group * q_len, head_dim), k, v, valid, scale)
-            o = o.reshape(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3)
-            out[q0:q1] = o.reshape(q_len, num_heads, head_dim).to(q.dtype)
+            k = k_flat[idx].transpose(0, 1)[None]  # [1, Hkv, L, D]
+            v = v_flat[idx].transpose(0, 1)[None]
+            qs = q[q0:q1].transpose(0, 1)[None]  # [1, Hq, Tq, D]
+            if q_len == seq_len:  # a fresh prompt: plain causal attention
+                mask, causal = None, True
+            else:  # new tokens after a cached prefix: query i sits at position seq_len - q_len + i
+                qpos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+                mask, causal = torch.arange(seq_len, device=q.device)[None, :] <= qpos[:, None], False
+            o = F.scaled_dot_product_attention(qs, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal,
+                                               scale=scale, enable_gqa=True)
+            out[q0:q1] = o[0].transpose(0, 1)
         return out
 
     def __init__(self) -> None:

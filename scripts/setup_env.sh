@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) with the CPU build of torch 2.13.0 installed first, so that no later requirement
+# pulls a CUDA build, then installs prmkern in editable mode (with the dev extras when given "dev").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+py=.venv/bin/python
+if ! "$py" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
+  "$py" -m pip install -q torch==2.13.0
+fi
+stamp=".venv/.prmkern-installed${extras:+-$extras}"
+if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
+  "$py" -m pip install -q -e ".${extras:+[$extras]}"
+  touch "$stamp"
+fi
