@@ -19,7 +19,7 @@ def test_generate_jsonl_with_a_bad_record(qwen2_dir, tmp_path):
     records = [{"prompt": "the step is correct", "max_tokens": 5, "temperature": 0, "ignore_eos": True},
                {"prompt_token_ids": [1, 2, 3], "n": 3, "max_tokens": 4, "ignore_eos": True, "seed": 1},
                {"prompt": "x", "max_tokens": 0},
-               {"prompt_token_ids": list(range(1, 2000))}]
+               {"prompt_token_ids": [7] * 2000}]
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     out = tmp_path / "out.jsonl"
