@@ -1,0 +1,42 @@
+"""Each kernel benchmark runs end to end with --smoke (tiny sizes; on a CPU under the Triton interpreter) and its
+last stdout line is one JSON document with the keys the results format promises; --out writes the same document."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+KEYS = {"bench", "date", "commit", "device", "smoke", "ceilings", "config", "summary", "rows"}
+ROW_KEYS = {
+    "bench_paged_decode.py": {"batch", "seq_len", "ms", "gbps", "frac_copy_bw", "sdpa_ms", "max_abs_err_vs_sdpa"},
+    "bench_shared_prefix_decode.py": {"prefix_len", "chains", "cascade_ms", "paged_ms", "paged_copied_ms", "sdpa_ms",
+                                      "ideal_ms", "speedup_vs_paged", "cascade_over_ideal", "max_abs_err_vs_paged"},
+    "bench_paged_prefill.py": {"num_seqs", "q_len", "ctx_len", "ms", "tflops", "sdpa_ms", "max_abs_err_vs_sdpa"},
+    "bench_elementwise.py": {"op", "tokens", "ms", "gbps", "torch_ms"},
+}
+
+
+@pytest.mark.parametrize("script", sorted(ROW_KEYS))
+def test_bench_smoke_prints_json_last(script, tmp_path):
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--smoke", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert KEYS <= set(doc), f"{script}: missing keys {KEYS - set(doc)}"
+    assert doc["smoke"] is True and doc["rows"], f"{script}: no rows"
+    for row in doc["rows"]:
+        assert ROW_KEYS[script] <= set(row), f"{script}: row missing {ROW_KEYS[script] - set(row)}"
+        assert all(v is None or v == v for v in row.values()), f"{script}: NaN in {row}"  # NaN != NaN
+    for key in ("copy_gbps", "matmul_tflops"):
+        assert doc["ceilings"][key] > 0, f"{script}: ceiling {key} not measured: {doc['ceilings']}"
+    for row in doc["rows"]:  # each bench checks its kernel against a peer on the same data
+        for key in ("max_abs_err_vs_sdpa", "max_abs_err_vs_paged"):
+            if key in row:
+                assert row[key] < 1e-3, f"{script}: {key} = {row[key]}"
+    assert json.loads(out.read_text()) == doc
