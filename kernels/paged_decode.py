@@ -162,9 +162,20 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def kv_tile(head_dim: int) -> int:
-    """Keys per inner-loop tile: by rule, 64 for head_dim <= 128 (K and V tiles of 16 KB in bf16)."""
-    return 64 if head_dim <= 128 else 32
+def tile_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
+    """Launch constants shared by the attention kernels, by rule (unmeasured): BLOCK_D the padded head dim (>= 16,
+    tl.dot's minimum), BLOCK_N keys per tile so that one K or V tile is at most 16 KB (64 keys of 128 bf16), and
+    two pipeline stages (fp32 tiles at three stages would overflow shared memory on some GPUs)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_n = 64 if block_d * dtype.itemsize <= 256 else 32
+    return {"BLOCK_N": block_n, "BLOCK_D": block_d, "num_stages": 2}
+
+
+def row_tile(rows: int, dtype: torch.dtype, cap: int) -> int:
+    """Query rows per program: the next power of two >= rows, at least 16 (tl.dot), at most `cap` (halved for
+    fp32 inputs, whose tiles take twice the registers and shared memory)."""
+    cap = cap if dtype.itemsize <= 2 else cap // 2
+    return min(cap, max(16, triton.next_power_of_2(rows)))
 
 
 def num_sms(device: torch.device) -> int:
@@ -245,9 +256,8 @@ def paged_decode(*, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         block_tables.stride(0),
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
-        BLOCK_SIZE=block_size, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=kv_tile(head_dim),
-        BLOCK_D=triton.next_power_of_2(head_dim), DOT_PREC=dot_precision(q.dtype),
-        num_warps=4,
+        BLOCK_SIZE=block_size, BLOCK_G=max(16, triton.next_power_of_2(group)), DOT_PREC=dot_precision(q.dtype),
+        num_warps=4, **tile_config(head_dim, q.dtype),
     )
     if num_splits > 1:
         reduce_states(parts_out=part_out, parts_lse=part_lse, out=out, lse_out=lse_out)

@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from .merge_states import finalize_state
-from .paged_decode import LOG2E, attend_paged_range, check_index, check_kv_cache, dot_precision, kv_tile, out_buffer
+from .paged_decode import (LOG2E, attend_paged_range, check_index, check_kv_cache, dot_precision, out_buffer, row_tile,
+                           tile_config)
 
 
 @triton.jit
@@ -90,7 +91,7 @@ def paged_prefill(*, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if num_seqs == 0 or num_tokens == 0 or max_q_len == 0:
         return out
     rows = max_q_len * group
-    block_m = 64 if rows >= 64 else max(16, triton.next_power_of_2(rows))
+    block_m = row_tile(rows, q.dtype, cap=64)
     _paged_prefill_kernel[(num_seqs, triton.cdiv(rows, block_m), num_kv_heads)](
         q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out,
         scale * LOG2E, head_dim, group,
@@ -99,8 +100,7 @@ def paged_prefill(*, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=kv_tile(head_dim), BLOCK_D=triton.next_power_of_2(head_dim),
-        DOT_PREC=dot_precision(q.dtype),
-        num_warps=4,
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, DOT_PREC=dot_precision(q.dtype),
+        num_warps=4, **tile_config(head_dim, q.dtype),
     )
     return out

@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from .merge_states import finalize_state, reduce_states
-from .paged_decode import (LOG2E, attend_paged_range, check_index, check_kv_cache, dot_precision, kv_tile,
-                           lse_buffer, num_splits_rule, out_buffer)
+from .paged_decode import (LOG2E, attend_paged_range, check_index, check_kv_cache, dot_precision, lse_buffer,
+                           num_splits_rule, out_buffer, row_tile, tile_config)
 
 
 @triton.jit
@@ -105,7 +105,7 @@ def shared_prefix_decode(*, q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         raise ValueError(f"{who}: max_group_size is 0 but batch is {batch}")
 
     rows = max_group_size * group
-    block_m = 128 if rows >= 128 else (64 if rows >= 64 else max(16, triton.next_power_of_2(rows)))
+    block_m = row_tile(rows, q.dtype, cap=128)
     num_row_tiles = triton.cdiv(rows, block_m)
     if num_splits is None:
         if max_prefix_len is None:
@@ -128,9 +128,8 @@ def shared_prefix_decode(*, q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         prefix_block_tables.stride(0),
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=kv_tile(head_dim), BLOCK_D=triton.next_power_of_2(head_dim),
-        DOT_PREC=dot_precision(q.dtype),
-        num_warps=8 if block_m >= 128 else 4,
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, DOT_PREC=dot_precision(q.dtype),
+        num_warps=8 if block_m >= 128 else 4, **tile_config(head_dim, q.dtype),
     )
     if num_splits > 1:
         reduce_states(parts_out=part_out, parts_lse=part_lse, out=out, lse_out=lse_out)

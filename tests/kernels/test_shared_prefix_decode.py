@@ -15,7 +15,7 @@ CASES = [
     ([(2, [1, 17, 5]), (0, [9]), (1, [33, 2])], 16, 4, 4, 64, 1),   # a lone sequence (prefix 0) between groups
     ([(17, [3, 1, 4, 6])], 1, 8, 2, 64, 3),                          # block size 1, prefix split 3 ways
     ([(3, [1, 16]), (1, [7])], 16, 8, 1, 128, 2),                   # GQA 8: 16 rows per tile, head dim 128
-    ([(2, [5] * 11)], 16, 12, 2, 128, None),                        # 66 rows: two row tiles of 64, split by rule
+    ([(2, [5] * 11)], 16, 12, 2, 128, None),  # 66 rows: fp32 two row tiles of 64 (fp16 one of 128), split by rule
 ]
 
 
