@@ -24,20 +24,24 @@ def gather_kv_index(block_tables: torch.Tensor, block_size: int, length: int) ->
     return (bt[:, :, None] * block_size + offs).reshape(bt.shape[0], -1)[:, :length]
 
 
-def attend_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+def attend_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial attention state of grouped queries over keys, in float32.
 
     q [R, Hkv, M, D] (M queries per KV head: GQA group x chains), k/v [R, L, Hkv, D], valid bool [R, M or 1, L]
-    -> out [R, Hkv, M, D] float32, lse [R, Hkv, M] float32 (-inf and out 0 where a query sees no key).
+    or None when every key is visible -> out [R, Hkv, M, D] float32, lse [R, Hkv, M] float32 (-inf and out 0
+    where a query sees no key).
     """
     kf = k.float().permute(0, 2, 3, 1)  # [R, Hkv, D, L]
     vf = v.float().permute(0, 2, 1, 3)  # [R, Hkv, L, D]
-    s = torch.matmul(q.float(), kf) * scale  # [R, Hkv, M, L]
-    s = s.masked_fill(~valid[:, None], float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # [R, Hkv, M]
-    p = torch.exp(s - lse.nan_to_num(neginf=0.0)[..., None])  # rows without keys: exp(-inf) = 0
-    return torch.matmul(p, vf), lse
+    s = torch.matmul(q.float() * scale, kf)  # [R, Hkv, M, L]
+    if valid is not None:
+        s.masked_fill_(~valid[:, None], float("-inf"))
+    m = s.amax(dim=-1, keepdim=True).nan_to_num_(neginf=0.0)  # rows without keys: exp(-inf - 0) = 0
+    p = s.sub_(m).exp_()
+    total = p.sum(dim=-1)  # [R, Hkv, M]
+    out = torch.matmul(p, vf).div_(total.clamp_min(1e-30)[..., None])
+    return out, total.log_().add_(m[..., 0])
 
 
 def merge_states(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
@@ -98,8 +102,14 @@ class TorchBackend(AttentionBackend):
         idx = gather_kv_index(meta.suffix_block_tables, block_size, meta.max_suffix_len)  # [B, Ls]
         pos = torch.arange(meta.max_suffix_len, device=idx.device)
         valid = (pos[None, :] < meta.suffix_lens[:, None].to(pos.dtype))[:, None, :]  # [B, 1, Ls]
-        prefix_idx = {g: gather_kv_index(meta.prefix_block_tables[g:g + 1], block_size, plen)[0]
-                      for g, plen in enumerate(meta.prefix_lens_list) if plen}
+        prefix_idx = {}
+        for g, plen in enumerate(meta.prefix_lens_list):
+            if plen:
+                blocks = meta.prefix_block_tables[g, :plen // block_size].tolist()
+                if blocks == list(range(blocks[0], blocks[0] + len(blocks))):
+                    prefix_idx[g] = slice(blocks[0] * block_size, (blocks[0] + len(blocks)) * block_size)  # a view
+                else:
+                    prefix_idx[g] = gather_kv_index(meta.prefix_block_tables[g:g + 1], block_size, plen)[0]
         self._decode_cache = (meta, (idx, valid, prefix_idx))
         return self._decode_cache[1]
 
@@ -125,10 +135,9 @@ class TorchBackend(AttentionBackend):
                 continue
             r0, r1 = starts[g], starts[g + 1]
             n = r1 - r0
-            pidx = prefix_idx[g]  # [Lp]
+            pidx = prefix_idx[g]  # [Lp] indices, or a slice when the prefix blocks are consecutive
             qp = qg[r0:r1].permute(1, 0, 2, 3).reshape(1, num_kv_heads, n * group, head_dim)
-            ones = torch.ones(1, 1, plen, dtype=torch.bool, device=q.device)
-            po, plse = attend_states(qp, k_flat[pidx][None], v_flat[pidx][None], ones, scale)
+            po, plse = attend_states(qp, k_flat[pidx][None], v_flat[pidx][None], None, scale)  # [1, Hkv, n*G, ..]
             po = po.reshape(num_kv_heads, n, group, head_dim).permute(1, 0, 2, 3)
             plse = plse.reshape(num_kv_heads, n, group).permute(1, 0, 2)
             out[r0:r1], lse[r0:r1] = merge_states(out[r0:r1], lse[r0:r1], po, plse)
