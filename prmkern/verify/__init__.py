@@ -1,0 +1,28 @@
+"""Generative verification: prompt formats, output parsing, verdict scoring and ProcessBench evaluation.
+
+The protocols that run a verifier through the engine build on these pieces; nothing here loads a model.
+"""
+from .formats import CRITIC, FORMATS, GENPRM, THINKPRM, VerifierFormat, get_format, load_formats, register_format
+from .parsing import STEP_STATUSES, ParsedOutput, StepVerdict, parse_output
+from .processbench import evaluate_subsets, load_processbench, processbench_f1, sample_path
+from .scoring import (
+    ChainScores,
+    Generated,
+    SolutionScores,
+    StepScore,
+    VerdictScore,
+    aggregate,
+    earliest_error,
+    score_chain,
+    solution_score,
+    token_char_offsets,
+    verdict_probability,
+)
+
+__all__ = [
+    "VerifierFormat", "FORMATS", "THINKPRM", "GENPRM", "CRITIC", "get_format", "register_format", "load_formats",
+    "StepVerdict", "ParsedOutput", "parse_output", "STEP_STATUSES",
+    "Generated", "VerdictScore", "ChainScores", "StepScore", "SolutionScores", "token_char_offsets",
+    "verdict_probability", "score_chain", "aggregate", "solution_score", "earliest_error",
+    "load_processbench", "processbench_f1", "evaluate_subsets", "sample_path",
+]
