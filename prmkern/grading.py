@@ -322,7 +322,8 @@ def latex_to_sympy(s: str) -> str:
                  ("\\alpha", "alpha"), ("\\beta", "beta")):
         s = s.replace(a, b)
     s = s.replace("{", "(").replace("}", ")").replace("^", "**")
-    if "\\" in s or re.search(r"[=<>;&|!?\"'#@`]", s):
+    # sympy's parser evaluates Python: refuse anything beyond arithmetic on names (no dunders, no attributes).
+    if "\\" in s or re.search(r"[=<>;&|!?\"'#@`\[\]]|__|[A-Za-z_)]\s*\.", s):
         raise ValueError(f"not a plain math expression: {s!r}")
     s = re.sub(r"(\d),(\d)", r"\1\2", s) if re.fullmatch(r"[\d,.]+", s) else s
     if "," in s:
