@@ -127,7 +127,10 @@ class LLMEngine:
     def step(self) -> list[Sequence]:
         """Runs one step; returns the sequences that finished in it."""
         step = self.scheduler.schedule()
+        early, self.scheduler.finished_early = self.scheduler.finished_early, []
         if step is None:
+            if early:
+                return early
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress: the KV pool cannot hold one running sequence; "
                                    f"pool has {self.num_blocks} blocks of {self.config.block_size} tokens")
@@ -152,11 +155,11 @@ class LLMEngine:
             rows.extend([row] * len(family))
             row += 1
         if not sampling:
-            return []
+            return early
         if len(rows) != logits.shape[0]:
             logits = logits[torch.tensor(rows, device=logits.device)]
         result = self.sampler(logits, sampling)
-        finished = []
+        finished = early
         for i, seq in enumerate(sampling):
             if self._append(seq, result.token_ids[i], result.logprobs[i], result.chosen_logprobs[i]):
                 self.scheduler.finish(seq)

@@ -48,6 +48,7 @@ class Scheduler:
         self.stats = stats
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.finished_early: list[Sequence] = []  # ended by the scheduler (KV pool exhausted), for the engine
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -124,6 +125,12 @@ class Scheduler:
             while (cow := self.bm.append_slot(seq)) is None:
                 if queue:
                     self.preempt(queue.pop())  # the most recently admitted gives way
+                elif len(self.running) == 1:
+                    # Alone and still out of blocks: the whole pool holds this sequence; it cannot grow further.
+                    seq.finish_reason = "length"
+                    self.finish(seq)
+                    self.finished_early.append(seq)
+                    break
                 else:
                     self.preempt(seq)
                     break

@@ -140,3 +140,11 @@ def test_text_prompts_and_mismatched_params(qwen2_dir):
     assert len(out[0].outputs[0].token_ids) == 4
     with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
         llm.generate(["a"], [SamplingParams(), SamplingParams()])
+
+
+def test_sequence_that_outgrows_the_pool_ends_with_length(qwen2_dir):
+    llm = LLM(qwen2_dir, device="cpu", block_size=4, num_kvcache_blocks=5)  # 20 tokens of KV in all
+    outs = llm.generate([[1, 2, 3], [4, 5, 6]], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
+    for o in outs:
+        # 20 slots: at most 17 generated tokens have KV, plus the last sampled one.
+        assert o.outputs[0].finish_reason == "length" and 10 <= len(o.outputs[0].token_ids) <= 18
