@@ -13,6 +13,7 @@ knows nothing of sequences beyond block tables and lengths.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -180,8 +181,13 @@ def row_tile(rows: int, dtype: torch.dtype, cap: int) -> int:
 
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 4  # interpreter: a token number that keeps the CPU grid small
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def num_splits_rule(programs: int, max_len: int, device: torch.device) -> int:
