@@ -1,4 +1,4 @@
-"""The `prmkern` command line: generate (JSONL in, JSONL out) and demo (the embedded default model).
+"""The `prmkern` command line: generate, verify, bon, eval processbench, demo.
 
 Progress goes to stderr with a bar; results to stdout or --output; a throughput summary closes every run.
 """
@@ -125,6 +125,151 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--format", default="thinkprm", help="thinkprm | genprm | critic | a name from --formats-file")
+    ap.add_argument("--formats-file", default=None, help="JSON file of user-defined verifier formats")
+    ap.add_argument("--chains", type=int, default=8, help="K: parallel verification chains per solution")
+    ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--max-tokens", type=int, default=1024, help="per chain, all rounds together")
+    ap.add_argument("--budget-tokens", type=int, default=None,
+                    help="budget forcing: a chain that ends earlier is told to continue")
+    ap.add_argument("--method", default="min", help="solution score: min | last | mean | product")
+    ap.add_argument("--threshold", type=float, default=0.5, help="earliest error: first step scored below this")
+    ap.add_argument("--verify-seed", type=int, default=0)
+
+
+def _make_verifier(args: argparse.Namespace, llm):
+    from prmkern.verify.formats import load_formats
+    from prmkern.verify.protocols import Verifier, VerifyConfig
+    if args.formats_file:
+        load_formats(args.formats_file, replace=True)
+    return Verifier(llm, VerifyConfig(format=args.format, num_chains=args.chains, temperature=args.temperature,
+                                      top_p=args.top_p, max_tokens=args.max_tokens, budget_tokens=args.budget_tokens,
+                                      method=args.method, threshold=args.threshold, seed=args.verify_seed))
+
+
+def _verify_records(verifier, records, show_progress: bool, desc: str):
+    bar = None
+    if show_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(records), desc=desc, unit="solution", dynamic_ncols=True, file=sys.stderr)
+    results = []
+    batch = max(1, 64 // max(1, verifier.config.num_chains))  # solutions per engine batch: bounded memory
+    for i in range(0, len(records), batch):
+        results += verifier.verify(records[i:i + batch], progress=bar.update if bar else None)
+    if bar is not None:
+        bar.close()
+    return results
+
+
+def _verify_summary(llm, results, seconds: float) -> str:
+    from collections import Counter
+    counts: Counter = Counter()
+    for r in results:
+        if r.scores is not None:
+            counts.update(r.scores.counts)
+    chains = sum(len(r.chains) for r in results)
+    failed = sum(r.error is not None for r in results)
+    return (f"{len(results)} solutions ({failed} failed), verdicts {dict(counts)}\n"
+            + summary(llm.stats.as_dict(), seconds, chains))
+
+
+def _report_json(report: dict) -> dict:
+    from dataclasses import asdict, is_dataclass
+    return {k: asdict(v) if is_dataclass(v) else v for k, v in report.items()}
+
+
+def _labelled_f1(records, results) -> dict | None:
+    from prmkern.verify.processbench import evaluate_subsets
+    subsets: dict[str, tuple[list, list]] = {}
+    for rec, res in zip(records, results):
+        if "label" not in rec:
+            continue
+        name = str(rec.get("subset") or str(rec.get("id", "all")).split("-")[0])
+        labels, preds = subsets.setdefault(name, ([], []))
+        labels.append(int(rec["label"]))
+        preds.append(res.prediction)
+    return _report_json(evaluate_subsets(subsets)) if subsets else None
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from prmkern.verify.processbench import load_processbench, sample_path
+    path = args.input or str(sample_path())
+    records = load_processbench(path) if path.endswith(".json") or args.input is None else _read_jsonl(path)
+    if args.limit:
+        records = records[:args.limit]
+    llm = _make_llm(args)
+    verifier = _make_verifier(args, llm)
+    print(f"verifying {len(records)} solutions from {path} with {llm.config.model} "
+          f"({args.format}, K={args.chains})", file=sys.stderr)
+    start = time.perf_counter()
+    results = _verify_records(verifier, records, not args.no_progress, "verify")
+    seconds = time.perf_counter() - start
+    out = sys.stdout if args.output == "-" else open(args.output, "w")
+    for res in results:
+        out.write(json.dumps(res.to_json(llm.tokenizer, include_chains=not args.no_chains)) + "\n")
+    if out is not sys.stdout:
+        out.close()
+    print(_verify_summary(llm, results, seconds), file=sys.stderr)
+    f1 = _labelled_f1(records, results)
+    if f1 is not None:
+        print(f"ProcessBench-style F1 on these labelled records: {json.dumps(f1)}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval_processbench(args: argparse.Namespace) -> int:
+    import os
+
+    from prmkern.verify.processbench import evaluate_subsets, load_processbench
+    llm = _make_llm(args)
+    verifier = _make_verifier(args, llm)
+    subsets = {}
+    start = time.perf_counter()
+    all_results = []
+    for path in args.files:
+        records = load_processbench(path)[:args.limit or None]
+        results = _verify_records(verifier, records, not args.no_progress, os.path.basename(path))
+        all_results += results
+        subsets[os.path.splitext(os.path.basename(path))[0]] = (
+            [int(r["label"]) for r in records],
+            [res.prediction for res in results])
+    seconds = time.perf_counter() - start
+    report = _report_json(evaluate_subsets(subsets))
+    print(_verify_summary(llm, all_results, seconds), file=sys.stderr)
+    for name, r in report.items():
+        if isinstance(r, dict):
+            print(f"{name:>12}: F1 {r['f1']:.4f}  acc_err {r['acc_err']:.4f} (n={r['n_err']})  "
+                  f"acc_ok {r['acc_ok']:.4f} (n={r['n_ok']})")
+    print(json.dumps(report))
+    return 0
+
+
+def cmd_bon(args: argparse.Namespace) -> int:
+    from prmkern.search import best_of_n
+    records = _read_jsonl(args.input)
+    if args.limit:
+        records = records[:args.limit]
+    llm = _make_llm(args)
+    generator = llm if args.generator is None else _make_llm(argparse.Namespace(**{**vars(args),
+                                                                                   "model": args.generator}))
+    verifier = _make_verifier(args, llm)
+    start = time.perf_counter()
+    results = best_of_n(generator, verifier, records, n=args.n, select=args.select,
+                        params=SamplingParams(temperature=args.gen_temperature, top_p=0.95,
+                                              max_tokens=args.gen_max_tokens, seed=args.seed))
+    seconds = time.perf_counter() - start
+    graded = [r.correct for r in results if r.correct is not None]
+    for rec, r in zip(records, results):
+        c = r.chosen
+        print(json.dumps({"id": rec.get("id"), "answer": c.answer if c else None, "score": c.score if c else None,
+                          "correct": r.correct, "candidates": [{"answer": x.answer, "score": x.score}
+                                                               for x in r.candidates]}))
+    acc = f", accuracy {sum(graded) / len(graded):.3f} over {len(graded)}" if graded else ""
+    print(f"best-of-{args.n} ({args.select}) on {len(records)} problems in {seconds:.2f} s{acc}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="prmkern", description="Inference engine for generative process reward models")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -141,6 +286,39 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--sampling-seed", dest="seed", type=int, default=None)
     g.add_argument("--no-progress", action="store_true")
     g.set_defaults(func=cmd_generate)
+
+    v = sub.add_parser("verify", help="score every step of solutions with a generative verifier")
+    _engine_args(v)
+    _verify_args(v)
+    v.add_argument("input", nargs="?", default=None,
+                   help="ProcessBench .json or JSONL of {problem, steps[, id, label]} (default: bundled records)")
+    v.add_argument("-o", "--output", default="-", help="JSONL results (default stdout)")
+    v.add_argument("--limit", type=int, default=None)
+    v.add_argument("--no-chains", action="store_true", help="omit the chains' text from the output")
+    v.add_argument("--no-progress", action="store_true")
+    v.set_defaults(func=cmd_verify)
+
+    e = sub.add_parser("eval", help="evaluations: `prmkern eval processbench FILE...`")
+    esub = e.add_subparsers(dest="benchmark", required=True)
+    pb = esub.add_parser("processbench", help="official ProcessBench F1 per subset and their mean")
+    _engine_args(pb)
+    _verify_args(pb)
+    pb.add_argument("files", nargs="+", help="ProcessBench subset files (.json or .jsonl), one per subset")
+    pb.add_argument("--limit", type=int, default=None, help="records per subset")
+    pb.add_argument("--no-progress", action="store_true")
+    pb.set_defaults(func=cmd_eval_processbench)
+
+    b = sub.add_parser("bon", help="best-of-N: sample N solutions, pick by verifier score or weighted vote")
+    _engine_args(b)
+    _verify_args(b)
+    b.add_argument("input", help="JSONL of {problem[, answer, id]}")
+    b.add_argument("--n", type=int, default=8)
+    b.add_argument("--select", default="score", choices=["score", "vote"])
+    b.add_argument("--generator", default=None, help="generator checkpoint (default: the verifier's)")
+    b.add_argument("--gen-temperature", type=float, default=0.8)
+    b.add_argument("--gen-max-tokens", type=int, default=512)
+    b.add_argument("--limit", type=int, default=None)
+    b.set_defaults(func=cmd_bon)
 
     d = sub.add_parser("demo", help="many chains over one prompt on the embedded default model")
     _engine_args(d)

@@ -1,0 +1,156 @@
+"""Test-time search with a verifier in the loop: best-of-N and step-level beam search.
+
+The generator and the verifier are prmkern LLMs; they may be one object (one checkpoint serving both roles, one KV
+pool, one prefix cache). Best-of-N samples N solutions per problem in one request (the problem's prompt is
+prefilled once), verifies all of them in one batch, and picks by verifier score or by a verifier-weighted majority
+vote over equivalent final answers (prmkern.grading decides equivalence). Beam search grows solutions one step at a
+time, keeping the `beam_width` partial solutions the verifier scores highest.
+It does not train or grade against references beyond reporting `correct` when a reference answer is given.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from prmkern.grading import extract_answer, is_equivalent
+from prmkern.sampling import SamplingParams
+from prmkern.verify.formats import render_messages
+from prmkern.verify.protocols import Verifier
+
+SOLVE_INSTRUCTION = ("Solve the problem step by step. Separate the steps with a blank line and put the final answer "
+                     "in \\boxed{{}}.\n\n{problem}")
+STEP_DELIMITER = "\n\n"
+
+
+def split_steps(text: str, delimiter: str = STEP_DELIMITER) -> list[str]:
+    steps = [s.strip() for s in text.split(delimiter)]
+    return [s for s in steps if s]
+
+
+def solver_prompt(tokenizer: Any, problem: str) -> list[int]:
+    text = render_messages([{"role": "user", "content": SOLVE_INSTRUCTION.format(problem=problem)}], tokenizer)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+@dataclass
+class Candidate:
+    text: str
+    steps: list[str]
+    answer: str | None
+    score: float | None  # verifier solution score
+    step_scores: list[float | None] = field(default_factory=list)
+
+
+@dataclass
+class SearchResult:
+    problem: str
+    chosen: Candidate | None
+    candidates: list[Candidate]
+    correct: bool | None = None  # against the reference answer, when one was given
+    seconds: float = 0.0
+
+
+def weighted_vote(candidates: Sequence[Candidate]) -> Candidate | None:
+    """The candidate whose final answer collects the most verifier score over equivalent answers."""
+    groups: list[tuple[str, float, Candidate]] = []  # (answer, total weight, best candidate)
+    for c in candidates:
+        if c.answer is None:
+            continue
+        w = c.score if c.score is not None else 0.0
+        for j, (ans, total, best) in enumerate(groups):
+            if is_equivalent(c.answer, ans):
+                groups[j] = (ans, total + w, best if (best.score or 0.0) >= (c.score or 0.0) else c)
+                break
+        else:
+            groups.append((c.answer, w, c))
+    if not groups:
+        return None
+    return max(groups, key=lambda g: g[1])[2]
+
+
+def best_of_n(generator: Any, verifier: Verifier, problems: Sequence[dict[str, Any]], n: int = 8,
+              params: SamplingParams | None = None, select: str = "score") -> list[SearchResult]:
+    """problems: dicts with 'problem' and optionally 'answer' (the reference). select: 'score' | 'vote'."""
+    if select not in ("score", "vote"):
+        raise ValueError(f"select={select!r} is invalid; accepted: 'score' (highest verifier score) or 'vote' "
+                         f"(verifier-weighted majority over equivalent answers)")
+    start = time.perf_counter()
+    tok = generator.tokenizer
+    base = params or SamplingParams(temperature=0.8, top_p=0.95, max_tokens=1024)
+    gen_params = SamplingParams(**{**{k: getattr(base, k) for k in ("temperature", "top_p", "top_k", "max_tokens",
+                                                                    "seed", "stop", "min_tokens")}, "n": n})
+    outs = generator.generate([solver_prompt(tok, p["problem"]) for p in problems], gen_params, use_tqdm=False)
+    records, owners = [], []
+    for i, (prob, out) in enumerate(zip(problems, outs)):
+        for c in out.outputs:
+            steps = split_steps(c.text) or [c.text.strip() or "(empty)"]
+            records.append({"id": f"{i}:{c.index}", "problem": prob["problem"], "steps": steps})
+            owners.append((i, c.text))
+    verdicts = verifier.verify(records)
+    results = [SearchResult(p["problem"], None, []) for p in problems]
+    for (i, text), rec, v in zip(owners, records, verdicts):
+        scores = v.scores
+        results[i].candidates.append(Candidate(
+            text, rec["steps"], extract_answer(text), scores.score if scores else None,
+            [s.score for s in scores.steps] if scores else []))
+    for prob, res in zip(problems, results):
+        if select == "vote":
+            res.chosen = weighted_vote(res.candidates)
+        else:
+            scored = [c for c in res.candidates if c.score is not None]
+            res.chosen = max(scored, key=lambda c: c.score) if scored else (res.candidates or [None])[0]
+        if prob.get("answer") is not None:
+            res.correct = bool(res.chosen and res.chosen.answer is not None and
+                               is_equivalent(res.chosen.answer, str(prob["answer"])))
+        res.seconds = time.perf_counter() - start
+    return results
+
+
+def beam_search(generator: Any, verifier: Verifier, problem: str, beam_width: int = 4, expand: int = 4,
+                max_steps: int = 8, step_tokens: int = 256, temperature: float = 0.8,
+                seed: int | None = 0) -> SearchResult:
+    """Step-level beam search: each beam proposes `expand` next steps (generation stops at a blank line), the
+    verifier scores every partial solution, and the best `beam_width` survive. A beam is complete once its text
+    holds a boxed answer or the generator ends it."""
+    if beam_width < 1 or expand < 1 or max_steps < 1:
+        raise ValueError(f"beam_width, expand and max_steps must be >= 1, got {beam_width}, {expand}, {max_steps}")
+    start = time.perf_counter()
+    tok = generator.tokenizer
+    prompt = solver_prompt(tok, problem)
+    beams: list[tuple[list[int], list[str], float]] = [([], [], 1.0)]  # (generated ids, steps, score)
+    done: list[Candidate] = []
+    for depth in range(max_steps):
+        params = SamplingParams(n=expand, temperature=temperature, max_tokens=step_tokens, stop=[STEP_DELIMITER],
+                                include_stop_str_in_output=True,
+                                seed=None if seed is None else seed * 1000 + depth)
+        outs = generator.generate([prompt + ids for ids, _, _ in beams], params, use_tqdm=False)
+        proposals = []
+        for (ids, steps, _), out in zip(beams, outs):
+            for c in out.outputs:
+                step = c.text.strip()
+                if not step:
+                    continue
+                proposals.append((ids + c.token_ids, steps + [step], c.finish_reason != "stop" or
+                                  c.stop_reason != STEP_DELIMITER or extract_answer(step) is not None))
+        if not proposals:
+            break
+        verdicts = verifier.verify([{"problem": problem, "steps": s} for _, s, _ in proposals])
+        scored = []
+        for (ids, steps, final), v in zip(proposals, verdicts):
+            score = v.scores.score if v.scores and v.scores.score is not None else 0.0
+            if final:
+                text = tok.decode(ids, skip_special_tokens=True)
+                done.append(Candidate(text, steps, extract_answer(text), score,
+                                      [s.score for s in v.scores.steps] if v.scores else []))
+            else:
+                scored.append((ids, steps, score))
+        scored.sort(key=lambda b: b[2], reverse=True)
+        beams = scored[:beam_width]
+        if not beams:
+            break
+    for ids, steps, score in beams:  # unfinished beams still count as candidates
+        text = tok.decode(ids, skip_special_tokens=True)
+        done.append(Candidate(text, steps, extract_answer(text), score))
+    chosen = max(done, key=lambda c: c.score or 0.0) if done else None
+    return SearchResult(problem, chosen, done, seconds=time.perf_counter() - start)
