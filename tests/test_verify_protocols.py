@@ -1,0 +1,91 @@
+"""The verifier protocols through the real engine: one prefill per prompt for K chains, budget forcing and the
+GenPRM code loop resubmitting token ids so only new tokens are recomputed, and per-record failures."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from prmkern import LLM, SamplingParams
+from prmkern.verify.formats import GENPRM, THINKPRM
+from prmkern.verify.processbench import load_processbench, sample_path
+from prmkern.verify.protocols import Verifier, VerifyConfig
+
+
+@pytest.fixture(scope="module")
+def records():
+    return load_processbench(sample_path())[:3]
+
+
+def greedy_text(llm: LLM, prompt_text: str, n: int = 40) -> str:
+    ids = llm.tokenizer.encode(prompt_text, add_special_tokens=False)
+    return llm.generate([ids], SamplingParams(temperature=0, max_tokens=n))[0].outputs[0].text
+
+
+def test_k_chains_prefill_each_prompt_once(qwen2_dir, records):
+    llm = LLM(qwen2_dir, device="cpu")
+    verifier = Verifier(llm, VerifyConfig(num_chains=8, max_tokens=16))
+    results = verifier.verify(records)
+    prompt_lens = [len(llm.tokenizer.encode(THINKPRM.render(r["problem"], r["steps"], llm.tokenizer),
+                                            add_special_tokens=False)) for r in records]
+    s = llm.stats
+    assert s.prompt_tokens == sum(prompt_lens)
+    assert s.prefill_tokens + s.cached_tokens == sum(prompt_lens)  # once per prompt, not once per chain
+    assert 3 * 8 <= s.generated_tokens <= 3 * 8 * 16
+    for res, rec in zip(results, records):
+        assert res.error is None and len(res.chains) == 8
+        # A random model writes no verdicts: every step is reported missing, nothing is scored silently.
+        assert res.scores.counts["missing"] == 8 * len(rec["steps"])
+        assert res.scores.score is None and res.prediction is None
+
+
+def test_bad_record_fails_alone(qwen2_dir, records):
+    llm = LLM(qwen2_dir, device="cpu")
+    results = Verifier(llm, VerifyConfig(num_chains=2, max_tokens=4)).verify(
+        [records[0], {"problem": "x", "steps": []}, {"steps": ["a"]}, records[1]])
+    assert results[0].error is None and results[3].error is None and len(results[3].chains) == 2
+    assert "non-empty list" in results[1].error and "'problem'" in results[2].error
+
+
+def test_budget_forcing_continues_and_recomputes_only_new_tokens(qwen2_dir, records):
+    llm = LLM(qwen2_dir, device="cpu")
+    rec = records[0]
+    prompt_text = THINKPRM.render(rec["problem"], rec["steps"], llm.tokenizer)
+    text = greedy_text(llm, prompt_text)
+    stop = text[6:10]  # a string the greedy chain writes early: it plays the end-of-thinking marker
+    fmt = dataclasses.replace(THINKPRM, name="thinkprm-test-stop", stop=(stop,))
+    cfg = VerifyConfig(format=fmt, num_chains=1, temperature=0, max_tokens=60, budget_tokens=40,
+                       continuation=" Wait, check again:", max_forcing_rounds=2)
+    llm.reset_stats()
+    res = Verifier(llm, cfg).verify([rec])[0]
+    chain = res.chains[0]
+    assert chain.forced_rounds >= 1
+    prompt_len = len(llm.tokenizer.encode(prompt_text, add_special_tokens=False))
+    cont_len = len(llm.tokenizer.encode(cfg.continuation, add_special_tokens=False))
+    # Each forcing round recomputes at most one partial block (16) + the re-encoded stop tail + the continuation.
+    assert llm.stats.prefill_tokens <= prompt_len + chain.forced_rounds * (16 + 8 + cont_len)
+    assert " Wait, check again:" in llm.tokenizer.decode(chain.turns[0].token_ids)
+
+
+def test_genprm_code_loop_runs_code_and_resumes(qwen2_dir, records):
+    llm = LLM(qwen2_dir, device="cpu")
+    # A record whose first paragraph turn runs for a while under greedy decoding (random weights may end at once).
+    for r in load_processbench(sample_path()):
+        rec = dict(r, steps=r["steps"][:2])
+        text = greedy_text(llm, GENPRM.render(rec["problem"], rec["steps"], llm.tokenizer, paragraph=0))
+        if len(text) >= 12:
+            break
+    code_stop = text[4:8]
+    # The code regex takes a fixed, harmless program, so the sandbox round trip is exercised for real.
+    fmt = dataclasses.replace(GENPRM, name="genprm-test", code_stop=(code_stop,),
+                              code_regex=r"(?P<code>)", code_output_template="\n[Code Output]\n{output}\n")
+    cfg = VerifyConfig(format=fmt, num_chains=2, temperature=0, max_tokens=40, max_code_rounds=1)
+    llm.reset_stats()
+    res = Verifier(llm, cfg).verify([rec])[0]
+    assert res.error is None and len(res.chains) == 2
+    runs = [r for ch in res.chains for r in ch.code_runs]
+    assert runs and all(r["status"] == "ok" for r in runs)
+    for ch in res.chains:
+        assert len(ch.turns) == 2  # one assistant turn per paragraph
+        assert "[Code Output]" in llm.tokenizer.decode(ch.turns[0].token_ids)
+    assert res.scores is not None and len(res.scores.steps) == 2
