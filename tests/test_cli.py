@@ -40,3 +40,21 @@ def test_demo_on_embedded_default(tmp_path):
     assert proc.returncode == 0, proc.stderr
     stats = json.loads(proc.stdout.strip().splitlines()[-1])
     assert stats["prefill_tokens"] == 64 and stats["generated_tokens"] == 32
+
+
+def test_verify_on_bundled_records_and_eval(qwen2_dir, tmp_path):
+    out = tmp_path / "verify.jsonl"
+    proc = run_cli("verify", "--model", qwen2_dir, "--device", "cpu", "--chains", "2", "--max-tokens", "8",
+                   "--limit", "2", "-o", str(out), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and all(len(r["chains"]) == 2 and "step_scores" in r for r in rows)
+    assert "verdicts" in proc.stderr and "chains/s" in proc.stderr and "F1" in proc.stderr
+    sub = tmp_path / "gsm8k.jsonl"
+    sub.write_text("\n".join(open(os.path.join(REPO, "prmkern/data/processbench_sample.jsonl")).read()
+                             .splitlines()[:2]) + "\n")
+    proc = run_cli("eval", "processbench", str(sub), "--model", qwen2_dir, "--device", "cpu", "--chains", "1",
+                   "--max-tokens", "4", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(report) == {"gsm8k", "mean_f1"} and 0.0 <= report["mean_f1"] <= 1.0
