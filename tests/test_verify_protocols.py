@@ -89,3 +89,5 @@ def test_genprm_code_loop_runs_code_and_resumes(qwen2_dir, records):
         assert len(ch.turns) == 2  # one assistant turn per paragraph
         assert "[Code Output]" in llm.tokenizer.decode(ch.turns[0].token_ids)
     assert res.scores is not None and len(res.scores.steps) == 2
+    # Every round resubmits the whole conversation as tokens; the prefix cache serves all but the new tail.
+    assert llm.stats.prefill_tokens < 0.4 * llm.stats.prompt_tokens, llm.stats
