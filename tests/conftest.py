@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import os
 
+if "TRITON_INTERPRET" not in os.environ:
+    # Kernels run on the CPU through Triton's interpreter, which must be chosen before triton is first imported.
+    try:
+        import torch as _torch
+        if not _torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    except ImportError:
+        pass
+
 import pytest
 import torch
 
