@@ -52,8 +52,10 @@ class Sampler:
                 if banned:
                     logits[r, banned] = float("-inf")
 
-        tokens = logits.argmax(dim=-1)
         random_rows = [r for r, s in enumerate(seqs) if not s.params.greedy]
+        # argmax only where some row is greedy: over a large vocabulary it is not free.
+        tokens = (logits.argmax(dim=-1) if len(random_rows) < len(seqs)
+                  else torch.zeros(len(seqs), dtype=torch.int64, device=logits.device))
         if random_rows:
             idx = torch.tensor(random_rows, device=logits.device)
             temps = torch.tensor([seqs[r].params.temperature for r in random_rows], device=logits.device)
@@ -63,7 +65,8 @@ class Sampler:
             if bool((top_k > 0).any()) or bool((top_p < 1).any()):
                 scaled = _apply_top_k_top_p(scaled, top_k, top_p)
             # Inverse-CDF draw: one uniform per row from the row's own generator, one batched search.
-            cdf = scaled.softmax(dim=-1).cumsum(dim=-1).cpu()  # [R, V]
+            # Unnormalised: the draw below scales the uniform by each row's total instead of dividing V entries.
+            cdf = (scaled - scaled.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1).cpu()  # [R, V]
             u = torch.cat([torch.rand(1, generator=seqs[r].generator, dtype=torch.float64) for r in random_rows])
             target = (u * cdf[:, -1].double()).to(cdf.dtype)[:, None]
             drawn = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)[:, 0]
