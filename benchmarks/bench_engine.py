@@ -78,7 +78,10 @@ def main() -> None:
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, to keep the script alive in CI")
     ap.add_argument("--out", default=None, help="also write the JSON result to this file")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads for both engines")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.smoke:
         args.prompt_len, args.chains, args.gen_len = 40, 4, 8
     dtype = getattr(torch, args.dtype)
@@ -105,7 +108,8 @@ def main() -> None:
                   prompt_len=args.prompt_len, chains=args.chains, gen_len=args.gen_len, dtype=args.dtype,
                   model=args.model or ("smoke" if args.smoke else "qwen2-39M-random"), prmkern_s=round(ours, 4),
                   transformers_s=None if theirs is None else round(theirs, 4),
-                  speedup=None if theirs is None else round(theirs / ours, 3), stats=stats)
+                  speedup=None if theirs is None else round(theirs / ours, 3), threads=torch.get_num_threads(),
+                  stats=stats)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
