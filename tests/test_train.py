@@ -196,16 +196,23 @@ def test_lora_merge_equivalence():
         lora.LoRALinear(torch.nn.Linear(3, 3), r=0, alpha=1.0)
 
 
-def test_lora_sft_saves_merged_checkpoint(work, tiny_ckpt):
+def test_lora_sft_saves_merged_checkpoint_and_resumes(work, tiny_ckpt):
     from transformers import AutoModelForCausalLM
-    out = work / "lora"
-    sft.main(["--train", str(work / "train.jsonl"), "--init", str(tiny_ckpt), "--out", str(out), "--lora-r", "4",
-              "--max-steps", "3", *TINY])
+    out, killed = work / "lora", work / "lora-killed"
+    common = ["--train", str(work / "train.jsonl"), "--init", str(tiny_ckpt), "--lora-r", "4", "--max-steps", "4",
+              "--save-every", "2", *TINY]
+    sft.main(common + ["--out", str(out)])
     before, after = _weights(tiny_ckpt), _weights(out)
     assert before.keys() == after.keys()  # no lora_A / lora_B names: merged
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed and all(k.endswith("proj.weight") for k in changed), changed
     AutoModelForCausalLM.from_pretrained(str(out))
+    state = torch.load(os.path.join(out, "train_state.pt"), weights_only=False)
+    assert state["model"] and all("lora_" in k for k in state["model"])  # resume state: adapters only
+    sft.main(common + ["--out", str(killed), "--stop-after", "2"])
+    sft.main(["--resume", str(killed)])
+    for k, v in _weights(killed).items():
+        torch.testing.assert_close(v, after[k], rtol=0, atol=1e-6, msg=k)
 
 
 def test_ddp_two_ranks_gloo(work):
@@ -326,5 +333,7 @@ def test_evaluate_end_to_end(work, tiny_ckpt, disc_ckpt, capsys):
                                        "--k", "2", "--max-tokens", "24", "--threads", "1",
                                        "--exclude", str(work / "train.jsonl")])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert last["rows"] == res["rows"] and set(res["rows"]) == {"generative K=1", "generative K=2", "discriminative"}
+    assert last["rows"] == res["rows"] and set(res["rows"]) == {"generative K=1", "generative K=2", "generative greedy",
+                                                                 "discriminative"}
     assert last["n"] == 4 and 0.0 <= last["step_verdicts_right"] <= 1.0
+    assert 0.0 <= last["greedy_step_verdicts_right"] <= 1.0

@@ -8,7 +8,7 @@ Generative: K chains per solution through prmkern's LLM (the prompt's KV shared 
 prmkern.verify (THINKPRM format); a verdict's P(correct) is read from the engine's log-probabilities of the two
 verdict tokens at the verdict position; step scores are the mean over chains; the predicted earliest error is the
 first step under 0.5. K=1 is the mean of the F1 of each chain alone (the K chains are K independent single-chain
-runs), which has less variance than one draw. Discriminative: P(correct) at each step separator, same threshold.
+runs), which has less variance than one draw; a greedy single chain is a third row. Discriminative: P(correct) at each step separator, same threshold.
 Also printed: the share of the generative verifier's step verdicts that agree with the gold labels (every step up
 to and including the first wrong one, every chain; an unparsed verdict counts as wrong) and of its final Yes/No.
 The held-out set comes from a seed never used for training; --exclude drops any record whose problem and steps
@@ -42,15 +42,15 @@ def heldout(n: int, seed: int, exclude: list[str]) -> list[dict]:
 
 
 def generative_chains(model_dir: str, records: list[dict], k: int, temperature: float, max_tokens: int,
-                      seed: int, threads: int) -> tuple[list[list], dict]:
-    """Per record, K ChainScores; plus engine stats."""
+                      seed: int, threads: int, device: str | None = None) -> tuple[list[list], dict]:
+    """Per record, K ChainScores; plus the engine's counters (prompt tokens, prefix-cache hits, generated)."""
     from prmkern.llm import LLM
     from prmkern.sampling import SamplingParams
     from prmkern.verify import THINKPRM, Generated, parse_output, score_chain
 
     if threads:
         torch.set_num_threads(threads)
-    llm = LLM(model_dir, dtype="float32", device="cpu", seed=seed)
+    llm = LLM(model_dir, dtype="float32", device=device, seed=seed)
     tok = llm.tokenizer
     ids = THINKPRM.verdict_token_ids(tok)
     prompts = [render_prompt(tok, r["problem"], r["steps"]) for r in records]
@@ -67,7 +67,7 @@ def generative_chains(model_dir: str, records: list[dict], k: int, temperature: 
             per.append(score_chain(THINKPRM, parsed, Generated(c.token_ids, c.token_logprobs), verdict_ids=ids,
                                    tokenizer=tok))
         chains.append(per)
-    return chains, vars(llm.stats) if hasattr(llm.stats, "__dict__") else {}
+    return chains, {k: v for k, v in vars(llm.stats).items() if isinstance(v, (int, float))}
 
 
 def f1_of(records: list[dict], predictions: list[int]) -> dict:
@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    ap.add_argument("--no-greedy", action="store_true", help="skip the greedy single-chain row")
     args = ap.parse_args(argv)
     if args.k < 1:
         raise ValueError(f"--k {args.k}; accepted: an int >= 1")
@@ -114,8 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"held-out: {len(records)} solutions ({n_err} with an error, {len(records) - n_err} correct)", flush=True)
 
     t0 = time.time()
-    chains, _ = generative_chains(args.model, records, args.k, args.temperature, args.max_tokens, args.seed,
-                                  args.threads)
+    chains, engine = generative_chains(args.model, records, args.k, args.temperature, args.max_tokens, args.seed,
+                                       args.threads, args.device)
     gen_s = time.time() - t0
     rows: dict[str, dict] = {}
     singles = []
@@ -126,6 +128,12 @@ def main(argv: list[str] | None = None) -> dict:
     preds = [aggregate(per, len(r["steps"])).earliest_error for r, per in zip(records, chains)]
     rows[f"generative K={args.k}"] = f1_of(records, preds)
     agreement = verdict_agreement(records, chains)
+    if not args.no_greedy:  # one greedy chain: what a deterministic run of the verifier says
+        greedy, _ = generative_chains(args.model, records, 1, 0.0, args.max_tokens, args.seed, args.threads,
+                                      args.device)
+        rows["generative greedy"] = f1_of(records, [aggregate(per, len(r["steps"])).earliest_error
+                                                    for r, per in zip(records, greedy)])
+        agreement.update({f"greedy_{k}": v for k, v in verdict_agreement(records, greedy).items()})
 
     if args.disc:
         from transformers import AutoTokenizer, Qwen2ForTokenClassification
@@ -139,6 +147,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:<18} {r['f1']:>7.4f} {r['acc_err']:>8.4f} {r['acc_ok']:>7.4f}")
     print(f"\ngenerative step verdicts right: {agreement['step_verdicts_right']:.1%} of {agreement['step_verdicts']}"
           f"; final Yes/No right: {agreement['final_verdicts_right']:.1%}; generation {gen_s:.0f} s")
+    if "greedy_step_verdicts_right" in agreement:
+        print(f"greedy step verdicts right: {agreement['greedy_step_verdicts_right']:.1%}; final Yes/No right: "
+              f"{agreement['greedy_final_verdicts_right']:.1%}")
+    print(f"engine: {engine}")
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
@@ -146,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         commit = ""
     result = {"date": datetime.date.today().isoformat(), "commit": commit, "model": args.model, "disc": args.disc,
               "n": len(records), "k": args.k, "temperature": args.temperature, "seed": args.seed,
-              "rows": rows, **agreement, "generation_s": round(gen_s, 1)}
+              "rows": rows, **agreement, "generation_s": round(gen_s, 1), "engine": engine}
     print(json.dumps(result))
     return result
 

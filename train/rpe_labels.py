@@ -118,10 +118,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with open(args.out, "w") as f:
         for r in out:
             f.write(json.dumps(r) + "\n")
-    agree = sum(r.get("label") == r["label"] for r in out)
     print(json.dumps({"records": len(out), "rollouts": sum(len(r["steps"]) for r in out) * args.k,
                       "steps_labelled_wrong": sum(r["rpe"]["step_labels"].count(0) for r in out),
-                      "first_wrong_-1": sum(r["label"] == -1 for r in out), "agree_self": agree}))
+                      "solutions_all_correct": sum(r["label"] == -1 for r in out)}))
     return out
 
 
