@@ -28,10 +28,18 @@ def _engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int, default=0)
 
 
-def _make_llm(args: argparse.Namespace):
+def shipped_verifier_dir() -> str | None:
+    """The small generative verifier trained on the synthetic task (train/make_default_verifier.sh), if shipped."""
+    import os
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "verifier")
+    return path if os.path.isfile(os.path.join(path, "model.safetensors")) else None
+
+
+def _make_llm(args: argparse.Namespace, default: str = "random"):
+    """default: 'verifier' (the shipped verifier, else the random model) or 'random' (the random-weight model)."""
     from prmkern.llm import LLM
     from prmkern.tiny import default_model_dir
-    model = args.model or default_model_dir()
+    model = args.model or (default == "verifier" and shipped_verifier_dir()) or default_model_dir()
     return LLM(model, dtype=args.dtype, device=args.device, block_size=args.block_size,
                num_kvcache_blocks=args.num_kvcache_blocks, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
@@ -193,13 +201,39 @@ def _labelled_f1(records, results) -> dict | None:
     return _report_json(evaluate_subsets(subsets)) if subsets else None
 
 
+def verdict_agreement(records, results, threshold: float) -> dict | None:
+    """Against gold labels (ProcessBench convention: label = first wrong step, -1 none): the share of step verdicts
+    that are right, over steps up to and including the first wrong one (later steps have no gold label), and the
+    share of solutions whose predicted earliest error equals the label."""
+    right = total = exact = labelled = 0
+    for rec, res in zip(records, results):
+        if "label" not in rec or res.error is not None:
+            continue
+        labelled += 1
+        label = int(rec["label"])
+        exact += res.prediction == label
+        last = len(rec["steps"]) - 1 if label == -1 else label
+        for i, step in enumerate(res.scores.steps[:last + 1] if res.scores else []):
+            if step.score is not None:
+                total += 1
+                right += (step.score >= threshold) == (label == -1 or i < label)
+    if not labelled:
+        return None
+    return {"step_verdicts_right": right / total if total else None, "scored_steps": total,
+            "earliest_error_exact": exact / labelled, "solutions": labelled}
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from prmkern.verify.processbench import load_processbench, sample_path
-    path = args.input or str(sample_path())
-    records = load_processbench(path) if path.endswith(".json") or args.input is None else _read_jsonl(path)
+    examples = shipped_verifier_dir() and f"{shipped_verifier_dir()}/examples.jsonl"
+    if args.input is None:  # bundled records: synthetic held-out examples for the shipped verifier, else ProcessBench
+        path = examples if args.model is None and examples else str(sample_path())
+    else:
+        path = str(sample_path()) if args.input == "processbench" else args.input
+    records = load_processbench(path)
     if args.limit:
         records = records[:args.limit]
-    llm = _make_llm(args)
+    llm = _make_llm(args, default="verifier")
     verifier = _make_verifier(args, llm)
     print(f"verifying {len(records)} solutions from {path} with {llm.config.model} "
           f"({args.format}, K={args.chains})", file=sys.stderr)
@@ -212,8 +246,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if out is not sys.stdout:
         out.close()
     print(_verify_summary(llm, results, seconds), file=sys.stderr)
-    f1 = _labelled_f1(records, results)
-    if f1 is not None:
+    agreement = verdict_agreement(records, results, args.threshold)
+    if agreement is not None:
+        share = agreement["step_verdicts_right"]
+        print(f"against the gold labels: {'n/a' if share is None else f'{share:.1%}'} of "
+              f"{agreement['scored_steps']} scored step verdicts right; earliest error exact on "
+              f"{agreement['earliest_error_exact']:.1%} of {agreement['solutions']} solutions", file=sys.stderr)
+        f1 = _labelled_f1(records, results)
         print(f"ProcessBench-style F1 on these labelled records: {json.dumps(f1)}", file=sys.stderr)
     return 0
 
@@ -222,7 +261,7 @@ def cmd_eval_processbench(args: argparse.Namespace) -> int:
     import os
 
     from prmkern.verify.processbench import evaluate_subsets, load_processbench
-    llm = _make_llm(args)
+    llm = _make_llm(args, default="verifier")
     verifier = _make_verifier(args, llm)
     subsets = {}
     start = time.perf_counter()
@@ -250,7 +289,7 @@ def cmd_bon(args: argparse.Namespace) -> int:
     records = _read_jsonl(args.input)
     if args.limit:
         records = records[:args.limit]
-    llm = _make_llm(args)
+    llm = _make_llm(args, default="verifier")
     generator = llm if args.generator is None else _make_llm(argparse.Namespace(**{**vars(args),
                                                                                    "model": args.generator}))
     verifier = _make_verifier(args, llm)
@@ -291,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     _engine_args(v)
     _verify_args(v)
     v.add_argument("input", nargs="?", default=None,
-                   help="ProcessBench .json or JSONL of {problem, steps[, id, label]} (default: bundled records)")
+                   help="ProcessBench-format .json or .jsonl of {problem, steps[, id, label]}; 'processbench' for "
+                        "the bundled ProcessBench records (default: the shipped verifier's held-out examples)")
     v.add_argument("-o", "--output", default="-", help="JSONL results (default stdout)")
     v.add_argument("--limit", type=int, default=None)
     v.add_argument("--no-chains", action="store_true", help="omit the chains' text from the output")
