@@ -16,7 +16,7 @@ from prmkern.sequence import Sequence
 
 
 class Block:
-    __slots__ = ("block_id", "ref_count", "hash", "token_ids", "computed", "owner")
+    __slots__ = ("block_id", "ref_count", "hash", "prev_hash", "token_ids", "computed", "owner")
 
     def __init__(self, block_id: int):
         self.block_id = block_id
@@ -25,6 +25,7 @@ class Block:
     def reset(self) -> None:
         self.ref_count = 0
         self.hash: int | None = None
+        self.prev_hash: int | None = None  # with token_ids, what the hash stands for (checked on lookup)
         self.token_ids: tuple[int, ...] = ()
         self.computed = False  # the KV of all block_size tokens is in the cache
         self.owner: int | None = None  # seq_id that will compute this registered, not yet computed block
@@ -86,6 +87,7 @@ class BlockManager:
 
     def _register(self, block: Block, prev_hash: int | None, token_ids: tuple[int, ...]) -> None:
         block.hash = chain_hash(prev_hash, token_ids)
+        block.prev_hash = prev_hash
         block.token_ids = token_ids
         self.hash_to_block.setdefault(block.hash, block.block_id)
 
@@ -94,7 +96,8 @@ class BlockManager:
         if block_id is None:
             return None
         block = self.blocks[block_id]
-        return block if block.token_ids == token_ids else None  # guard against hash collisions
+        # Guard against hash collisions: the block must hold these tokens after the same predecessor.
+        return block if block.token_ids == token_ids and block.prev_hash == prev_hash else None
 
     # -- sequences ------------------------------------------------------------------------------------------------
     def allocate(self, seq: Sequence) -> bool:
@@ -153,9 +156,15 @@ class BlockManager:
             return []
         if not self._free:
             return None
-        # Shared tail: only a partially filled block can be shared and written (full shared blocks are read-only).
+        # Shared tail: copy it. If it is a registered block this sequence was to compute, the registration and the
+        # duty move to the copy; the other holders find the original unowned and compute it themselves.
         new = self._take_free_block()
         tail.ref_count -= 1
+        if not tail.computed and tail.hash is not None and tail.owner == seq.seq_id:
+            new.hash, new.prev_hash, new.token_ids, new.owner = tail.hash, tail.prev_hash, tail.token_ids, seq.seq_id
+            if self.hash_to_block.get(tail.hash) == tail.block_id:
+                self.hash_to_block[tail.hash] = new.block_id
+            tail.hash, tail.owner = None, None
         seq.block_table[-1] = new.block_id
         return [(tail.block_id, new.block_id)]
 

@@ -13,7 +13,8 @@ from typing import Any
 from prmkern.sampling import SamplingParams
 
 SAMPLING_KEYS = ("n", "temperature", "top_k", "top_p", "min_tokens", "max_tokens", "ignore_eos", "stop",
-                 "stop_token_ids", "seed", "logprobs", "logprob_token_ids")
+                 "stop_token_ids", "include_stop_str_in_output", "seed", "logprobs", "logprob_token_ids",
+                 "skip_special_tokens")
 
 
 def _engine_args(ap: argparse.ArgumentParser) -> None:

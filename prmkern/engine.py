@@ -69,6 +69,7 @@ class LLMEngine:
         text = prompt if isinstance(prompt, str) else None
         try:
             token_ids = self._prompt_token_ids(prompt)
+            self._check_params(params)
             error = None
         except (TypeError, ValueError) as e:
             token_ids, error = [], str(e)
@@ -82,6 +83,18 @@ class LLMEngine:
         request.seqs.append(Sequence(self._take_seq_id(), request, 0, self._generator(request, 0)))
         self.scheduler.add(request.seqs[0])
         return request
+
+    def _check_params(self, params: SamplingParams) -> None:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        vocab = self.model.spec.vocab_size
+        for name in ("stop_token_ids", "logprob_token_ids"):
+            bad = [t for t in getattr(params, name) or [] if t >= vocab]
+            if bad:
+                raise ValueError(f"SamplingParams.{name} has ids {bad[:5]} outside this model's vocabulary "
+                                 f"[0, {vocab})")
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this checkpoint has none; use stop_token_ids")
 
     def _prompt_token_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

@@ -69,7 +69,10 @@ class Sampler:
             cdf = (scaled - scaled.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1).cpu()  # [R, V]
             u = torch.cat([torch.rand(1, generator=seqs[r].generator, dtype=torch.float64) for r in random_rows])
             target = (u * cdf[:, -1].double()).to(cdf.dtype)[:, None]
-            drawn = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)[:, 0]
+            drawn = torch.searchsorted(cdf, target, right=True)
+            # u * total can round up to total in float32: never go past the last token with non-zero probability.
+            last = torch.searchsorted(cdf, cdf[:, -1:], right=False)
+            drawn = torch.minimum(drawn, last)[:, 0]
             tokens[idx] = drawn.to(tokens.device)
         token_list = tokens.tolist()
         sampled_lp: list[float | None] = [None] * len(seqs)

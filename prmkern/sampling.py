@@ -64,4 +64,5 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below 1e-5 (vLLM's threshold too) dividing logits by the temperature overflows float32.
+        return self.temperature < 1e-5

@@ -73,7 +73,8 @@ class Scheduler:
                 break
             if seq.status is SequenceStatus.WAITING:
                 chains = seq.params.n if seq.needs_fork else 1
-                if self.running and len(self.running) + chains > self.config.max_num_seqs:
+                occupied = sum(s.params.n if s.needs_fork else 1 for s in self.running)
+                if self.running and occupied + chains > self.config.max_num_seqs:
                     break
                 if not self.bm.allocate(seq):
                     break  # first come, first served: later requests wait behind this one

@@ -121,9 +121,10 @@ def beam_search(generator: Any, verifier: Verifier, problem: str, beam_width: in
     beams: list[tuple[list[int], list[str], float]] = [([], [], 1.0)]  # (generated ids, steps, score)
     done: list[Candidate] = []
     for depth in range(max_steps):
-        params = SamplingParams(n=expand, temperature=temperature, max_tokens=step_tokens, stop=[STEP_DELIMITER],
-                                include_stop_str_in_output=True,
-                                seed=None if seed is None else seed * 1000 + depth)
+        params = [SamplingParams(n=expand, temperature=temperature, max_tokens=step_tokens, stop=[STEP_DELIMITER],
+                                 include_stop_str_in_output=True,
+                                 seed=None if seed is None else hash((seed, depth, b)) & ((1 << 62) - 1))
+                  for b in range(len(beams))]  # each beam its own seed: equal beams must not propose alike
         outs = generator.generate([prompt + ids for ids, _, _ in beams], params, use_tqdm=False)
         proposals = []
         for (ids, steps, _), out in zip(beams, outs):

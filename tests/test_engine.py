@@ -148,3 +148,43 @@ def test_sequence_that_outgrows_the_pool_ends_with_length(qwen2_dir):
     for o in outs:
         # 20 slots: at most 17 generated tokens have KV, plus the last sampled one.
         assert o.outputs[0].finish_reason == "length" and 10 <= len(o.outputs[0].token_ids) <= 18
+
+
+def test_shared_uncomputed_tail_block_does_not_stall(qwen2_dir):
+    """A chunk ending one token short of a full last prompt block, while a second request shares that block,
+    once made the engine wait forever for a block whose owner had moved to a private copy."""
+    llm = LLM(qwen2_dir, device="cpu", block_size=4, max_num_batched_tokens=7)
+    prompt = random_prompts([8], 509, seed=31)[0]
+    outs = llm.generate([prompt, prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
+    assert outs[0].outputs[0].token_ids == hf_greedy(hf_model(qwen2_dir), prompt, 6)
+
+
+def test_out_of_vocabulary_ids_in_params_fail_alone(qwen2_dir):
+    llm = LLM(qwen2_dir, device="cpu")
+    outs = llm.generate([[1, 2, 3], [4, 5, 6]],
+                        [SamplingParams(max_tokens=3, stop_token_ids=[509]),
+                         SamplingParams(max_tokens=3, logprob_token_ids=[1, 600])])
+    assert "stop_token_ids" in outs[0].error and "logprob_token_ids" in outs[1].error
+    again = llm.generate([[4, 5, 6]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
+    assert again.error is None and len(again.outputs[0].token_ids) == 3
+
+
+def test_max_num_seqs_counts_chains_to_come(qwen2_dir):
+    llm = LLM(qwen2_dir, device="cpu", max_num_seqs=2)
+    peak = 0
+    engine = llm.engine
+    engine.add_request([1, 2, 3], SamplingParams(n=2, max_tokens=4, ignore_eos=True))
+    engine.add_request([4, 5, 6], SamplingParams(max_tokens=4, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+        peak = max(peak, len(engine.scheduler.running))
+    assert peak == 2
+
+
+def test_tiny_temperature_is_greedy(qwen2_dir):
+    llm = LLM(qwen2_dir, device="cpu")
+    prompt = random_prompts([12], 509, seed=32)[0]
+    greedy = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    tiny = llm.generate([prompt], SamplingParams(temperature=1e-46, max_tokens=8, ignore_eos=True))[0]
+    assert greedy.outputs[0].token_ids == tiny.outputs[0].token_ids

@@ -91,3 +91,24 @@ def test_genprm_code_loop_runs_code_and_resumes(qwen2_dir, records):
     assert res.scores is not None and len(res.scores.steps) == 2
     # Every round resubmits the whole conversation as tokens; the prefix cache serves all but the new tail.
     assert llm.stats.prefill_tokens < 0.4 * llm.stats.prompt_tokens, llm.stats
+
+
+def test_append_text_keeps_generated_tokens_before_a_stop_string(qwen2_dir):
+    from prmkern.outputs import CompletionOutput
+    from prmkern.verify.protocols import Turn
+    llm = LLM(qwen2_dir, device="cpu")
+    tok = llm.tokenizer
+    verifier = Verifier(llm, VerifyConfig(num_chains=1))
+    body = "Step 1: the step is \\boxed{correct}"
+    stop = " so"
+    ids = tok.encode(body + stop + " then stop", add_special_tokens=False)
+    # The engine's text for a round that stopped at `stop`: everything before its first occurrence.
+    out = CompletionOutput(0, body, ids, None, [{7: -1.0} for _ in ids], "stop", stop)
+    turn = Turn(prompt_ids=[1])
+    verifier._absorb(turn, out)
+    verifier._append_text(turn, " Wait,", drop_stop=True)
+    text = tok.decode(turn.token_ids)
+    assert text == body + " Wait,"
+    kept = sum(1 for lp in turn.token_logprobs if lp)
+    body_ids = tok.encode(body, add_special_tokens=False)
+    assert kept >= len(body_ids) - 1 and turn.token_ids[:kept] == ids[:kept]

@@ -71,6 +71,7 @@ class Turn:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     last_round_start: int = 0  # index in token_ids where the last generation round began
+    stop_cut: int | None = None  # character offset in decode(token_ids) where the last round's stop string starts
     done: bool = False
 
 
@@ -269,29 +270,33 @@ class Verifier:
     def _absorb(self, turn: Turn, out: Any) -> None:
         """Adds one generation round's output to the turn."""
         turn.last_round_start = len(turn.token_ids)
+        if isinstance(out.stop_reason, str):
+            # Where the engine cut the text: the stop string starts here in decode(turn.token_ids).
+            before = self.tok.decode(turn.token_ids)
+            turn.stop_cut = len(before) + len(out.text) - (len(out.stop_reason) if out.text.endswith(
+                out.stop_reason) else 0)
+        else:
+            turn.stop_cut = None
         turn.token_ids.extend(out.token_ids)
         lps = out.token_logprobs if out.token_logprobs is not None else [{} for _ in out.token_ids]
         turn.token_logprobs.extend(lps)
         turn.finish_reason, turn.stop_reason = out.finish_reason, out.stop_reason
 
     def _append_text(self, turn: Turn, text: str, drop_stop: bool) -> None:
-        """Appends `text` after the turn's tokens. With drop_stop, the end of the last round (EOS or a stop string)
-        is cut first: tokens wholly before it are kept as generated, the rest is re-encoded with `text`."""
+        """Appends `text` after the turn's tokens. With drop_stop, the end of the last round (EOS, a stop token or
+        a stop string) is cut first: tokens wholly before the cut are kept as generated (with their log-
+        probabilities); a token straddling it is replaced by re-encoding its text before the cut along with `text`."""
         ids = turn.token_ids
         keep, tail = len(ids), ""
         if drop_stop and ids:
-            if turn.stop_reason is None and ids[-1] in self.llm.engine.eos_token_ids:
-                keep = len(ids) - 1
-            elif isinstance(turn.stop_reason, str):
+            if isinstance(turn.stop_reason, str) and turn.stop_cut is not None:
                 decoded = self.tok.decode(ids)
-                cut = decoded.rfind(turn.stop_reason)
-                if cut >= 0:
-                    offsets = token_char_offsets(ids, self.tok)
-                    keep = sum(1 for o in offsets if o < cut)
-                    # the token straddling the cut is dropped and its text before the cut re-encoded
-                    keep = max(0, keep - 1)
-                    tail = decoded[offsets[keep] if keep < len(offsets) else cut:cut]
-            elif isinstance(turn.stop_reason, int):
+                offsets = token_char_offsets(ids, self.tok)
+                ends = offsets[1:] + [len(decoded)]
+                keep = sum(1 for e in ends if e <= turn.stop_cut)  # tokens ending at or before the cut
+                start = offsets[keep] if keep < len(offsets) else turn.stop_cut
+                tail = decoded[start:turn.stop_cut]
+            elif turn.finish_reason == "stop":  # EOS or a stop token id: the last token
                 keep = len(ids) - 1
         new = self.tok.encode(tail + text, add_special_tokens=False)
         del turn.token_ids[keep:], turn.token_logprobs[keep:]
