@@ -333,7 +333,8 @@ def test_evaluate_end_to_end(work, tiny_ckpt, disc_ckpt, capsys):
                                        "--k", "2", "--max-tokens", "24", "--threads", "1",
                                        "--exclude", str(work / "train.jsonl")])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert last["rows"] == res["rows"] and set(res["rows"]) == {"generative K=1", "generative K=2", "generative greedy",
-                                                                 "discriminative"}
+    assert last["rows"] == res["rows"] and set(res["rows"]) == {
+        "generative K=1", "generative K=2", "generative greedy", "discriminative", "generative K=2 @best-t",
+        "discriminative @best-t"}
     assert last["n"] == 4 and 0.0 <= last["step_verdicts_right"] <= 1.0
     assert 0.0 <= last["greedy_step_verdicts_right"] <= 1.0
