@@ -71,7 +71,7 @@ class Sampler:
             target = (u * cdf[:, -1].double()).to(cdf.dtype)[:, None]
             drawn = torch.searchsorted(cdf, target, right=True)
             # u * total can round up to total in float32: never go past the last token with non-zero probability.
-            last = torch.searchsorted(cdf, cdf[:, -1:], right=False)
+            last = torch.searchsorted(cdf, cdf[:, -1:].contiguous(), right=False)
             drawn = torch.minimum(drawn, last)[:, 0]
             tokens[idx] = drawn.to(tokens.device)
         token_list = tokens.tolist()

@@ -101,6 +101,8 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str) -
     if spec.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
         loaded.add("lm_head.weight")
+    if torch.device(device).type == "cpu":
+        _k_major_weights(model)
     expected = set()
     for n in params:
         shards = 3 if ".qkv_proj." in n else 2 if ".gate_up_proj." in n else 0
@@ -109,6 +111,19 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str) -
     if missing:
         raise ValueError(f"checkpoint {model_dir} lacks weights for: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     return model.eval()
+
+
+def _k_major_weights(model: torch.nn.Module) -> None:
+    """Store every projection's weight [out, in] transposed in memory (a [out, in] view over [in, out] storage).
+
+    On the CPU, GEMM with a few rows (decode: one row per running sequence) runs 1.4-1.9x faster against this
+    layout for this model family's shapes (measured with MKL at 16 rows, one thread); large prefill products are
+    about as fast. The values and the parameter shapes are unchanged, only the strides."""
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            module.weight.data = module.weight.data.t().contiguous().t()
 
 
 def _load_tensor(model: DecoderForCausalLM, spec: DecoderSpec, params: dict[str, torch.nn.Parameter], name: str,
