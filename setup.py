@@ -14,7 +14,8 @@ setup(
         "prmkern.kernels",
     ],
     package_dir={"prmkern.kernels": "kernels"},
-    package_data={"prmkern": ["data/*.json", "data/*.jsonl", "data/**/*"]},
+    package_data={"prmkern": ["data/*.jsonl", "data/*.md", "data/verifier/*.json", "data/verifier/*.jsonl",
+                               "data/verifier/*.safetensors", "data/verifier/*.jinja"]},
     include_package_data=True,
     # Ranges satisfied by torch 2.13.0 (CPU machines) and torch 2.11 / triton 3.6 / transformers 5.17 (GPU image).
     install_requires=[
