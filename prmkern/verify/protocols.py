@@ -319,7 +319,7 @@ class Verifier:
                     start_text = len(self.tok.decode(t.token_ids[:t.last_round_start]))
                     last = t.token_ids[t.last_round_start:]
                     gens.append(Generated(last, t.token_logprobs[t.last_round_start:], text_start=start_text,
-                                          offsets=[start_text * 0 + o for o in token_char_offsets(last, self.tok)]))
+                                          offsets=token_char_offsets(last, self.tok)))
                 ch.scores = score_chain(self.fmt, parsed, gens, verdict_ids=self.verdict_ids, tokenizer=self.tok)
             else:
                 turn = ch.turns[0]
