@@ -3,8 +3,8 @@
 Reads K/V through block tables by gathering; no Python loop over tokens (prefill loops over sequences, decode over
 shared-prefix groups). Softmax statistics are kept in float32 whatever the cache dtype.
 Decode is cascade attention: each group's shared prefix is attended by all of the group's chains in one batched
-product (the prefix K/V is gathered once per group, not once per chain), each chain's suffix in one padded batch,
-and the two partial states are merged by log-sum-exp (the Hydragen / FlashInfer-cascade decomposition).
+product (the prefix K/V is read once per group, not once per chain), each chain's suffix in one padded batch,
+and the two partial softmax states are merged by log-sum-exp (the Hydragen / FlashInfer-cascade decomposition).
 """
 from __future__ import annotations
 
@@ -22,37 +22,6 @@ def gather_kv_index(block_tables: torch.Tensor, block_size: int, length: int) ->
     bt = block_tables[:, :nblk].to(torch.int64).clamp_min(0)  # [rows, nblk]
     offs = torch.arange(block_size, device=bt.device)
     return (bt[:, :, None] * block_size + offs).reshape(bt.shape[0], -1)[:, :length]
-
-
-def attend_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partial attention state of grouped queries over keys, in float32.
-
-    q [R, Hkv, M, D] (M queries per KV head: GQA group x chains), k/v [R, L, Hkv, D], valid bool [R, M or 1, L]
-    or None when every key is visible -> out [R, Hkv, M, D] float32, lse [R, Hkv, M] float32 (-inf and out 0
-    where a query sees no key).
-    """
-    kf = k.float().permute(0, 2, 3, 1)  # [R, Hkv, D, L]
-    vf = v.float().permute(0, 2, 1, 3)  # [R, Hkv, L, D]
-    s = torch.matmul(q.float() * scale, kf)  # [R, Hkv, M, L]
-    if valid is not None:
-        s.masked_fill_(~valid[:, None], float("-inf"))
-    m = s.amax(dim=-1, keepdim=True).nan_to_num_(neginf=0.0)  # rows without keys: exp(-inf - 0) = 0
-    p = s.sub_(m).exp_()
-    total = p.sum(dim=-1)  # [R, Hkv, M]
-    out = torch.matmul(p, vf).div_(total.clamp_min(1e-30)[..., None])
-    return out, total.log_().add_(m[..., 0])
-
-
-def merge_states(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
-                 lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine two partial softmax states over disjoint key sets. o [..., D] float32, lse [...] float32."""
-    m = torch.maximum(lse1, lse2)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    w1, w2 = torch.exp(lse1 - m), torch.exp(lse2 - m)
-    total = w1 + w2
-    out = (o1 * w1[..., None] + o2 * w2[..., None]) / total.clamp_min(1e-30)[..., None]
-    return out, m + torch.log(total)
 
 
 @register_backend
@@ -114,33 +83,52 @@ class TorchBackend(AttentionBackend):
         return self._decode_cache[1]
 
     def decode_states(self, q, k_cache, v_cache, meta: DecodeMetadata, scale):
-        """Cascade decode, returning the merged float32 state (out [B, Hq, D], lse [B, Hq])."""
+        """Cascade decode, returning the merged float32 state (out [B, Hq, D], lse [B, Hq]).
+
+        Two partial softmax states per chain, its suffix's and its group's prefix's, merged through their running
+        maximum and sums (the log-sum-exp merge, written out so each part is exponentiated once): on the CPU the
+        number of small tensor ops per layer, not flops, is what decode costs."""
         block_size, num_kv_heads, head_dim = k_cache.shape[1:]
         batch, num_heads, _ = q.shape
         group = num_heads // num_kv_heads
         k_flat = k_cache.view(-1, num_kv_heads, head_dim)
         v_flat = v_cache.view(-1, num_kv_heads, head_dim)
-        qg = q.reshape(batch, num_kv_heads, group, head_dim)
-
+        qs = q.float().reshape(batch, num_kv_heads, group, head_dim) * scale  # [B, Hkv, G, D]
         idx, valid, prefix_idx = self._decode_indices(meta, block_size)
-        # Each chain's own suffix, all chains in one padded batch.
-        # Padding slots may hold anything (stale KV, NaN): zero V there so 0-probability keys contribute 0.
-        v_suffix = v_flat[idx].masked_fill(~valid[:, 0, :, None, None], 0)
-        out, lse = attend_states(qg, k_flat[idx], v_suffix, valid, scale)  # [B, Hkv, G, D], [B, Hkv, G]
 
-        # Each group's shared prefix: all of the group's chains x query heads against the prefix in one product.
-        starts, plens = meta.group_starts_list, meta.prefix_lens_list
-        for g, plen in enumerate(plens):
+        # Each chain's own suffix, all chains in one padded batch: scores [B, Hkv, G, Ls].
+        # Padding slots may hold anything (stale KV, NaN): zero V there so 0-probability keys contribute 0.
+        v_suffix = v_flat[idx].masked_fill(~valid[:, 0, :, None, None], 0).float()  # [B, Ls, Hkv, D]
+        s = torch.matmul(qs, k_flat[idx].float().permute(0, 2, 3, 1))
+        s.masked_fill_(~valid[:, None], float("-inf"))
+        m = s.amax(dim=-1)  # [B, Hkv, G] running maximum over both parts
+
+        # Each group's shared prefix: all of the group's chains x query heads against it in one product.
+        prefixes = []
+        starts = meta.group_starts_list
+        for g, plen in enumerate(meta.prefix_lens_list):
             if plen == 0:
                 continue
             r0, r1 = starts[g], starts[g + 1]
             n = r1 - r0
             pidx = prefix_idx[g]  # [Lp] indices, or a slice when the prefix blocks are consecutive
-            qp = qg[r0:r1].permute(1, 0, 2, 3).reshape(1, num_kv_heads, n * group, head_dim)
-            po, plse = attend_states(qp, k_flat[pidx][None], v_flat[pidx][None], None, scale)  # [1, Hkv, n*G, ..]
-            po = po.reshape(num_kv_heads, n, group, head_dim).permute(1, 0, 2, 3)
-            plse = plse.reshape(num_kv_heads, n, group).permute(1, 0, 2)
-            out[r0:r1], lse[r0:r1] = merge_states(out[r0:r1], lse[r0:r1], po, plse)
+            qp = qs[r0:r1].permute(1, 0, 2, 3).reshape(num_kv_heads, n * group, head_dim)
+            sp = torch.matmul(qp, k_flat[pidx].float().permute(1, 2, 0))  # [Hkv, n * G, Lp]
+            mp = sp.amax(dim=-1).reshape(num_kv_heads, n, group).permute(1, 0, 2)  # [n, Hkv, G]
+            m[r0:r1] = torch.maximum(m[r0:r1], mp)
+            prefixes.append((r0, r1, n, sp, v_flat[pidx]))
+
+        m.nan_to_num_(neginf=0.0)  # a row without keys: exp(-inf - 0) = 0 everywhere
+        p = s.sub_(m[..., None]).exp_()
+        total = p.sum(dim=-1)  # [B, Hkv, G]
+        out = torch.matmul(p, v_suffix.permute(0, 2, 1, 3))  # [B, Hkv, G, D]
+        for r0, r1, n, sp, vp in prefixes:
+            pp = sp.sub_(m[r0:r1].permute(1, 0, 2).reshape(num_kv_heads, n * group, 1)).exp_()
+            total[r0:r1] += pp.sum(dim=-1).reshape(num_kv_heads, n, group).permute(1, 0, 2)
+            po = torch.matmul(pp, vp.float().permute(1, 0, 2))  # [Hkv, n * G, D]
+            out[r0:r1] += po.reshape(num_kv_heads, n, group, head_dim).permute(1, 0, 2, 3)
+        out /= total.clamp_min(1e-30)[..., None]
+        lse = total.log_().add_(m)
         return out.reshape(batch, num_heads, head_dim), lse.reshape(batch, num_heads)
 
     def decode(self, q, k_cache, v_cache, meta: DecodeMetadata, scale):
