@@ -230,8 +230,6 @@ class LLMEngine:
         return ""
 
     def _check_stop_strings(self, seq: Sequence) -> bool:
-        if self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer, and this checkpoint has none; use stop_token_ids")
         new = self._detokenize(seq)
         if not new:
             return False

@@ -68,12 +68,12 @@ class Scheduler:
         scheduled: list[ScheduledSeq] = []
         in_flight: set[int] = set()  # blocks that this step's batch fills, readable by later rows of the batch
         candidates = [s for s in self.running if s.num_uncomputed_tokens > 1] + list(self.waiting)
+        occupied = sum(s.params.n if s.needs_fork else 1 for s in self.running)  # chains, counting forks to come
         for seq in candidates:
             if budget == 0:
                 break
             if seq.status is SequenceStatus.WAITING:
                 chains = seq.params.n if seq.needs_fork else 1
-                occupied = sum(s.params.n if s.needs_fork else 1 for s in self.running)
                 if self.running and occupied + chains > self.config.max_num_seqs:
                     break
                 if not self.bm.allocate(seq):
@@ -81,6 +81,7 @@ class Scheduler:
                 self.waiting.remove(seq)
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
+                occupied += chains
             skip = self._skip_cached(seq, in_flight)
             if skip is None:
                 continue  # another sequence is computing the blocks this one needs next

@@ -205,7 +205,7 @@ class Verifier:
         turn = ch.turns[0]
         c = self.config
         return (turn.finish_reason == "stop" and len(turn.token_ids) < c.budget_tokens
-                and len(turn.token_ids) + 8 < c.max_tokens)
+                and len(turn.token_ids) + 8 < c.max_tokens)  # room for the continuation and some more text
 
     # -- GenPRM: one turn per paragraph, with code rounds ------------------------------------------------------
     def _run_paragraphs(self, jobs, results) -> None:
