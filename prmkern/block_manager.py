@@ -44,6 +44,8 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # LRU first
         self.hash_to_block: dict[int, int] = {}
+        # Bumped whenever a reference count changes, so per-step readers of "which blocks are shared" can cache.
+        self.sharing_epoch = 0
 
     @property
     def num_blocks(self) -> int:
@@ -71,12 +73,14 @@ class BlockManager:
         block.hash = None
 
     def _ref(self, block: Block) -> None:
+        self.sharing_epoch += 1
         if block.ref_count == 0:
             del self._free[block.block_id]
         block.ref_count += 1
 
     def _unref(self, block: Block, seq_id: int) -> None:
         assert block.ref_count > 0, f"block {block.block_id} freed twice"
+        self.sharing_epoch += 1
         if block.owner == seq_id:
             block.owner = None
         block.ref_count -= 1
@@ -139,6 +143,7 @@ class BlockManager:
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """`child` (a copy of `parent`'s tokens and block table) now shares every block."""
+        self.sharing_epoch += 1
         for block_id in parent.block_table:
             self.blocks[block_id].ref_count += 1
 
@@ -160,6 +165,7 @@ class BlockManager:
         # duty move to the copy; the other holders find the original unowned and compute it themselves.
         new = self._take_free_block()
         tail.ref_count -= 1
+        self.sharing_epoch += 1
         if not tail.computed and tail.hash is not None and tail.owner == seq.seq_id:
             new.hash, new.prev_hash, new.token_ids, new.owner = tail.hash, tail.prev_hash, tail.token_ids, seq.seq_id
             if self.hash_to_block.get(tail.hash) == tail.block_id:

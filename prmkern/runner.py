@@ -93,20 +93,26 @@ class ModelRunner:
         return (torch.from_numpy(np.concatenate(ids)).to(dev), torch.from_numpy(np.concatenate(pos)).to(dev),
                 meta, torch.tensor(rows, dtype=torch.int64, device=dev))
 
-    def _shared_blocks(self, table: list[int]) -> int:
-        """Leading blocks of this table that other running sequences also reference."""
-        blocks = self.block_manager.blocks
+    def _shared_prefix(self, seq) -> tuple[int, ...]:
+        """Leading blocks of the sequence's table that other running sequences also reference. Cached on the
+        sequence until a reference count changes or its table grows: in steady decode it is not walked again."""
+        bm = self.block_manager
+        table = seq.block_table
+        cached = seq.shared_prefix_cache
+        if cached is not None and cached[0] == bm.sharing_epoch and cached[1] == len(table):
+            return cached[2]
         n = 0
-        while n < len(table) - 1 and blocks[table[n]].ref_count > 1:
+        while n < len(table) - 1 and bm.blocks[table[n]].ref_count > 1:
             n += 1
-        return n
+        key = tuple(table[:n])
+        seq.shared_prefix_cache = (bm.sharing_epoch, len(table), key)
+        return key
 
     def _prepare_decode(self, step: SchedulerOutput):
         bs = self.config.block_size
         groups: dict[tuple[int, ...], list[ScheduledSeq]] = {}
         for item in step.scheduled:
-            table = item.seq.block_table
-            groups.setdefault(tuple(table[:self._shared_blocks(table)]), []).append(item)
+            groups.setdefault(self._shared_prefix(item.seq), []).append(item)
         ordered: list[ScheduledSeq] = []
         group_starts, prefix_lens, prefix_tables = [0], [], []
         for prefix, items in groups.items():

@@ -50,6 +50,8 @@ class Sequence:
         self.logprobs: list[float] = []
         self.token_logprobs: list[dict[int, float]] = []
         self.needs_fork = request.params.n > 1 and chain_index == 0
+        # The runner's decode grouping key (leading shared blocks), valid for one (sharing epoch, table length).
+        self.shared_prefix_cache: tuple[int, int, tuple[int, ...]] | None = None
         # Incremental detokenisation state (only used when the request has stop strings).
         self.text = ""
         self.prefix_offset = self.num_prompt_tokens
@@ -83,6 +85,7 @@ class Sequence:
         child.block_table = list(self.block_table)
         child.status = self.status
         child.needs_fork = False
+        child.shared_prefix_cache = None
         return child
 
     def __repr__(self) -> str:
