@@ -20,6 +20,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str | None = None  # None: "triton" on CUDA, "torch" elsewhere
     seed: int = 0
+    # vLLM's name: True runs decode steps eagerly; False (default) replays them from CUDA graphs where they can be
+    # captured (CUDA device, Triton backend; prmkern/cuda_graphs.py).
+    enforce_eager: bool = False
+    max_graph_batch: int = 256  # largest decode batch that is captured; larger batches run eagerly
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, accepted: str) -> None:
@@ -36,5 +40,7 @@ class EngineConfig:
               "max_num_batched_tokens", "an int >= 1")
         check(self.max_model_len is None or (isinstance(self.max_model_len, int) and self.max_model_len >= 1),
               "max_model_len", "None or an int >= 1")
+        check(isinstance(self.enforce_eager, bool), "enforce_eager", "True or False")
+        check(isinstance(self.max_graph_batch, int) and self.max_graph_batch >= 1, "max_graph_batch", "an int >= 1")
         if self.attention_backend is None:
             self.attention_backend = "triton" if self.device.type == "cuda" else "torch"

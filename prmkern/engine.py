@@ -34,7 +34,7 @@ class LLMEngine:
         self.stats = EngineStats()
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.stats)
-        self.runner = ModelRunner(config, self.model, self.num_blocks, self.block_manager)
+        self.runner = ModelRunner(config, self.model, self.num_blocks, self.block_manager, self.max_model_len)
         eos = spec.eos_token_ids
         if not eos and tokenizer is not None and tokenizer.eos_token_id is not None:
             eos = (tokenizer.eos_token_id,)

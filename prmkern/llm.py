@@ -31,7 +31,8 @@ class LLM:
                  device: str | torch.device | None = None, block_size: int = 16,
                  num_kvcache_blocks: int | None = None, kv_cache_memory: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, attention_backend: str | None = None, seed: int = 0):
+                 enable_prefix_caching: bool = True, attention_backend: str | None = None, seed: int = 0,
+                 enforce_eager: bool = False):
         hf_config = read_config(model)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -39,7 +40,8 @@ class LLM:
             model=model, dtype=resolve_dtype(dtype, hf_config), device=torch.device(device), block_size=block_size,
             num_kvcache_blocks=num_kvcache_blocks, kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-            enable_prefix_caching=enable_prefix_caching, attention_backend=attention_backend, seed=seed)
+            enable_prefix_caching=enable_prefix_caching, attention_backend=attention_backend, seed=seed,
+            enforce_eager=enforce_eager)
         self.tokenizer = _load_tokenizer(tokenizer or model)
         self.engine = LLMEngine(self.config, self.tokenizer)
 

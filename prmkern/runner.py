@@ -3,7 +3,8 @@ runs the model and returns the logits of the rows that sample.
 
 Decode steps group sequences by the leading blocks they share (the blocks with more than one reference, i.e. a
 prompt prefilled once and forked into chains); the backend reads each group's shared prefix once for all its chains.
-Knows nothing of sampling or stopping.
+On CUDA with the Triton backend, decode steps replay captured CUDA graphs (prmkern/cuda_graphs.py) unless
+`enforce_eager`. Knows nothing of sampling or stopping.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from prmkern.attention import AttentionMetadata, DecodeMetadata, PrefillMetadata, get_backend
 from prmkern.block_manager import BlockManager
 from prmkern.config import EngineConfig
+from prmkern.cuda_graphs import DecodeGraphs
 from prmkern.models import DecoderForCausalLM, ForwardContext
 from prmkern.scheduler import ScheduledSeq, SchedulerOutput
 
@@ -32,7 +34,8 @@ def _padded(rows: list[list[int]], device: torch.device, width: int | None = Non
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model: DecoderForCausalLM, num_blocks: int, block_manager: BlockManager):
+    def __init__(self, config: EngineConfig, model: DecoderForCausalLM, num_blocks: int, block_manager: BlockManager,
+                 max_model_len: int | None = None):
         self.config = config
         self.model = model
         self.block_manager = block_manager
@@ -43,6 +46,27 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=config.dtype, device=config.device),
                            torch.zeros(shape, dtype=config.dtype, device=config.device))
                           for _ in range(spec.num_layers)]
+        self.max_model_len = max_model_len or spec.max_position_embeddings
+        # Decode steps from CUDA graphs: on CUDA with the Triton backend unless enforce_eager.
+        self.graphs: DecodeGraphs | None = None
+        if config.device.type == "cuda" and self.backend.name == "triton" and not config.enforce_eager:
+            self.graphs = self.make_graphs("cuda")
+
+    def make_graphs(self, mode: str) -> DecodeGraphs:
+        """The decode-graph store over this runner's model and caches (mode 'eager' tests the logic on a CPU)."""
+        from prmkern.kernels.paged_decode import num_splits_rule
+
+        return DecodeGraphs(forward=self._forward_logits, max_batch=min(self.config.max_graph_batch,
+                                                                        self.config.max_num_seqs),
+                            max_model_len=self.max_model_len, block_size=self.config.block_size,
+                            num_kv_heads=self.model.spec.num_kv_heads, device=self.config.device,
+                            splits_rule=num_splits_rule, mode=mode)
+
+    def _forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                        meta: AttentionMetadata) -> torch.Tensor:
+        """float32 logits [num_tokens, vocab] of every row (the decode step that graphs capture)."""
+        ctx = ForwardContext(self.backend, meta, self.kv_caches, self.model.cos_sin_cache)
+        return self.model.compute_logits(self.model(input_ids, positions, ctx))
 
     @torch.inference_mode()
     def run(self, step: SchedulerOutput) -> torch.Tensor:
@@ -54,6 +78,11 @@ class ModelRunner:
             input_ids, positions, meta, rows = self._prepare_prefill(step.scheduled)
         else:
             input_ids, positions, meta, rows = self._prepare_decode(step)
+            if self.graphs is not None:
+                cascade = bool(self.backend.shared_groups(meta.decode))
+                logits = self.graphs.run(input_ids, positions, meta, cascade)
+                if logits is not None:
+                    return logits
         ctx = ForwardContext(self.backend, meta, self.kv_caches, self.model.cos_sin_cache)
         hidden = self.model(input_ids, positions, ctx)
         return self.model.compute_logits(hidden[rows])

@@ -54,6 +54,14 @@ class DecodeMetadata:
     # Host copies of group boundaries, so a backend can pick a path per group without a device sync.
     group_starts_list: list[int]
     prefix_lens_list: list[int]
+    # Set only for a decode step captured in a CUDA graph (prmkern/cuda_graphs.py), where nothing may depend on this
+    # step's values: `cascade` fixes the path for every row (True: suffix + shared-prefix states merged, a group with
+    # prefix length 0 contributing an empty state; False: plain paged decode), `max_group_size` sizes the
+    # shared-prefix grid, and the split counts are fixed. None: the backend decides from the values above.
+    cascade: bool | None = None
+    max_group_size: int | None = None
+    num_splits: int | None = None
+    prefix_num_splits: int | None = None
 
 
 @dataclass

@@ -7,7 +7,8 @@ other row runs plain paged_decode over its full block table. Everything else map
 
 Importing this module needs triton but no GPU. On a CPU the kernels only run when TRITON_INTERPRET=1 was set before
 triton was imported (tests do that); otherwise calls raise `TritonUnavailableError`. Does not capture CUDA graphs
-(the runner does) and holds no per-step state.
+(prmkern/cuda_graphs.py does; a captured step's metadata fixes the path and launch sizes, see `_decode_fixed`) and
+holds no per-step state.
 """
 from __future__ import annotations
 
@@ -103,8 +104,10 @@ class TritonBackend(AttentionBackend):
         """Decode returning (out [B, Hq, D] in out_dtype, lse [B, Hq] float32), like TorchBackend.decode_states."""
         self._check_device(q)
         batch, num_heads, head_dim = q.shape
-        shared = self.shared_groups(meta)
         out = torch.empty((batch, num_heads, head_dim), dtype=out_dtype, device=q.device)
+        if meta.cascade is not None:  # a captured step: the path and every launch size are fixed
+            return self._decode_fixed(q, k_cache, v_cache, meta, scale, out)
+        shared = self.shared_groups(meta)
         if not shared:  # plain paged decode over each row's full KV
             return K.paged_decode(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=meta.block_tables,
                                   seq_lens=meta.seq_lens, scale=scale, max_seq_len=meta.max_seq_len, out=out)
@@ -138,6 +141,27 @@ class TritonBackend(AttentionBackend):
                                               prefix_lens=prefix_lens, prefix_block_tables=meta.prefix_block_tables,
                                               scale=scale, max_group_size=max_group,
                                               max_prefix_len=max(plens[g] for g in shared),
+                                              out=torch.empty((batch, num_heads, head_dim), dtype=torch.float32,
+                                                              device=q.device))
+        return K.merge_states(out_a=s_out, lse_a=s_lse, out_b=p_out, lse_b=p_lse, out=out)
+
+    def _decode_fixed(self, q, k_cache, v_cache, meta: DecodeMetadata, scale, out):
+        """Decode whose launches depend on no value of this step (CUDA-graph capture): meta.cascade picks the path
+        for all rows, meta.max_group_size and the split counts size the grids."""
+        if not meta.cascade:
+            return K.paged_decode(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=meta.block_tables,
+                                  seq_lens=meta.seq_lens, scale=scale, num_splits=meta.num_splits, out=out)
+        if meta.max_group_size is None or meta.num_splits is None or meta.prefix_num_splits is None:
+            raise ValueError("a fixed cascade decode needs max_group_size, num_splits and prefix_num_splits")
+        batch, num_heads, head_dim = q.shape
+        s_out, s_lse = K.paged_decode(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=meta.suffix_block_tables,
+                                      seq_lens=meta.suffix_lens, scale=scale, num_splits=meta.num_splits,
+                                      out=torch.empty((batch, num_heads, head_dim), dtype=torch.float32,
+                                                      device=q.device))
+        p_out, p_lse = K.shared_prefix_decode(q=q, k_cache=k_cache, v_cache=v_cache, group_starts=meta.group_starts,
+                                              prefix_lens=meta.prefix_lens,
+                                              prefix_block_tables=meta.prefix_block_tables, scale=scale,
+                                              max_group_size=meta.max_group_size, num_splits=meta.prefix_num_splits,
                                               out=torch.empty((batch, num_heads, head_dim), dtype=torch.float32,
                                                               device=q.device))
         return K.merge_states(out_a=s_out, lse_a=s_lse, out_b=p_out, lse_b=p_lse, out=out)
