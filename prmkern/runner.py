@@ -162,7 +162,7 @@ class ModelRunner:
                 slots.append(seq.block_table[p // bs] * bs + p % bs)
         dev = self.config.device
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev), all_slots_valid=True,
             decode=DecodeMetadata(
                 seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
                 block_tables=_padded([it.seq.block_table for it in ordered], dev),

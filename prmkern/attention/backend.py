@@ -9,6 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import torch
+import torch.nn.functional as F
 
 from prmkern.attention.metadata import DecodeMetadata, PrefillMetadata
 
@@ -18,8 +19,9 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def store_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
-        """Write key/value [num_tokens, num_kv_heads, head_dim] into the caches at `slot_mapping` (-1 = skip)."""
+                 slot_mapping: torch.Tensor, all_valid: bool = False) -> None:
+        """Write key/value [num_tokens, num_kv_heads, head_dim] into the caches at `slot_mapping` (-1 = skip).
+        all_valid: the caller knows no slot is -1 (every decode step), so a backend may skip the check."""
 
     @abstractmethod
     def prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PrefillMetadata,
@@ -38,6 +40,9 @@ class AttentionBackend(ABC):
         if residual is not None:
             x = x + residual
             residual = x
+        if x.dtype == torch.float32 and weight.dtype == torch.float32:
+            # one fused op; in float32 the same arithmetic as the formula below (HF's), bit for bit on the CPU
+            return F.rms_norm(x, weight.shape, weight, eps), residual
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         return (normed.to(x.dtype) * weight), residual
@@ -45,18 +50,24 @@ class AttentionBackend(ABC):
     def apply_rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                      cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Neox-style rotary embedding. q [T, Hq, D], k [T, Hkv, D]; cos_sin_cache [max_pos, D] float32 = [cos | sin]
-        over the D/2 frequencies. Returns rotated (q, k) (backends may rotate in place)."""
+        over the D/2 frequencies. Returns rotated (q, k) (backends may rotate in place).
+
+        q and k are rotated together ([T, Hq + Hkv, D]) and the step's cos/sin rows are gathered once for all
+        layers (every layer passes the same `positions` tensor): on the CPU a decode step's cost is its op count."""
         half = q.shape[-1] // 2
-        cs = cos_sin_cache[positions]  # [T, D]
-        cos = cs[:, None, :half]
-        sin = cs[:, None, half:]
+        cached = self._rope_rows
+        if cached is not None and cached[0] is positions and cached[1] is cos_sin_cache:
+            cos, sin = cached[2], cached[3]
+        else:
+            cs = cos_sin_cache[positions]  # [T, D]
+            cos, sin = cs[:, None, :half], cs[:, None, half:]  # [T, 1, D/2]
+            self._rope_rows = (positions, cos_sin_cache, cos, sin)
+        x = torch.cat((q, k), dim=1).float()  # [T, Hq + Hkv, D]
+        x1, x2 = x[..., :half], x[..., half:]
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(q.dtype)
+        return out[:, :q.shape[1]], out[:, q.shape[1]:]
 
-        def rot(x: torch.Tensor) -> torch.Tensor:
-            xf = x.float()
-            x1, x2 = xf[..., :half], xf[..., half:]
-            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-
-        return rot(q), rot(k)
+    _rope_rows: tuple | None = None  # (positions, cache, cos, sin) of the last step, held so identity is safe
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, 2 * I] = [gate | up] -> silu(gate) * up [T, I]."""

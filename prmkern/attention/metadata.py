@@ -71,3 +71,4 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # int64 [num_tokens]
     prefill: PrefillMetadata | None = None
     decode: DecodeMetadata | None = None
+    all_slots_valid: bool = False  # host flag: no slot is -1 (set for eager decode steps)

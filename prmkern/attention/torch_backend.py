@@ -28,8 +28,12 @@ def gather_kv_index(block_tables: torch.Tensor, block_size: int, length: int) ->
 class TorchBackend(AttentionBackend):
     name = "torch"
 
-    def store_kv(self, key, value, k_cache, v_cache, slot_mapping):
+    def store_kv(self, key, value, k_cache, v_cache, slot_mapping, all_valid=False):
         num_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        if all_valid:  # decode: no boolean mask (which costs a nonzero() and two masked copies per layer)
+            k_cache.view(-1, num_heads, head_dim)[slot_mapping] = key.to(k_cache.dtype)
+            v_cache.view(-1, num_heads, head_dim)[slot_mapping] = value.to(v_cache.dtype)
+            return
         keep = slot_mapping >= 0
         slots = slot_mapping[keep]
         k_cache.view(-1, num_heads, head_dim)[slots] = key[keep].to(k_cache.dtype)

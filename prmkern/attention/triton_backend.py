@@ -83,7 +83,7 @@ class TritonBackend(AttentionBackend):
                 f"Triton kernels got {t.device} tensors but were compiled for a GPU; on a CPU set TRITON_INTERPRET=1 "
                 f"before importing triton, or use the 'torch' backend")
 
-    def store_kv(self, key, value, k_cache, v_cache, slot_mapping):
+    def store_kv(self, key, value, k_cache, v_cache, slot_mapping, all_valid=False):
         self._check_device(key)
         K.store_kv(key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
 

@@ -101,7 +101,7 @@ class Attention(nn.Module):
         q, k = backend.apply_rotary(q, k, positions, ctx.cos_sin_cache)
         k_cache, v_cache = ctx.kv_caches[self.layer_index]
         meta = ctx.attn_metadata
-        backend.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        backend.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, meta.all_slots_valid)
         if meta.prefill is not None:
             out = backend.prefill(q, k_cache, v_cache, meta.prefill, self.scale)
         else:
