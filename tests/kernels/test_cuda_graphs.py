@@ -142,3 +142,23 @@ def test_refill_leaves_no_stale_row():
     assert s.prefix_block_tables[0, :2].tolist() == [0, 1] and (s.prefix_block_tables[0, 2:] == -1).all()
     assert (s.cascade, s.max_group_size, s.num_splits, s.prefix_num_splits) == (True, 4, 3, 3)
     assert s.max_seq_len == 40 and s.block_tables.shape == (8, 10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
+def test_cuda_graph_decode_matches_eager_on_gpu(qwen2_dir):
+    """On a GPU: the engine's default (decode from captured CUDA graphs) gives the tokens of enforce_eager, for a
+    shared-prefix batch and a lone chain, in fp32 and bf16."""
+    from prmkern import LLM, SamplingParams
+    from tests.conftest import random_prompts
+
+    prompts = random_prompts([300, 40], 509, seed=11)
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=5),
+              SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, n=1)]
+    for dtype in (torch.float32, torch.bfloat16):
+        runs = []
+        for eager in (True, False):
+            llm = LLM(qwen2_dir, device="cuda", dtype=dtype, enforce_eager=eager, max_model_len=512)
+            runs.append([[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params)])
+            graphs = llm.engine.runner.graphs
+            assert (graphs is None) == eager and (eager or graphs.replays > 0)
+        assert runs[0] == runs[1], dtype
