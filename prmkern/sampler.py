@@ -58,15 +58,19 @@ class Sampler:
                   else torch.zeros(len(seqs), dtype=torch.int64, device=logits.device))
         if random_rows:
             idx = torch.tensor(random_rows, device=logits.device)
-            temps = torch.tensor([seqs[r].params.temperature for r in random_rows], device=logits.device)
-            scaled = logits[idx] / temps[:, None]
-            top_k = torch.tensor([seqs[r].params.top_k for r in random_rows], device=logits.device)
-            top_p = torch.tensor([seqs[r].params.top_p for r in random_rows], device=logits.device)
-            if bool((top_k > 0).any()) or bool((top_p < 1).any()):
-                scaled = _apply_top_k_top_p(scaled, top_k, top_p)
-            # Inverse-CDF draw: one uniform per row from the row's own generator, one batched search.
-            # Unnormalised: the draw below scales the uniform by each row's total instead of dividing V entries.
-            cdf = (scaled - scaled.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1).cpu()  # [R, V]
+            # Every row sampling (the usual decode step): no gather. Every temperature 1: no division.
+            scaled = logits if len(random_rows) == len(seqs) else logits[idx]
+            temps = [seqs[r].params.temperature for r in random_rows]
+            if any(t != 1.0 for t in temps):
+                scaled = scaled / torch.tensor(temps, device=logits.device)[:, None]
+            k_list = [seqs[r].params.top_k for r in random_rows]
+            p_list = [seqs[r].params.top_p for r in random_rows]
+            if any(k > 0 for k in k_list) or any(p < 1 for p in p_list):
+                scaled = _apply_top_k_top_p(scaled, torch.tensor(k_list, device=logits.device),
+                                            torch.tensor(p_list, device=logits.device))
+            # Inverse-CDF draw: one uniform per row from the row's own generator, one batched search. The draw
+            # scales the uniform by each row's total (cdf[:, -1], ~1 after rounding), so the CDF needs no renorm.
+            cdf = torch.softmax(scaled, dim=-1).cumsum_(dim=-1).cpu()  # [R, V]
             u = torch.cat([torch.rand(1, generator=seqs[r].generator, dtype=torch.float64) for r in random_rows])
             target = (u * cdf[:, -1].double()).to(cdf.dtype)[:, None]
             drawn = torch.searchsorted(cdf, target, right=True)
