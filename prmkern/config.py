@@ -24,6 +24,9 @@ class EngineConfig:
     # captured (CUDA device, Triton backend; prmkern/cuda_graphs.py).
     enforce_eager: bool = False
     max_graph_batch: int = 256  # largest decode batch that is captured; larger batches run eagerly
+    # CPU, fp32: memory for MKL-packed copies of the weights that decode GEMMs use (prmkern/models/packed_gemm.py);
+    # one copy per decode row bucket, ~1.4x the weights each; 0 disables. Default 1 GiB.
+    packed_gemm_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, accepted: str) -> None:
@@ -42,5 +45,7 @@ class EngineConfig:
               "max_model_len", "None or an int >= 1")
         check(isinstance(self.enforce_eager, bool), "enforce_eager", "True or False")
         check(isinstance(self.max_graph_batch, int) and self.max_graph_batch >= 1, "max_graph_batch", "an int >= 1")
+        check(isinstance(self.packed_gemm_bytes, int) and self.packed_gemm_bytes >= 0, "packed_gemm_bytes",
+              "an int >= 0 (bytes; 0 disables)")
         if self.attention_backend is None:
             self.attention_backend = "triton" if self.device.type == "cuda" else "torch"

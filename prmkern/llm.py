@@ -32,7 +32,7 @@ class LLM:
                  num_kvcache_blocks: int | None = None, kv_cache_memory: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, attention_backend: str | None = None, seed: int = 0,
-                 enforce_eager: bool = False):
+                 enforce_eager: bool = False, packed_gemm_bytes: int = 1 << 30):
         hf_config = read_config(model)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -41,7 +41,7 @@ class LLM:
             num_kvcache_blocks=num_kvcache_blocks, kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, attention_backend=attention_backend, seed=seed,
-            enforce_eager=enforce_eager)
+            enforce_eager=enforce_eager, packed_gemm_bytes=packed_gemm_bytes)
         self.tokenizer = _load_tokenizer(tokenizer or model)
         self.engine = LLMEngine(self.config, self.tokenizer)
 

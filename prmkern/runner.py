@@ -4,7 +4,8 @@ runs the model and returns the logits of the rows that sample.
 Decode steps group sequences by the leading blocks they share (the blocks with more than one reference, i.e. a
 prompt prefilled once and forked into chains); the backend reads each group's shared prefix once for all its chains.
 On CUDA with the Triton backend, decode steps replay captured CUDA graphs (prmkern/cuda_graphs.py) unless
-`enforce_eager`. Knows nothing of sampling or stopping.
+`enforce_eager`; on the CPU in fp32, decode GEMMs read MKL-packed weights (prmkern/models/packed_gemm.py). Knows
+nothing of sampling or stopping.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from prmkern.block_manager import BlockManager
 from prmkern.config import EngineConfig
 from prmkern.cuda_graphs import DecodeGraphs
 from prmkern.models import DecoderForCausalLM, ForwardContext
+from prmkern.models.packed_gemm import PackedGemm
 from prmkern.scheduler import ScheduledSeq, SchedulerOutput
 
 
@@ -51,6 +53,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if config.device.type == "cuda" and self.backend.name == "triton" and not config.enforce_eager:
             self.graphs = self.make_graphs("cuda")
+        # CPU fp32 decode GEMMs through MKL-packed weights (inactive elsewhere or with a zero budget)
+        self.packed_gemm = PackedGemm(model, config.packed_gemm_bytes) if config.device.type == "cpu" else None
 
     def make_graphs(self, mode: str) -> DecodeGraphs:
         """The decode-graph store over this runner's model and caches (mode 'eager' tests the logic on a CPU)."""
@@ -78,6 +82,8 @@ class ModelRunner:
             input_ids, positions, meta, rows = self._prepare_prefill(step.scheduled)
         else:
             input_ids, positions, meta, rows = self._prepare_decode(step)
+            if self.packed_gemm is not None:
+                self.packed_gemm.prepare(input_ids.shape[0])
             if self.graphs is not None:
                 cascade = bool(self.backend.shared_groups(meta.decode))
                 logits = self.graphs.run(input_ids, positions, meta, cascade)
