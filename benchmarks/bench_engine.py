@@ -54,11 +54,12 @@ def run_transformers(path: str, dtype: torch.dtype, device: str, prompt: list[in
 
 
 def run_prmkern(path: str, dtype: torch.dtype, device: str, prompt: list[int], chains: int, gen: int,
-                backend: str | None, enforce_eager: bool = False, repeat: int = 1) -> tuple[float, dict]:
+                backend: str | None, enforce_eager: bool = False, repeat: int = 1,
+                packed_gemm_bytes: int = 1 << 30) -> tuple[float, dict]:
     """Best of `repeat` timed runs (later runs hit the prefix cache for the prompt; the first one's stats are
     returned, and with repeat > 1 the time is the best run's, so graph capture and Triton compiles are excluded)."""
     llm = LLM(path, dtype=dtype, device=device, attention_backend=backend, max_num_batched_tokens=4096,
-              enforce_eager=enforce_eager)
+              enforce_eager=enforce_eager, packed_gemm_bytes=packed_gemm_bytes)
     params = SamplingParams(n=chains, temperature=1.0, max_tokens=gen, ignore_eos=True, seed=0)
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))  # warm-up (first-call allocations)
     llm.reset_stats()
@@ -87,6 +88,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads for both engines")
     ap.add_argument("--enforce-eager", action="store_true", help="prmkern without CUDA graphs")
     ap.add_argument("--repeat", type=int, default=1, help="prmkern timed runs; the best is reported")
+    ap.add_argument("--packed-gemm-bytes", type=int, default=1 << 30,
+                    help="CPU packed-weight budget (0: ordinary GEMMs, to see what packing brings)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,7 +105,7 @@ def main() -> None:
     prompt = torch.randint(1, vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
 
     ours, stats = run_prmkern(path, dtype, args.device, prompt, args.chains, args.gen_len, args.backend,
-                              args.enforce_eager, args.repeat)
+                              args.enforce_eager, args.repeat, args.packed_gemm_bytes)
     theirs = None if args.skip_transformers else run_transformers(path, dtype, args.device, prompt, args.chains,
                                                                   args.gen_len)
     print(f"P={args.prompt_len} N={args.chains} G={args.gen_len} {args.dtype} on {args.device} "
@@ -118,7 +121,7 @@ def main() -> None:
                   model=args.model or ("smoke" if args.smoke else "qwen2-39M-random"), prmkern_s=round(ours, 4),
                   transformers_s=None if theirs is None else round(theirs, 4),
                   speedup=None if theirs is None else round(theirs / ours, 3), threads=torch.get_num_threads(),
-                  enforce_eager=args.enforce_eager, repeat=args.repeat,
+                  enforce_eager=args.enforce_eager, repeat=args.repeat, packed_gemm_bytes=args.packed_gemm_bytes,
                   stats=stats)
     if args.out:
         with open(args.out, "w") as f:
