@@ -32,6 +32,6 @@ cp benchmarks/results/*.png "$OUT"/ 2>/dev/null || true
 log "engine: ThinkPRM-like shapes are not available offline; the 39M Qwen2 of bench_engine, bf16, graphs vs eager"
 for flag in "" "--enforce-eager"; do
     timeout 120 python benchmarks/bench_engine.py --dtype bfloat16 --prompt-len 2048 --chains 32 --gen-len 64 \
-        --skip-transformers --repeat 3 $flag --out "$OUT/engine_bf16${flag:+_eager}.json" 2>&1 | tail -3
+        --skip-transformers --pairs 3 $flag --out "$OUT/engine_bf16${flag:+_eager}.json" 2>&1 | tail -3
 done
 log "done"

@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from prmkern.attention.backend import AttentionBackend, register_backend
 from prmkern.attention.metadata import DecodeMetadata, PrefillMetadata
 
+# torch's fused CPU attention kernel, which also returns the log-sum-exp (natural log) that the cascade merge needs
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
 
 def gather_kv_index(block_tables: torch.Tensor, block_size: int, length: int) -> torch.Tensor:
     """Flat cache slot of each of the first `length` tokens of each row: [rows, length] int64 (garbage past a row's
@@ -69,12 +72,19 @@ class TorchBackend(AttentionBackend):
         self._decode_cache: tuple[DecodeMetadata, tuple] | None = None
 
     def _decode_indices(self, meta: DecodeMetadata, block_size: int):
-        """Gather indices for a decode step, computed once per step and reused by every layer."""
+        """Gather indices for a decode step, computed once per step and reused by every layer: suffix slots
+        idx [B, Ls], valid [B, 1, Ls], the additive mask bias [B, 1, 1, Ls] (0 / -inf), and per group its prefix
+        slots (a slice when the prefix blocks are consecutive). Padded suffix entries of `idx` point at the row's
+        own newest token (stored this step, so finite): masked by -inf, they cannot inject NaN from a stale slot."""
         if self._decode_cache is not None and self._decode_cache[0] is meta:
             return self._decode_cache[1]
         idx = gather_kv_index(meta.suffix_block_tables, block_size, meta.max_suffix_len)  # [B, Ls]
         pos = torch.arange(meta.max_suffix_len, device=idx.device)
-        valid = (pos[None, :] < meta.suffix_lens[:, None].to(pos.dtype))[:, None, :]  # [B, 1, Ls]
+        lens = meta.suffix_lens.to(torch.int64)
+        valid2 = pos[None, :] < lens[:, None]  # [B, Ls]
+        newest = idx.gather(1, (lens - 1).clamp_min(0)[:, None])  # [B, 1]
+        idx = torch.where(valid2, idx, newest)
+        bias = torch.zeros(valid2.shape, dtype=torch.float32, device=idx.device).masked_fill_(~valid2, float("-inf"))
         prefix_idx = {}
         for g, plen in enumerate(meta.prefix_lens_list):
             if plen:
@@ -83,11 +93,52 @@ class TorchBackend(AttentionBackend):
                     prefix_idx[g] = slice(blocks[0] * block_size, (blocks[0] + len(blocks)) * block_size)  # a view
                 else:
                     prefix_idx[g] = gather_kv_index(meta.prefix_block_tables[g:g + 1], block_size, plen)[0]
-        self._decode_cache = (meta, (idx, valid, prefix_idx))
+        self._decode_cache = (meta, (idx, valid2[:, None, :], bias[:, None, None, :], prefix_idx))
         return self._decode_cache[1]
 
     def decode_states(self, q, k_cache, v_cache, meta: DecodeMetadata, scale):
         """Cascade decode, returning the merged float32 state (out [B, Hq, D], lse [B, Hq]).
+
+        On the CPU in float32 each part is one call of torch's fused CPU attention (which returns its log-sum-exp):
+        the suffixes of all chains in one padded batch, each group's prefix with all of the group's chains x query
+        heads as one query block; the two states are merged by log-sum-exp. On the CPU a decode step costs its
+        number of small ops more than its flops, and this takes about half as many per layer as the explicit
+        products (`_decode_states_matmul`, used for other dtypes and devices)."""
+        if _FLASH_CPU is None or q.device.type != "cpu" or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
+            return self._decode_states_matmul(q, k_cache, v_cache, meta, scale)
+        block_size, num_kv_heads, head_dim = k_cache.shape[1:]
+        batch, num_heads, _ = q.shape
+        group = num_heads // num_kv_heads
+        k_flat = k_cache.view(-1, num_kv_heads, head_dim)
+        v_flat = v_cache.view(-1, num_kv_heads, head_dim)
+        idx, _, bias, prefix_idx = self._decode_indices(meta, block_size)
+        # The GQA group rides in the query-length dimension: [B, Hkv, G, D] against [B, Hkv, Ls, D].
+        qs = q.reshape(batch, num_kv_heads, group, head_dim)
+        out, lse = _FLASH_CPU(qs, k_flat[idx].transpose(1, 2), v_flat[idx].transpose(1, 2), 0.0, False,
+                              attn_mask=bias, scale=scale)  # [B, Hkv, G, D], [B, Hkv, G]
+        starts = meta.group_starts_list
+        for g, plen in enumerate(meta.prefix_lens_list):
+            if plen == 0:
+                continue
+            r0, r1 = starts[g], starts[g + 1]
+            n = r1 - r0
+            pidx = prefix_idx[g]
+            qp = qs[r0:r1].transpose(0, 1).reshape(1, num_kv_heads, n * group, head_dim)
+            po, pl = _FLASH_CPU(qp, k_flat[pidx].transpose(0, 1)[None], v_flat[pidx].transpose(0, 1)[None], 0.0,
+                                False, scale=scale)  # [1, Hkv, n * G, D], [1, Hkv, n * G]
+            po = po[0].reshape(num_kv_heads, n, group, head_dim).transpose(0, 1)  # [n, Hkv, G, D]
+            pl = pl[0].reshape(num_kv_heads, n, group).transpose(0, 1)  # [n, Hkv, G]
+            sl = lse[r0:r1]
+            m = torch.maximum(sl, pl)
+            ws, wp = (sl - m).exp_(), (pl - m).exp_()
+            total = ws + wp
+            out[r0:r1] = (out[r0:r1] * ws[..., None] + po * wp[..., None]) / total[..., None]
+            lse[r0:r1] = total.log_().add_(m)
+        return out.reshape(batch, num_heads, head_dim), lse.reshape(batch, num_heads)
+
+    def _decode_states_matmul(self, q, k_cache, v_cache, meta: DecodeMetadata, scale):
+        """Cascade decode by explicit products (any dtype and device), returning (out [B, Hq, D], lse [B, Hq]) in
+        float32.
 
         Two partial softmax states per chain, its suffix's and its group's prefix's, merged through their running
         maximum and sums (the log-sum-exp merge, written out so each part is exponentiated once): on the CPU the
@@ -98,7 +149,7 @@ class TorchBackend(AttentionBackend):
         k_flat = k_cache.view(-1, num_kv_heads, head_dim)
         v_flat = v_cache.view(-1, num_kv_heads, head_dim)
         qs = q.float().reshape(batch, num_kv_heads, group, head_dim) * scale  # [B, Hkv, G, D]
-        idx, valid, prefix_idx = self._decode_indices(meta, block_size)
+        idx, valid, _, prefix_idx = self._decode_indices(meta, block_size)
 
         # Each chain's own suffix, all chains in one padded batch: scores [B, Hkv, G, Ls].
         # Padding slots may hold anything (stale KV, NaN): zero V there so 0-probability keys contribute 0.
