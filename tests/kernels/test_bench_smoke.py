@@ -40,3 +40,16 @@ def test_bench_smoke_prints_json_last(script, tmp_path):
             if key in row:
                 assert row[key] < 1e-3, f"{script}: {key} = {row[key]}"
     assert json.loads(out.read_text()) == doc
+
+
+def test_bench_engine_smoke(tmp_path):
+    """bench_engine.py end to end at tiny sizes: both engines, interleaved pairs, prefill computed once."""
+    out = tmp_path / "engine.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_engine.py"), "--smoke", "--pairs", "2",
+                           "--threads", "1", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert doc == json.loads(out.read_text())
+    assert len(doc["prmkern_runs_s"]) == len(doc["transformers_runs_s"]) == 2 and doc["speedup"] > 0
+    assert doc["stats"]["prefill_tokens"] == doc["prompt_len"] and doc["stats"]["generated_tokens"] == 4 * 8
