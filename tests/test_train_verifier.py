@@ -1,8 +1,9 @@
 """Tests of the shipped verifier (prmkern/data/verifier/, made by train/make_default_verifier.sh): it is a small
 Qwen2 Hugging Face checkpoint that transformers and prmkern load, it writes well-formed ThinkPRM chains on the
-bundled held-out synthetic examples (examples.jsonl, never in its training data), and its greedy step verdicts
-agree with the gold labels at least as often as measured when it was shipped (a regression guard: on these
-examples that share is only a little above the always-"correct" answer; see train/evaluate.py for the F1)."""
+bundled held-out synthetic examples (examples.jsonl, never in its training data), and its greedy verdicts are
+mostly right: on the first 24 examples 92% of the gold step verdicts (always answering "correct" gets 79%) and 83%
+of the final Yes/No (always "Yes": 54%) when it was shipped; the test asks for 85% and 75% (a regression guard;
+train/evaluate.py measures the F1 on 200 held-out solutions)."""
 from __future__ import annotations
 
 import os
@@ -38,13 +39,13 @@ def test_shipped_verifier_verdicts_mostly_right():
     records = read_records(os.path.join(VERIFIER, "examples.jsonl"))[:24]
     llm = LLM(VERIFIER, dtype="float32", device="cpu")
     prompts = [render_prompt(llm.tokenizer, r["problem"], r["steps"]) for r in records]
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=160))
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=320))
     chains = [[score_chain(THINKPRM, parse_output(THINKPRM, o.outputs[0].text, len(r["steps"])), None,
                            use_verdict_text=True)] for r, o in zip(records, outs)]
     # well-formed: every chain judges its first step and ends with the closing Yes/No question
     assert all(ch[0].parsed.final is not None and ch[0].steps[0].status in ("correct", "incorrect")
                for ch in chains)
     share = verdict_agreement(records, chains)
-    trivial = 1 - sum(r["label"] != -1 for r in records) / share["step_verdicts"]
-    print(share, f"always-correct share of the same gold verdicts: {trivial:.3f}")
-    assert share["step_verdicts_right"] >= 0.7, share
+    print(share)
+    assert share["step_verdicts_right"] >= 0.85 and share["final_verdicts_right"] >= 0.75, share
+    assert share["step_verdicts_right"] >= share["always_correct_step_share"] + 0.05, share

@@ -89,8 +89,13 @@ def verdict_agreement(records: list[dict], chains: list[list]) -> dict:
                 total += 1
             final_total += 1
             final_right += ch.parsed.final == ("correct" if r["label"] == -1 else "incorrect")
+    # what a verifier that always answers "correct" / "Yes" gets on the same gold verdicts, for comparison
+    gold_steps = sum((r["label"] if r["label"] != -1 else len(r["steps"]) - 1) + 1 for r in records)
+    errors = sum(r["label"] != -1 for r in records)
     return {"step_verdicts_right": round(right / max(1, total), 4), "step_verdicts": total,
-            "final_verdicts_right": round(final_right / max(1, final_total), 4)}
+            "final_verdicts_right": round(final_right / max(1, final_total), 4),
+            "always_correct_step_share": round(1 - errors / max(1, gold_steps), 4),
+            "always_yes_final_share": round(1 - errors / max(1, len(records)), 4)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -103,10 +108,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--exclude", nargs="*", default=[], help="training JSONL files whose records are dropped")
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--max-tokens", type=int, default=160)
+    ap.add_argument("--max-tokens", type=int, default=320)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     ap.add_argument("--no-greedy", action="store_true", help="skip the greedy single-chain row")
+    ap.add_argument("--out", default=None, help="also write the JSON result here")
     args = ap.parse_args(argv)
     if args.k < 1:
         raise ValueError(f"--k {args.k}; accepted: an int >= 1")
@@ -157,7 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
         extra = f"  (threshold {r['threshold']})" if "threshold" in r else ""
         print(f"{name:<26} {r['f1']:>7.4f} {r['acc_err']:>8.4f} {r['acc_ok']:>7.4f}{extra}")
     print(f"\ngenerative step verdicts right: {agreement['step_verdicts_right']:.1%} of {agreement['step_verdicts']}"
-          f"; final Yes/No right: {agreement['final_verdicts_right']:.1%}; generation {gen_s:.0f} s")
+          f"; final Yes/No right: {agreement['final_verdicts_right']:.1%}; generation {gen_s:.0f} s "
+          f"(always 'correct': {agreement['always_correct_step_share']:.1%} of step verdicts, "
+          f"{agreement['always_yes_final_share']:.1%} of final ones)")
     if "greedy_step_verdicts_right" in agreement:
         print(f"greedy step verdicts right: {agreement['greedy_step_verdicts_right']:.1%}; final Yes/No right: "
               f"{agreement['greedy_final_verdicts_right']:.1%}")
@@ -171,6 +179,9 @@ def main(argv: list[str] | None = None) -> dict:
               "n": len(records), "k": args.k, "temperature": args.temperature, "seed": args.seed,
               "rows": rows, **agreement, "generation_s": round(gen_s, 1), "engine": engine}
     print(json.dumps(result))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
     return result
 
 

@@ -9,8 +9,10 @@ the wrong operation); later steps carry the wrong value forward consistently, as
 the 0-based index of the first wrong step, or -1 (ProcessBench's convention).
 
 Each example also carries the verifier's gold output: a chain in ThinkPRM's shape (prmkern.verify.formats.THINKPRM,
-the text after its "Let's verify step by step:" prefix) that recomputes every step before its verdict ("Step 2: 3 * 9 = 27, but the solution says 28. The step is \\boxed{incorrect}"), stops at the first
-wrong step, and closes with "Is the solution correct? Yes/No".
+the text after its "Let's verify step by step:" prefix) that recomputes each step's claim, restates what the
+solution wrote and compares the two before its verdict ("Step 2: 3 times 9 is 27. The solution says 28. Compare 28
+with 27: mismatch. The step is \\boxed{incorrect}"), stops at the first wrong step, and closes with "Is the
+solution correct? Yes/No".
 
 `write_jsonl` writes ProcessBench's record format (id, generator, problem, steps, label, final_answer_correct) plus
 `answer` (the gold final answer, for grading rollouts) and `chain` (the gold verification text).
@@ -258,17 +260,39 @@ def first_error(checks: list[list[Check]]) -> int:
     return -1
 
 
+_SPOKEN = {" + ": " plus ", " - ": " minus ", " * ": " times ", " / ": " divided by "}
+
+
+def spoken(expr: str) -> str:
+    """An expression as the chain says it: "10 + 18" -> "10 plus 18", "gcd(48, 60)" -> "the gcd of 48 and 60"."""
+    if expr.startswith("gcd("):
+        a, b = expr[4:-1].split(", ")
+        return f"the gcd of {a} and {b}"
+    for sym, word in _SPOKEN.items():
+        if sym in expr:
+            a, b = expr.split(sym, 1)
+            return f"{a}{word}{b}"
+    return expr
+
+
 def gold_chain(checks: list[list[Check]]) -> str:
-    """The verifier's gold output, as it continues after THINKPRM's prefix ("...Let's verify step by step:"):
-    recompute each step, verdict, stop at the first wrong step, final Yes/No. Starts with a newline."""
+    """The verifier's gold output, as it continues after THINKPRM's prefix ("...Let's verify step by step:").
+    Starts with a newline; one line per judged step, stops at the first wrong step, then the final Yes/No.
+
+    Each step is judged in three moves, each one local, so that a small model can learn them:
+      Step 3: 10 plus 18 is 28. The solution says 82. Compare 82 with 28: mismatch. The step is \\boxed{incorrect}
+    recompute the claim from its operands, written in words ("plus", not the prompt's "+"), then copy the value the
+    solution wrote, then compare two numbers that now sit side by side, so that the verdict token follows its
+    evidence. The wording matters to a small model (README, Training): when the recomputation repeated the prompt's
+    "10 + 18 =", the model learned to continue it with the prompt's own (claimed) value instead of computing it;
+    when the chain gave the verdict cue before restating the claim, it never compared them."""
     lines = [""]
     label = first_error(checks)
     for i, cs in enumerate(checks):
-        parts = []
-        for c in cs:
-            parts.append(f"{c.expr} = {c.true}" + ("" if c.ok else f", but the solution says {c.claimed}"))
+        parts = [f"{spoken(c.expr)} is {c.true}. The solution says {c.claimed}. Compare {c.claimed} with {c.true}: "
+                 f"{'match' if c.ok else 'mismatch'}." for c in cs]
         verdict = "correct" if all(c.ok for c in cs) else "incorrect"
-        lines.append(f"Step {i + 1}: {'; '.join(parts)}. The step is \\boxed{{{verdict}}}")
+        lines.append(f"Step {i + 1}: {' '.join(parts)} The step is \\boxed{{{verdict}}}")
         if verdict == "incorrect":
             break
     lines.append(f"{FINAL_QUESTION} {'Yes' if label == -1 else 'No'}")
