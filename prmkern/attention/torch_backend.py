@@ -96,6 +96,14 @@ class TorchBackend(AttentionBackend):
         self._decode_cache = (meta, (idx, valid2[:, None, :], bias[:, None, None, :], prefix_idx))
         return self._decode_cache[1]
 
+    @staticmethod
+    def _prefix_groups(meta: DecodeMetadata, prefix_idx: dict):
+        """(first row, end row, chains, prefix slots) of each group with a shared prefix."""
+        starts = meta.group_starts_list
+        for g, plen in enumerate(meta.prefix_lens_list):
+            if plen:
+                yield starts[g], starts[g + 1], starts[g + 1] - starts[g], prefix_idx[g]
+
     def decode_states(self, q, k_cache, v_cache, meta: DecodeMetadata, scale):
         """Cascade decode, returning the merged float32 state (out [B, Hq, D], lse [B, Hq]).
 
@@ -116,13 +124,7 @@ class TorchBackend(AttentionBackend):
         qs = q.reshape(batch, num_kv_heads, group, head_dim)
         out, lse = _FLASH_CPU(qs, k_flat[idx].transpose(1, 2), v_flat[idx].transpose(1, 2), 0.0, False,
                               attn_mask=bias, scale=scale)  # [B, Hkv, G, D], [B, Hkv, G]
-        starts = meta.group_starts_list
-        for g, plen in enumerate(meta.prefix_lens_list):
-            if plen == 0:
-                continue
-            r0, r1 = starts[g], starts[g + 1]
-            n = r1 - r0
-            pidx = prefix_idx[g]
+        for r0, r1, n, pidx in self._prefix_groups(meta, prefix_idx):
             qp = qs[r0:r1].transpose(0, 1).reshape(1, num_kv_heads, n * group, head_dim)
             po, pl = _FLASH_CPU(qp, k_flat[pidx].transpose(0, 1)[None], v_flat[pidx].transpose(0, 1)[None], 0.0,
                                 False, scale=scale)  # [1, Hkv, n * G, D], [1, Hkv, n * G]
@@ -152,21 +154,15 @@ class TorchBackend(AttentionBackend):
         idx, valid, _, prefix_idx = self._decode_indices(meta, block_size)
 
         # Each chain's own suffix, all chains in one padded batch: scores [B, Hkv, G, Ls].
-        # Padding slots may hold anything (stale KV, NaN): zero V there so 0-probability keys contribute 0.
-        v_suffix = v_flat[idx].masked_fill(~valid[:, 0, :, None, None], 0).float()  # [B, Ls, Hkv, D]
+        # Padded entries of idx read the row's newest token (finite), so 0-probability keys contribute 0.
+        v_suffix = v_flat[idx].float()  # [B, Ls, Hkv, D]
         s = torch.matmul(qs, k_flat[idx].float().permute(0, 2, 3, 1))
         s.masked_fill_(~valid[:, None], float("-inf"))
         m = s.amax(dim=-1)  # [B, Hkv, G] running maximum over both parts
 
         # Each group's shared prefix: all of the group's chains x query heads against it in one product.
         prefixes = []
-        starts = meta.group_starts_list
-        for g, plen in enumerate(meta.prefix_lens_list):
-            if plen == 0:
-                continue
-            r0, r1 = starts[g], starts[g + 1]
-            n = r1 - r0
-            pidx = prefix_idx[g]  # [Lp] indices, or a slice when the prefix blocks are consecutive
+        for r0, r1, n, pidx in self._prefix_groups(meta, prefix_idx):  # pidx: [Lp] indices or a slice
             qp = qs[r0:r1].permute(1, 0, 2, 3).reshape(num_kv_heads, n * group, head_dim)
             sp = torch.matmul(qp, k_flat[pidx].float().permute(1, 2, 0))  # [Hkv, n * G, Lp]
             mp = sp.amax(dim=-1).reshape(num_kv_heads, n, group).permute(1, 0, 2)  # [n, Hkv, G]
