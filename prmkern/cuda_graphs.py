@@ -120,9 +120,9 @@ class DecodeGraphs:
         def i32(*shape, fill=0):
             return torch.full(shape, fill, dtype=torch.int32, device=dev)
 
+        # one rule for both kernels: B rows (or groups) x KV heads programs over up to max_model_len keys
         splits = self.splits_rule(B * self.num_kv_heads, self.max_model_len, dev)
-        # the shared-prefix grid: groups x KV heads x row tiles; the split rule sees at least one program per group
-        prefix_splits = self.splits_rule(B * self.num_kv_heads, self.max_model_len, dev) if cascade else None
+        prefix_splits = splits if cascade else None
         decode = DecodeMetadata(
             seq_lens=i32(B), block_tables=i32(B, W, fill=-1), group_starts=i32(B + 1), prefix_lens=i32(B),
             prefix_block_tables=i32(B, W, fill=-1), suffix_lens=i32(B), suffix_block_tables=i32(B, W, fill=-1),

@@ -91,7 +91,7 @@ class ModelRunner:
                     return logits
         ctx = ForwardContext(self.backend, meta, self.kv_caches, self.model.cos_sin_cache)
         hidden = self.model(input_ids, positions, ctx)
-        return self.model.compute_logits(hidden[rows])
+        return self.model.compute_logits(hidden if rows is None else hidden[rows])
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         src = torch.tensor([s for s, _ in copies], device=self.config.device)
@@ -181,4 +181,4 @@ class ModelRunner:
                 group_starts_list=group_starts, prefix_lens_list=prefix_lens))
         input_ids = torch.tensor([it.seq.token_ids[-1] for it in ordered], dtype=torch.int64, device=dev)
         positions = torch.tensor([it.seq.num_tokens - 1 for it in ordered], dtype=torch.int64, device=dev)
-        return input_ids, positions, meta, torch.arange(len(ordered), device=dev)
+        return input_ids, positions, meta, None  # every decode row samples
