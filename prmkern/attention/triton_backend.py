@@ -131,19 +131,10 @@ class TritonBackend(AttentionBackend):
             prefix_lens = torch.tensor([plen if g in taken else 0 for g, plen in enumerate(plens)],
                                        dtype=torch.int32, device=q.device)
 
-        # Suffix (or full) states, float32 so the merge does not round twice. [B, Hq, D], [B, Hq]
-        s_out, s_lse = K.paged_decode(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=tables, seq_lens=lens,
-                                      scale=scale, max_seq_len=meta.max_seq_len,
-                                      out=torch.empty((batch, num_heads, head_dim), dtype=torch.float32,
-                                                      device=q.device))
         max_group = max(starts[g + 1] - starts[g] for g in range(len(plens)))
-        p_out, p_lse = K.shared_prefix_decode(q=q, k_cache=k_cache, v_cache=v_cache, group_starts=meta.group_starts,
-                                              prefix_lens=prefix_lens, prefix_block_tables=meta.prefix_block_tables,
-                                              scale=scale, max_group_size=max_group,
-                                              max_prefix_len=max(plens[g] for g in shared),
-                                              out=torch.empty((batch, num_heads, head_dim), dtype=torch.float32,
-                                                              device=q.device))
-        return K.merge_states(out_a=s_out, lse_a=s_lse, out_b=p_out, lse_b=p_lse, out=out)
+        return self._cascade(q, k_cache, v_cache, meta, scale, out, tables=tables, lens=lens, prefix_lens=prefix_lens,
+                             max_group_size=max_group, max_seq_len=meta.max_seq_len,
+                             max_prefix_len=max(plens[g] for g in shared))
 
     def _decode_fixed(self, q, k_cache, v_cache, meta: DecodeMetadata, scale, out):
         """Decode whose launches depend on no value of this step (CUDA-graph capture): meta.cascade picks the path
@@ -153,17 +144,27 @@ class TritonBackend(AttentionBackend):
                                   seq_lens=meta.seq_lens, scale=scale, num_splits=meta.num_splits, out=out)
         if meta.max_group_size is None or meta.num_splits is None or meta.prefix_num_splits is None:
             raise ValueError("a fixed cascade decode needs max_group_size, num_splits and prefix_num_splits")
+        return self._cascade(q, k_cache, v_cache, meta, scale, out, tables=meta.suffix_block_tables,
+                             lens=meta.suffix_lens, prefix_lens=meta.prefix_lens, max_group_size=meta.max_group_size,
+                             num_splits=meta.num_splits, prefix_num_splits=meta.prefix_num_splits)
+
+    @staticmethod
+    def _cascade(q, k_cache, v_cache, meta: DecodeMetadata, scale, out, *, tables, lens, prefix_lens,
+                 max_group_size, max_seq_len=None, max_prefix_len=None, num_splits=None, prefix_num_splits=None):
+        """Suffix (or full) states by paged_decode over `tables`/`lens`, each group's prefix state by
+        shared_prefix_decode over `prefix_lens`, both float32 so the merge does not round twice; merged into `out`.
+        Split counts come from the max lengths (per step) or are given (captured steps)."""
         batch, num_heads, head_dim = q.shape
-        s_out, s_lse = K.paged_decode(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=meta.suffix_block_tables,
-                                      seq_lens=meta.suffix_lens, scale=scale, num_splits=meta.num_splits,
-                                      out=torch.empty((batch, num_heads, head_dim), dtype=torch.float32,
-                                                      device=q.device))
+
+        def f32() -> torch.Tensor:
+            return torch.empty((batch, num_heads, head_dim), dtype=torch.float32, device=q.device)
+
+        s_out, s_lse = K.paged_decode(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=tables, seq_lens=lens,
+                                      scale=scale, max_seq_len=max_seq_len, num_splits=num_splits, out=f32())
         p_out, p_lse = K.shared_prefix_decode(q=q, k_cache=k_cache, v_cache=v_cache, group_starts=meta.group_starts,
-                                              prefix_lens=meta.prefix_lens,
-                                              prefix_block_tables=meta.prefix_block_tables, scale=scale,
-                                              max_group_size=meta.max_group_size, num_splits=meta.prefix_num_splits,
-                                              out=torch.empty((batch, num_heads, head_dim), dtype=torch.float32,
-                                                              device=q.device))
+                                              prefix_lens=prefix_lens, prefix_block_tables=meta.prefix_block_tables,
+                                              scale=scale, max_group_size=max_group_size,
+                                              max_prefix_len=max_prefix_len, num_splits=prefix_num_splits, out=f32())
         return K.merge_states(out_a=s_out, lse_a=s_lse, out_b=p_out, lse_b=p_lse, out=out)
 
     def decode(self, q, k_cache, v_cache, meta: DecodeMetadata, scale):
