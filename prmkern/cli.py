@@ -135,15 +135,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _verify_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--format", default="thinkprm", help="thinkprm | genprm | critic | a name from --formats-file")
+    ap.add_argument("--format", default=None,
+                    help="thinkprm | genprm | critic | prmkern | a name from --formats-file (default: prmkern for the "
+                         "shipped verifier, thinkprm for --model); unset sampling options take the format's "
+                         "published defaults (prmkern.verify.format_defaults)")
     ap.add_argument("--formats-file", default=None, help="JSON file of user-defined verifier formats")
-    ap.add_argument("--chains", type=int, default=8, help="K: parallel verification chains per solution")
-    ap.add_argument("--temperature", type=float, default=0.6)
-    ap.add_argument("--top-p", type=float, default=0.95)
-    ap.add_argument("--max-tokens", type=int, default=1024, help="per chain, all rounds together")
+    ap.add_argument("--chains", type=int, default=None, help="K: parallel verification chains per solution")
+    ap.add_argument("--temperature", type=float, default=None)
+    ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--top-k", dest="verify_top_k", type=int, default=None)
+    ap.add_argument("--max-tokens", type=int, default=None, help="per chain, all rounds together")
     ap.add_argument("--budget-tokens", type=int, default=None,
                     help="budget forcing: a chain that ends earlier is told to continue")
-    ap.add_argument("--method", default="min", help="solution score: min | last | mean | product")
+    ap.add_argument("--method", default=None, help="solution score: min | last | mean | product | final | vote")
     ap.add_argument("--threshold", type=float, default=0.5, help="earliest error: first step scored below this")
     ap.add_argument("--verify-seed", type=int, default=0)
 
@@ -153,8 +157,10 @@ def _make_verifier(args: argparse.Namespace, llm):
     from prmkern.verify.protocols import Verifier, VerifyConfig
     if args.formats_file:
         load_formats(args.formats_file, replace=True)
-    return Verifier(llm, VerifyConfig(format=args.format, num_chains=args.chains, temperature=args.temperature,
-                                      top_p=args.top_p, max_tokens=args.max_tokens, budget_tokens=args.budget_tokens,
+    fmt = args.format or ("prmkern" if args.model is None else "thinkprm")  # the shipped verifier's own format
+    return Verifier(llm, VerifyConfig(format=fmt, num_chains=args.chains, temperature=args.temperature,
+                                      top_p=args.top_p, top_k=getattr(args, "verify_top_k", None),
+                                      max_tokens=args.max_tokens, budget_tokens=args.budget_tokens,
                                       method=args.method, threshold=args.threshold, seed=args.verify_seed))
 
 
@@ -237,7 +243,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     llm = _make_llm(args, default="verifier")
     verifier = _make_verifier(args, llm)
     print(f"verifying {len(records)} solutions from {path} with {llm.config.model} "
-          f"({args.format}, K={args.chains})", file=sys.stderr)
+          f"({verifier.fmt.name}, K={verifier.config.num_chains})", file=sys.stderr)
     start = time.perf_counter()
     results = _verify_records(verifier, records, not args.no_progress, "verify")
     seconds = time.perf_counter() - start
@@ -261,14 +267,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_eval_processbench(args: argparse.Namespace) -> int:
     import os
 
-    from prmkern.verify.processbench import evaluate_subsets, load_processbench
+    from prmkern.verify.processbench import balanced_limit, evaluate_subsets, load_processbench
     llm = _make_llm(args, default="verifier")
     verifier = _make_verifier(args, llm)
     subsets = {}
     start = time.perf_counter()
     all_results = []
     for path in args.files:
-        records = load_processbench(path)[:args.limit or None]
+        records = load_processbench(path)
+        records = balanced_limit(records, args.limit) if args.limit else records  # a head slice is all erroneous
         results = _verify_records(verifier, records, not args.no_progress, os.path.basename(path))
         all_results += results
         subsets[os.path.splitext(os.path.basename(path))[0]] = (

@@ -5,7 +5,7 @@ discriminative baseline, side by side.
         --exclude /tmp/verifier/train.jsonl
 
 Generative: K chains per solution through prmkern's LLM (the prompt's KV shared by the chains), each parsed with
-prmkern.verify (THINKPRM format); a verdict's P(correct) is read from the engine's log-probabilities of the two
+prmkern.verify (PRMKERN format); a verdict's P(correct) is read from the engine's log-probabilities of the two
 verdict tokens at the verdict position; step scores are the mean over chains; the predicted earliest error is the
 first step under 0.5. K=1 is the mean of the F1 of each chain alone (the K chains are K independent single-chain
 runs), which has less variance than one draw; a greedy single chain is a third row. Discriminative: P(correct) at each step separator, same threshold.
@@ -47,13 +47,13 @@ def generative_chains(model_dir: str, records: list[dict], k: int, temperature: 
     """Per record, K ChainScores; plus the engine's counters (prompt tokens, prefix-cache hits, generated)."""
     from prmkern.llm import LLM
     from prmkern.sampling import SamplingParams
-    from prmkern.verify import THINKPRM, Generated, parse_output, score_chain
+    from prmkern.verify import PRMKERN, Generated, parse_output, score_chain
 
     if threads:
         torch.set_num_threads(threads)
     llm = LLM(model_dir, dtype="float32", device=device, seed=seed)
     tok = llm.tokenizer
-    ids = THINKPRM.verdict_token_ids(tok)
+    ids = PRMKERN.verdict_token_ids(tok)
     prompts = [render_prompt(tok, r["problem"], r["steps"]) for r in records]
     params = SamplingParams(n=k, temperature=temperature, max_tokens=max_tokens, seed=seed,
                             logprob_token_ids=list(ids))
@@ -64,8 +64,8 @@ def generative_chains(model_dir: str, records: list[dict], k: int, temperature: 
             raise RuntimeError(f"record {r['id']}: {out.error}")
         per = []
         for c in out.outputs:
-            parsed = parse_output(THINKPRM, c.text, len(r["steps"]), finished=c.finish_reason != "length")
-            per.append(score_chain(THINKPRM, parsed, Generated(c.token_ids, c.token_logprobs), verdict_ids=ids,
+            parsed = parse_output(PRMKERN, c.text, len(r["steps"]), finished=c.finish_reason != "length")
+            per.append(score_chain(PRMKERN, parsed, Generated(c.token_ids, c.token_logprobs), verdict_ids=ids,
                                    tokenizer=tok))
         chains.append(per)
     return chains, {k: v for k, v in vars(llm.stats).items() if isinstance(v, (int, float))}

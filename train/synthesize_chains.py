@@ -4,13 +4,13 @@ ones that agree with the gold labels.
     python train/synthesize_chains.py --teacher some-checkpoint/ --data labelled.jsonl --k 4 --out chains.jsonl
 
 Input records carry `problem`, `steps` and ProcessBench's `label` (first wrong step, -1 if none). The teacher runs
-through prmkern's LLM with SamplingParams(n=K): the prompt (THINKPRM format) is prefilled once and shared by the K
+through prmkern's LLM with SamplingParams(n=K): the prompt (PRMKERN format) is prefilled once and shared by the K
 chains. A chain is kept when (`keep_chain`): it finished on its own (not cut by --max-tokens) within
 --max-chain-tokens tokens; every step up to the first wrong one has a parsable verdict equal to the gold one
 (correct before it, incorrect at it; later steps are free); and its closing "Is the solution correct?" answer exists
 and matches. At most --per-solution distinct chains are kept per solution; then the kept set is balanced by final
 correctness (as many correct-solution chains as wrong-solution ones, the larger side subsampled with --seed).
-Output records are the input records plus `chain` (the text after THINKPRM's prefix), ready for train/sft.py.
+Output records are the input records plus `chain` (the text after PRMKERN's prefix), ready for train/sft.py.
 
 It does not: write gold chains (train/synthetic.py does, for the synthetic task) or judge chain quality beyond
 agreement with the labels.
@@ -55,7 +55,7 @@ def synthesize(llm, records: list[dict], *, k: int, temperature: float, max_toke
                per_solution: int, seed: int) -> tuple[list[dict], dict]:
     """Kept (unbalanced) chain records and counts of why chains were dropped."""
     from prmkern.sampling import SamplingParams
-    from prmkern.verify import THINKPRM, parse_output
+    from prmkern.verify import PRMKERN, parse_output
 
     prompts = [render_prompt(llm.tokenizer, r["problem"], r["steps"]) for r in records]
     outs = llm.generate(prompts, SamplingParams(n=k, temperature=temperature, max_tokens=max_tokens, seed=seed))
@@ -72,7 +72,7 @@ def synthesize(llm, records: list[dict], *, k: int, temperature: float, max_toke
                 stats["unfinished"] += 1
             elif len(c.token_ids) > max_chain_tokens:
                 stats["too_long"] += 1
-            elif not keep_chain(parse_output(THINKPRM, c.text, len(r["steps"])), r["label"], len(r["steps"])):
+            elif not keep_chain(parse_output(PRMKERN, c.text, len(r["steps"])), r["label"], len(r["steps"])):
                 stats["disagree"] += 1
             elif c.text in texts:
                 stats["duplicate"] += 1
