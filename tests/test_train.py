@@ -293,13 +293,11 @@ def test_synthesize_and_rpe_through_the_engine(random_model):
                                                max_chain_tokens=12, per_solution=1, seed=0)
     assert stats["chains"] == 9 and stats["failed_requests"] == 0
     assert stats["chains"] == sum(v for key, v in stats.items() if key not in ("chains", "failed_requests"))
-    out = rpe_labels.label_records(llm, recs, k=2, temperature=1.0, max_tokens=8, seed=0)
-    for r, o in zip(recs, out):
-        mc = o["rpe"]["mc"]
-        assert len(mc) == len(r["steps"]) + 1 and all(v in (0.0, 0.5, 1.0) for v in mc)
-        assert mc[-1] == float(r["final_answer_correct"])  # the full solution is graded, not rolled out
-        assert o["rpe"]["step_labels"] == rpe_labels.rpe_step_labels(mc)[1]
-        assert o["label"] == rpe_labels.first_wrong(o["rpe"]["step_labels"])
+    # A random policy never reaches the answer: every problem has Pass@1 = 0 and is dropped, as GenPRM's RPE does
+    # (the label rules themselves: tests/test_rpe_labels.py, with a scripted policy).
+    out, dropped = rpe_labels.label_records(llm, recs, n_pass=2, bands=((1.0, 2),), temperature=1.0, max_tokens=8,
+                                            seed=0)
+    assert out == [] and len(dropped) == 3 and all("Pass@1 = 0.0" in d["rpe_dropped"] for d in dropped)
 
 
 # ---- discriminative baseline and evaluation -------------------------------------------------------------------
