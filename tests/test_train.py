@@ -274,6 +274,14 @@ def test_chain_filter_and_balance(work):
     assert [r["id"] for r in kept] == [wrong["id"], ok["id"]]
     assert stats == {"chains": 6, "kept": 2, "unfinished": 1, "too_long": 1, "disagree": 1, "duplicate": 1,
                      "over_per_solution": 0, "failed_requests": 0}
+    # ThinkPRM's filter: \boxed{\text{...}} normalised, cut after the last verdict, the gold final question appended
+    # (the teacher's own closing answer, here wrong, and its trailing text never reach the training chain).
+    messy = (wrong["chain"].replace("\\boxed{correct}", "\\boxed{\\text{correct}}").replace("? No", "? Yes")
+             + "\nAnd some rambling after the answer.")
+    kept, stats = synthesize_chains.synthesize(_FakeLLM(tok, [[_Chain(messy)]]), [wrong], k=1, temperature=1.0,
+                                               max_tokens=600, max_chain_tokens=400, per_solution=1, seed=0)
+    assert stats["kept"] == 1 and kept[0]["chain"] == wrong["chain"]
+    assert "\\text" not in kept[0]["chain"] and kept[0]["chain"].endswith("\\boxed{incorrect}\nIs the solution correct? No")
     many = [dict(ok, id=f"ok{i}") for i in range(5)] + [dict(wrong, id="w0"), dict(wrong, id="w1")]
     bal = synthesize_chains.balance(many, seed=0)
     assert sum(r["label"] == -1 for r in bal) == 2 and sum(r["label"] != -1 for r in bal) == 2
