@@ -69,6 +69,11 @@ class VerifyConfig:
         if self.method == "final" and not self.format.final_prefix:
             raise ValueError(f"method 'final' needs a format with a forced final verdict (final_prefix); "
                              f"{self.format.name!r} has none")
+        # The sampling settings fail here, before any model work, with SamplingParams' own messages.
+        SamplingParams(n=self.num_chains, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                       max_tokens=self.max_tokens)
+        if not isinstance(self.threshold, (int, float)) or not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold={self.threshold!r} is invalid; accepted: a float in [0, 1]")
         if self.budget_tokens is not None and not 0 < self.budget_tokens <= self.max_tokens:
             raise ValueError(f"budget_tokens={self.budget_tokens!r} is invalid; accepted: None or an int in "
                              f"(0, max_tokens={self.max_tokens}]")
