@@ -114,3 +114,29 @@ def test_append_text_keeps_generated_tokens_before_a_stop_string(qwen2_dir):
     kept = sum(1 for lp in turn.token_logprobs if lp)
     body_ids = tok.encode(body, add_special_tokens=False)
     assert kept >= len(body_ids) - 1 and turn.token_ids[:kept] == ids[:kept]
+
+
+def test_thinkprm_final_verdict_matches_transformers(qwen2_dir, records):
+    """The forced final verdict through the real engine equals P(yes) / (P(yes) + P(no)) computed by Hugging Face
+    transformers on the same tokens (the chain, its stop cut, then "\\nIs the solution correct? ")."""
+    import torch
+
+    from conftest import hf_model
+    llm = LLM(qwen2_dir, device="cpu")
+    res = Verifier(llm, VerifyConfig(format="thinkprm", num_chains=2, temperature=1.0, max_tokens=12)).verify(
+        records[:2])
+    tok = llm.tokenizer
+    yes, no = tok.encode("yes", add_special_tokens=False)[0], tok.encode("no", add_special_tokens=False)[0]
+    model = hf_model(qwen2_dir)
+    finals = []
+    for r in res:
+        for ch in r.chains:
+            turn = ch.turns[0]
+            ids = turn.prompt_ids + turn.token_ids[:-1]  # the last token is the decision the engine wrote
+            assert tok.decode(ids).endswith("\nIs the solution correct? ")
+            with torch.no_grad():
+                lp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
+            ref = float(torch.softmax(lp[[yes, no]], -1)[0])
+            assert ch.final == pytest.approx(ref, abs=1e-4)
+            finals.append(ref)
+        assert r.scores.score == pytest.approx(sum(finals[-2:]) / 2, abs=1e-4) and r.scores.method == "final"
