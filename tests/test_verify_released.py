@@ -277,3 +277,15 @@ def test_critic_plurality_vote_over_chains(r1tok):
     res = Verifier(ScriptedLLM(r1tok, script), VerifyConfig(format="critic", num_chains=4)).verify(
         [{"problem": PROBLEM, "steps": STEPS}])[0]
     assert res.scores.vote is None and res.prediction is None  # the winner "x" is no integer
+
+
+def test_user_format_from_a_base_keeps_released_strings_and_defaults(tmp_path, r1tok):
+    import json
+
+    from prmkern.verify import load_formats
+    path = tmp_path / "formats.json"
+    path.write_text(json.dumps({"base": "genprm", "name": "genprm-mine", "system_prompt": "Judge."}))
+    (fmt,) = load_formats(path, replace=True)
+    assert fmt.analyze_stop == ("</analyze>\n",) and fmt.code_stop == R.GENPRM_CODE_STOPS
+    assert fmt.render("P", ["a"], r1tok, paragraph=0) == BOS + "Judge.<｜User｜>P\na" + GENPRM.prefix(0)
+    assert format_defaults("genprm-mine") == format_defaults("genprm")

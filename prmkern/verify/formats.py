@@ -407,5 +407,7 @@ def load_formats(path: str | Path, *, register: bool = True, replace: bool = Fal
         fmt = VerifierFormat(**merged)
         if register:
             register_format(fmt, replace=replace)
+            if base and fmt.name not in _DEFAULTS:  # a variant of a built-in runs with its base's defaults
+                _DEFAULTS[fmt.name] = format_defaults(base)
         out.append(fmt)
     return out
