@@ -1,0 +1,188 @@
+"""Child side, part 1 of 3: shared helpers, namespaces, the filesystem view and the privilege drop.
+
+NOT imported by the engine. prmkern/sandbox/bootstrap.py concatenates child_setup.py, child_worker.py and
+child_supervisor.py into one program that a fresh ``python -I`` runs (stdlib only: nothing else is importable
+once the filesystem view is in place). The configuration arrives as JSON in argv[1] and is read by ``main``.
+
+What this part does, in the process that becomes the sandbox's supervisor:
+* ``enter_namespaces``: new user (userns mode), mount, network, PID, IPC and UTS namespaces.
+* ``build_root``: a new root on a tmpfs holding read-only binds of exactly the directories the interpreter
+  reads (its prefixes, sys.path, the system library directories), a few device nodes, private /tmp and
+  /dev/shm, a fresh /proc for the PID namespace; then pivot_root and detach the old root, so nothing else of
+  the host (project, home, model files, UNIX sockets under /run or /tmp) has a path in the sandbox.
+* ``drop_privileges`` (in the worker): limits, then the private uid (root mode) or a nested user namespace
+  (userns mode, so the code cannot undo the mounts), then no_new_privs.
+"""
+import ctypes
+import json
+import os
+import platform
+import resource
+import select
+import signal
+import struct
+import sys
+import threading
+import traceback
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 8, 32, 4096, 16384
+MS_NOATIME, MS_NODIRATIME, MS_PRIVATE, MS_RELATIME = 1024, 2048, 1 << 18, 1 << 21
+MNT_DETACH = 2
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 36, 38
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217, "riscv64": 41}
+FRAME_MAX = 1 << 16  # bytes of one worker -> supervisor message; more is a broken channel
+
+
+class SetupError(Exception):
+    """The sandbox could not be set up (reported as status 'sandbox_error', never the code's fault)."""
+
+
+def fail_setup(cfg, msg):
+    os.write(2, ("%s: %s\n" % (cfg["setup_msg"], msg)).encode())
+    os._exit(cfg["exit_setup"])
+
+
+def c_call(name, *args):
+    if getattr(libc, name)(*args) != 0:
+        e = ctypes.get_errno()
+        raise SetupError("%s%r: %s" % (name, args, os.strerror(e)))
+
+
+def mount(src, target, fstype, flags, data):
+    enc = lambda s: None if s is None else s.encode()  # noqa: E731
+    c_call("mount", enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data))
+
+
+def write_frame(fd, payload):
+    """One length-prefixed message; returns False if the pipe is gone."""
+    data = struct.pack("<I", len(payload)) + payload
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError:
+        return False
+    return True
+
+
+def read_exact(fd, n):
+    """n bytes, or None at EOF / on a closed descriptor."""
+    buf = b""
+    while len(buf) < n:
+        try:
+            chunk = os.read(fd, n - len(buf))
+        except InterruptedError:
+            continue
+        except OSError:
+            return None
+        if not chunk:
+            return None
+        buf += chunk
+    return buf
+
+
+def read_frame(fd, limit=None):
+    head = read_exact(fd, 4)
+    if head is None:
+        return None
+    (n,) = struct.unpack("<I", head)
+    if limit is not None and n > limit:
+        return None
+    return read_exact(fd, n)
+
+
+def enter_namespaces(cfg):
+    """unshare(2) the namespaces; in userns mode map our uid/gid to themselves inside."""
+    uid, gid = os.getuid(), os.getgid()
+    flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
+    if cfg["mode"] == "userns":
+        flags |= CLONE_NEWUSER
+    c_call("unshare", flags)
+    if cfg["mode"] == "userns":
+        for name, text in (("setgroups", "deny"), ("uid_map", "%d %d 1" % (uid, uid)),
+                           ("gid_map", "%d %d 1" % (gid, gid))):
+            with open("/proc/self/" + name, "w") as f:
+                f.write(text)
+    return uid, gid
+
+
+def _locked_flags(path):
+    """Mount flags a bind of `path` must keep (a user namespace may add but not clear them)."""
+    f = os.statvfs(path).f_flag
+    out = 0
+    for st, ms in ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC), (1024, MS_NOATIME),
+                   (2048, MS_NODIRATIME), (4096, MS_RELATIME)):
+        if f & st:
+            out |= ms
+    return out
+
+
+def _bind(src, dst, readonly):
+    mount(src, dst, None, MS_BIND, None)  # not MS_REC: mounts below src stay hidden
+    if readonly:
+        mount(None, dst, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | _locked_flags(src), None)
+
+
+def build_root(cfg, owner):
+    """Mounts the minimal root described by cfg['fs'] at cfg['newroot'] and pivots into it."""
+    mount(None, "/", None, MS_REC | MS_PRIVATE, None)
+    root = cfg["newroot"]
+    mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=8m,mode=0755")
+    for kind, src, dst in cfg["fs"]:
+        target = root + dst
+        if kind == "symlink":
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if not os.path.lexists(target):
+                os.symlink(src, target)
+            continue
+        if os.path.lexists(target) and not os.path.isdir(target) and kind == "dir":
+            continue  # already provided by a symlink
+        if kind == "dir":
+            os.makedirs(target, exist_ok=True)
+        else:  # "file" (read-only) or "dev" (a device node, left writable)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if not os.path.exists(target):
+                os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
+        _bind(src, target, readonly=kind != "dev")
+    tmp_opts = "size=%d,mode=1777" % cfg["tmpfs_bytes"]
+    for d in ("/tmp", "/dev/shm"):
+        os.makedirs(root + d, exist_ok=True)
+        mount("tmpfs", root + d, "tmpfs", MS_NOSUID | MS_NODEV, tmp_opts)
+    # The code's working directory (its HOME and TMPDIR too): private, owned by the code's uid.
+    os.chown(root + "/tmp", owner[0], owner[1])
+    os.makedirs(root + "/proc", exist_ok=True)
+    mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    os.chdir(root)
+    nr = _SYS_PIVOT_ROOT.get(platform.machine())
+    if nr is None:
+        raise SetupError("pivot_root: unknown syscall number on %s" % platform.machine())
+    if libc.syscall(nr, b".", b".") != 0:
+        raise SetupError("pivot_root: %s" % os.strerror(ctypes.get_errno()))
+    c_call("umount2", b".", MNT_DETACH)  # the old root, stacked on top by pivot_root(".", ".")
+    os.chdir("/")
+    mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+
+
+def drop_privileges(cfg):
+    """In the worker, before any code runs: limits, then the uid (or nested userns), then no_new_privs."""
+    mode = cfg["mode"]
+    if mode == "userns":
+        # A nested user namespace owns neither the mounts nor the network: the code cannot undo them.
+        c_call("unshare", CLONE_NEWUSER)
+    os.chdir(cfg["workdir"])
+    for name, value in cfg["limits"].items():
+        soft, hard = value if isinstance(value, list) else (value, value)
+        resource.setrlimit(getattr(resource, name), (soft, hard))
+    if mode == "root":
+        os.setgroups([])
+        os.setresgid(cfg["gid"], cfg["gid"], cfg["gid"])
+        os.setresuid(cfg["uid"], cfg["uid"], cfg["uid"])
+    c_call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    if mode == "none":
+        def _no_network(event, args):
+            if event.startswith("socket.") and event != "socket.gethostname":
+                raise PermissionError("network access is disabled in the prmkern sandbox")
+        sys.addaudithook(_no_network)
