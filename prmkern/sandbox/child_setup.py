@@ -10,8 +10,8 @@ What this part does, in the process that becomes the sandbox's supervisor:
   reads (its prefixes, sys.path, the system library directories), a few device nodes, private /tmp and
   /dev/shm, a fresh /proc for the PID namespace; then pivot_root and detach the old root, so nothing else of
   the host (project, home, model files, UNIX sockets under /run or /tmp) has a path in the sandbox.
-* ``drop_privileges`` (in the worker): limits, then the private uid (root mode) or a nested user namespace
-  (userns mode, so the code cannot undo the mounts), then no_new_privs.
+* ``drop_privileges`` (in the worker): limits, then the private uid (root mode, and mode none as root) or a
+  nested user namespace (userns mode, so the code cannot undo the mounts), then no_new_privs.
 """
 import ctypes
 import json
@@ -176,7 +176,7 @@ def drop_privileges(cfg):
     for name, value in cfg["limits"].items():
         soft, hard = value if isinstance(value, list) else (value, value)
         resource.setrlimit(getattr(resource, name), (soft, hard))
-    if mode == "root":
+    if cfg["uid"] >= 0:  # root mode, or mode none with an engine running as root
         os.setgroups([])
         os.setresgid(cfg["gid"], cfg["gid"], cfg["gid"])
         os.setresuid(cfg["uid"], cfg["uid"], cfg["uid"])

@@ -233,6 +233,9 @@ def _launcher(cfg, child):
 
 def main():
     cfg = json.loads(sys.argv[1])
+    # Python's one default handler: a signal the code may send us (same kernel uid in userns mode) must not
+    # raise KeyboardInterrupt here. As a PID namespace's init we get no signal without a handler from inside.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     req_r, rep_w = cfg["req_fd"], cfg["rep_fd"]
     ns = cfg["mode"] != "none"
     try:

@@ -68,6 +68,15 @@ def _settle_threads():
         select.select([], [], [], 0.001)
 
 
+def _disarm_timers():
+    """Timers the snippet armed (signal.alarm, setitimer) would fire in the next snippet: cancel them."""
+    for which in (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF):
+        try:
+            signal.setitimer(which, 0)
+        except (OSError, ValueError, TypeError):
+            pass
+
+
 def _reap_children():
     """Zombies of processes the supervisor killed between snippets (they count against RLIMIT_NPROC)."""
     while True:
@@ -107,6 +116,7 @@ def worker_main(cfg, code_r, done_w):
             pass
         _forks[0] = 0
         status, rc = _run_snippet(cfg, code, ns, main_pid)
+        _disarm_timers()
         _settle_threads()
         # Formatted by hand: the code may have replaced json.dumps (it would only garble its own report).
         msg = '{"token": "%s", "status": "%s", "exit_code": %d}' % (token.decode("ascii"), status, int(rc))

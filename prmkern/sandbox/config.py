@@ -28,14 +28,21 @@ NOT_ISOLATED: dict[str, tuple[str, ...]] = {
         "approximate",
     ),
     "none": (
-        "filesystem: every file the engine's user can read is readable, and writable places are writable",
+        "filesystem: every file the code's uid can read is readable (the engine's uid; as root, a private uid "
+        "that still reads every world-readable file), and world-writable places are writable",
         "network: blocked only by an audit hook in the interpreter (ctypes or a subprocess get around it)",
-        "IPC: SysV shared memory, semaphores and message queues are the host's",
-        "processes: the code sees and may signal every process of the engine's user",
-        "reply channel: a code running as root can open the supervisor's pipes through /proc",
-        "process count: RLIMIT_NPROC counts the engine user's processes, and does not bind root",
+        "IPC: SysV shared memory, semaphores and message queues are the host's and outlive the run",
+        "processes: the code sees every process of the host; unless the engine runs as root (then the code "
+        "has a private uid) it may signal the engine user's processes, the supervisor included, and what it "
+        "started in a new session can then outlive the run",
+        "process count: without root, RLIMIT_NPROC counts the engine user's processes (approximate allowance)",
     ),
 }
+
+# Added to mode none's list when the engine is root but the interpreter's files are closed to other users
+# (e.g. a Python under /root, mode 0700): no private uid could run it, so the code keeps root.
+ROOT_CODE_GAP = ("uid: the code runs as root (the interpreter's directories are not readable by other users, "
+                 "so it cannot run under a private uid without a mount namespace)")
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,23 @@ def needed_dirs(python: str) -> list[str]:
     return sorted(out)
 
 
+def others_can_run(python: str) -> bool:
+    """Whether a uid with no rights of its own can read the interpreter's directories (mode none as root
+    drops to a private uid only then: without a mount namespace nothing can be bound in)."""
+    for d in needed_dirs(python):
+        path = "/"
+        for part in [p for p in d.split("/") if p]:
+            path = os.path.join(path, part)
+            try:
+                if not os.stat(path).st_mode & 0o001:
+                    return False
+            except OSError:
+                return False
+        if not os.stat(d).st_mode & 0o004:
+            return False
+    return True
+
+
 def fs_plan(python: str) -> list[list[str]]:
     """[kind, source, target] entries for child_setup.build_root, outermost directories first.
 

@@ -91,9 +91,12 @@ class SandboxProcess:
         self.reaped = False
         to_close: list[int] = []
         try:
-            if mode == "root":
+            # A private uid wherever we can set one: root mode, and mode none when the engine is root.
+            if mode == "root" or (mode == "none" and os.geteuid() == 0 and fsview.others_can_run(python)):
                 self.slot = _acquire_uid(uid_base, uid_count)
-            nproc = limits.max_processes + (0 if mode == "root" else _user_task_count())
+                if mode == "none":  # its working directory is this host directory
+                    os.chown(self.hostdir, self.slot.uid, bootstrap.SANDBOX_GID)
+            nproc = limits.max_processes + (0 if self.slot else _user_task_count())
             req_r, self.req_w = os.pipe()
             self.rep_r, rep_w = os.pipe()
             to_close += [req_r, rep_w]

@@ -14,7 +14,15 @@ import threading
 from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from prmkern.sandbox.config import ISOLATION_MODES, NOT_ISOLATED, IsolationInfo, SandboxLimits, SandboxResult
+from prmkern.sandbox.config import (
+    ISOLATION_MODES,
+    NOT_ISOLATED,
+    ROOT_CODE_GAP,
+    IsolationInfo,
+    SandboxLimits,
+    SandboxResult,
+)
+from prmkern.sandbox.fsview import others_can_run
 from prmkern.sandbox.process import DEFAULT_UID_BASE, DEFAULT_UID_COUNT, SandboxProcess
 from prmkern.sandbox.supervise import execute
 
@@ -22,8 +30,11 @@ _probe_cache: dict[tuple[str, str], IsolationInfo] = {}
 _probe_lock = threading.Lock()
 
 
-def _info(mode: str, notes: tuple[str, ...] = ()) -> IsolationInfo:
-    return IsolationInfo(mode, "best-effort" if mode == "none" else "namespace", notes, NOT_ISOLATED[mode])
+def _info(mode: str, python: str, notes: tuple[str, ...] = ()) -> IsolationInfo:
+    gaps = NOT_ISOLATED[mode]
+    if mode == "none" and os.geteuid() == 0 and not others_can_run(python):
+        gaps = (ROOT_CODE_GAP, *gaps)
+    return IsolationInfo(mode, "best-effort" if mode == "none" else "namespace", notes, gaps)
 
 
 def probe_isolation(isolation: str = "auto", python: str | None = None) -> IsolationInfo:
@@ -45,7 +56,7 @@ def probe_isolation(isolation: str = "auto", python: str | None = None) -> Isola
             if mode == "root" and os.geteuid() != 0:
                 notes.append("root: not running as root")
                 continue
-            res = _run_once("pass", SandboxLimits(wall_time_s=30), _info(mode), python, DEFAULT_UID_BASE,
+            res = _run_once("pass", SandboxLimits(wall_time_s=30), _info(mode, python), python, DEFAULT_UID_BASE,
                             DEFAULT_UID_COUNT)
             if res.status == "ok":
                 chosen = mode
@@ -53,7 +64,7 @@ def probe_isolation(isolation: str = "auto", python: str | None = None) -> Isola
             notes.append(f"{mode}: {(res.error or res.status)[-300:]}")
         if chosen is None:
             raise RuntimeError(f"isolation {isolation!r} does not work on this machine: {notes}")
-        info = _info(chosen, tuple(notes))
+        info = _info(chosen, python, tuple(notes))
         _probe_cache[key] = info
         return info
 
