@@ -180,3 +180,29 @@ def test_bad_input_is_rejected():
         run_code("print(1)", isolation="docker")
     with pytest.raises(TypeError):
         run_many("print(1)")
+
+
+def test_the_engine_keeps_no_descriptor_or_process_of_finished_sandboxes():
+    def fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    def children():
+        return [p for p in os.listdir("/proc") if p.isdigit() and _ppid(p) == os.getpid()]
+
+    run_code("print(1)", FAST)  # warm: probes and caches
+    before = fds()
+    with SessionPool(FAST, max_workers=3) as pool:
+        pool.run_many([(k, "import os\nif os.fork() == 0:\n    import time; time.sleep(9)\nprint(k := 1)")
+                       for k in range(3)])
+        pool.run_many([(0, "import time\ntime.sleep(9)"), (1, "print('z' * 10**6)"), (2, "raise SystemExit(4)")])
+    run_many(["print(2)", "import time\ntime.sleep(9)"], SandboxLimits(wall_time_s=0.5))
+    assert fds() == before
+    assert children() == []
+
+
+def _ppid(pid: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
