@@ -127,3 +127,24 @@ def test_snippets_run_in_the_venv_they_are_given(other_venv):
     assert pytest_line == "no pytest"  # pytest lives in the engine's venv only
     if r.isolation != "none":
         assert engine_visible == "False"  # the engine's venv is not even in the view
+
+
+def test_a_project_root_put_on_sys_path_by_a_pth_file_stays_out_of_the_view(tmp_path):
+    """Editable installs may add a project root to sys.path; the project's files must not become readable."""
+    if probe_isolation().mode == "none":
+        pytest.skip("no filesystem view in isolation 'none'")
+    project = tmp_path / "project"
+    project.mkdir()
+    secret = "prmkern-secret-" + uuid.uuid4().hex
+    (project / "secretmod.py").write_text(f"SECRET = {secret!r}\n")
+    venv = tmp_path / "venv"
+    subprocess.run([os.path.join(sys.base_prefix, "bin", "python3"), "-m", "venv", "--without-pip", "--symlinks",
+                    str(venv)], check=True, timeout=120)
+    site = next(venv.glob("lib/python*/site-packages"))
+    (site / "_project.pth").write_text(str(project) + "\n")
+    py = str(venv / "bin" / "python")
+    assert str(project) in interpreter_paths(py)["path"]  # the interpreter itself would import from there
+    code = (f"import os\nprint(os.path.exists({str(project)!r}))\n"
+            "try:\n    import secretmod\n    print(secretmod.SECRET)\nexcept ImportError:\n    print('hidden')\n")
+    r = run_code(code, FAST, python=py)
+    assert (r.status, r.stdout) == ("ok", "False\nhidden\n"), r

@@ -3,7 +3,8 @@
 The interpreter is asked for its own paths (``sys.prefix``, ``sys.base_prefix``, the exec prefixes,
 ``sys.executable`` and ``sys.path`` of ``python -I``), once per interpreter path, so a second virtual
 environment symlinked to the same base Python is seen with its own site-packages, not mistaken for the
-engine's. The plan binds those directories (and their real paths, when a symlink leads there), the system
+engine's. The plan binds those directories (and their real paths, when a symlink leads there; of sys.path
+only entries under a prefix or named site-packages / dist-packages, never a project root), the system
 library directories the dynamic loader searches, /etc/ld.so.cache and five device nodes; child_setup.py
 mounts it. Nothing else of the host has a path inside: no project or home directory, no model files, no
 /run or /tmp with their UNIX sockets, no /etc/passwd.
@@ -52,11 +53,23 @@ def _is_under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+def _package_dir(entry: str, prefixes: list[str]) -> bool:
+    """A sys.path entry worth exposing: under one of the interpreter's prefixes, or a site-packages /
+    dist-packages directory (another environment's, added by a .pth). Anything else, such as a project root
+    an editable install's .pth puts on sys.path, stays out of the view (its packages are not importable)."""
+    real = os.path.realpath(entry)
+    if os.path.basename(real.rstrip("/")) in ("site-packages", "dist-packages"):
+        return True
+    return any(_is_under(v, pre) for pre in prefixes for v in (os.path.normpath(entry), real))
+
+
 def needed_dirs(python: str) -> list[str]:
     """Directories the interpreter reads, as it names them and as they resolve."""
     p = interpreter_paths(python)
-    raw = [p["prefix"], p["base_prefix"], p["exec_prefix"], p["base_exec_prefix"],
-           os.path.dirname(p["executable"]), os.path.dirname(os.path.abspath(python)), *p["path"]]
+    prefixes = [p["prefix"], p["base_prefix"], p["exec_prefix"], p["base_exec_prefix"]]
+    prefixes += [os.path.realpath(x) for x in prefixes]
+    raw = [*prefixes, os.path.dirname(p["executable"]), os.path.dirname(os.path.abspath(python)),
+           *(e for e in p["path"] if e and _package_dir(e, prefixes))]
     out: set[str] = set()
     for d in raw:
         if not d or not os.path.isabs(d):
