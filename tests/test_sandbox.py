@@ -204,3 +204,14 @@ def _ppid(pid: str) -> int | None:
             return int(f.read().rsplit(b")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def test_whatever_the_code_string_holds_comes_back_as_a_result():
+    cases = {"print(1)\x00": "SyntaxError", "x = '\ud800'\nprint(x)": "UnicodeEncodeError", "": None,
+             "# pad\n" * 100_000 + "print('end')": None}
+    for code, err in cases.items():
+        r = run_code(code, FAST)
+        if err is None:
+            assert r.status == "ok" and r.stdout in ("", "end\n"), r
+        else:
+            assert r.status == "error" and err in r.error, r

@@ -48,6 +48,15 @@ def _assert_next_snippet_clean(session: SandboxSession, wait_s: float = 0.6) -> 
     assert (r.status, r.stdout, r.stderr) == ("ok", "clean\n", ""), r
 
 
+def _mode_or_skip(mode: str) -> None:
+    if mode == "root" and os.geteuid() != 0:
+        pytest.skip("root mode needs root")
+    try:
+        probe_isolation(mode)
+    except RuntimeError as e:
+        pytest.skip(f"isolation {mode!r} does not work here: {e}")
+
+
 # -- the reply channel ------------------------------------------------------------------------------------------
 
 FORGERIES = {
@@ -105,10 +114,13 @@ FORGERIES = {
 }
 
 
+@pytest.mark.parametrize("mode", ["auto", "userns", "none"])
 @pytest.mark.parametrize("name", sorted(FORGERIES))
-def test_forging_or_breaking_the_reply_channel_fails_that_snippet_alone(name):
+def test_forging_or_breaking_the_reply_channel_fails_that_snippet_alone(name, mode):
+    if mode != "auto":
+        _mode_or_skip(mode)
     code = FORGERIES[name]
-    with SessionPool(FAST, max_workers=2) as pool:
+    with SessionPool(FAST, max_workers=2, isolation=mode) as pool:
         pool.run_many([("evil", "secret = 41"), ("good", "total = 1")])
         evil, good = pool.run_many([("evil", code), ("good", "total += 1\nprint('good', total)")])
         # No exception reached us; the other chain is untouched; the hostile one got a verdict of its own.
@@ -127,22 +139,36 @@ def test_forging_or_breaking_the_reply_channel_fails_that_snippet_alone(name):
         assert pool.run("good", "print(total)").stdout == "2\n"
 
 
-@needs_ns
-def test_the_supervisors_pipes_are_out_of_reach():
+@pytest.mark.parametrize("mode", ["root", "userns"])
+def test_the_supervisors_pipes_are_out_of_reach(mode):
+    _mode_or_skip(mode)
     code = (
         "import os\n"
         "opened = []\n"
         "for pid in ('1', str(os.getppid())):\n"
-        "    for what in ('fd', 'mem', 'environ'):\n"
-        "        try:\n"
-        "            os.listdir(f'/proc/{pid}/{what}') if what == 'fd' else open(f'/proc/{pid}/{what}', 'rb').read(1)\n"
-        "            opened.append((pid, what))\n"
-        "        except OSError:\n"
-        "            pass\n"
+        "    try:\n"
+        "        fds = os.listdir(f'/proc/{pid}/fd')\n"  # listing the numbers may be allowed (userns)
+        "    except OSError:\n"
+        "        fds = [str(n) for n in range(64)]\n"
+        "    for what in [f'fd/{n}' for n in fds] + ['mem', 'environ']:\n"
+        "        for flags in (os.O_WRONLY, os.O_RDONLY):\n"
+        "            try:\n"
+        "                os.close(os.open(f'/proc/{pid}/{what}', flags))\n"
+        "                opened.append((pid, what))\n"
+        "            except OSError:\n"
+        "                pass\n"
+        "import signal\n"
+        "for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL, signal.SIGSTOP):\n"
+        "    try:\n"
+        "        os.kill(1, sig)\n"  # the supervisor: init of the namespace, another uid or userns
+        "    except OSError:\n"
+        "        pass\n"
         "print(sorted(set(opened)))\n"
     )
-    r = run_code(code, FAST)
-    assert (r.status, r.stdout) == ("ok", "[]\n"), r
+    with SandboxSession(FAST, isolation=mode) as s:
+        r = s.run(code)
+        assert (r.status, r.stdout, r.state_lost) == ("ok", "[]\n", False), r
+        assert s.run("print('still served')").stdout == "still served\n"
 
 
 def test_reply_look_alikes_on_stdout_are_just_output():

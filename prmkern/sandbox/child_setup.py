@@ -35,6 +35,9 @@ MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 36, 38
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217, "riscv64": 41}
 FRAME_MAX = 1 << 16  # bytes of one worker -> supervisor message; more is a broken channel
+# Bound now: a snippet that replaces os.write / os.read / os.kill / struct.pack then garbles nothing of ours
+# (it could still reach these through this module's globals, and would only break its own report).
+_write, _read, _kill, _getpid, _pack, _unpack = os.write, os.read, os.kill, os.getpid, struct.pack, struct.unpack
 
 
 class SetupError(Exception):
@@ -59,10 +62,10 @@ def mount(src, target, fstype, flags, data):
 
 def write_frame(fd, payload):
     """One length-prefixed message; returns False if the pipe is gone."""
-    data = struct.pack("<I", len(payload)) + payload
+    data = _pack("<I", len(payload)) + payload
     try:
         while data:
-            data = data[os.write(fd, data):]
+            data = data[_write(fd, data):]
     except OSError:
         return False
     return True
@@ -73,7 +76,7 @@ def read_exact(fd, n):
     buf = b""
     while len(buf) < n:
         try:
-            chunk = os.read(fd, n - len(buf))
+            chunk = _read(fd, n - len(buf))
         except InterruptedError:
             continue
         except OSError:
@@ -88,7 +91,7 @@ def read_frame(fd, limit=None):
     head = read_exact(fd, 4)
     if head is None:
         return None
-    (n,) = struct.unpack("<I", head)
+    (n,) = _unpack("<I", head)
     if limit is not None and n > limit:
         return None
     return read_exact(fd, n)

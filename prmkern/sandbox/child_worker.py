@@ -45,7 +45,7 @@ def _run_snippet(cfg, code, ns, main_pid):
             traceback.print_exception(type(e), e, e.__traceback__.tb_next)
         except BaseException:
             os.write(2, ("%s\n" % type(e).__name__).encode(errors="replace"))
-    if os.getpid() != main_pid:  # a child forked by the code must not continue into the worker loop
+    if _getpid() != main_pid:  # a child forked by the code must not continue into the worker loop
         os._exit(rc & 0xFF)
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:
@@ -104,7 +104,7 @@ def worker_main(cfg, code_r, done_w):
         if frame is None or len(frame) < 32:
             # The supervisor never closes this pipe while we live (it kills us first): the code did.
             os._exit(cfg["exit_channel"])
-        token, code = frame[:32], frame[32:].decode("utf-8")
+        token, code = frame[:32], frame[32:].decode("utf-8", "surrogatepass")
         _reap_children()
         # RLIMIT_CPU as a backstop for this process; the supervisor's per-snippet accounting is the real limit.
         used = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
@@ -122,4 +122,4 @@ def worker_main(cfg, code_r, done_w):
         msg = '{"token": "%s", "status": "%s", "exit_code": %d}' % (token.decode("ascii"), status, int(rc))
         if not write_frame(done_w, msg.encode()):
             os._exit(cfg["exit_channel"])  # the code closed or broke the reply pipe
-        os.kill(main_pid, signal.SIGSTOP)
+        _kill(main_pid, signal.SIGSTOP)

@@ -178,7 +178,7 @@ def execute(proc: SandboxProcess, code: str, limits: SandboxLimits, res: Sandbox
     t0 = time.monotonic()
     deadline = t0 + limits.wall_time_s
     out, reply = _Output(limits.max_output_bytes), bytearray()
-    if _send(proc, code.encode("utf-8"), deadline):
+    if _send(proc, code.encode("utf-8", "surrogatepass"), deadline):
         outcome = _pump(proc, deadline, out, reply)
     else:
         outcome = "exited" if proc.poll() else "timeout"
@@ -198,6 +198,11 @@ def execute(proc: SandboxProcess, code: str, limits: SandboxLimits, res: Sandbox
         proc.reap()
         if proc.exit_code == bootstrap.EXIT_SETUP and bootstrap.SETUP_MSG in stderr:
             res.status, res.error = _from_exit(proc.exit_code, None, limits, stderr)
+        elif proc.mode == "none" and proc.exit_code is not None and proc.exit_code < 0:
+            # Without a PID namespace the code may signal its supervisor (NOT_ISOLATED["none"]).
+            res.status = "killed"
+            res.error = f"the sandbox's supervisor died of {_signal_name(-proc.exit_code)} (the code can " \
+                        "signal it in isolation 'none')"
         else:
             res.status = "sandbox_error"
             res.error = f"the sandbox's supervisor ended without a reply (exit status {proc.exit_code})"
