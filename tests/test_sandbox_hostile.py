@@ -187,7 +187,8 @@ _IPC = (
     "libc = ctypes.CDLL(None, use_errno=True)\n"
     "key, create = {key}, {create}\n"
     "flags = (0o1000 | 0o666) if create else 0\n"  # IPC_CREAT
-    "print(libc.shmget(key, 4096 if create else 0, flags), libc.msgget(key, flags), libc.semget(key, 1 if create else 0, flags))\n"
+    "print(libc.shmget(key, 4096 if create else 0, flags), libc.msgget(key, flags),\n"
+    "      libc.semget(key, 1 if create else 0, flags))\n"
 )
 
 
@@ -203,7 +204,6 @@ def _host_ipc_keys() -> set[int]:
 @needs_ns
 def test_sysv_ipc_does_not_outlive_the_run_or_connect_sandboxes():
     key = int(uuid.uuid4().int % (1 << 30)) + 1
-    before = _host_ipc_keys()
     with SandboxSession(FAST) as a, SandboxSession(FAST) as b:
         made = a.run(_IPC.format(key=key, create=True))
         assert made.status == "ok" and "-1" not in made.stdout.split(), made  # created inside
@@ -213,13 +213,14 @@ def test_sysv_ipc_does_not_outlive_the_run_or_connect_sandboxes():
         again = a.run(_IPC.format(key=key, create=False))  # the same session still has them
         assert "-1" not in again.stdout.split(), again
     assert run_code(_IPC.format(key=key, create=False), FAST).stdout.split() == ["-1", "-1", "-1"]
-    assert _host_ipc_keys() - before == set() or key not in _host_ipc_keys()
+    assert key not in _host_ipc_keys()  # (other processes on the host may create their own objects meanwhile)
 
 
 # -- processes, threads and timers outliving their snippet -----------------------------------------------------
 
 LEFTOVERS = {
-    "forked_time_bomb": "import os, time\nif os.fork() == 0:\n    time.sleep(0.3)\n    print('BOOM')\n    os._exit(0)\n",
+    "forked_time_bomb": ("import os, time\n"
+                         "if os.fork() == 0:\n    time.sleep(0.3)\n    print('BOOM')\n    os._exit(0)\n"),
     "daemonised_double_fork": (
         "import os, time\n"
         "if os.fork() == 0:\n"
@@ -228,13 +229,16 @@ LEFTOVERS = {
         "        time.sleep(0.3)\n"
         "        os.write(1, b'BOOM')\n"
         "    os._exit(0)\n"),
-    "thread_time_bomb": "import threading, time\nthreading.Thread(target=lambda: (time.sleep(0.3), print('BOOM'))).start()\n",
-    "daemon_thread_burner": "import threading\nthreading.Thread(target=lambda: [0 for _ in iter(int, 1)], daemon=True).start()\n",
+    "thread_time_bomb": ("import threading, time\n"
+                         "threading.Thread(target=lambda: (time.sleep(0.3), print('BOOM'))).start()\n"),
+    "daemon_thread_burner": ("import threading\n"
+                             "threading.Thread(target=lambda: [0 for _ in iter(int, 1)], daemon=True).start()\n"),
     "forked_burner": "import os\nif os.fork() == 0:\n    while True:\n        pass\n",
     "subprocess_sleeper": (
         "import subprocess, sys\n"
         "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(0.3); print(\"BOOM\")'])\n"),
-    "idle_thread_pool": "from concurrent.futures import ThreadPoolExecutor\npool = ThreadPoolExecutor(2)\npool.submit(int).result()\n",
+    "idle_thread_pool": ("from concurrent.futures import ThreadPoolExecutor\n"
+                         "pool = ThreadPoolExecutor(2)\npool.submit(int).result()\n"),
     "alarm_time_bomb": (
         "import signal\n"
         "signal.signal(signal.SIGALRM, lambda *a: print('BOOM'))\n"
@@ -450,4 +454,4 @@ def test_huge_output_and_memory_hogs_fail_alone_and_the_next_snippet_is_clean():
         assert len(rs[0].stdout) + len(rs[0].stderr) == FAST.max_output_bytes and rs[0].state_lost
         assert rs[2].stdout == "45\n"
         nxt = pool.run_many([("out", "print('a')"), ("mem", "print('b')"), ("ok", "print('c')")])
-        assert [(r.status, r.stdout, r.stderr) for r in nxt] == [("ok", "a\n", ""), ("ok", "b\n", ""), ("ok", "c\n", "")]
+        assert [(r.status, r.stdout, r.stderr) for r in nxt] == [("ok", f"{c}\n", "") for c in "abc"]

@@ -55,7 +55,8 @@ def test_each_mode_reports_what_it_leaves_open_and_that_report_is_true(mode, tmp
     code = (
         "import os, socket\n"
         f"try:\n    print(open({path!r}).read())\nexcept OSError:\n    print('no file')\n"
-        "try:\n    socket.socket().connect(('127.0.0.1', 9))\nexcept OSError as e:\n    print('net', type(e).__name__)\n"
+        "try:\n    socket.socket().connect(('127.0.0.1', 9))\n"
+        "except OSError as e:\n    print('net', type(e).__name__)\n"
         f"print(os.path.exists('/proc/{os.getpid()}/status'))\n"
     )
     r = run_code(code, FAST, isolation=mode)
