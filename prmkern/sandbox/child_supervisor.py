@@ -34,6 +34,11 @@ class Supervisor:
         self.ns = cfg["mode"] != "none"
         self.me = os.getpid()
         self.stopped = False  # the worker is stopped between two snippets
+        self.wake_r, wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *a: None)
 
     # -- the sandbox's processes ------------------------------------------------------------------------------
     def processes(self):
@@ -138,7 +143,7 @@ class Supervisor:
         return msg, None
 
     def run(self, code):
-        """Runs one snippet; returns the reply for the engine (a dict) and whether the session must end."""
+        """Runs one snippet; returns the reply for the engine (a dict; reply["state_lost"]: the session ends)."""
         cfg = self.cfg
         token = os.urandom(16).hex()
         if self.stopped:
@@ -149,11 +154,14 @@ class Supervisor:
         buf, done_open = b"", True
         tick = 0.02 if self.ns else 0.05
         while True:
-            if done_open:
-                ready, _, _ = select.select([self.done_r], [], [], tick)
-            else:
-                ready = select.select([], [], [], tick)[0]
-            if ready:
+            # Woken by the report, by SIGCHLD (the worker stopped or died: the wakeup pipe), or by the tick.
+            ready, _, _ = select.select([self.done_r, self.wake_r] if done_open else [self.wake_r], [], [], tick)
+            if self.wake_r in ready:
+                try:
+                    os.read(self.wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            if self.done_r in ready:
                 chunk = os.read(self.done_r, FRAME_MAX)
                 if chunk:
                     buf += chunk
