@@ -265,6 +265,26 @@ def test_nothing_a_snippet_started_runs_after_its_result(name):
 
 
 @needs_root
+@pytest.mark.parametrize("ending", ["timeout", "output_limit", "cpu_limit"])
+def test_a_snippet_cut_off_by_a_limit_leaves_no_process(ending):
+    tail = {"timeout": "time.sleep(60)", "output_limit": "while True:\n    print('x' * 4096)",
+            "cpu_limit": "while True:\n    pass"}[ending]
+    code = ("import os, threading, time\nprint(os.getuid(), flush=True)\n"
+            "for _ in range(3):\n"
+            "    if os.fork() == 0:\n"
+            "        os.setsid()\n"
+            "        time.sleep(60)\n"
+            "threading.Thread(target=time.sleep, args=(60,)).start()\n" + tail)
+    limits = SandboxLimits(wall_time_s=20.0 if ending == "cpu_limit" else 1.5, cpu_time_s=1, max_processes=12,
+                           max_output_bytes=64 << 10)
+    with SandboxSession(limits) as s:
+        r = s.run(code)
+        assert r.status == ending and r.state_lost, r
+        assert _live_processes_of(int(r.stdout.split()[0])) == []
+        _assert_next_snippet_clean(s, wait_s=0.1)
+
+
+@needs_root
 def test_fork_bomb_leaves_nothing_behind():
     code = ("import os\nprint(os.getuid(), flush=True)\n"
             "while True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n")
