@@ -416,7 +416,7 @@ def test_no_network_not_even_loopback_or_the_hosts_addresses():
         pass
     code = (
         "import socket\n"
-        "print(sorted(n for _, n in socket.if_nameindex()))\n"
+        "print(sorted(line.split(':')[0].strip() for line in list(open('/proc/net/dev'))[2:]))\n"
         f"for a in {sorted(addrs)!r}:\n"
         "    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):\n"
         "        s = socket.socket(socket.AF_INET, kind)\n"
@@ -435,6 +435,28 @@ def test_no_network_not_even_loopback_or_the_hosts_addresses():
     finally:
         listener.close()
     assert r.status == "ok" and r.stdout == "['lo']\n", r
+
+
+@pytest.mark.parametrize("mode", ["auto", "userns", "none"])
+def test_socket_families_outside_the_network_namespace_and_io_uring_are_refused(mode):
+    """AF_VSOCK reaches a virtual machine's host whatever the network namespace; netlink, packet and the rest
+    are not needed. Only creating sockets is tried (nothing is connected to)."""
+    if mode != "auto":
+        _mode_or_skip(mode)
+    code = (
+        "import ctypes, socket\n"
+        "for fam, kind in (('AF_VSOCK', 1), ('AF_NETLINK', 2), ('AF_PACKET', 2), ('AF_ALG', 5), ('AF_TIPC', 2),\n"
+        "                  ('AF_BLUETOOTH', 1), ('AF_CAN', 3), ('AF_RDS', 5)):\n"
+        "    if not hasattr(socket, fam):\n"
+        "        continue\n"
+        "    libc = ctypes.CDLL(None, use_errno=True)\n"  # below Python's audit hook (mode none has one)
+        "    fd = libc.socket(getattr(socket, fam), kind, 0)\n"
+        "    print(fam, 'CREATED' if fd >= 0 else 'refused')\n"
+        "print('io_uring', 'SET UP' if libc.syscall(425, 8, None) >= 0 else 'refused')\n"
+    )
+    r = run_code(code, FAST, isolation=mode)
+    assert r.status == "ok" and "CREATED" not in r.stdout and "SET UP" not in r.stdout, r
+    assert "AF_VSOCK refused" in r.stdout and "io_uring refused" in r.stdout
 
 
 @needs_ns

@@ -11,7 +11,8 @@ What this part does, in the process that becomes the sandbox's supervisor:
   /dev/shm, a fresh /proc for the PID namespace; then pivot_root and detach the old root, so nothing else of
   the host (project, home, model files, UNIX sockets under /run or /tmp) has a path in the sandbox.
 * ``drop_privileges`` (in the worker): limits, then the private uid (root mode, and mode none as root) or a
-  nested user namespace (userns mode, so the code cannot undo the mounts), then no_new_privs.
+  nested user namespace (userns mode, so the code cannot undo the mounts), then no_new_privs and a seccomp
+  filter that allows sockets of the UNIX / IPv4 / IPv6 families only.
 """
 import ctypes
 import json
@@ -169,6 +170,53 @@ def build_root(cfg, owner):
     mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
 
 
+# Seccomp (classic BPF): sockets only of the families the network namespace confines (UNIX, IPv4, IPv6). Others
+# are not namespaced the same way (AF_VSOCK reaches the virtual machine's host, netlink families can read
+# host events) and Python's code has no use for them. io_uring is refused (it can open sockets past this
+# filter), and so is every syscall of a foreign ABI (i386 / x32 on x86_64, where numbers differ).
+_SECCOMP_ARCH = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}  # AUDIT_ARCH, __NR_socket
+_NR_IO_URING_SETUP = 425
+_RET_ALLOW, _RET_ERRNO = 0x7FFF0000, 0x00050000
+_LD_ABS, _JEQ, _JGE, _RET = 0x20, 0x15, 0x35, 0x06
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def install_seccomp():
+    """Applies the filter to this process and all it starts; False where the architecture is not known."""
+    if platform.machine() not in _SECCOMP_ARCH:
+        return False
+    arch, nr_socket = _SECCOMP_ARCH[platform.machine()]
+    prog = [
+        (_LD_ABS, 0, 0, 4),  # seccomp_data.arch
+        (_JEQ, 1, 0, arch),
+        (_RET, 0, 0, _RET_ERRNO | 1),  # EPERM: foreign ABI
+        (_LD_ABS, 0, 0, 0),  # seccomp_data.nr
+        (_JGE, 0, 1, 0x40000000),  # x32 ABI bit
+        (_RET, 0, 0, _RET_ERRNO | 38),  # ENOSYS
+        (_JEQ, 0, 1, _NR_IO_URING_SETUP),
+        (_RET, 0, 0, _RET_ERRNO | 38),
+        (_JEQ, 1, 0, nr_socket),
+        (_RET, 0, 0, _RET_ALLOW),
+        (_LD_ABS, 0, 0, 16),  # seccomp_data.args[0], low 32 bits: the address family
+        (_JEQ, 3, 0, 1),  # AF_UNIX
+        (_JEQ, 2, 0, 2),  # AF_INET
+        (_JEQ, 1, 0, 10),  # AF_INET6
+        (_RET, 0, 0, _RET_ERRNO | 97),  # EAFNOSUPPORT
+        (_RET, 0, 0, _RET_ALLOW),
+    ]
+    filters = (_SockFilter * len(prog))(*[_SockFilter(*ins) for ins in prog])
+    fprog = _SockFprog(len(prog), filters)
+    c_call("prctl", 22, 2, ctypes.byref(fprog), 0, 0)  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+    return True
+
+
 def drop_privileges(cfg):
     """In the worker, before any code runs: limits, then the uid (or nested userns), then no_new_privs."""
     mode = cfg["mode"]
@@ -184,6 +232,7 @@ def drop_privileges(cfg):
         os.setresgid(cfg["gid"], cfg["gid"], cfg["gid"])
         os.setresuid(cfg["uid"], cfg["uid"], cfg["uid"])
     c_call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    install_seccomp()
     if mode == "none":
         def _no_network(event, args):
             if event.startswith("socket.") and event != "socket.gethostname":

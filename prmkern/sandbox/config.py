@@ -30,7 +30,8 @@ NOT_ISOLATED: dict[str, tuple[str, ...]] = {
     "none": (
         "filesystem: every file the code's uid can read is readable (the engine's uid; as root, a private uid "
         "that still reads every world-readable file), and world-writable places are writable",
-        "network: blocked only by an audit hook in the interpreter (ctypes or a subprocess get around it)",
+        "network: IPv4, IPv6 and UNIX sockets are blocked only by an audit hook in the interpreter (ctypes or "
+        "a subprocess get around it); other families are refused by seccomp as in every mode",
         "IPC: SysV shared memory, semaphores and message queues are the host's and outlive the run",
         "processes: the code sees every process of the host; unless the engine runs as root (then the code "
         "has a private uid) it may signal the engine user's processes, the supervisor included, and what it "
