@@ -438,7 +438,7 @@ def test_no_network_not_even_loopback_or_the_hosts_addresses():
 
 
 @pytest.mark.parametrize("mode", ["auto", "userns", "none"])
-def test_socket_families_outside_the_network_namespace_and_io_uring_are_refused(mode):
+def test_socket_families_outside_the_network_namespace_io_uring_and_kernel_extras_are_refused(mode):
     """AF_VSOCK reaches a virtual machine's host whatever the network namespace; netlink, packet and the rest
     are not needed. Only creating sockets is tried (nothing is connected to)."""
     if mode != "auto":
@@ -453,9 +453,16 @@ def test_socket_families_outside_the_network_namespace_and_io_uring_are_refused(
         "    fd = libc.socket(getattr(socket, fam), kind, 0)\n"
         "    print(fam, 'CREATED' if fd >= 0 else 'refused')\n"
         "print('io_uring', 'SET UP' if libc.syscall(425, 8, None) >= 0 else 'refused')\n"
+        "import platform\n"
+        "nrs = {'x86_64': (321, 298, 323, 250), 'aarch64': (280, 241, 282, 219)}.get(platform.machine(), ())\n"
+        "for nr in nrs:\n"  # bpf, perf_event_open, userfaultfd, keyctl with harmless (invalid) arguments
+        "    ctypes.set_errno(0)\n"
+        "    libc.syscall(nr, 0xFFFF, 0, 0, 0)\n"
+        "    print(nr, 'EPERM' if ctypes.get_errno() == 1 else 'ALLOWED')\n"
     )
     r = run_code(code, FAST, isolation=mode)
     assert r.status == "ok" and "CREATED" not in r.stdout and "SET UP" not in r.stdout, r
+    assert "ALLOWED" not in r.stdout, r
     assert "AF_VSOCK refused" in r.stdout and "io_uring refused" in r.stdout
 
 

@@ -175,6 +175,9 @@ def build_root(cfg, owner):
 # host events) and Python's code has no use for them. io_uring is refused (it can open sockets past this
 # filter), and so is every syscall of a foreign ABI (i386 / x32 on x86_64, where numbers differ).
 _SECCOMP_ARCH = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}  # AUDIT_ARCH, __NR_socket
+# Kernel interfaces no snippet needs and that widen the attack surface: keyrings (add_key, request_key,
+# keyctl), bpf, perf_event_open, userfaultfd. Refused with EPERM.
+_DENIED = {"x86_64": (248, 249, 250, 321, 298, 323), "aarch64": (217, 218, 219, 280, 241, 282)}
 _NR_IO_URING_SETUP = 425
 _RET_ALLOW, _RET_ERRNO = 0x7FFF0000, 0x00050000
 _LD_ABS, _JEQ, _JGE, _RET = 0x20, 0x15, 0x35, 0x06
@@ -202,6 +205,7 @@ def install_seccomp():
         (_RET, 0, 0, _RET_ERRNO | 38),  # ENOSYS
         (_JEQ, 0, 1, _NR_IO_URING_SETUP),
         (_RET, 0, 0, _RET_ERRNO | 38),
+        *[ins for nr in _DENIED[platform.machine()] for ins in ((_JEQ, 0, 1, nr), (_RET, 0, 0, _RET_ERRNO | 1))],
         (_JEQ, 1, 0, nr_socket),
         (_RET, 0, 0, _RET_ALLOW),
         (_LD_ABS, 0, 0, 16),  # seccomp_data.args[0], low 32 bits: the address family

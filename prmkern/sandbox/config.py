@@ -45,6 +45,9 @@ NOT_ISOLATED: dict[str, tuple[str, ...]] = {
 ROOT_CODE_GAP = ("uid: the code runs as root (the interpreter's directories are not readable by other users, "
                  "so it cannot run under a private uid without a mount namespace)")
 
+# Where child_setup.install_seccomp knows the syscall numbers; elsewhere the missing filter is reported.
+SECCOMP_MACHINES = ("x86_64", "aarch64")
+
 
 @dataclass(frozen=True)
 class SandboxLimits:

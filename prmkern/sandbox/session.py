@@ -9,6 +9,7 @@ result has ``state_lost`` the sandbox was torn down and the next snippet starts 
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import threading
 from collections.abc import Hashable, Sequence
@@ -18,6 +19,7 @@ from prmkern.sandbox.config import (
     ISOLATION_MODES,
     NOT_ISOLATED,
     ROOT_CODE_GAP,
+    SECCOMP_MACHINES,
     IsolationInfo,
     SandboxLimits,
     SandboxResult,
@@ -34,6 +36,9 @@ def _info(mode: str, python: str, notes: tuple[str, ...] = ()) -> IsolationInfo:
     gaps = NOT_ISOLATED[mode]
     if mode == "none" and os.geteuid() == 0 and not others_can_run(python):
         gaps = (ROOT_CODE_GAP, *gaps)
+    if platform.machine() not in SECCOMP_MACHINES:
+        gaps = (*gaps, f"syscalls: no seccomp filter on {platform.machine()} (sockets of every family, "
+                       "AF_VSOCK included, io_uring, keyrings, bpf)")
     return IsolationInfo(mode, "best-effort" if mode == "none" else "namespace", notes, gaps)
 
 
