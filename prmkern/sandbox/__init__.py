@@ -14,10 +14,11 @@ a supervisor it cannot reach. The package, one concern per file:
 * ``quoting``: quote_output, so code output pasted into a chain cannot be read as a verdict.
 
 Isolation modes (``isolation="auto"`` picks the strongest that works here; every result says which ran and
-``not_isolated`` lists what it leaves open): "root" (new user-less mount, PID, network, IPC and UTS
-namespaces, a pivot_root into a minimal read-only view, a private uid per sandbox), "userns" (the same inside
-an unprivileged user namespace, the engine's uid), "none" (limits, scrubbed environment, a child-subreaper
-supervisor; see NOT_ISOLATED["none"]). Linux only. docs/sandbox.md has the details and the requirements.
+``not_isolated`` lists what it leaves open): "root" (new mount, PID, network, IPC and UTS namespaces, a
+pivot_root into a minimal read-only view, a private uid per sandbox), "userns" (the same inside an
+unprivileged user namespace, the engine's uid), "none" (limits, scrubbed environment, a child-subreaper
+supervisor; see NOT_ISOLATED["none"]). Every mode adds a seccomp filter (sockets of UNIX / IPv4 / IPv6 only).
+Linux only. docs/sandbox.md has the details and the requirements.
 """
 from prmkern.sandbox.config import (
     ISOLATION_MODES,
