@@ -10,6 +10,7 @@ setup(
         "prmkern",
         "prmkern.attention",
         "prmkern.models",
+        "prmkern.sandbox",
         "prmkern.verify",
         "prmkern.kernels",
     ],
