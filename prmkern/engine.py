@@ -43,6 +43,7 @@ class LLMEngine:
         self.rng = random.Random(config.seed)
         self.next_seq_id = 0
         self.next_request_id = 0
+        self.requests: dict[str, Request] = {}  # unfinished requests by id (abort_request looks them up here)
 
     def _num_blocks(self) -> int:
         cfg = self.config
@@ -63,9 +64,16 @@ class LLMEngine:
         return int(min(num, cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)))
 
     # -- requests -------------------------------------------------------------------------------------------------
-    def add_request(self, prompt: str | list[int], params: SamplingParams) -> Request:
-        request_id = self.next_request_id
-        self.next_request_id += 1
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+        """Queues a prompt; returns its Request (failed at once, with .error set, when the prompt or the params are
+        invalid). request_id: a str unique among unfinished requests (default: a counter, as a str)."""
+        if request_id is None:
+            request_id = str(self.next_request_id)
+            self.next_request_id += 1
+        elif not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request")
         text = prompt if isinstance(prompt, str) else None
         try:
             token_ids = self._prompt_token_ids(prompt)
@@ -79,6 +87,7 @@ class LLMEngine:
             self.stats.failed_requests += 1
             return request
         self.stats.prompt_tokens += len(token_ids)
+        self.requests[request_id] = request
         # One sequence; with n > 1 it is forked into n chains once its prompt is prefilled.
         request.seqs.append(Sequence(self._take_seq_id(), request, 0, self._generator(request, 0)))
         self.scheduler.add(request.seqs[0])
@@ -135,6 +144,24 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    def abort_request(self, request: Request | str) -> bool:
+        """Stops a request (a Request or its id) wherever it is: its sequences leave the scheduler, their blocks are
+        freed (computed prompt blocks stay in the prefix cache) and each unfinished chain ends with finish_reason
+        "abort". Returns False if the request was unknown or already finished. Call between steps."""
+        if isinstance(request, str):
+            request = self.requests.get(request)
+            if request is None:
+                return False
+        self.requests.pop(request.request_id, None)
+        if request.finished:
+            return False
+        request.aborted = True
+        for seq in request.seqs:
+            if seq.status is not SequenceStatus.FINISHED:
+                self.scheduler.abort(seq)
+                seq.finish_reason = "abort"
+        return True
+
     # -- the step -------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
@@ -143,7 +170,7 @@ class LLMEngine:
         early, self.scheduler.finished_early = self.scheduler.finished_early, []
         if step is None:
             if early:
-                return early
+                return self._forget_finished(early)
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress: the KV pool cannot hold one running sequence; "
                                    f"pool has {self.num_blocks} blocks of {self.config.block_size} tokens")
@@ -168,7 +195,7 @@ class LLMEngine:
             rows.extend([row] * len(family))
             row += 1
         if not sampling:
-            return early
+            return self._forget_finished(early)
         if len(rows) != logits.shape[0]:
             logits = logits[torch.tensor(rows, device=logits.device)]
         result = self.sampler(logits, sampling)
@@ -177,6 +204,12 @@ class LLMEngine:
             if self._append(seq, result.token_ids[i], result.logprobs[i], result.chosen_logprobs[i]):
                 self.scheduler.finish(seq)
                 finished.append(seq)
+        return self._forget_finished(finished)
+
+    def _forget_finished(self, finished: list[Sequence]) -> list[Sequence]:
+        for seq in finished:
+            if seq.request.finished:
+                self.requests.pop(seq.request.request_id, None)
         return finished
 
     def _fork(self, parent: Sequence) -> list[Sequence]:

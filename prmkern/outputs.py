@@ -11,13 +11,13 @@ class CompletionOutput:
     token_ids: list[int]
     logprobs: list[float] | None  # log-probability of each generated token (SamplingParams.logprobs)
     token_logprobs: list[dict[int, float]] | None  # per generated position, {id: logprob} for logprob_token_ids
-    finish_reason: str | None  # "stop" (EOS, stop token or stop string) or "length"
+    finish_reason: str | None  # "stop" (EOS, stop token or stop string), "length" or "abort" (abort_request)
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
 
 
 @dataclass
 class RequestOutput:
-    request_id: int
+    request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)

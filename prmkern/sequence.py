@@ -21,16 +21,17 @@ class SequenceStatus(enum.Enum):
 
 @dataclass
 class Request:
-    request_id: int
+    request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
     seqs: list["Sequence"] = field(default_factory=list)
     error: str | None = None
+    aborted: bool = False  # stopped by LLMEngine.abort_request (or a failed step): its chains end as "abort"
 
     @property
     def finished(self) -> bool:
-        return self.error is not None or (len(self.seqs) == self.params.n and
+        return self.error is not None or self.aborted or (len(self.seqs) == self.params.n and
                                           all(s.status is SequenceStatus.FINISHED for s in self.seqs))
 
 
