@@ -369,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
 
+    from prmkern.serve.cli import add_serve_parser
+    add_serve_parser(sub)
+
     args = ap.parse_args(argv)
     return args.func(args)
 
