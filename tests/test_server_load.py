@@ -166,6 +166,27 @@ def test_full_queue_answers_503_and_recovers(qwen2_dir):
         assert "prmkern_overloaded_requests_total 4" in metrics and "prmkern_pending_requests 0" in metrics
 
 
+def test_failed_engine_step_answers_500_and_the_loop_goes_on(qwen2_dir):
+    llm = LLM(qwen2_dir, device="cpu")
+    engine, step = llm.engine, llm.engine.step
+    calls = {"n": 0}
+
+    def failing_once():
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first decode step of the first request
+            raise RuntimeError("boom")
+        return step()
+
+    engine.step = failing_once
+    with serve_in_thread(build_app(llm, ServerConfig(model_name="tiny"))) as url:
+        body = {"prompt": "the answer is", "max_tokens": 5, "temperature": 0}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 500 and "engine error: RuntimeError: boom" in r.json()["error"]["message"]
+        wait_until(lambda: idle(engine), what="the failed request's blocks to be freed")
+        ok = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
+
+
 def test_api_key(qwen2_dir):
     llm = LLM(qwen2_dir, device="cpu")
     with serve_in_thread(build_app(llm, ServerConfig(model_name="tiny", api_key="s3cret"))) as url:

@@ -187,8 +187,13 @@ async def _collect(call: EngineCall, count: int) -> list[RequestOutput] | None:
         elif isinstance(event, RequestFailed):
             call.mark_finished(i)
             where = f"prompt {i}: " if count > 1 else ""
-            raise ApiError(event.status, where + event.message)
+            raise _failure(event, where)
     return outs  # type: ignore[return-value]
+
+
+def _failure(event: RequestFailed, where: str = "") -> ApiError:
+    kind = "invalid_request_error" if event.status == 400 else "server_error"
+    return ApiError(event.status, where + event.message, None, kind)
 
 
 def _usage(prompts: list[list[int]], outs: list[RequestOutput]) -> dict[str, int]:
@@ -237,7 +242,7 @@ async def _events(state: Any, call: EngineCall, endpoint: str, start: float, pro
                 continue
             else:
                 call.mark_finished(i)
-                yield _sse(ApiError(event.status, event.message).body())
+                yield _sse(_failure(event).body())
                 break
             if chunk is not None:
                 yield _sse(chunk)
