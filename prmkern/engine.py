@@ -115,6 +115,7 @@ class LLMEngine:
     def _check_params(self, params: SamplingParams) -> None:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        params.__post_init__()  # again: fields may have been set after construction (idempotent)
         vocab = self.model.spec.vocab_size
         for name in ("stop_token_ids", "logprob_token_ids"):
             bad = [t for t in getattr(params, name) or [] if t >= vocab]
