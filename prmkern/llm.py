@@ -75,6 +75,11 @@ class LLM:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
+        if gpu_memory_utilization is not None and (
+                not isinstance(gpu_memory_utilization, (int, float)) or isinstance(gpu_memory_utilization, bool)
+                or not 0 < gpu_memory_utilization <= 1):
+            raise ValueError(f"gpu_memory_utilization={gpu_memory_utilization!r} is invalid; accepted: a float in "
+                             f"(0, 1] (vLLM's meaning: the fraction of the GPU's memory this process may use)")
         if gpu_memory_utilization is not None and device.type != "cuda":
             warnings.warn(f"prmkern: gpu_memory_utilization={gpu_memory_utilization!r} is ignored on {device.type}: "
                           f"the KV pool there is kv_cache_memory bytes (default 1 GiB)", stacklevel=2)

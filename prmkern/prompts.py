@@ -6,7 +6,20 @@ judged on a prefix, so a huge prompt is rejected without tokenizing all of it.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
+
+from typing_extensions import NotRequired
+
+
+class TextPrompt(TypedDict):
+    """vLLM's TextPrompt: {"prompt": text}."""
+    prompt: str
+
+
+class TokensPrompt(TypedDict):
+    """vLLM's TokensPrompt: {"prompt_token_ids": [...]} (an optional "prompt" text is kept, not re-encoded)."""
+    prompt_token_ids: list[int]
+    prompt: NotRequired[str]
 
 TEXT_PROMPT_KEYS = {"prompt"}
 TOKENS_PROMPT_KEYS = {"prompt_token_ids", "prompt"}  # vLLM lets a TokensPrompt carry its text too (not re-encoded)
