@@ -17,7 +17,6 @@ openai = pytest.importorskip("openai")
 from prmkern import LLM, SamplingParams  # noqa: E402
 from prmkern.serve.app import ServerConfig, build_app  # noqa: E402
 from prmkern.serve.background import serve_in_thread  # noqa: E402
-from prmkern.serve.openai_api import MAX_TOP_LOGPROBS  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VERIFIER = os.path.join(ROOT, "prmkern", "data", "verifier")
@@ -71,7 +70,7 @@ def test_completion_greedy_matches_offline(client, offline):
 def test_completion_token_prompt_logprobs_and_echo(client, offline):
     ids = offline.tokenizer.encode("we compute the product of each number", add_special_tokens=False)
     got = client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0, logprobs=0)
-    ref = offline.generate([ids], SamplingParams(temperature=0, max_tokens=8, logprobs=True))[0].outputs[0]
+    ref = offline.generate([ids], SamplingParams(temperature=0, max_tokens=8, logprobs=0))[0].outputs[0]
     lp = got.choices[0].logprobs
     assert lp.token_logprobs == pytest.approx(_sampled(ref.logprobs, ref.token_ids), abs=1e-5)
     assert "".join(lp.tokens) == ref.text and lp.text_offset[0] == 0
@@ -82,8 +81,8 @@ def test_completion_token_prompt_logprobs_and_echo(client, offline):
 
 
 def _sampled(logprobs, token_ids):
-    """The sampled token's logprob per position, from the engine's float or {id: Logprob} entries."""
-    return [float(getattr(e[t], "logprob", e[t])) if isinstance(e, dict) else e for e, t in zip(logprobs, token_ids)]
+    """The sampled token's logprob per position, from the offline API's {id: Logprob} dicts."""
+    return [d[t].logprob for d, t in zip(logprobs, token_ids)]
 
 
 def test_chat_seeded_samples_match_offline(client, offline):
@@ -93,7 +92,7 @@ def test_chat_seeded_samples_match_offline(client, offline):
     text = offline.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = offline.tokenizer.encode(text, add_special_tokens=False)
     ref = offline.generate([ids], SamplingParams(n=3, temperature=0.9, top_p=0.9, max_tokens=10, seed=123,
-                                                 logprobs=True))[0]
+                                                 logprobs=0))[0]
     assert len(got.choices) == 3
     for choice, r in zip(got.choices, ref.outputs):
         assert choice.message.role == "assistant" and choice.message.content == r.text
@@ -102,19 +101,63 @@ def test_chat_seeded_samples_match_offline(client, offline):
     assert got.usage.prompt_tokens == len(ids)
 
 
-def test_top_logprobs(client, offline):
-    """top_logprobs beyond the sampled token: served when the engine returns top-k dicts, else a clear 400."""
+def test_top_logprobs_match_offline(client, offline):
     messages = [{"role": "user", "content": "hello"}]
-    if MAX_TOP_LOGPROBS == 0:
-        with pytest.raises(openai.BadRequestError, match=r"top_logprobs=3 is invalid; accepted: an int in \[0, 0\]"):
-            client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0,
-                                           logprobs=True, top_logprobs=3)
-        return
     got = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0,
                                          logprobs=True, top_logprobs=3)
-    for pos in got.choices[0].logprobs.content:
-        tops = [t.logprob for t in pos.top_logprobs]
-        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and tops[0] >= pos.logprob - 1e-6
+    ids = offline.tokenizer.encode(offline.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                         add_generation_prompt=True),
+                                   add_special_tokens=False)
+    ref = offline.generate([ids], SamplingParams(temperature=0, max_tokens=4, logprobs=3))[0].outputs[0]
+    for pos, want, tid in zip(got.choices[0].logprobs.content, ref.logprobs, ref.token_ids):
+        best = sorted(want.values(), key=lambda v: v.rank)[:3]
+        assert [t.token for t in pos.top_logprobs] == [v.decoded_token for v in best]
+        assert [t.logprob for t in pos.top_logprobs] == pytest.approx([v.logprob for v in best], abs=1e-5)
+        assert pos.logprob == pytest.approx(want[tid].logprob, abs=1e-5)
+
+
+def test_echo_with_logprobs_and_prompt_logprobs(http, offline):
+    ids = offline.tokenizer.encode("we verify each step of the solution", add_special_tokens=False)
+    body = {"prompt": ids, "max_tokens": 3, "temperature": 0, "echo": True, "logprobs": 2, "prompt_logprobs": 1}
+    got = http.post("/v1/completions", json=body).json()["choices"][0]
+    ref = offline.generate([ids], SamplingParams(temperature=0, max_tokens=3, logprobs=2, prompt_logprobs=2))[0]
+    lp = got["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + 3 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    want = [d[t].logprob for d, t in zip(ref.prompt_logprobs[1:], ids[1:])] + _sampled(ref.outputs[0].logprobs,
+                                                                                        ref.outputs[0].token_ids)
+    assert lp["token_logprobs"][1:] == pytest.approx(want, abs=1e-5)
+    assert got["text"] == offline.tokenizer.decode(ids) + ref.outputs[0].text
+    assert got["prompt_logprobs"][0] is None and len(got["prompt_logprobs"]) == len(ids)
+    for pos, d, t in zip(got["prompt_logprobs"][1:], ref.prompt_logprobs[1:], ids[1:]):
+        assert pos[str(t)]["logprob"] == pytest.approx(d[t].logprob, abs=1e-5) and pos[str(t)]["rank"] == d[t].rank
+
+
+def test_penalties_and_min_p_match_offline(http, offline):
+    prompt = "the answer is the answer is the"
+    knobs = dict(presence_penalty=0.7, frequency_penalty=0.4, repetition_penalty=1.3, min_p=0.05)
+    body = {"prompt": prompt, "max_tokens": 12, "temperature": 0.8, "seed": 5, "return_token_ids": True, **knobs}
+    got = http.post("/v1/completions", json=body).json()["choices"][0]["token_ids"]
+    ref = offline.generate([prompt], SamplingParams(max_tokens=12, temperature=0.8, seed=5, **knobs))[0]
+    plain = offline.generate([prompt], SamplingParams(max_tokens=12, temperature=0.8, seed=5))[0]
+    assert got == ref.outputs[0].token_ids != plain.outputs[0].token_ids
+
+
+def test_streamed_logprobs_equal_the_whole_answer(http):
+    body = {"prompt": "so we add the numbers", "max_tokens": 10, "temperature": 0, "logprobs": 2}
+    whole = http.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    tokens, lps, tops = [], [], []
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                lp = json.loads(line[6:])["choices"][0]["logprobs"]
+                if lp:
+                    tokens += lp["tokens"]
+                    lps += lp["token_logprobs"]
+                    tops += lp["top_logprobs"]
+    assert tokens == whole["tokens"] and lps == pytest.approx(whole["token_logprobs"], abs=1e-6)
+    assert [sorted(t) for t in tops] == [sorted(t) for t in whole["top_logprobs"]]
+    # greedy: the sampled token is the top one, so 2 entries (fewer where two ids decode to the same text)
+    assert all(1 <= len(t) <= 2 for t in tops) and sum(len(t) == 2 for t in tops) >= len(tops) // 2
 
 
 def test_logprob_token_ids_extension(http, offline):
@@ -193,9 +236,13 @@ BAD = [  # (path, body, what the message must say)
     ("/v1/completions", {"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias is not supported"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, "accepted: null or best_of == n"),
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix is not supported"),
-    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 0}, "accepted: echo without logprobs"),
+    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 0, "stream": True}, "accepted: stream=false"),
     ("/v1/completions", {"prompt": "x", "logprobs": -1}, "logprobs=-1 is invalid"),
-    ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, "accepted: an int in [0, 20]"),
+    ("/v1/completions", {"prompt": "x", "prompt_logprobs": -1}, "None or an int >= 0"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 3}, "presence_penalty=3.0 is invalid; accepted: a float"),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty=0.0 is invalid"),
+    ("/v1/completions", {"prompt": "x", "min_p": 2}, "min_p=2.0 is invalid"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0"),

@@ -185,6 +185,21 @@ def test_failed_engine_step_answers_500_and_the_loop_goes_on(qwen2_dir):
         wait_until(lambda: idle(engine), what="the failed request's blocks to be freed")
         ok = httpx.post(url + "/v1/completions", json=body, timeout=60)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
+        # A failure the engine attributes to the requests of one step (the forward pass): those fail, 500.
+        run = engine.runner.run
+        fail = {"on": True}
+
+        def failing_forward(step):
+            if fail.pop("on", False):
+                raise RuntimeError("forward boom")
+            return run(step)
+
+        engine.runner.run = failing_forward
+        r = httpx.post(url + "/v1/completions", json={**body, "prompt": "a new prompt"}, timeout=60)
+        assert r.status_code == 500 and "the forward pass failed: RuntimeError: forward boom" in r.text
+        wait_until(lambda: idle(engine), what="the failed request's blocks to be freed")
+        ok = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
 
 
 def test_api_key(qwen2_dir):

@@ -205,7 +205,7 @@ class EngineLoop:
             stream = self._active.get(request.request_id)
             if stream is None:
                 continue
-            if stream.want_deltas and seq.chain_index not in stream.chains_done:
+            if request.error is None and stream.want_deltas and seq.chain_index not in stream.chains_done:
                 stream.chains_done.add(seq.chain_index)
                 out = engine.output(request)
                 self._send(stream, ChainDone(next(o for o in out.outputs if o.index == seq.chain_index)))
@@ -213,7 +213,10 @@ class EngineLoop:
                 done_requests[request.request_id] = request
         for request_id, request in done_requests.items():
             stream = self._active.pop(request_id)
-            self._close(stream, RequestDone(engine.output(request)))
+            if request.error is not None:  # failed mid-way (the engine freed its blocks): an engine-side error
+                self._close(stream, RequestFailed(f"engine error: {request.error}", 500))
+            else:
+                self._close(stream, RequestDone(engine.output(request)))
 
     def _close(self, stream: Stream, event: Event) -> None:
         if not stream.closed:

@@ -23,10 +23,7 @@ from prmkern.serve.engine_loop import ChainDelta, ChainDone, Overloaded, Request
 from prmkern.serve.protocol import (ApiError, BadRequest, ChatCompletionRequest, CompletionRequest,
                                     sampling_params)
 
-# Today's engine returns the sampled token's log-probability only (SamplingParams.logprobs is a bool); a build
-# whose SamplingParams.logprobs counts top alternatives gets them passed through.
-LOGPROBS_IS_COUNT = SamplingParams.__dataclass_fields__["logprobs"].type not in ("bool", bool)
-MAX_TOP_LOGPROBS = 20 if LOGPROBS_IS_COUNT else 0
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on logprobs / top_logprobs
 CLIENT_CLOSED = 499  # nginx's code for "client closed request": logged in /metrics, never seen by the client
 
 
@@ -95,16 +92,14 @@ def _max_tokens(state: Any, requested: int | None, prompt_len: int) -> int:
     return requested
 
 
-def _logprobs_arg(k: int | None, name: str) -> bool | int:
-    if k is None:
-        return False
-    if not 0 <= k <= MAX_TOP_LOGPROBS:
-        extra = "" if MAX_TOP_LOGPROBS else " (this engine build returns the sampled token's log-probability only)"
-        raise BadRequest(f"{name}={k} is invalid; accepted: an int in [0, {MAX_TOP_LOGPROBS}]{extra}", name)
-    return k if LOGPROBS_IS_COUNT else True
+def _logprobs_arg(k: int | None, name: str) -> int | None:
+    if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise BadRequest(f"{name}={k} is invalid; accepted: an int in [0, {MAX_TOP_LOGPROBS}] (0: the sampled "
+                         f"token's log-probability only)", name)
+    return k
 
 
-def _params(state: Any, req: Any, max_tokens: int, logprobs: bool | int) -> SamplingParams:
+def _params(state: Any, req: Any, max_tokens: int, logprobs: int | None) -> SamplingParams:
     for name in ("stop_token_ids", "logprob_token_ids"):
         _check_ids(state, getattr(req, name) or [], name)
     return sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, max_n=state.max_n)
@@ -112,24 +107,32 @@ def _params(state: Any, req: Any, max_tokens: int, logprobs: bool | int) -> Samp
 
 # -- log-probabilities -----------------------------------------------------------------------------------------------
 def _lp_entries(state: Any, token_ids: list[int], entries: list[Any] | None, k: int) -> list[tuple]:
-    """Per token: (text, logprob, [(alt text, alt logprob)] best first, at most k+1 with the sampled token).
-    Accepts the engine's float per token or a {id: logprob-or-Logprob} dict per token."""
+    """Per token: (text, logprob, [(alt text, alt logprob)]: the k most likely, best first, then the sampled token
+    if it is not among them). Entries are the engine's: a {id: Logprob} dict per position (final outputs) or its
+    per-position record with token_id / logprob / top_ids / top_logprobs (streamed deltas); None: no logprob."""
     out = []
     for tid, entry in zip(token_ids, entries or []):
         if entry is None:
-            out.append((state.token_text(tid), None, []))
+            out.append((state.token_text(tid), None, None))
             continue
         if isinstance(entry, dict):
-            vals = {i: float(getattr(v, "logprob", v)) for i, v in entry.items()}
-            top = sorted(vals.items(), key=lambda kv: -kv[1])[:max(k, 1)]
-            lp = vals.get(tid)
+            lp = entry[tid].logprob
+            top = sorted(((i, v.logprob) for i, v in entry.items()), key=lambda kv: -kv[1])[:k]
         else:
-            lp = float(entry)
-            top = [(tid, lp)]
-        if all(i != tid for i, _ in top) and lp is not None:
+            lp = entry.logprob
+            top = list(zip(entry.top_ids, entry.top_logprobs))[:k]
+        if all(i != tid for i, _ in top):
             top.append((tid, lp))
         out.append((state.token_text(tid), lp, [(state.token_text(i), v) for i, v in top]))
     return out
+
+
+def _logprob_dicts(positions: list[dict[int, Any] | None] | None) -> list[dict[str, dict] | None] | None:
+    """vLLM's JSON for per-position {id: Logprob} dicts (ids as strings)."""
+    if positions is None:
+        return None
+    return [None if d is None else {str(i): {"logprob": v.logprob, "rank": v.rank, "decoded_token": v.decoded_token}
+                                    for i, v in d.items()} for d in positions]
 
 
 def _completion_logprobs(entries: list[tuple], offset: int) -> dict[str, Any]:
@@ -138,7 +141,7 @@ def _completion_logprobs(entries: list[tuple], offset: int) -> dict[str, Any]:
         offsets.append(offset)
         offset += len(text)
     return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
-            "top_logprobs": [dict(e[2]) for e in entries], "text_offset": offsets}
+            "top_logprobs": [None if e[2] is None else dict(e[2]) for e in entries], "text_offset": offsets}
 
 
 def _chat_logprobs(entries: list[tuple], k: int) -> dict[str, Any]:
@@ -264,11 +267,14 @@ async def create_completion(state: Any, req: CompletionRequest, http: Request) -
         raise BadRequest(f"best_of={req.best_of} is not supported; accepted: null or best_of == n", "best_of")
     prompts, texts = _completion_prompts(state, req.prompt)
     lp_arg = _logprobs_arg(req.logprobs, "logprobs")
-    if req.echo and req.logprobs is not None:
-        raise BadRequest("echo with logprobs needs prompt log-probabilities, which this server does not return; "
-                         "accepted: echo without logprobs", "echo")
+    echo_lps = req.echo and req.logprobs is not None  # the prompt's tokens get log-probabilities too
+    if req.stream and (echo_lps or req.prompt_logprobs is not None):
+        raise BadRequest("prompt log-probabilities (echo with logprobs, prompt_logprobs) are returned without "
+                         "streaming; accepted: stream=false", "stream")
     params = _params(state, req, _max_tokens(state, req.max_tokens, max(map(len, prompts))), lp_arg)
     k = req.logprobs or 0
+    if echo_lps:
+        params.prompt_logprobs = max(k, req.prompt_logprobs or 0)
     rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), params.n
     base = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name}
     call = await _start(state, http, prompts, params, req.stream)
@@ -282,11 +288,15 @@ async def create_completion(state: Any, req: CompletionRequest, http: Request) -
             choices = []
             for i, r in enumerate(outs):
                 prefix = texts[i] if req.echo else ""
+                echoed = _lp_entries(state, prompts[i], r.prompt_logprobs, k) if echo_lps else []
                 for o in r.outputs:
                     lps = None
                     if req.logprobs is not None:
-                        lps = _completion_logprobs(_lp_entries(state, o.token_ids, o.logprobs, k), len(prefix))
+                        lps = _completion_logprobs(echoed + _lp_entries(state, o.token_ids, o.logprobs, k),
+                                                   0 if echo_lps else len(prefix))
                     extra = _extras(req, o.token_ids, o.token_logprobs)
+                    if req.prompt_logprobs is not None:
+                        extra["prompt_logprobs"] = _logprob_dicts(r.prompt_logprobs)
                     choices.append(choice(i * n + o.index, prefix + o.text, lps, o.finish_reason, o.stop_reason,
                                           **extra))
             return {**base, "choices": choices, "usage": _usage(prompts, outs)}
@@ -353,8 +363,10 @@ async def create_chat_completion(state: Any, req: ChatCompletionRequest, http: R
         raise BadRequest("give max_tokens or max_completion_tokens, not both", "max_completion_tokens")
     if req.top_logprobs is not None and not req.logprobs:
         raise BadRequest("top_logprobs needs logprobs=true", "top_logprobs")
+    if req.stream and req.prompt_logprobs is not None:
+        raise BadRequest("prompt_logprobs are returned without streaming; accepted: stream=false", "stream")
     prompt = _chat_prompt(state, req)
-    lp_arg = _logprobs_arg(req.top_logprobs or 0, "top_logprobs") if req.logprobs else False
+    lp_arg = _logprobs_arg(req.top_logprobs or 0, "top_logprobs") if req.logprobs else None
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = _params(state, req, _max_tokens(state, requested, len(prompt)), lp_arg)
     k = req.top_logprobs or 0
@@ -370,7 +382,9 @@ async def create_chat_completion(state: Any, req: ChatCompletionRequest, http: R
                 c = {"index": o.index, "message": {"role": "assistant", "content": o.text}, "logprobs": lps,
                      "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
                 choices.append({**c, **_extras(req, o.token_ids, o.token_logprobs)})
-            return {**base, "choices": choices, "usage": _usage([prompt], outs)}
+            extra = {"prompt_logprobs": _logprob_dicts(outs[0].prompt_logprobs)} \
+                if req.prompt_logprobs is not None else {}
+            return {**base, "choices": choices, "usage": _usage([prompt], outs), **extra}
         return await _respond(state, call, "chat", start, [prompt], build)
 
     chunk_base = {**base, "object": "chat.completion.chunk"}

@@ -1,13 +1,13 @@
 """The HTTP request bodies, in OpenAI's field names, and their translation into the engine's SamplingParams.
 
 Unknown fields are rejected (HTTP 400 listing the accepted ones) rather than silently ignored: a client that asks
-for a feature this server lacks learns it at once. OpenAI fields the engine cannot honour are accepted only at their
-no-op value (e.g. `presence_penalty: 0`); other values get a 400 that says what is accepted. prmkern extensions
-(`top_k`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `logprob_token_ids`, ...) follow vLLM's server names.
+for a feature this server lacks learns it at once. OpenAI fields the engine cannot honour (`logit_bias`, `suffix`,
+tools) are accepted only at their no-op value. Extensions (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
+`ignore_eos`, `stop_token_ids`, `prompt_logprobs`, `return_token_ids`, ...) follow vLLM's server names; prmkern's
+own is `logprob_token_ids`. Values are validated by SamplingParams itself, whose messages say what is accepted.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
@@ -15,10 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from prmkern.sampling import SamplingParams
 
 Number = StrictFloat  # JSON ints are accepted as floats; booleans and strings are not
-# Fields the engine's SamplingParams has in this build (penalties and min_p pass through once it has them).
-ENGINE_FIELDS = {f.name for f in dataclasses.fields(SamplingParams) if f.init}
-OPTIONAL_ENGINE_FIELDS = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
-                          "min_p": 0.0}
 
 
 class ApiError(Exception):
@@ -66,6 +62,7 @@ class _SamplingFields(_Body):
     stream_options: StreamOptions | None = None
     logprob_token_ids: list[StrictInt] | None = None  # prmkern: per position, the logprobs of these ids
     return_token_ids: StrictBool = False  # vLLM's extension: each choice also carries its generated token ids
+    prompt_logprobs: StrictInt | None = None  # vLLM's extension: per prompt position, the top-k + the prompt token
     presence_penalty: Number | None = None
     frequency_penalty: Number | None = None
     repetition_penalty: Number | None = None
@@ -134,21 +131,14 @@ def accepted_fields(model: type[BaseModel]) -> str:
     return ", ".join(model.model_fields)
 
 
-def sampling_params(req: _SamplingFields, *, max_tokens: int, logprobs: bool, max_n: int) -> SamplingParams:
+def sampling_params(req: _SamplingFields, *, max_tokens: int, logprobs: int | None, max_n: int) -> SamplingParams:
     """The engine's SamplingParams for a validated body. Raises BadRequest naming the field and what is accepted."""
     if not 1 <= req.n <= max_n:
         raise BadRequest(f"n={req.n} is invalid; accepted: an int in [1, {max_n}] (--max-n)", "n")
     if req.logit_bias:
         raise BadRequest("logit_bias is not supported by this server; accepted: null or {}", "logit_bias")
-    kwargs: dict[str, Any] = {}
-    for name, neutral in OPTIONAL_ENGINE_FIELDS.items():
-        value = getattr(req, name)
-        if value is None or value == neutral:
-            continue
-        if name not in ENGINE_FIELDS:
-            raise BadRequest(f"{name}={value} is not supported by this engine build; accepted: null or {neutral}",
-                             name)
-        kwargs[name] = value
+    penalties = {name: getattr(req, name) for name in ("presence_penalty", "frequency_penalty",
+                                                      "repetition_penalty", "min_p") if getattr(req, name) is not None}
     stop = req.stop
     if isinstance(stop, list) and len(stop) > 16:
         raise BadRequest(f"stop has {len(stop)} strings; accepted: at most 16", "stop")
@@ -158,7 +148,7 @@ def sampling_params(req: _SamplingFields, *, max_tokens: int, logprobs: bool, ma
             top_p=1.0 if req.top_p is None else float(req.top_p), top_k=-1 if req.top_k is None else req.top_k,
             min_tokens=req.min_tokens, max_tokens=max_tokens, ignore_eos=req.ignore_eos, stop=stop,
             stop_token_ids=req.stop_token_ids, include_stop_str_in_output=req.include_stop_str_in_output,
-            seed=req.seed, logprobs=logprobs, logprob_token_ids=req.logprob_token_ids,
-            skip_special_tokens=req.skip_special_tokens, **kwargs)
+            seed=req.seed, logprobs=logprobs, prompt_logprobs=req.prompt_logprobs,
+            logprob_token_ids=req.logprob_token_ids, skip_special_tokens=req.skip_special_tokens, **penalties)
     except (TypeError, ValueError) as e:
         raise BadRequest(str(e)) from e
