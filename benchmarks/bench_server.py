@@ -149,8 +149,8 @@ def main() -> None:
         verify_cached_in_process_ms=round(statistics.median(local_ms), 2))
     result["verify_server_over_in_process"] = round(result["verify_cached_server_ms"]
                                                     / result["verify_cached_in_process_ms"], 3)
-    print(f"best of {args.rounds} rounds: {args.clients} clients x {args.requests} requests ({args.prompt_len}-token prompts, {args.max_tokens} "
-          f"greedy tokens): {result['requests_per_s']} req/s, {result['generated_tok_per_s']} tok/s "
+    print(f"best of {args.rounds} rounds: {args.clients} clients x {args.requests} requests "
+          f"({args.prompt_len}-token prompts, {args.max_tokens} greedy tokens): {result['requests_per_s']} req/s, {result['generated_tok_per_s']} tok/s "
           f"(offline batch: {result['offline_generated_tok_per_s']} tok/s), p50 {result['p50_ms']} ms, "
           f"p99 {result['p99_ms']} ms")
     print(f"verify, prompt cached, K={args.verify_chains}: server {result['verify_cached_server_ms']} ms, "

@@ -20,6 +20,7 @@ from prmkern.outputs import RequestOutput
 from prmkern.sampling import SamplingParams
 from prmkern.serve.calls import ChainText, EngineCall
 from prmkern.serve.engine_loop import ChainDelta, ChainDone, Overloaded, RequestDone, RequestFailed
+from prmkern.serve.logprobs import chat_logprobs, choice_extras, completion_logprobs, logprob_dicts, lp_entries
 from prmkern.serve.protocol import (ApiError, BadRequest, ChatCompletionRequest, CompletionRequest,
                                     sampling_params)
 
@@ -103,63 +104,6 @@ def _params(state: Any, req: Any, max_tokens: int, logprobs: int | None) -> Samp
     for name in ("stop_token_ids", "logprob_token_ids"):
         _check_ids(state, getattr(req, name) or [], name)
     return sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, max_n=state.max_n)
-
-
-# -- log-probabilities -----------------------------------------------------------------------------------------------
-def _lp_entries(state: Any, token_ids: list[int], entries: list[Any] | None, k: int) -> list[tuple]:
-    """Per token: (text, logprob, [(alt text, alt logprob)]: the k most likely, best first, then the sampled token
-    if it is not among them). Entries are the engine's: a {id: Logprob} dict per position (final outputs) or its
-    per-position record with token_id / logprob / top_ids / top_logprobs (streamed deltas); None: no logprob."""
-    out = []
-    for tid, entry in zip(token_ids, entries or []):
-        if entry is None:
-            out.append((state.token_text(tid), None, None))
-            continue
-        if isinstance(entry, dict):
-            lp = entry[tid].logprob
-            top = sorted(((i, v.logprob) for i, v in entry.items()), key=lambda kv: -kv[1])[:k]
-        else:
-            lp = entry.logprob
-            top = list(zip(entry.top_ids, entry.top_logprobs))[:k]
-        if all(i != tid for i, _ in top):
-            top.append((tid, lp))
-        out.append((state.token_text(tid), lp, [(state.token_text(i), v) for i, v in top]))
-    return out
-
-
-def _logprob_dicts(positions: list[dict[int, Any] | None] | None) -> list[dict[str, dict] | None] | None:
-    """vLLM's JSON for per-position {id: Logprob} dicts (ids as strings)."""
-    if positions is None:
-        return None
-    return [None if d is None else {str(i): {"logprob": v.logprob, "rank": v.rank, "decoded_token": v.decoded_token}
-                                    for i, v in d.items()} for d in positions]
-
-
-def _completion_logprobs(entries: list[tuple], offset: int) -> dict[str, Any]:
-    offsets = []
-    for text, _, _ in entries:
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
-            "top_logprobs": [None if e[2] is None else dict(e[2]) for e in entries], "text_offset": offsets}
-
-
-def _chat_logprobs(entries: list[tuple], k: int) -> dict[str, Any]:
-    def item(text: str, lp: float | None) -> dict[str, Any]:
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
-    return {"content": [{**item(t, lp), "top_logprobs": [item(a, v) for a, v in top[:k]]}
-                        for t, lp, top in entries]}
-
-
-def _extras(req: Any, token_ids: list[int], token_logprobs: list[dict[int, float]] | None) -> dict[str, Any]:
-    """The extension fields of a choice: `token_ids` (return_token_ids) and `requested_logprobs` (per position,
-    {id: logprob} for logprob_token_ids, ids as JSON strings)."""
-    out: dict[str, Any] = {}
-    if req.return_token_ids:
-        out["token_ids"] = list(token_ids)
-    if req.logprob_token_ids is not None:
-        out["requested_logprobs"] = [{str(i): v for i, v in d.items()} for d in token_logprobs or []]
-    return out
 
 
 # -- running a call --------------------------------------------------------------------------------------------------
@@ -288,15 +232,15 @@ async def create_completion(state: Any, req: CompletionRequest, http: Request) -
             choices = []
             for i, r in enumerate(outs):
                 prefix = texts[i] if req.echo else ""
-                echoed = _lp_entries(state, prompts[i], r.prompt_logprobs, k) if echo_lps else []
+                echoed = lp_entries(state, prompts[i], r.prompt_logprobs, k) if echo_lps else []
                 for o in r.outputs:
                     lps = None
                     if req.logprobs is not None:
-                        lps = _completion_logprobs(echoed + _lp_entries(state, o.token_ids, o.logprobs, k),
+                        lps = completion_logprobs(echoed + lp_entries(state, o.token_ids, o.logprobs, k),
                                                    0 if echo_lps else len(prefix))
-                    extra = _extras(req, o.token_ids, o.token_logprobs)
+                    extra = choice_extras(req, o.token_ids, o.token_logprobs)
                     if req.prompt_logprobs is not None:
-                        extra["prompt_logprobs"] = _logprob_dicts(r.prompt_logprobs)
+                        extra["prompt_logprobs"] = logprob_dicts(r.prompt_logprobs)
                     choices.append(choice(i * n + o.index, prefix + o.text, lps, o.finish_reason, o.stop_reason,
                                           **extra))
             return {**base, "choices": choices, "usage": _usage(prompts, outs)}
@@ -315,10 +259,10 @@ async def create_completion(state: Any, req: CompletionRequest, http: Request) -
         text = chain(i, ev.index).push(ev.token_ids, ev.text)
         lps = None
         if req.logprobs is not None:
-            entries = _lp_entries(state, ev.token_ids, ev.logprobs, k)
-            lps = _completion_logprobs(entries, offsets[i, ev.index])
+            entries = lp_entries(state, ev.token_ids, ev.logprobs, k)
+            lps = completion_logprobs(entries, offsets[i, ev.index])
             offsets[i, ev.index] += sum(len(e[0]) for e in entries)
-        extra = _extras(req, ev.token_ids, ev.token_logprobs)
+        extra = choice_extras(req, ev.token_ids, ev.token_logprobs)
         if not text and lps is None and not extra:
             return None
         return {**base, "choices": [choice(i * n + ev.index, text, lps, None, **extra)]}
@@ -378,11 +322,11 @@ async def create_chat_completion(state: Any, req: ChatCompletionRequest, http: R
         def build(outs: list[RequestOutput]) -> dict[str, Any]:
             choices = []
             for o in outs[0].outputs:
-                lps = _chat_logprobs(_lp_entries(state, o.token_ids, o.logprobs, k), k) if req.logprobs else None
+                lps = chat_logprobs(lp_entries(state, o.token_ids, o.logprobs, k), k) if req.logprobs else None
                 c = {"index": o.index, "message": {"role": "assistant", "content": o.text}, "logprobs": lps,
                      "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
-                choices.append({**c, **_extras(req, o.token_ids, o.token_logprobs)})
-            extra = {"prompt_logprobs": _logprob_dicts(outs[0].prompt_logprobs)} \
+                choices.append({**c, **choice_extras(req, o.token_ids, o.token_logprobs)})
+            extra = {"prompt_logprobs": logprob_dicts(outs[0].prompt_logprobs)} \
                 if req.prompt_logprobs is not None else {}
             return {**base, "choices": choices, "usage": _usage([prompt], outs), **extra}
         return await _respond(state, call, "chat", start, [prompt], build)
@@ -394,8 +338,8 @@ async def create_chat_completion(state: Any, req: ChatCompletionRequest, http: R
         text = chains.setdefault(ev.index, ChainText(state.tokenizer, params)).push(ev.token_ids, ev.text)
         c: dict[str, Any] = {"index": ev.index, "delta": {"content": text} if text else {}, "finish_reason": None}
         if req.logprobs:
-            c["logprobs"] = _chat_logprobs(_lp_entries(state, ev.token_ids, ev.logprobs, k), k)
-        c.update(_extras(req, ev.token_ids, ev.token_logprobs))
+            c["logprobs"] = chat_logprobs(lp_entries(state, ev.token_ids, ev.logprobs, k), k)
+        c.update(choice_extras(req, ev.token_ids, ev.token_logprobs))
         if not text and len(c) == 3:
             return None
         return {**chunk_base, "choices": [c]}
