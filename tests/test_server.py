@@ -272,9 +272,18 @@ def test_bad_request_is_400_and_server_keeps_serving(http, path, body, says):
 
 
 def test_malformed_bodies_and_unknown_model(http):
-    for content in (b"{not json", b"[1, 2]", b"\"text\""):
+    for content in (b"{not json", b"[1, 2]", b"\"text\"", b"null", b"[" * 100000 + b"]" * 100000,
+                    b'{"prompt": "\xff\xfe"}'):
         r = http.post("/v1/completions", content=content, headers={"content-type": "application/json"})
-        assert r.status_code == 400 and "not a JSON object" in r.json()["error"]["message"], r.text
+        assert r.status_code == 400, r.text
+        assert "not a JSON object" in r.json()["error"]["message"] or "not valid JSON" in r.json()["error"]["message"]
+    r = http.post("/v1/completions", content=b'{"prompt": "x", "temperature": NaN}',
+                  headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature" and "not NaN" in r.text
+    r = http.post("/v1/completions", json={"prompt": "word " * 200000, "max_tokens": 2})  # 1 MB of text: refused
+    assert r.status_code == 400 and "at most 1023 prompt tokens" in r.json()["error"]["message"]
+    r = http.post("/v1/complete", json={})
+    assert r.status_code == 404 and "/v1/completions" in r.json()["error"]["message"]
     r = http.post("/v1/completions", json={"model": "gpt-9", "prompt": "x", "max_tokens": 2})
     assert r.status_code == 404 and "available: ['tiny'" in r.json()["error"]["message"]
     r = http.post("/v1/completions", content=b"x" * (2 << 20))

@@ -17,7 +17,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from prmkern.prompts import max_token_chars
 from prmkern.serve.engine_loop import EngineLoop
 from prmkern.serve.metrics import ServerMetrics
 from prmkern.serve.openai_api import create_chat_completion, create_completion
@@ -72,6 +74,7 @@ class ServerState:
         self.verify_executor = ThreadPoolExecutor(config.max_verify, thread_name_prefix="prmkern-verify")
         self.started = time.time()
         self._token_texts: dict[int, str] = {}
+        self.max_token_chars = max_token_chars(self.tokenizer) if self.tokenizer is not None else 1
 
     def count_abort(self) -> None:
         self.metrics.aborted += 1
@@ -189,6 +192,18 @@ def build_app(llm: Any, config: ServerConfig) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own 400 for a body it cannot parse (bad UTF-8, nesting too deep), 404/405 for unknown routes.
+        message = str(exc.detail)
+        if exc.status_code == 400:
+            model = BODY_MODELS.get(request.url.path)
+            message = (f"the body is not valid JSON ({exc.detail}); accepted: a JSON object"
+                       + (f" with fields {accepted_fields(model)}" if model else ""))
+        elif exc.status_code in (404, 405):
+            message = f"{exc.detail}: {request.method} {request.url.path}; served: {', '.join(sorted(KNOWN_PATHS))}"
+        return JSONResponse(ApiError(exc.status_code, message).body(), status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -17,6 +17,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from prmkern.outputs import RequestOutput
+from prmkern.prompts import encode_bounded
 from prmkern.sampling import SamplingParams
 from prmkern.serve.calls import ChainText, EngineCall
 from prmkern.serve.engine_loop import ChainDelta, ChainDone, Overloaded, RequestDone, RequestFailed
@@ -48,10 +49,14 @@ def _check_ids(state: Any, ids: list[int], what: str) -> None:
 
 
 def _encode(state: Any, text: str) -> list[int]:
+    """Token ids of a text prompt; a text too long for the context is refused after tokenizing a bounded prefix."""
     if state.tokenizer is None:
         raise BadRequest("text prompts need a tokenizer and this model has none; accepted: token id lists",
                          "prompt")
-    return state.tokenizer.encode(text, add_special_tokens=False)
+    try:
+        return encode_bounded(state.tokenizer, text, state.max_model_len - 1, state.max_token_chars)
+    except ValueError as e:
+        raise BadRequest(f"{e}; accepted: at most {state.max_model_len - 1} prompt tokens", "prompt") from e
 
 
 def _completion_prompts(state: Any, prompt: Any) -> tuple[list[list[int]], list[str]]:

@@ -8,6 +8,7 @@ own is `logprob_token_ids`. Values are validated by SamplingParams itself, whose
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
@@ -151,4 +152,5 @@ def sampling_params(req: _SamplingFields, *, max_tokens: int, logprobs: int | No
             seed=req.seed, logprobs=logprobs, prompt_logprobs=req.prompt_logprobs,
             logprob_token_ids=req.logprob_token_ids, skip_special_tokens=req.skip_special_tokens, **penalties)
     except (TypeError, ValueError) as e:
-        raise BadRequest(str(e)) from e
+        named = re.match(r"SamplingParams\.(\w+)=", str(e))
+        raise BadRequest(str(e), named.group(1) if named else None) from e
