@@ -47,10 +47,22 @@ def http(served):
         yield c
 
 
-def test_models_and_health(http):
+def test_models_and_health(http, client):
     assert http.get("/health").json() == {"status": "ok"}
     models = http.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["tiny"] and models["data"][0]["max_model_len"] == 1024
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
+
+
+def test_null_fields_mean_defaults(http):
+    body = {"prompt": "x", "max_tokens": 3, "temperature": 0, "n": None, "stream": None, "stop": None,
+            "echo": None, "logprobs": None, "seed": None, "user": None}
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 1 and r.json()["choices"][0]["logprobs"] is None
+    r = http.post("/v1/completions", json={"prompt": None, "max_tokens": 3})
+    assert r.status_code == 400 and "prompt: Field required" in r.json()["error"]["message"]
 
 
 def test_completion_greedy_matches_offline(client, offline):

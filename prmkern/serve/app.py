@@ -144,6 +144,7 @@ class Guard:
 
 
 KNOWN_PATHS = {"/v1/completions", "/v1/chat/completions", "/v1/verify", "/v1/models", "/health", "/metrics"}
+# /v1/models/{id} is counted under "other" in /metrics: one label value per path we serve, never client-chosen.
 
 
 def _too_large(size: int, limit: int) -> ApiError:
@@ -222,10 +223,20 @@ def build_app(llm: Any, config: ServerConfig) -> FastAPI:
     async def verify_route(req: VerifyRequest, request: Request):
         return await verify(state, req, request)
 
+    def model_card() -> dict[str, Any]:
+        return {"id": state.model_name, "object": "model", "created": int(state.started), "owned_by": "prmkern",
+                "max_model_len": state.max_model_len}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": int(state.started),
-                                            "owned_by": "prmkern", "max_model_len": state.max_model_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id not in state.model_names:
+            raise ApiError(404, f"model {model_id!r} is not served here; available: {[state.model_name]}", "model",
+                           "not_found_error")
+        return model_card()
 
     @app.get("/health")
     async def health():
