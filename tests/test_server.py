@@ -361,4 +361,5 @@ def test_verify_matches_in_process_verifier():
     assert got["earliest_error"] == ref.scores.earliest_error == rec["label"]
     assert got["chains"] == ref.to_json(ref_llm.tokenizer)["chains"]
     assert "chains" not in short and short["num_chains"] == 1 and len(short["step_scores"]) == len(rec["steps"])
+    assert short["id"] is None
 

@@ -136,6 +136,7 @@ async def verify(state: Any, req: VerifyRequest, http: Request) -> Response:
     if result.error is not None:
         raise BadRequest(result.error)
     body = result.to_json(state.tokenizer, include_chains=req.include_chains)
+    body["id"] = req.id  # the client's id, or null (not the record's index within this call)
     body.update(model=state.model_name, format=config.format.name, num_chains=config.num_chains,
                 usage={"chains": len(result.chains),
                        "completion_tokens": sum(len(t.token_ids) for c in result.chains for t in c.turns)})
