@@ -4,16 +4,21 @@ for a float)."""
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 
 def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    """An int (numpy ints too), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _is_real(x: object) -> bool:
-    """A finite int or float (not a bool, not NaN or inf)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    """A finite real number (numpy floats too), not a bool, not NaN or inf."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+INT_FIELDS = ("n", "top_k", "max_tokens", "min_tokens")
+REAL_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
 @dataclass
@@ -110,9 +115,18 @@ class SamplingParams:
             if ids is not None and (not isinstance(ids, (list, tuple)) or
                                     any(not _is_int(i) or i < 0 for i in ids)):
                 raise bad(name, "a list of non-negative token ids (ints)")
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop_token_ids = [int(i) for i in self.stop_token_ids or []]
         if self.logprob_token_ids is not None:
-            self.logprob_token_ids = list(self.logprob_token_ids)
+            self.logprob_token_ids = [int(i) for i in self.logprob_token_ids]
+        # Plain Python numbers from here on (numpy scalars are accepted above).
+        for name in INT_FIELDS:
+            setattr(self, name, int(getattr(self, name)))
+        for name in REAL_FIELDS:
+            setattr(self, name, float(getattr(self, name)))
+        for name in ("seed", "logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, int(getattr(self, name)))
+        self.prompt_logprobs_start = int(self.prompt_logprobs_start)
 
     @property
     def greedy(self) -> bool:
