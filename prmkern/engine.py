@@ -197,9 +197,11 @@ class LLMEngine:
         if step is None:
             if early:
                 return self._forget_finished(early)
-            if self.scheduler.has_work():
-                raise RuntimeError("scheduler made no progress: the KV pool cannot hold one running sequence; "
-                                   f"pool has {self.num_blocks} blocks of {self.config.block_size} tokens")
+            if self.scheduler.has_work():  # cannot happen by design; if it does, fail what is stuck, stay usable
+                stuck = {seq.request for seq in list(self.scheduler.waiting) + self.scheduler.running}
+                return self._forget_finished(self._fail_requests(
+                    stuck, "scheduler made no progress: the KV pool cannot hold one running sequence; pool has "
+                           f"{self.num_blocks} blocks of {self.config.block_size} tokens"))
             return []
         try:
             logits = self.runner.run(step)
@@ -318,7 +320,7 @@ class LLMEngine:
                 return True
         elif p.stop_strings:
             self._detokenize(seq)
-        if n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
             return True
         return False

@@ -17,7 +17,7 @@ def _is_real(x: object) -> bool:
     """A finite real number (numpy floats too), not a bool, not NaN or inf."""
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
-INT_FIELDS = ("n", "top_k", "max_tokens", "min_tokens")
+INT_FIELDS = ("n", "top_k", "min_tokens")
 REAL_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
@@ -51,7 +51,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     min_tokens: int = 0
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: until the model's context (max_model_len) is full
     ignore_eos: bool = False
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
@@ -83,9 +83,9 @@ class SamplingParams:
                 raise bad(name, "a float in [-2, 2] (0 disables)")
         if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise bad("repetition_penalty", "a finite float > 0 (1 disables)")
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise bad("max_tokens", "an int >= 1")
-        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise bad("max_tokens", "an int >= 1, or None (up to the model's context)")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens):
             raise bad("min_tokens", f"an int in [0, max_tokens={self.max_tokens}]")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
@@ -123,7 +123,7 @@ class SamplingParams:
             setattr(self, name, int(getattr(self, name)))
         for name in REAL_FIELDS:
             setattr(self, name, float(getattr(self, name)))
-        for name in ("seed", "logprobs", "prompt_logprobs"):
+        for name in ("seed", "logprobs", "prompt_logprobs", "max_tokens"):
             if getattr(self, name) is not None:
                 setattr(self, name, int(getattr(self, name)))
         self.prompt_logprobs_start = int(self.prompt_logprobs_start)

@@ -219,3 +219,9 @@ def test_min_p_samples_only_likely_tokens(llm, model64):
     allowed = set((probs >= 0.2 * probs.max() - 1e-6).nonzero()[:, 0].tolist())
     assert drawn <= allowed and int(probs.argmax()) in drawn
     assert len(allowed) < 509 // 4  # the filter removed most of the vocabulary
+
+
+def test_max_tokens_none_runs_to_the_context_end(qwen2_dir):
+    llm = LLM(qwen2_dir, device="cpu", max_model_len=40)
+    out = llm.generate([list(range(1, 31))], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 10 and out.outputs[0].finish_reason == "length"
