@@ -95,6 +95,8 @@ class LLMEngine:
             self._check_params(params)
         except (TypeError, ValueError) as e:
             error = str(e)
+        except Exception as e:  # e.g. the tokenizer failing on this text: this request fails, nothing else
+            error = f"the prompt could not be prepared: {type(e).__name__}: {e}"
         request = Request(request_id, text, token_ids, params, error=error)
         if error is None and params.prompt_logprobs is not None:
             request.prompt_logprobs = [None] * len(token_ids)

@@ -9,7 +9,6 @@ import re
 import time
 
 import pytest
-import torch
 
 from prmkern import LLM, SamplingParams
 from prmkern.tiny import build_checkpoint
