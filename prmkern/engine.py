@@ -184,6 +184,7 @@ class LLMEngine:
         if request.finished:
             return False
         request.aborted = True
+        self.stats.aborted_requests += 1
         for seq in request.seqs:
             if seq.status is not SequenceStatus.FINISHED:
                 self.scheduler.abort(seq)

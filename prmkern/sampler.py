@@ -75,14 +75,16 @@ def apply_penalties(logits: torch.Tensor, prompt_ids: list[list[int]], output_id
     repetition divides positive / multiplies negative logits of tokens in prompt or output; frequency subtracts
     penalty x output count; presence subtracts penalty for each token present in the output."""
     rows, vocab = logits.shape
-    out_counts = torch.zeros(rows, vocab, dtype=logits.dtype)
-    seen = torch.zeros(rows, vocab, dtype=torch.bool)
+    dev = logits.device
+    # Built where the logits live; only the token ids travel.
+    out_counts = torch.zeros(rows, vocab, dtype=logits.dtype, device=dev)
+    seen = torch.zeros(rows, vocab, dtype=torch.bool, device=dev)
     for r in range(rows):
         if output_ids[r]:
-            out_counts[r] = torch.bincount(torch.tensor(output_ids[r]), minlength=vocab)[:vocab].to(logits.dtype)
-        seen[r, torch.tensor(prompt_ids[r], dtype=torch.int64)] = True
-    out_counts = out_counts.to(logits.device)
-    seen = (seen.to(logits.device) | (out_counts > 0))
+            ids = torch.tensor(output_ids[r], dtype=torch.int64, device=dev)
+            out_counts[r].index_add_(0, ids, torch.ones(len(output_ids[r]), dtype=logits.dtype, device=dev))
+        seen[r, torch.tensor(prompt_ids[r], dtype=torch.int64, device=dev)] = True
+    seen |= out_counts > 0
     rep = torch.tensor(repetition, dtype=logits.dtype, device=logits.device)[:, None]
     penalties = torch.where(seen, rep, torch.ones_like(logits))
     logits = torch.where(logits > 0, logits / penalties, logits * penalties)
