@@ -71,6 +71,8 @@ class LLM:
         is kv_cache_memory), and the vLLM-only arguments of prmkern/vllm_args.py (trust_remote_code,
         tensor_parallel_size, swap_space, disable_log_stats, ...: accepted, ignored with a warning, or rejected
         with an error naming what is supported)."""
+        if "kv_cache_memory_bytes" in vllm_kwargs:  # vLLM's name for prmkern's kv_cache_memory
+            kv_cache_memory = vllm_kwargs.pop("kv_cache_memory_bytes")
         used = check_vllm_args(vllm_kwargs)
         hf_config = read_config(model)
         if device is None:
