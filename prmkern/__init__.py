@@ -1,6 +1,7 @@
 """prmkern: an inference engine with Triton kernels for generative process reward models.
 
-`LLM`, `SamplingParams` and the output / prompt types follow vLLM's names and meanings; see docs/api.md. Everything else is reachable from the submodules.
+`LLM`, `SamplingParams` and the output / prompt types follow vLLM's names and meanings; see
+docs/api.md. Everything else is reachable from the submodules.
 """
 from prmkern.llm import LLM
 from prmkern.outputs import CompletionOutput, Logprob, RequestOutput

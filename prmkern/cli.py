@@ -101,7 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             r = next(outputs)
             row["error"] = r.error
             row["outputs"] = [{"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
-                               **({"logprobs": c.logprobs} if c.logprobs is not None else {}),
+                               **({"logprobs": c.sampled_logprobs} if c.logprobs is not None else {}),
                                **({"token_logprobs": c.token_logprobs} if c.token_logprobs is not None else {})}
                               for c in r.outputs]
             chains += len(r.outputs)

@@ -95,6 +95,8 @@ class LLMEngine:
             self._check_params(params)
         except (TypeError, ValueError) as e:
             error = str(e)
+        except Exception as e:  # e.g. the tokenizer failing on this text: this request fails, nothing else
+            error = f"the prompt could not be prepared: {type(e).__name__}: {e}"
         request = Request(request_id, text, token_ids, params, error=error)
         if error is None and params.prompt_logprobs is not None:
             request.prompt_logprobs = [None] * len(token_ids)
@@ -182,6 +184,7 @@ class LLMEngine:
         if request.finished:
             return False
         request.aborted = True
+        self.stats.aborted_requests += 1
         for seq in request.seqs:
             if seq.status is not SequenceStatus.FINISHED:
                 self.scheduler.abort(seq)
@@ -197,9 +200,11 @@ class LLMEngine:
         if step is None:
             if early:
                 return self._forget_finished(early)
-            if self.scheduler.has_work():
-                raise RuntimeError("scheduler made no progress: the KV pool cannot hold one running sequence; "
-                                   f"pool has {self.num_blocks} blocks of {self.config.block_size} tokens")
+            if self.scheduler.has_work():  # cannot happen by design; if it does, fail what is stuck, stay usable
+                stuck = {seq.request for seq in list(self.scheduler.waiting) + self.scheduler.running}
+                return self._forget_finished(self._fail_requests(
+                    stuck, "scheduler made no progress: the KV pool cannot hold one running sequence; pool has "
+                           f"{self.num_blocks} blocks of {self.config.block_size} tokens"))
             return []
         try:
             logits = self.runner.run(step)
@@ -318,7 +323,7 @@ class LLMEngine:
                 return True
         elif p.stop_strings:
             self._detokenize(seq)
-        if n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
             return True
         return False

@@ -8,6 +8,7 @@ the next call.
 """
 from __future__ import annotations
 
+import numbers
 import os
 import sys
 import warnings
@@ -54,7 +55,7 @@ def load_tokenizer(path: str, explicit: bool, slow: bool = False) -> tuple[Any, 
 def _is_single_prompt(prompts: Any) -> bool:
     return (isinstance(prompts, (str, dict)) or
             (isinstance(prompts, (list, tuple)) and bool(prompts) and
-             all(isinstance(t, int) and not isinstance(t, bool) for t in prompts)))
+             all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompts)))
 
 
 class LLM:
@@ -70,6 +71,8 @@ class LLM:
         is kv_cache_memory), and the vLLM-only arguments of prmkern/vllm_args.py (trust_remote_code,
         tensor_parallel_size, swap_space, disable_log_stats, ...: accepted, ignored with a warning, or rejected
         with an error naming what is supported)."""
+        if "kv_cache_memory_bytes" in vllm_kwargs:  # vLLM's name for prmkern's kv_cache_memory
+            kv_cache_memory = vllm_kwargs.pop("kv_cache_memory_bytes")
         used = check_vllm_args(vllm_kwargs)
         hf_config = read_config(model)
         if device is None:
@@ -123,6 +126,9 @@ class LLM:
         prompts = [prompts] if _is_single_prompt(prompts) else list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
+        if isinstance(sampling_params, (dict, str)):
+            raise TypeError(f"sampling_params must be a SamplingParams or a list of them, got a "
+                            f"{type(sampling_params).__name__} (build one with SamplingParams(**d))")
         if isinstance(sampling_params, SamplingParams):
             params = [sampling_params] * len(prompts)
         else:

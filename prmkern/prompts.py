@@ -6,6 +6,7 @@ judged on a prefix, so a huge prompt is rejected without tokenizing all of it.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, TypedDict
 
 from typing_extensions import NotRequired
@@ -30,7 +31,8 @@ class MissingTokenizerError(ValueError):
 
 
 def _is_token_list(x: Any) -> bool:
-    return isinstance(x, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+    return isinstance(x, (list, tuple)) and all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                                                for t in x)
 
 
 def split_prompt(prompt: Any) -> tuple[str | None, list[int] | None]:
@@ -49,7 +51,7 @@ def split_prompt(prompt: Any) -> tuple[str | None, list[int] | None]:
                 raise TypeError(f"TokensPrompt['prompt_token_ids'] must be a list of int token ids, got "
                                 f"{type(ids).__name__}")
             text = prompt.get("prompt")
-            return (text if isinstance(text, str) else None), list(ids)
+            return (text if isinstance(text, str) else None), [int(t) for t in ids]
         if "prompt" in prompt:
             unknown = keys - TEXT_PROMPT_KEYS
             if unknown:
@@ -61,7 +63,7 @@ def split_prompt(prompt: Any) -> tuple[str | None, list[int] | None]:
         raise ValueError(f"a prompt dict needs 'prompt' (TextPrompt) or 'prompt_token_ids' (TokensPrompt); got keys "
                          f"{sorted(map(str, keys))}")
     if _is_token_list(prompt):
-        return None, list(prompt)
+        return None, [int(t) for t in prompt]
     raise TypeError(f"a prompt must be a string, a list of int token ids, a TextPrompt {{'prompt': str}} or a "
                     f"TokensPrompt {{'prompt_token_ids': [...]}} dict; got {type(prompt).__name__}")
 

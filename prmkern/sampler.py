@@ -75,14 +75,16 @@ def apply_penalties(logits: torch.Tensor, prompt_ids: list[list[int]], output_id
     repetition divides positive / multiplies negative logits of tokens in prompt or output; frequency subtracts
     penalty x output count; presence subtracts penalty for each token present in the output."""
     rows, vocab = logits.shape
-    out_counts = torch.zeros(rows, vocab, dtype=logits.dtype)
-    seen = torch.zeros(rows, vocab, dtype=torch.bool)
+    dev = logits.device
+    # Built where the logits live; only the token ids travel.
+    out_counts = torch.zeros(rows, vocab, dtype=logits.dtype, device=dev)
+    seen = torch.zeros(rows, vocab, dtype=torch.bool, device=dev)
     for r in range(rows):
         if output_ids[r]:
-            out_counts[r] = torch.bincount(torch.tensor(output_ids[r]), minlength=vocab)[:vocab].to(logits.dtype)
-        seen[r, torch.tensor(prompt_ids[r], dtype=torch.int64)] = True
-    out_counts = out_counts.to(logits.device)
-    seen = (seen.to(logits.device) | (out_counts > 0))
+            ids = torch.tensor(output_ids[r], dtype=torch.int64, device=dev)
+            out_counts[r].index_add_(0, ids, torch.ones(len(output_ids[r]), dtype=logits.dtype, device=dev))
+        seen[r, torch.tensor(prompt_ids[r], dtype=torch.int64, device=dev)] = True
+    seen |= out_counts > 0
     rep = torch.tensor(repetition, dtype=logits.dtype, device=logits.device)[:, None]
     penalties = torch.where(seen, rep, torch.ones_like(logits))
     logits = torch.where(logits > 0, logits / penalties, logits * penalties)
@@ -97,14 +99,6 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         """logits [R, V] float32, one row per sequence in `seqs`."""
         assert logits.shape[0] == len(seqs), f"{logits.shape[0]} logit rows for {len(seqs)} sequences"
-        failed: dict[int, str] = {}
-        # NaN or +inf anywhere in a row (-inf is a legitimate mask) makes its draw meaningless: fail that row alone.
-        bad = (~(logits < float("inf")).all(dim=-1)).nonzero()[:, 0].tolist()
-        if bad:
-            for r in bad:
-                failed[r] = (f"the model produced non-finite logits (NaN or inf) at position "
-                             f"{seqs[r].num_tokens - 1} of this request")
-            logits[bad] = 0.0
         need_logprobs = any(s.params.logprobs is not None or s.params.logprob_token_ids for s in seqs)
         logprobs = torch.log_softmax(logits, dim=-1) if need_logprobs else None
 
@@ -124,9 +118,16 @@ class Sampler:
                 [p.frequency_penalty for p in ps], [p.presence_penalty for p in ps])
 
         random_rows = [r for r, s in enumerate(seqs) if not s.params.greedy]
+        # NaN or +inf in a row (-inf is a legitimate mask) makes its token meaningless: such a row fails alone. Found
+        # without another pass over the vocabulary: argmax picks a NaN or +inf when the row has one (greedy rows),
+        # and the softmax total of such a row is not finite (sampled rows).
+        bad = torch.zeros(len(seqs), dtype=torch.bool)
         # argmax only where some row is greedy: over a large vocabulary it is not free.
-        tokens = (logits.argmax(dim=-1) if len(random_rows) < len(seqs)
-                  else torch.zeros(len(seqs), dtype=torch.int64, device=logits.device))
+        if len(random_rows) < len(seqs):
+            tokens = logits.argmax(dim=-1)
+            bad |= ~torch.isfinite(logits.gather(1, tokens[:, None])[:, 0]).cpu()
+        else:
+            tokens = torch.zeros(len(seqs), dtype=torch.int64, device=logits.device)
         if random_rows:
             idx = torch.tensor(random_rows, device=logits.device)
             # Every row sampling (the usual decode step): no gather. Every temperature 1: no division.
@@ -152,6 +153,12 @@ class Sampler:
             last = torch.searchsorted(cdf, cdf[:, -1:].contiguous(), right=False)
             drawn = torch.minimum(drawn, last)[:, 0]
             tokens[idx] = drawn.to(tokens.device)
+            total = cdf[:, -1]
+            bad[random_rows] = ~(torch.isfinite(total) & (total > 0))
+        failed = {r: f"the model produced non-finite logits (NaN or inf) at position {seqs[r].num_tokens - 1} of "
+                     f"this request" for r in bad.nonzero()[:, 0].tolist()}
+        if failed:
+            tokens[list(failed)] = 0  # a placeholder id: these rows' requests fail and their tokens are dropped
         token_list = tokens.tolist()
         sampled_lp: list[PositionLogprobs | None] = [None] * len(seqs)
         chosen: list[dict[int, float] | None] = [None] * len(seqs)

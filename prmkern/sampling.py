@@ -4,16 +4,21 @@ for a float)."""
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 
 def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    """An int (numpy ints too), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _is_real(x: object) -> bool:
-    """A finite int or float (not a bool, not NaN or inf)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    """A finite real number (numpy floats too), not a bool, not NaN or inf."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+INT_FIELDS = ("n", "top_k", "min_tokens")
+REAL_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
 @dataclass
@@ -46,7 +51,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     min_tokens: int = 0
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: until the model's context (max_model_len) is full
     ignore_eos: bool = False
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
@@ -78,9 +83,9 @@ class SamplingParams:
                 raise bad(name, "a float in [-2, 2] (0 disables)")
         if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise bad("repetition_penalty", "a finite float > 0 (1 disables)")
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise bad("max_tokens", "an int >= 1")
-        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise bad("max_tokens", "an int >= 1, or None (up to the model's context)")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens):
             raise bad("min_tokens", f"an int in [0, max_tokens={self.max_tokens}]")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
@@ -110,9 +115,18 @@ class SamplingParams:
             if ids is not None and (not isinstance(ids, (list, tuple)) or
                                     any(not _is_int(i) or i < 0 for i in ids)):
                 raise bad(name, "a list of non-negative token ids (ints)")
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop_token_ids = [int(i) for i in self.stop_token_ids or []]
         if self.logprob_token_ids is not None:
-            self.logprob_token_ids = list(self.logprob_token_ids)
+            self.logprob_token_ids = [int(i) for i in self.logprob_token_ids]
+        # Plain Python numbers from here on (numpy scalars are accepted above).
+        for name in INT_FIELDS:
+            setattr(self, name, int(getattr(self, name)))
+        for name in REAL_FIELDS:
+            setattr(self, name, float(getattr(self, name)))
+        for name in ("seed", "logprobs", "prompt_logprobs", "max_tokens"):
+            if getattr(self, name) is not None:
+                setattr(self, name, int(getattr(self, name)))
+        self.prompt_logprobs_start = int(self.prompt_logprobs_start)
 
     @property
     def greedy(self) -> bool:

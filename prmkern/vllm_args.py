@@ -27,12 +27,26 @@ IGNORED = {
     "allowed_local_media_path": "text only",
     "use_v2_block_manager": "no effect",
     "worker_cls": "no effect",
+    "served_model_name": "the offline API has no served name",
+    "generation_config": "defaults come from SamplingParams only",
+    "scheduling_policy": "first come, first served",
+    "disable_sliding_window": "no sliding-window models are supported",
+    "task": "generation only",
+    "runner": "generation only",
+    "enable_sleep_mode": "no sleep mode",
+    "async_scheduling": "steps run synchronously",
+    "num_scheduler_steps": "one step per schedule",
+    "limit_mm_per_prompt": "text only",
+    "mm_processor_kwargs": "text only",
 }
 # Silent when they hold vLLM's default (or the value prmkern has anyway).
 DEFAULTS = {"swap_space": 4, "disable_log_stats": True, "enable_chunked_prefill": True, "tokenizer_mode": "auto",
             "load_format": "auto", "kv_cache_dtype": "auto", "cpu_offload_gb": 0, "quantization": None,
             "pipeline_parallel_size": 1, "tensor_parallel_size": 1, "enable_lora": False, "hf_overrides": None,
-            "trust_remote_code": False}
+            "trust_remote_code": False, "task": "auto", "runner": "auto", "generation_config": "auto",
+            "scheduling_policy": "fcfs", "disable_sliding_window": False, "served_model_name": None,
+            "enable_sleep_mode": False, "async_scheduling": False, "num_scheduler_steps": 1,
+            "limit_mm_per_prompt": None, "mm_processor_kwargs": None}
 # Values other than these are an error (the feature does not exist in prmkern).
 ONLY = {
     "tensor_parallel_size": ((1,), "tensor parallelism is not implemented yet: prmkern runs on one device"),
@@ -44,6 +58,7 @@ ONLY = {
     "hf_overrides": ((None, {}), "config overrides are not supported; edit config.json"),
     "load_format": (("auto", "safetensors"), "safetensors checkpoints only"),
     "tokenizer_mode": (("auto", "slow"), "Hugging Face tokenizers"),
+    "logits_processors": ((None, []), "custom logits processors are not supported"),
 }
 
 

@@ -9,7 +9,6 @@ import re
 import time
 
 import pytest
-import torch
 
 from prmkern import LLM, SamplingParams
 from prmkern.tiny import build_checkpoint
@@ -69,7 +68,11 @@ def test_exception_inside_a_step_fails_that_steps_requests(qwen2_dir, fresh, mon
     _assert_healthy(llm, fresh)
 
 
-def test_non_finite_logits_fail_only_their_request(qwen2_dir, fresh, monkeypatch):
+@pytest.mark.parametrize("params, bad_value", [(GREEDY, float("nan")), (GREEDY, float("inf")),
+                                               (SamplingParams(temperature=0.9, max_tokens=12, seed=4,
+                                                               ignore_eos=True), float("nan"))])
+def test_non_finite_logits_fail_only_their_request(qwen2_dir, fresh, monkeypatch, params, bad_value):
+    expected = [o.outputs[0].token_ids for o in LLM(qwen2_dir, device="cpu").generate(PROMPTS, params)]
     llm = LLM(qwen2_dir, device="cpu")
     run, calls, victim = llm.engine.runner.run, [0], []
 
@@ -78,16 +81,16 @@ def test_non_finite_logits_fail_only_their_request(qwen2_dir, fresh, monkeypatch
         calls[0] += 1
         if calls[0] == 3:  # a decode step: row 0 belongs to step.scheduled[0] (the runner's order)
             victim.append(step.scheduled[0].seq.request)
-            logits[0, 5] = float("nan")
+            logits[0, 5] = bad_value
         return logits
 
     monkeypatch.setattr(llm.engine.runner, "run", poison)
-    outs = llm.generate(PROMPTS, GREEDY)
+    outs = llm.generate(PROMPTS, params)
     bad = [i for i, o in enumerate(outs) if o.error is not None]
     assert len(bad) == 1 and outs[bad[0]].request_id == victim[0].request_id
     assert "non-finite logits" in outs[bad[0]].error
     for i in set(range(3)) - set(bad):
-        assert outs[i].outputs[0].token_ids == fresh[i]
+        assert outs[i].outputs[0].token_ids == expected[i]
     monkeypatch.setattr(llm.engine.runner, "run", run)
     _assert_healthy(llm, fresh)
 

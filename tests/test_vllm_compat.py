@@ -123,6 +123,12 @@ def test_vllm_engine_arguments(qwen2_dir):
         LLM(qwen2_dir, device="cpu", quantization="awq")
     with pytest.raises(ValueError, match=r"gpu_memory_utilization=1.5 is invalid; accepted: a float in \(0, 1\]"):
         LLM(qwen2_dir, device="cpu", gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match=r"logits_processors=.*not supported"):
+        LLM(qwen2_dir, device="cpu", logits_processors=[lambda ids, logits: logits])
+    a = LLM(qwen2_dir, device="cpu", kv_cache_memory_bytes=1 << 20, swap_space=4, disable_log_stats=True,
+            enable_prefix_caching=True, max_num_seqs=8, task="auto", served_model_name=None)
+    b = LLM(qwen2_dir, device="cpu", kv_cache_memory=1 << 20, max_num_seqs=8)
+    assert a.engine.num_blocks == b.engine.num_blocks < 8 * 1024 // 16  # the 1 MiB budget binds
 
 
 def test_prompt_logprobs_across_chunks_and_chains(qwen2_dir, model64):
@@ -219,3 +225,9 @@ def test_min_p_samples_only_likely_tokens(llm, model64):
     allowed = set((probs >= 0.2 * probs.max() - 1e-6).nonzero()[:, 0].tolist())
     assert drawn <= allowed and int(probs.argmax()) in drawn
     assert len(allowed) < 509 // 4  # the filter removed most of the vocabulary
+
+
+def test_max_tokens_none_runs_to_the_context_end(qwen2_dir):
+    llm = LLM(qwen2_dir, device="cpu", max_model_len=40)
+    out = llm.generate([list(range(1, 31))], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 10 and out.outputs[0].finish_reason == "length"
