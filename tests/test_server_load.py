@@ -113,6 +113,9 @@ def test_disconnect_aborts_and_frees_blocks(served):
     wait_until(lambda: idle(engine), what="the timed-out request's blocks to be freed")
     assert engine.stats.generated_tokens - generated < 600
     assert aborted_total(url) == aborted + 2
+    engine_aborted = next(x for x in httpx.get(url + "/metrics").text.splitlines()
+                          if x.startswith("prmkern_engine_aborted_requests_total "))
+    assert int(engine_aborted.split()[1]) >= 2
     slow.delay = 0.0
 
 

@@ -14,7 +14,10 @@ from typing import Any
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 ENGINE_COUNTERS = {  # EngineStats field -> (metric name, help)
     "requests": ("prmkern_engine_requests_total", "Requests submitted to the engine (verify submits several)."),
-    "failed_requests": ("prmkern_engine_failed_requests_total", "Engine requests rejected as invalid."),
+    "failed_requests": ("prmkern_engine_failed_requests_total",
+                        "Engine requests that failed: invalid on arrival, or a fault in their step."),
+    "aborted_requests": ("prmkern_engine_aborted_requests_total",
+                         "Engine requests aborted (their client went away, or shutdown)."),
     "prompt_tokens": ("prmkern_prompt_tokens_total", "Prompt tokens submitted."),
     "prefill_tokens": ("prmkern_prefill_tokens_total", "Prompt tokens computed by prefill."),
     "cached_tokens": ("prmkern_prefix_cache_hit_tokens_total", "Prompt tokens whose KV came from the prefix cache."),
