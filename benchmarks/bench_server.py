@@ -135,7 +135,7 @@ def main() -> None:
                 local_ms.append((time.perf_counter() - t) * 1e3)
     n = len(latencies)
     result = dict(
-        bench="server", device=torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name(),
+        bench="server", smoke=args.smoke, device=torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name(),
         cpus=os.cpu_count(), commit=git_commit(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), model=model,
         clients=args.clients, requests_per_client=args.requests, prompt_len=args.prompt_len,
