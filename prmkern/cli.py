@@ -101,7 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             r = next(outputs)
             row["error"] = r.error
             row["outputs"] = [{"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
-                               **({"logprobs": c.logprobs} if c.logprobs is not None else {}),
+                               **({"logprobs": c.sampled_logprobs} if c.logprobs is not None else {}),
                                **({"token_logprobs": c.token_logprobs} if c.token_logprobs is not None else {})}
                               for c in r.outputs]
             chains += len(r.outputs)
@@ -375,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--gen-len", type=int, default=64)
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    from prmkern.serve.cli import add_serve_parser
+    add_serve_parser(sub)
 
     args = ap.parse_args(argv)
     return args.func(args)

@@ -105,7 +105,8 @@ def test_append_text_keeps_generated_tokens_before_a_stop_string(qwen2_dir):
     stop = " so"
     ids = tok.encode(body + stop + " then stop", add_special_tokens=False)
     # The engine's text for a round that stopped at `stop`: everything before its first occurrence.
-    out = CompletionOutput(0, body, ids, None, [{7: -1.0} for _ in ids], "stop", stop)
+    out = CompletionOutput(0, body, ids, token_logprobs=[{7: -1.0} for _ in ids], finish_reason="stop",
+                           stop_reason=stop)
     turn = Turn(prompt_ids=[1])
     verifier._absorb(turn, out)
     verifier._append_text(turn, " Wait,", drop_stop=True)
