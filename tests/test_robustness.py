@@ -165,6 +165,14 @@ def test_loader_names_tensor_config_and_shapes(qwen2_dir, tmp_path, key, value, 
     assert str(old) in msg and str(value) in msg  # both shapes
 
 
+def test_loader_names_a_missing_config_key(qwen2_dir, tmp_path):
+    config = json.load(open(os.path.join(qwen2_dir, "config.json")))
+    del config["num_hidden_layers"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json lacks the key 'num_hidden_layers'"):
+        LLM(str(tmp_path), device="cpu")
+
+
 def test_chain_stopped_by_the_kv_pool_is_flagged(qwen2_dir):
     llm = LLM(qwen2_dir, device="cpu", block_size=4, num_kvcache_blocks=5)  # 20 tokens of KV in all
     out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))[0].outputs[0]
