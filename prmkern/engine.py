@@ -118,6 +118,11 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         params.__post_init__()  # again: fields may have been set after construction (idempotent)
+        if params.n > max(self.num_blocks, self.config.max_num_seqs):
+            # Every chain needs a KV block of its own from its first generated token: more could never run.
+            raise ValueError(f"SamplingParams.n={params.n} exceeds what this engine can run: at most "
+                             f"{max(self.num_blocks, self.config.max_num_seqs)} chains (the KV pool has "
+                             f"{self.num_blocks} blocks); split the request or enlarge the pool")
         vocab = self.model.spec.vocab_size
         for name in ("stop_token_ids", "logprob_token_ids"):
             bad = [t for t in getattr(params, name) or [] if t >= vocab]

@@ -48,6 +48,13 @@ def test_bad_params_set_after_construction_fail_alone(qwen2_dir, fresh, field, v
     _assert_healthy(llm, fresh)
 
 
+def test_n_beyond_the_pool_fails_alone(qwen2_dir, fresh):
+    llm = LLM(qwen2_dir, device="cpu", num_kvcache_blocks=200)
+    outs = llm.generate(PROMPTS[:2], [SamplingParams(n=10**6), GREEDY])
+    assert "at most 256 chains" in outs[0].error and outs[1].outputs[0].token_ids == fresh[1]
+    _assert_healthy(llm, fresh)
+
+
 @pytest.mark.parametrize("at_call", [1, 4])  # the first prefill step, or a decode step
 def test_exception_inside_a_step_fails_that_steps_requests(qwen2_dir, fresh, monkeypatch, at_call):
     llm = LLM(qwen2_dir, device="cpu")
