@@ -72,6 +72,7 @@ def test_vllm_style_offline_script(qwen2_dir, model64):
         ref = ref_logprobs(model64, full)
         n_prompt = len(out.prompt_token_ids)
         comp = out.outputs[0]
+        assert out.finished and comp.finished() and comp.finish_reason == "length"
         assert len(comp.logprobs) == len(comp.token_ids) == 10
         for j, (d, t) in enumerate(zip(comp.logprobs, comp.token_ids)):
             check_position(d, ref[n_prompt - 1 + j], t, 5, tokenizer)
