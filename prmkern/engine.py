@@ -98,11 +98,6 @@ class LLMEngine:
         except Exception as e:  # e.g. the tokenizer failing on this text: this request fails, nothing else
             error = f"the prompt could not be prepared: {type(e).__name__}: {e}"
         request = Request(request_id, text, token_ids, params, error=error)
-        if error is None and params.prompt_logprobs is not None:
-            request.prompt_logprobs = [None] * len(token_ids)
-            request.prompt_lp_next = min(params.prompt_logprobs_start, len(token_ids))
-        else:
-            request.prompt_lp_next = len(token_ids)
         self.stats.requests += 1
         if error is not None:
             self.stats.failed_requests += 1
