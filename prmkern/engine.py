@@ -119,7 +119,7 @@ class LLMEngine:
                              f"{max(self.num_blocks, self.config.max_num_seqs)} chains (the KV pool has "
                              f"{self.num_blocks} blocks); split the request or enlarge the pool")
         vocab = self.model.spec.vocab_size
-        for name in ("stop_token_ids", "logprob_token_ids"):
+        for name in ("stop_token_ids", "logprob_token_ids", "allowed_token_ids", "logit_bias"):
             bad = [t for t in getattr(params, name) or [] if t >= vocab]
             if bad:
                 raise ValueError(f"SamplingParams.{name} has ids {bad[:5]} outside this model's vocabulary "
@@ -377,7 +377,7 @@ class LLMEngine:
             p = seq.params
             if p.stop_strings and seq.stop_reason in p.stop_strings:
                 text = seq.text
-            elif self.tokenizer is not None:
+            elif self.tokenizer is not None and p.detokenize:
                 text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=p.skip_special_tokens)
             else:
                 text = ""

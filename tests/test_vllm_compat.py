@@ -232,3 +232,23 @@ def test_max_tokens_none_runs_to_the_context_end(qwen2_dir):
     llm = LLM(qwen2_dir, device="cpu", max_model_len=40)
     out = llm.generate([list(range(1, 31))], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 10 and out.outputs[0].finish_reason == "length"
+
+
+def test_allowed_token_ids_logit_bias_and_detokenize(llm, model64):
+    prompt = random_prompts([14], 509, seed=57)[0]
+    allowed = list(range(100, 140))
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                                allowed_token_ids=allowed, logprobs=0))[0].outputs[0]
+    seq = list(prompt)
+    for t in out.token_ids:  # greedy over the allowed ids of the model's distribution, step by step
+        assert t == max(allowed, key=lambda a: float(ref_logprobs(model64, seq)[-1, a]))
+        seq.append(t)
+    # Log-probabilities stay those of the raw distribution (vLLM's raw_logprobs), not of the restricted one.
+    ref = ref_logprobs(model64, prompt + out.token_ids)
+    assert out.sampled_logprobs == pytest.approx([float(ref[13 + j, t]) for j, t in enumerate(out.token_ids)],
+                                                 abs=TOL)
+    biased = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
+                                                   logit_bias={"77": 100.0}, detokenize=False))[0].outputs[0]
+    assert biased.token_ids == [77] * 4 and biased.text == ""
+    bad = llm.generate([prompt], SamplingParams(allowed_token_ids=[5, 600]))[0]
+    assert "allowed_token_ids" in bad.error and "[0, 509)" in bad.error
