@@ -252,3 +252,19 @@ def test_allowed_token_ids_logit_bias_and_detokenize(llm, model64):
     assert biased.token_ids == [77] * 4 and biased.text == ""
     bad = llm.generate([prompt], SamplingParams(allowed_token_ids=[5, 600]))[0]
     assert "allowed_token_ids" in bad.error and "[0, 509)" in bad.error
+
+
+def test_prompt_logprobs_on_the_triton_backend_match_torch(qwen2_dir):
+    """Recomputed cached positions (not rewritten) and scored rows through the Triton prefill path."""
+    problem, chain = random_prompts([32, 12], 509, seed=58)
+    got = {}
+    for backend in ("torch", "triton"):
+        llm = LLM(qwen2_dir, device="cpu", attention_backend=backend, block_size=8)
+        llm.generate([problem], SamplingParams(max_tokens=1))
+        out = llm.generate([problem + chain], SamplingParams(max_tokens=1, prompt_logprobs=2,
+                                                             prompt_logprobs_start=30))[0]
+        assert llm.stats.cached_tokens == 24  # blocks wholly before position 29
+        got[backend] = [{t: lp.logprob for t, lp in d.items()} for d in out.prompt_logprobs[30:]]
+    assert [list(d) for d in got["triton"]] == [list(d) for d in got["torch"]]
+    for a, b in zip(got["triton"], got["torch"]):
+        assert list(a.values()) == pytest.approx(list(b.values()), abs=1e-4)
