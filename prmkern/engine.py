@@ -98,11 +98,6 @@ class LLMEngine:
         except Exception as e:  # e.g. the tokenizer failing on this text: this request fails, nothing else
             error = f"the prompt could not be prepared: {type(e).__name__}: {e}"
         request = Request(request_id, text, token_ids, params, error=error)
-        if error is None and params.prompt_logprobs is not None:
-            request.prompt_logprobs = [None] * len(token_ids)
-            request.prompt_lp_next = min(params.prompt_logprobs_start, len(token_ids))
-        else:
-            request.prompt_lp_next = len(token_ids)
         self.stats.requests += 1
         if error is not None:
             self.stats.failed_requests += 1
@@ -118,8 +113,13 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         params.__post_init__()  # again: fields may have been set after construction (idempotent)
+        if params.n > max(self.num_blocks, self.config.max_num_seqs):
+            # Every chain needs a KV block of its own from its first generated token: more could never run.
+            raise ValueError(f"SamplingParams.n={params.n} exceeds what this engine can run: at most "
+                             f"{max(self.num_blocks, self.config.max_num_seqs)} chains (the KV pool has "
+                             f"{self.num_blocks} blocks); split the request or enlarge the pool")
         vocab = self.model.spec.vocab_size
-        for name in ("stop_token_ids", "logprob_token_ids"):
+        for name in ("stop_token_ids", "logprob_token_ids", "allowed_token_ids", "logit_bias"):
             bad = [t for t in getattr(params, name) or [] if t >= vocab]
             if bad:
                 raise ValueError(f"SamplingParams.{name} has ids {bad[:5]} outside this model's vocabulary "
@@ -377,7 +377,7 @@ class LLMEngine:
             p = seq.params
             if p.stop_strings and seq.stop_reason in p.stop_strings:
                 text = seq.text
-            elif self.tokenizer is not None:
+            elif self.tokenizer is not None and p.detokenize:
                 text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=p.skip_special_tokens)
             else:
                 text = ""

@@ -40,8 +40,7 @@ class CompletionOutput:
             return None
         return [d[t].logprob for d, t in zip(self.logprobs, self.token_ids)]
 
-    @property
-    def finished(self) -> bool:
+    def finished(self) -> bool:  # a method, as in vLLM
         return self.finish_reason is not None
 
 

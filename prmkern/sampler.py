@@ -109,6 +109,16 @@ class Sampler:
                 banned = p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)
                 if banned:
                     logits[r, banned] = float("-inf")
+        for r, seq in enumerate(seqs):  # vLLM's allowed_token_ids and logit_bias, before the penalties
+            p = seq.params
+            if p.has_logit_edits:
+                if p.allowed_token_ids is not None:
+                    keep = torch.tensor(p.allowed_token_ids, dtype=torch.int64, device=logits.device)
+                    logits[r] = torch.full_like(logits[r], float("-inf")).index_copy_(0, keep, logits[r, keep])
+                if p.logit_bias:
+                    ids = torch.tensor(list(p.logit_bias), dtype=torch.int64, device=logits.device)
+                    logits[r, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype,
+                                                   device=logits.device)
         pen_rows = [r for r, s in enumerate(seqs) if s.params.has_penalties]
         if pen_rows:
             ps = [seqs[r].params for r in pen_rows]

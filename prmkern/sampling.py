@@ -62,6 +62,14 @@ class SamplingParams:
     prompt_logprobs_start: int = 1
     logprob_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    # vLLM's: allowed_token_ids restricts sampling to these ids; logit_bias {id: bias} is added to the logits (both
+    # before penalties, as in vLLM); detokenize=False leaves CompletionOutput.text empty; best_of must be None or n
+    # (vLLM V1 dropped it too); spaces_between_special_tokens is accepted (fast tokenizers ignore it).
+    allowed_token_ids: list[int] | None = None
+    logit_bias: dict[int, float] | None = None
+    detokenize: bool = True
+    best_of: int | None = None
+    spaces_between_special_tokens: bool = True
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -87,7 +95,8 @@ class SamplingParams:
             raise bad("max_tokens", "an int >= 1, or None (up to the model's context)")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens):
             raise bad("min_tokens", f"an int in [0, max_tokens={self.max_tokens}]")
-        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize",
+                     "spaces_between_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "True or False")
         if self.seed is not None and not _is_int(self.seed):
@@ -115,6 +124,24 @@ class SamplingParams:
             if ids is not None and (not isinstance(ids, (list, tuple)) or
                                     any(not _is_int(i) or i < 0 for i in ids)):
                 raise bad(name, "a list of non-negative token ids (ints)")
+        if self.best_of is not None and self.best_of != self.n:
+            raise bad("best_of", f"None or n={self.n} (best-of-n selection is not supported; sample n chains and rank "
+                                 f"them by cumulative_logprob)")
+        ids = self.allowed_token_ids
+        if ids is not None and (not isinstance(ids, (list, tuple)) or not ids or
+                                any(not _is_int(i) or i < 0 for i in ids)):
+            raise bad("allowed_token_ids", "None or a non-empty list of non-negative token ids (ints)")
+        bias = self.logit_bias
+        if bias is not None and (not isinstance(bias, dict) or
+                                 any(not (_is_int(k) and k >= 0 or isinstance(k, str) and k.isdigit()) or
+                                     not _is_real(v) for k, v in bias.items())):
+            raise bad("logit_bias", "None or a dict {token_id >= 0: finite float bias}")
+        if bias is not None:  # OpenAI-style string keys ("50256") are token ids too
+            self.logit_bias = {int(k): float(v) for k, v in bias.items()}
+        if ids is not None:
+            self.allowed_token_ids = [int(i) for i in ids]
+        if not self.detokenize and self.stop_strings:
+            raise bad("stop", "no stop strings when detokenize=False (stop strings are matched on the text)")
         self.stop_token_ids = [int(i) for i in self.stop_token_ids or []]
         if self.logprob_token_ids is not None:
             self.logprob_token_ids = [int(i) for i in self.logprob_token_ids]
@@ -132,6 +159,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         # Below 1e-5 (vLLM's threshold too) dividing logits by the temperature overflows float32.
         return self.temperature < 1e-5
+
+    @property
+    def has_logit_edits(self) -> bool:
+        return self.allowed_token_ids is not None or bool(self.logit_bias)
 
     @property
     def has_penalties(self) -> bool:

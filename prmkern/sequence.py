@@ -34,6 +34,14 @@ class Request:
     prompt_lp_next: int = 0
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
 
+    def __post_init__(self) -> None:
+        n = len(self.prompt_token_ids)
+        if self.error is None and self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] * n
+            self.prompt_lp_next = min(self.params.prompt_logprobs_start, n)
+        else:
+            self.prompt_lp_next = n
+
     @property
     def wants_prompt_logprobs(self) -> bool:
         return self.prompt_lp_next < len(self.prompt_token_ids)

@@ -48,6 +48,13 @@ def test_bad_params_set_after_construction_fail_alone(qwen2_dir, fresh, field, v
     _assert_healthy(llm, fresh)
 
 
+def test_n_beyond_the_pool_fails_alone(qwen2_dir, fresh):
+    llm = LLM(qwen2_dir, device="cpu", num_kvcache_blocks=200)
+    outs = llm.generate(PROMPTS[:2], [SamplingParams(n=10**6), GREEDY])
+    assert "at most 256 chains" in outs[0].error and outs[1].outputs[0].token_ids == fresh[1]
+    _assert_healthy(llm, fresh)
+
+
 @pytest.mark.parametrize("at_call", [1, 4])  # the first prefill step, or a decode step
 def test_exception_inside_a_step_fails_that_steps_requests(qwen2_dir, fresh, monkeypatch, at_call):
     llm = LLM(qwen2_dir, device="cpu")
@@ -163,6 +170,14 @@ def test_loader_names_tensor_config_and_shapes(qwen2_dir, tmp_path, key, value, 
     msg = str(e.value)
     assert re.search(tensor, msg) and key in msg and "config.json" in msg
     assert str(old) in msg and str(value) in msg  # both shapes
+
+
+def test_loader_names_a_missing_config_key(qwen2_dir, tmp_path):
+    config = json.load(open(os.path.join(qwen2_dir, "config.json")))
+    del config["num_hidden_layers"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json lacks the key 'num_hidden_layers'"):
+        LLM(str(tmp_path), device="cpu")
 
 
 def test_chain_stopped_by_the_kv_pool_is_flagged(qwen2_dir):

@@ -72,6 +72,7 @@ def test_vllm_style_offline_script(qwen2_dir, model64):
         ref = ref_logprobs(model64, full)
         n_prompt = len(out.prompt_token_ids)
         comp = out.outputs[0]
+        assert out.finished and comp.finished() and comp.finish_reason == "length"
         assert len(comp.logprobs) == len(comp.token_ids) == 10
         for j, (d, t) in enumerate(zip(comp.logprobs, comp.token_ids)):
             check_position(d, ref[n_prompt - 1 + j], t, 5, tokenizer)
@@ -231,3 +232,39 @@ def test_max_tokens_none_runs_to_the_context_end(qwen2_dir):
     llm = LLM(qwen2_dir, device="cpu", max_model_len=40)
     out = llm.generate([list(range(1, 31))], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 10 and out.outputs[0].finish_reason == "length"
+
+
+def test_allowed_token_ids_logit_bias_and_detokenize(llm, model64):
+    prompt = random_prompts([14], 509, seed=57)[0]
+    allowed = list(range(100, 140))
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                                allowed_token_ids=allowed, logprobs=0))[0].outputs[0]
+    seq = list(prompt)
+    for t in out.token_ids:  # greedy over the allowed ids of the model's distribution, step by step
+        assert t == max(allowed, key=lambda a: float(ref_logprobs(model64, seq)[-1, a]))
+        seq.append(t)
+    # Log-probabilities stay those of the raw distribution (vLLM's raw_logprobs), not of the restricted one.
+    ref = ref_logprobs(model64, prompt + out.token_ids)
+    assert out.sampled_logprobs == pytest.approx([float(ref[13 + j, t]) for j, t in enumerate(out.token_ids)],
+                                                 abs=TOL)
+    biased = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
+                                                   logit_bias={"77": 100.0}, detokenize=False))[0].outputs[0]
+    assert biased.token_ids == [77] * 4 and biased.text == ""
+    bad = llm.generate([prompt], SamplingParams(allowed_token_ids=[5, 600]))[0]
+    assert "allowed_token_ids" in bad.error and "[0, 509)" in bad.error
+
+
+def test_prompt_logprobs_on_the_triton_backend_match_torch(qwen2_dir):
+    """Recomputed cached positions (not rewritten) and scored rows through the Triton prefill path."""
+    problem, chain = random_prompts([32, 12], 509, seed=58)
+    got = {}
+    for backend in ("torch", "triton"):
+        llm = LLM(qwen2_dir, device="cpu", attention_backend=backend, block_size=8)
+        llm.generate([problem], SamplingParams(max_tokens=1))
+        out = llm.generate([problem + chain], SamplingParams(max_tokens=1, prompt_logprobs=2,
+                                                             prompt_logprobs_start=30))[0]
+        assert llm.stats.cached_tokens == 24  # blocks wholly before position 29
+        got[backend] = [{t: lp.logprob for t, lp in d.items()} for d in out.prompt_logprobs[30:]]
+    assert [list(d) for d in got["triton"]] == [list(d) for d in got["torch"]]
+    for a, b in zip(got["triton"], got["torch"]):
+        assert list(a.values()) == pytest.approx(list(b.values()), abs=1e-4)

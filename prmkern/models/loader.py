@@ -63,7 +63,12 @@ def model_spec(config: dict[str, Any]) -> DecoderSpec:
     archs = config.get("architectures") or []
     for arch in archs:
         if arch in ARCHITECTURES:
-            return ARCHITECTURES[arch](config)
+            try:
+                return ARCHITECTURES[arch](config)
+            except KeyError as e:
+                raise ValueError(f"config.json lacks the key {e.args[0]!r}, which {arch} needs") from None
+            except (TypeError, ValueError, ZeroDivisionError) as e:
+                raise ValueError(f"config.json holds values {arch} cannot use: {type(e).__name__}: {e}") from None
     raise UnsupportedArchitectureError(f"architecture {archs or config.get('model_type')!r} is not supported; "
                                        f"supported: {sorted(ARCHITECTURES)}")
 
