@@ -29,7 +29,8 @@ setup(
         "sympy>=1.12",
         "tqdm>=4.60",
     ],
-    extras_require={"dev": ["pytest>=7", "pytest-benchmark>=4", "httpx>=0.27", "openai>=1.0"],
+    extras_require={"dev": ["pytest>=7", "pytest-benchmark>=4", "httpx>=0.27", "openai>=1.0",
+                            "fastapi>=0.110", "uvicorn>=0.29"],  # the server tests run in CI
                     "serve": ["fastapi>=0.110", "uvicorn>=0.29"]},
     entry_points={"console_scripts": ["prmkern=prmkern.cli:main"]},
 )
