@@ -13,7 +13,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from conftest import random_prompts  # noqa: E402
+from tests.conftest import random_prompts  # noqa: E402
 from prmkern import LLM, SamplingParams  # noqa: E402
 from prmkern.serve.app import ServerConfig, build_app  # noqa: E402
 from prmkern.serve.background import serve_in_thread  # noqa: E402

@@ -122,7 +122,7 @@ def test_thinkprm_final_verdict_matches_transformers(qwen2_dir, records):
     transformers on the same tokens (the chain, its stop cut, then "\\nIs the solution correct? ")."""
     import torch
 
-    from conftest import hf_model
+    from tests.conftest import hf_model
     llm = LLM(qwen2_dir, device="cpu")
     res = Verifier(llm, VerifyConfig(format="thinkprm", num_chains=2, temperature=1.0, max_tokens=12)).verify(
         records[:2])
