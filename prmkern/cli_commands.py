@@ -154,6 +154,7 @@ def cmd_bon(args: argparse.Namespace) -> int:
                                                                                   "model": args.generator}))
     bar = progress_bar(args, len(items), f"best-of-{args.n}", "problem")
     verifier = Verifier(ChainProgress(llm, bar), config)
+    generator = ChainProgress(generator, bar)  # the sampling of candidates shows progress too
     params = SamplingParams(temperature=args.gen_temperature, top_p=0.95, max_tokens=args.gen_max_tokens,
                             seed=args.seed)
 

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-from prmkern.jobs import Item, JobRunner, read_items, write_summary
+from prmkern.jobs import Item
 
 # flag <- VerifyConfig field, for messages that name what to change
 FLAGS = {"num_chains": "--chains", "temperature": "--temperature", "top_p": "--top-p", "max_tokens": "--max-tokens",
@@ -145,6 +145,8 @@ class ChainProgress:
 
     def generate(self, prompts: list, params: Any = None, use_tqdm: bool | None = None) -> list:
         engine = getattr(self._llm, "engine", None)
+        if params is not None and not isinstance(params, (list, tuple)) and isinstance(prompts, list):
+            params = [params] * len(prompts)  # one SamplingParams for all prompts
         if self._bar is None or not isinstance(params, list) or not hasattr(engine, "add_request"):
             return self._llm.generate(prompts, params, use_tqdm=False)
         requests = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]

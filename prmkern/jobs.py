@@ -157,7 +157,13 @@ class JobRunner:
                 emit(it.index, it.row(error=it.error))
             good = [it for it in pending if it.error is None]
             for i in range(0, len(good), max(1, batch_size)):
-                process(good[i:i + batch_size], emit)
+                batch = good[i:i + batch_size]
+                try:
+                    process(batch, emit)
+                except Exception as e:  # noqa: BLE001 - a batch that breaks fails alone; the job goes on
+                    for it in batch:
+                        if it.index not in written:
+                            emit(it.index, it.row(error=f"{type(e).__name__} while processing: {e}"))
         except KeyboardInterrupt:
             self.interrupted = True
         finally:

@@ -70,6 +70,24 @@ def test_resume_drops_a_partial_last_line(tmp_path):
     assert [r["a"] for r in rows[1:]] == [2, 3]
 
 
+def test_a_batch_that_raises_fails_alone(tmp_path):
+    items = read_items(write_lines(tmp_path / "in.jsonl", [{"a": i} for i in range(5)]))
+    out = tmp_path / "out.jsonl"
+    runner = JobRunner(str(out))
+
+    def process(batch, emit):
+        emit(batch[0].index, batch[0].row(error=None))
+        if any(it.record["a"] == 3 for it in batch):
+            raise RuntimeError("engine broke")
+        for it in batch[1:]:
+            emit(it.index, it.row(error=None))
+    runner.run(items, process, batch_size=2)
+    rows = {r["index"]: r for r in rows_of(out)}
+    assert sorted(rows) == [0, 1, 2, 3, 4] and rows[2]["error"] is None
+    assert "RuntimeError" in rows[3]["error"] and "engine broke" in rows[3]["error"]
+    assert [f["index"] for f in runner.failures()] == [3]
+
+
 def test_generate_bad_lines_fail_alone_with_line_numbers(qwen2_dir, tmp_path):
     src = write_lines(tmp_path / "in.jsonl", [
         {"prompt": "the step is correct", "max_tokens": 5, "temperature": 0, "ignore_eos": True},
