@@ -39,11 +39,11 @@ def _verify_job(args: argparse.Namespace, items: list[Item], desc: str) -> tuple
 
     def process(batch: list[Item], emit) -> None:
         nonlocal chains
-        chains += verify_rows(verifier, batch, emit, llm.tokenizer, args.no_chains)
+        chains += verify_rows(verifier, batch, emit, llm.tokenizer, args.no_chains, size)
 
     runner = JobRunner(args.output, args.resume, resume_hint(args.argv))
-    batch = args.batch_size or max(1, 64 // config.num_chains)
-    runner.run(items, process, batch_size=batch, progress=bar.update if bar else None)
+    size = args.batch_size or max(1, 64 // config.num_chains)
+    runner.run(items, process, batch_size=size, progress=bar.update if bar else None, align=True)
     if bar is not None:
         bar.close()
     return runner, llm, verifier, chains

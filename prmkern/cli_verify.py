@@ -160,15 +160,34 @@ class ChainProgress:
         return [engine.output(r) for r in requests]
 
 
-def verify_rows(verifier: Any, batch: list[Item], emit: Callable, tokenizer: Any, no_chains: bool) -> int:
-    """Verifies a batch; emits one row per record. Returns the number of chains run."""
-    results = verifier.verify([it.record for it in batch])
+def verify_rows(verifier: Any, batch: list[Item], emit: Callable, tokenizer: Any, no_chains: bool,
+                batch_size: int) -> int:
+    """Verifies a batch of records aligned to `batch_size` (all with index // batch_size == g); emits one row per
+    record; returns the number of chains run.
+
+    Sampling must not depend on what else ran (or on what a resumed run skips): group g gets its own seed, and each
+    record keeps its position in the group, the finished and the bad records' places held by None (the Verifier
+    fails a None record at once, without the engine)."""
+    import dataclasses
+
+    from prmkern.verify.protocols import Verifier
+    group = batch[0].index // batch_size
+    assert all(it.index // batch_size == group for it in batch), [it.index for it in batch]
+    start = group * batch_size
+    records: list[Any] = [None] * (max(it.index for it in batch) - start + 1)
+    for it in batch:
+        records[it.index - start] = it.record
+    config = verifier.config
+    if config.seed is not None:
+        config = dataclasses.replace(config, seed=hash((config.seed, group)) & ((1 << 62) - 1))
+    results = Verifier(verifier.llm, config).verify(records)
     chains = 0
-    for it, res in zip(batch, results):
+    for it in batch:
+        res = results[it.index - start]
         row = res.to_json(tokenizer, include_chains=not no_chains)
         row.pop("id", None)
         scores = row.get("step_scores")
-        row["prediction"] = (predict_earliest_error(scores, verifier.config.threshold)
+        row["prediction"] = (predict_earliest_error(scores, config.threshold)
                              if res.error is None and scores is not None else None)
         chains += len(res.chains)
         emit(it.index, it.row(**row))

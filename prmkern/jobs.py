@@ -127,8 +127,10 @@ class JobRunner:
     seconds: float = 0.0
 
     def run(self, items: list[Item], process: Callable[[list[Item], Callable[[int, dict], None]], None],
-            batch_size: int = 1, progress: Any = None) -> list[dict[str, Any]]:
-        """Runs `process` over the pending items in batches; `progress(n)` is called per finished item."""
+            batch_size: int = 1, progress: Any = None, align: bool = False) -> list[dict[str, Any]]:
+        """Runs `process` over the pending items in batches; `progress(n)` is called per finished item.
+        align: batches are the items with equal index // batch_size (fewer where some are finished or bad), so a
+        record's batch, and whatever depends on it, is the same in a resumed run as in an uninterrupted one."""
         if self.resume and self.output == "-":
             raise SystemExit("--resume needs -o FILE (the output of the run to continue), not stdout")
         done: set[int] = set()
@@ -156,8 +158,15 @@ class JobRunner:
             for it in bad:  # input errors first: they cost nothing and must not wait behind the model
                 emit(it.index, it.row(error=it.error))
             good = [it for it in pending if it.error is None]
-            for i in range(0, len(good), max(1, batch_size)):
-                batch = good[i:i + batch_size]
+            size = max(1, batch_size)
+            if align:
+                groups: dict[int, list[Item]] = {}
+                for it in good:
+                    groups.setdefault(it.index // size, []).append(it)
+                batches = list(groups.values())
+            else:
+                batches = [good[i:i + size] for i in range(0, len(good), size)]
+            for batch in batches:
                 try:
                     process(batch, emit)
                 except Exception as e:  # noqa: BLE001 - a batch that breaks fails alone; the job goes on
