@@ -69,7 +69,7 @@ def add_verify_args(ap: argparse.ArgumentParser) -> None:
                    help=f"earliest error: first step scored below this ({d('threshold')})")
     g.add_argument("--verify-seed", type=int, default=None, help=f"({d('seed')})")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="solutions per engine batch (None: 64 // K, at least 1); rows are written per batch")
+                   help="records per engine batch, rows written per batch (None: verify/eval 64 // K, bon 1)")
 
 
 def build_config(args: argparse.Namespace):

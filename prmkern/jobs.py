@@ -93,9 +93,9 @@ def failure_reason(error: str) -> str:
     return "other"
 
 
-def _finished_indices(path: str) -> set[int]:
-    """Indices already in an output file; a partial last line (a write cut short) is removed from the file."""
-    done: set[int] = set()
+def _finished_rows(path: str) -> list[dict[str, Any]]:
+    """Rows already in an output file; a partial last line (a write cut short) is removed from the file."""
+    done: list[dict[str, Any]] = []
     with open(path, "rb") as f:
         data = f.read()
     keep = data.rfind(b"\n") + 1  # everything after the last newline is a partial row
@@ -107,7 +107,8 @@ def _finished_indices(path: str) -> set[int]:
             continue
         try:
             row = json.loads(line)
-            done.add(int(row["index"]))
+            int(row["index"])
+            done.append(row)
         except (ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"{path}:{lineno}: cannot resume from this file: not an output row of prmkern "
                              f"({e}); give --resume only with the -o file of an earlier run of the same command")
@@ -122,6 +123,7 @@ class JobRunner:
     resume: bool = False
     resume_hint: str = ""  # the command line that continues this job, printed on Ctrl-C
     rows: list[dict[str, Any]] = field(default_factory=list)  # this run's rows, in the order written
+    earlier: list[dict[str, Any]] = field(default_factory=list)  # rows of the run(s) this one resumes
     skipped: int = 0  # finished in an earlier run (--resume)
     interrupted: bool = False
     seconds: float = 0.0
@@ -133,9 +135,9 @@ class JobRunner:
         record's batch, and whatever depends on it, is the same in a resumed run as in an uninterrupted one."""
         if self.resume and self.output == "-":
             raise SystemExit("--resume needs -o FILE (the output of the run to continue), not stdout")
-        done: set[int] = set()
         if self.resume and os.path.exists(self.output):
-            done = _finished_indices(self.output)
+            self.earlier = _finished_rows(self.output)
+        done = {int(r["index"]) for r in self.earlier}
         pending = [it for it in items if it.index not in done]
         self.skipped = len(items) - len(pending)
         out: IO[str] = sys.stdout if self.output == "-" else open(self.output, "a" if self.resume else "w")
@@ -188,18 +190,20 @@ class JobRunner:
                   file=sys.stderr)
         return self.rows
 
-    def failures(self) -> list[dict[str, Any]]:
-        return [{"index": r["index"], "line": r["line"], "error": r["error"], "reason": failure_reason(r["error"])}
-                for r in self.rows if r.get("error")]
+    def failures(self, include_earlier: bool = False) -> list[dict[str, Any]]:
+        rows = self.earlier + self.rows if include_earlier else self.rows
+        return [{"index": r["index"], "line": r.get("line"), "error": r["error"],
+                 "reason": failure_reason(r["error"])} for r in rows if r.get("error")]
 
     def summary(self, total: int, engine: dict[str, int] | None, chains: int = 0,
                 **extra: Any) -> dict[str, Any]:
-        """Counts, failures by reason, throughput and the engine's counters, as one JSON-able dict."""
-        fails = self.failures()
+        """Counts, failures by reason, throughput and the engine's counters, as one JSON-able dict. Succeeded,
+        failed and failures cover the whole output file (a resumed run's earlier rows too); throughput, this run."""
+        fails = self.failures(include_earlier=True)
         s = max(self.seconds, 1e-9)
         out: dict[str, Any] = {
             "records": total, "written": len(self.rows), "resumed_skipped": self.skipped,
-            "succeeded": len(self.rows) - len(fails), "failed": len(fails),
+            "succeeded": len(self.earlier) + len(self.rows) - len(fails), "failed": len(fails),
             "failures_by_reason": dict(Counter(f["reason"] for f in fails)), "failures": fails,
             "interrupted": self.interrupted, "seconds": round(self.seconds, 3),
             "records_per_s": round(len(self.rows) / s, 4), "chains": chains, "chains_per_s": round(chains / s, 4)}

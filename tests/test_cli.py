@@ -232,6 +232,7 @@ def test_generate_interrupted_then_resumed_equals_an_uninterrupted_run(qwen2_dir
     assert proc.returncode == 0, proc.stderr
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["resumed_skipped"] >= 2 and s["resumed_skipped"] + s["written"] == 12
+    assert s["succeeded"] == 12 and s["failed"] == 0  # over the whole file, not only the resumed part
     got = sorted(rows_of(out), key=lambda r: r["index"])
     assert got == rows_of(full)
 
