@@ -10,7 +10,9 @@ setup(
         "prmkern",
         "prmkern.attention",
         "prmkern.models",
+        "prmkern.sandbox",
         "prmkern.verify",
+        "prmkern.serve",
         "prmkern.kernels",
     ],
     package_dir={"prmkern.kernels": "kernels"},
@@ -27,6 +29,7 @@ setup(
         "sympy>=1.12",
         "tqdm>=4.60",
     ],
-    extras_require={"dev": ["pytest>=7", "pytest-benchmark>=4"]},
+    extras_require={"dev": ["pytest>=7", "pytest-benchmark>=4", "httpx>=0.27", "openai>=1.0"],
+                    "serve": ["fastapi>=0.110", "uvicorn>=0.29"]},
     entry_points={"console_scripts": ["prmkern=prmkern.cli:main"]},
 )

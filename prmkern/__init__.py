@@ -1,10 +1,12 @@
 """prmkern: an inference engine with Triton kernels for generative process reward models.
 
-`LLM` and `SamplingParams` follow vLLM's names; see llm.py. Everything else is reachable from the submodules.
+`LLM`, `SamplingParams` and the output / prompt types follow vLLM's names and meanings; see
+docs/api.md. Everything else is reachable from the submodules.
 """
 from prmkern.llm import LLM
-from prmkern.outputs import CompletionOutput, RequestOutput
+from prmkern.outputs import CompletionOutput, Logprob, RequestOutput
+from prmkern.prompts import TextPrompt, TokensPrompt
 from prmkern.sampling import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "TextPrompt", "TokensPrompt"]

@@ -48,7 +48,7 @@ def parse_bytes(text: str) -> int:
     return int(value)
 
 
-def _engine_args(ap: argparse.ArgumentParser) -> None:
+def engine_args(ap: argparse.ArgumentParser, max_model_len: bool = True) -> None:
     g = ap.add_argument_group("engine")
     g.add_argument("--model", default=None,
                    help="Hugging Face checkpoint directory (default: the shipped verifier for verify/eval/bon, the "
@@ -57,8 +57,9 @@ def _engine_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; on a shared machine 1 avoids OpenMP stalls)")
-    g.add_argument("--max-model-len", type=int, default=None,
-                   help="longest prompt + generation in tokens (default: the model's max_position_embeddings)")
+    if max_model_len:
+        g.add_argument("--max-model-len", type=int, default=None,
+                       help="longest prompt + generation in tokens (default: the model's max_position_embeddings)")
     g.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                    help="bytes for the KV cache, e.g. 4GiB (default: 1 GiB on the CPU, 90%% of free memory on CUDA)")
     g.add_argument("--num-kvcache-blocks", type=int, default=None, help="KV pool size in blocks (overrides memory)")
@@ -70,13 +71,31 @@ def _engine_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="engine seed")
 
 
-def _job_args(ap: argparse.ArgumentParser, unit: str) -> None:
+def _engine_args(ap: argparse.ArgumentParser) -> None:
+    """The engine options for `prmkern serve` (prmkern/serve/cli.py), which adds its own --max-model-len."""
+    engine_args(ap, max_model_len=False)
+
+
+def _verify_args(ap: argparse.ArgumentParser) -> None:
+    """The verifier options (for `prmkern serve`)."""
+    from prmkern.cli_verify import add_verify_args
+    add_verify_args(ap)
+
+
+def _make_verifier(args: argparse.Namespace, llm: Any):
+    """A Verifier on `llm` from the verifier options (for `prmkern serve`); a bad option raises UsageError."""
+    from prmkern.cli_verify import build_config
+    from prmkern.verify.protocols import Verifier
+    return Verifier(llm, build_config(args))
+
+
+def _job_args(ap: argparse.ArgumentParser, unit: str, limit_help: str | None = None) -> None:
     ap.add_argument("-o", "--output", default="-", help="JSONL output, one row per record as it finishes ('-': stdout)")
     ap.add_argument("--resume", action="store_true",
                     help="continue an interrupted job: keep the rows already in -o FILE and run only the rest")
     ap.add_argument("--summary", default=None, metavar="FILE",
                     help="write a JSON summary: counts, failures by reason and line, throughput, engine counters")
-    ap.add_argument("--limit", type=int, default=None, help=f"only the first N {unit}s of the input")
+    ap.add_argument("--limit", type=int, default=None, help=limit_help or f"only the first N {unit}s of the input")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -116,7 +135,7 @@ def make_llm(args: argparse.Namespace, default: str = "random"):
     """default: 'verifier' (the shipped verifier, else the random model) or 'random' (the random-weight model)."""
     from prmkern.llm import LLM
     from prmkern.tiny import default_model_dir
-    if args.threads:
+    if getattr(args, "threads", None):
         import torch
         torch.set_num_threads(args.threads)
     model = args.model or (default == "verifier" and shipped_verifier_dir()) or default_model_dir()
@@ -199,7 +218,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             chains += len(r.outputs)
             emit(it.index, it.row(error=r.error, outputs=[
                 {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
-                 **({"logprobs": c.logprobs} if c.logprobs is not None else {}),
+                 **({"logprobs": c.sampled_logprobs} if c.logprobs is not None else {}),
                  **({"token_logprobs": c.token_logprobs} if c.token_logprobs is not None else {})}
                 for c in r.outputs]))
 
@@ -256,10 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-tokens", dest="max_tokens", type=int, default=None, help="(default: SamplingParams' 16)")
     g.add_argument("--sampling-seed", dest="seed", type=int, default=None, help="seed of every request without its own")
     g.add_argument("--batch-size", type=int, default=32, help="prompts per engine batch (rows are written per batch)")
-    _engine_args(g)
+    engine_args(g)
     g.set_defaults(func=cmd_generate)
 
-    cli_verify.add_parsers(sub, fmt, _engine_args, _job_args)
+    cli_verify.add_parsers(sub, fmt, engine_args, _job_args)
 
     d = sub.add_parser("demo", help="many chains over one prompt on the embedded random-weight model",
                        formatter_class=fmt)
@@ -267,8 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt-len", type=int, default=512, help="prompt tokens")
     d.add_argument("--gen-len", type=int, default=64, help="tokens generated per chain")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _engine_args(d)
+    engine_args(d)
     d.set_defaults(func=cmd_demo)
+
+    from prmkern.serve.cli import add_serve_parser  # the HTTP server (docs/server.md)
+    add_serve_parser(sub)
     return ap
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from prmkern.cli import check_engine_args, make_llm, progress_bar, report_failures, resume_hint, summary_line
 from prmkern.cli_verify import ChainProgress, build_config, check_verify_record, default_input, label_metrics, \
     print_metrics, verify_rows
-from prmkern.jobs import Item, JobRunner, read_items, write_summary
+from prmkern.jobs import Item, JobRunner, json_safe, read_items, write_summary
 
 
 def _all_rows(runner: JobRunner, output: str) -> list[dict[str, Any]]:
@@ -87,19 +87,26 @@ def cmd_eval_processbench(args: argparse.Namespace) -> int:
     check_engine_args(args)
     items: list[Item] = []
     subset: dict[int, str] = {}
+    from prmkern.verify.processbench import balanced_limit
     for path in args.files:
         name = os.path.splitext(os.path.basename(path))[0]
         if name in subset.values():
             raise SystemExit(f"two files give subset {name!r}; subsets are named by file name")
-        for it in read_items(path)[:args.limit or None]:
-            it.index = len(items)  # one index space over all files: the resume key
-            subset[it.index] = name
-            it.extra = {"subset": name, "label": it.record.get("label") if isinstance(it.record, dict) else None}
+        file_items = read_items(path)
+        for it in file_items:
             if it.error is None:
                 try:
                     check_verify_record(it.record, need_label=True)
                 except ValueError as e:
                     it.error = str(e)
+        if args.limit:  # half erroneous, half correct: a head slice of a ProcessBench file is all erroneous
+            good = [it for it in file_items if it.error is None]
+            keep = {id(r) for r in balanced_limit([it.record for it in good], args.limit)}
+            file_items = [it for it in good if id(it.record) in keep]
+        for it in file_items:
+            it.index = len(items)  # one index space over all files: the resume key
+            subset[it.index] = name
+            it.extra = {"subset": name, "label": it.record.get("label") if isinstance(it.record, dict) else None}
             items.append(it)
     build_config(args)
     runner, llm, verifier, chains = _verify_job(args, items, "eval processbench")
@@ -124,7 +131,7 @@ def cmd_eval_processbench(args: argparse.Namespace) -> int:
         print_metrics(completed, "completed records only")
     report = {"official": official and official["f1"], "completed_only": completed and completed["f1"],
               "failed": len(fails), "records": len(rows)}
-    print(json.dumps(report))
+    print(json.dumps(json_safe(report)))  # an F1 of NaN (both accuracies 0) is null: the line stays valid JSON
     write_summary(args.summary, runner.summary(len(items), stats, chains, command="eval processbench",
                                                input=args.files, output=args.output, **report))
     return 130 if runner.interrupted else 0

@@ -17,54 +17,56 @@ from typing import Any, Callable, Sequence
 from prmkern.jobs import Item
 
 # flag <- VerifyConfig field, for messages that name what to change
-FLAGS = {"num_chains": "--chains", "temperature": "--temperature", "top_p": "--top-p", "max_tokens": "--max-tokens",
+FLAGS = {"num_chains": "--chains", "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
+         "max_tokens": "--max-tokens",
          "budget_tokens": "--budget-tokens", "method": "--method", "threshold": "--threshold", "seed": "--verify-seed",
          "format": "--format"}
 
 
 def predict_earliest_error(step_scores: Sequence[float | None], threshold: float) -> int | None:
     """The earliest step scored below `threshold`; -1 when every step was scored and none is below; None when a
-    step before any such error went unscored (the solution was not fully judged: no silent "no error")."""
-    for i, s in enumerate(step_scores):
-        if s is None:
-            return None
-        if s < threshold:
-            return i
-    return -1
+    step before any such error went unscored (not fully judged: no silent "no error"). scoring.earliest_error's
+    rule, the one the Verifier's `prediction` uses; named here for the CLI's readers and train/evaluate.py."""
+    from prmkern.verify.scoring import earliest_error
+    return earliest_error(step_scores, threshold)
 
 
-def format_default(field_name: str, fmt: str = "thinkprm") -> Any:
-    """The value a verifier option takes when the user gives none: the format's own default when the format
-    carries defaults as data (`VerifierFormat.defaults`), else VerifyConfig's."""
-    import dataclasses
+def default_format(args: argparse.Namespace) -> str:
+    """--format, else the shipped verifier's own format when no model is given, else thinkprm."""
+    if args.format:
+        return args.format
+    return "thinkprm" if (getattr(args, "model", None) or getattr(args, "model_dir", None)) else "prmkern"
 
-    from prmkern.verify.formats import get_format
+
+def format_default(field_name: str, fmt: str) -> Any:
+    """The value a verifier option takes when the user gives none: the format's published default
+    (formats.format_defaults), else VerifyConfig's generic one."""
     from prmkern.verify.protocols import VerifyConfig
     try:
-        per_format = getattr(get_format(fmt), "defaults", None) or {}
+        return getattr(VerifyConfig(format=fmt), field_name)
     except (KeyError, ValueError):
-        per_format = {}
-    if field_name in per_format:
-        return per_format[field_name]
-    f = {x.name: x for x in dataclasses.fields(VerifyConfig)}[field_name]
-    return f.default if f.default is not dataclasses.MISSING else None
+        return None
 
 
 def add_verify_args(ap: argparse.ArgumentParser) -> None:
-    g = ap.add_argument_group("verifier (an option left unset takes the format's default; None: unset)")
+    from prmkern.verify.scoring import METHODS
+    g = ap.add_argument_group("verifier (an option left unset, None, takes the format's published default)")
 
     def d(name: str) -> str:
-        return f"thinkprm's default: {format_default(name)}"
-    g.add_argument("--format", default="thinkprm", help="thinkprm | genprm | critic | a name from --formats-file")
+        return f"defaults: prmkern {format_default(name, 'prmkern')}, thinkprm {format_default(name, 'thinkprm')}"
+    g.add_argument("--format", default=None,
+                   help="thinkprm | genprm | critic | prmkern | a name from --formats-file (None: prmkern, the "
+                        "shipped verifier's format, without --model; thinkprm with --model)")
     g.add_argument("--formats-file", default=None, help="JSON file of user-defined verifier formats")
     g.add_argument("--chains", type=int, default=None, help=f"K: parallel chains per solution ({d('num_chains')})")
     g.add_argument("--temperature", type=float, default=None, help=f"({d('temperature')})")
     g.add_argument("--top-p", type=float, default=None, help=f"({d('top_p')})")
+    g.add_argument("--top-k", dest="verify_top_k", type=int, default=None, help=f"({d('top_k')})")
     g.add_argument("--max-tokens", type=int, default=None, help=f"per chain, all rounds together ({d('max_tokens')})")
     g.add_argument("--budget-tokens", type=int, default=None,
                    help="budget forcing: a chain that ends before this many tokens is told to continue "
                         "(must be <= --max-tokens)")
-    g.add_argument("--method", default=None, help=f"solution score: min | last | mean | product ({d('method')})")
+    g.add_argument("--method", default=None, help=f"solution score: {' | '.join(METHODS)} ({d('method')})")
     g.add_argument("--threshold", type=float, default=None,
                    help=f"earliest error: first step scored below this ({d('threshold')})")
     g.add_argument("--verify-seed", type=int, default=None, help=f"({d('seed')})")
@@ -82,11 +84,13 @@ def build_config(args: argparse.Namespace):
             load_formats(args.formats_file, replace=True)
         except (OSError, ValueError, TypeError, KeyError) as e:
             raise UsageError(f"--formats-file {args.formats_file}: {e}") from e
-    given = {"format": args.format, "num_chains": args.chains, "temperature": args.temperature,
-             "top_p": args.top_p, "max_tokens": args.max_tokens, "budget_tokens": args.budget_tokens,
-             "method": args.method, "threshold": args.threshold, "seed": args.verify_seed}
+    fmt = default_format(args)
+    given = {"format": fmt, "num_chains": args.chains, "temperature": args.temperature, "top_p": args.top_p,
+             "top_k": getattr(args, "verify_top_k", None), "max_tokens": args.max_tokens,
+             "budget_tokens": args.budget_tokens, "method": args.method, "threshold": args.threshold,
+             "seed": args.verify_seed}
     given = {k: v for k, v in given.items() if v is not None}
-    if args.batch_size is not None and args.batch_size < 1:
+    if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: accepted: an int >= 1")
     try:
         probe = VerifyConfig(**{k: v for k, v in given.items() if k != "budget_tokens"})
@@ -94,16 +98,10 @@ def build_config(args: argparse.Namespace):
         raise UsageError(_name_flags(str(e))) from e
     budget = given.get("budget_tokens")
     if budget is not None and not 0 < budget <= probe.max_tokens:
-        src = "" if args.max_tokens is not None else f" (the {args.format} default)"
+        src = "" if args.max_tokens is not None else f" (the {fmt} default)"
         raise UsageError(f"--budget-tokens {budget} is more than --max-tokens {probe.max_tokens}{src}: a chain "
                          f"cannot be forced past its token limit; raise --max-tokens to at least {budget} "
                          f"or lower --budget-tokens")
-    for name, lo, hi in (("threshold", 0.0, 1.0), ("top_p", 0.0, 1.0)):
-        v = getattr(probe, name)
-        if not lo <= v <= hi:
-            raise UsageError(f"{FLAGS[name]} {v}: accepted: a number in [{lo}, {hi}]")
-    if probe.method not in ("min", "last", "mean", "product"):
-        raise UsageError(f"--method {probe.method}: accepted: min, last, mean, product")
     try:
         return VerifyConfig(**given)
     except (ValueError, KeyError, TypeError) as e:
@@ -186,9 +184,6 @@ def verify_rows(verifier: Any, batch: list[Item], emit: Callable, tokenizer: Any
         res = results[it.index - start]
         row = res.to_json(tokenizer, include_chains=not no_chains)
         row.pop("id", None)
-        scores = row.get("step_scores")
-        row["prediction"] = (predict_earliest_error(scores, config.threshold)
-                             if res.error is None and scores is not None else None)
         chains += len(res.chains)
         emit(it.index, it.row(**row))
     return chains
@@ -271,7 +266,8 @@ def add_parsers(sub: Any, fmt: Any, engine_args: Callable, job_args: Callable) -
     pb = esub.add_parser("processbench", help="official ProcessBench F1 per subset (one file each) and their mean",
                          formatter_class=fmt)
     pb.add_argument("files", nargs="+", help="ProcessBench subset files (.json or .jsonl); subset = file name")
-    job_args(pb, "record per subset")
+    job_args(pb, "record", limit_help="N records per subset, half with an error and half without, the first of "
+                                       "each kind (a head slice of a ProcessBench file is all erroneous)")
     pb.add_argument("--no-chains", action="store_true", help="omit the chains' text from the output")
     add_verify_args(pb)
     engine_args(pb)

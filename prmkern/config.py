@@ -14,6 +14,9 @@ class EngineConfig:
     block_size: int = 16
     num_kvcache_blocks: int | None = None  # explicit pool size; else derived from kv_cache_memory
     kv_cache_memory: int | None = None  # bytes for the KV pool (default: 1 GiB on the CPU, 90% of free on CUDA)
+    # vLLM's meaning, CUDA only: the fraction of the device's total memory this process may fill; the KV pool gets
+    # what is left of it after the weights (overrides the 90%-of-free default; kv_cache_memory wins over it).
+    gpu_memory_utilization: float | None = None
     max_num_seqs: int = 256  # cap on running sequences
     max_num_batched_tokens: int = 4096  # per-step token budget (chunked prefill)
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
@@ -38,6 +41,10 @@ class EngineConfig:
                                                   self.num_kvcache_blocks >= 1),
               "num_kvcache_blocks", "None or an int >= 1")
         check(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory", "None or bytes > 0")
+        check(self.gpu_memory_utilization is None or
+              (isinstance(self.gpu_memory_utilization, (int, float)) and not isinstance(self.gpu_memory_utilization,
+                                                                                       bool)
+               and 0 < self.gpu_memory_utilization <= 1), "gpu_memory_utilization", "None or a float in (0, 1]")
         check(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1, "max_num_seqs", "an int >= 1")
         check(isinstance(self.max_num_batched_tokens, int) and self.max_num_batched_tokens >= 1,
               "max_num_batched_tokens", "an int >= 1")

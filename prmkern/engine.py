@@ -1,7 +1,9 @@
 """LLMEngine: the step loop. schedule -> run -> sample -> postprocess (fork, append, stop checks, free).
 
 Validates each request on arrival; a bad request is failed alone with an error message and never reaches the
-scheduler. Tokenizes nothing except for stop-string detection (incremental detokenisation of new tokens only).
+scheduler. A failure inside a step fails the requests it can be attributed to (a row with non-finite logits: that
+request; the forward pass: the requests in that step), frees their blocks and leaves the engine usable.
+Tokenizes text prompts (bounded) and, for stop strings, detokenizes new tokens incrementally.
 """
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ import torch
 from prmkern.block_manager import BlockManager
 from prmkern.config import EngineConfig
 from prmkern.models import load_model
-from prmkern.outputs import CompletionOutput, RequestOutput
+from prmkern.outputs import CompletionOutput, Logprob, RequestOutput
+from prmkern.prompts import MissingTokenizerError, encode_bounded, max_token_chars, split_prompt
 from prmkern.runner import ModelRunner, kv_block_bytes
-from prmkern.sampler import Sampler
+from prmkern.sampler import PositionLogprobs, Sampler, position_logprobs
 from prmkern.sampling import SamplingParams
 from prmkern.scheduler import Scheduler
 from prmkern.sequence import Request, Sequence, SequenceStatus
@@ -24,9 +27,12 @@ CPU_KV_CACHE_BYTES = 1 << 30
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, tokenizer=None):
+    def __init__(self, config: EngineConfig, tokenizer=None, tokenizer_missing: str | None = None):
+        """tokenizer_missing: why there is no tokenizer (reported to text prompts and stop strings)."""
         self.config = config
         self.tokenizer = tokenizer
+        self.tokenizer_missing = tokenizer_missing or "this checkpoint has no tokenizer"
+        self._max_token_chars: int | None = None
         self.model = load_model(config.model, config.dtype, config.device)
         spec = self.model.spec
         self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
@@ -43,6 +49,7 @@ class LLMEngine:
         self.rng = random.Random(config.seed)
         self.next_seq_id = 0
         self.next_request_id = 0
+        self.requests: dict[str, Request] = {}  # unfinished requests by id (abort_request looks them up here)
 
     def _num_blocks(self) -> int:
         cfg = self.config
@@ -51,8 +58,14 @@ class LLMEngine:
         budget = cfg.kv_cache_memory
         if budget is None:
             if cfg.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(cfg.device)
-                budget = int(free * 0.9)
+                free, total = torch.cuda.mem_get_info(cfg.device)
+                if cfg.gpu_memory_utilization is None:
+                    budget = int(free * 0.9)
+                else:  # what this process may fill, less what is in use now (weights and anything else)
+                    budget = int(total * cfg.gpu_memory_utilization) - (total - free)
+                    if budget <= 0:
+                        raise ValueError(f"gpu_memory_utilization={cfg.gpu_memory_utilization} leaves no memory for "
+                                         f"the KV pool: {total - free} of {total} bytes are in use after loading")
             else:
                 budget = CPU_KV_CACHE_BYTES
         num = budget // kv_block_bytes(self.model, cfg.block_size, cfg.dtype)
@@ -63,22 +76,39 @@ class LLMEngine:
         return int(min(num, cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)))
 
     # -- requests -------------------------------------------------------------------------------------------------
-    def add_request(self, prompt: str | list[int], params: SamplingParams) -> Request:
-        request_id = self.next_request_id
-        self.next_request_id += 1
-        text = prompt if isinstance(prompt, str) else None
+    def add_request(self, prompt: str | list[int] | dict, params: SamplingParams,
+                    request_id: str | None = None) -> Request:
+        """Queues a prompt (text, token ids, or a TextPrompt / TokensPrompt dict); returns its Request (failed at
+        once, with .error set, when the prompt or the params are invalid). request_id: a str unique among unfinished
+        requests (default: a counter, as a str)."""
+        if request_id is None:
+            request_id = str(self.next_request_id)
+            self.next_request_id += 1
+        elif not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request")
+        text, token_ids, error = None, [], None
         try:
-            token_ids = self._prompt_token_ids(prompt)
+            text, ids = split_prompt(prompt)
+            token_ids = self._prompt_token_ids(text, ids)
             self._check_params(params)
-            error = None
         except (TypeError, ValueError) as e:
-            token_ids, error = [], str(e)
+            error = str(e)
+        except Exception as e:  # e.g. the tokenizer failing on this text: this request fails, nothing else
+            error = f"the prompt could not be prepared: {type(e).__name__}: {e}"
         request = Request(request_id, text, token_ids, params, error=error)
+        if error is None and params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None] * len(token_ids)
+            request.prompt_lp_next = min(params.prompt_logprobs_start, len(token_ids))
+        else:
+            request.prompt_lp_next = len(token_ids)
         self.stats.requests += 1
         if error is not None:
             self.stats.failed_requests += 1
             return request
         self.stats.prompt_tokens += len(token_ids)
+        self.requests[request_id] = request
         # One sequence; with n > 1 it is forked into n chains once its prompt is prefilled.
         request.seqs.append(Sequence(self._take_seq_id(), request, 0, self._generator(request, 0)))
         self.scheduler.add(request.seqs[0])
@@ -87,24 +117,31 @@ class LLMEngine:
     def _check_params(self, params: SamplingParams) -> None:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        params.__post_init__()  # again: fields may have been set after construction (idempotent)
         vocab = self.model.spec.vocab_size
         for name in ("stop_token_ids", "logprob_token_ids"):
             bad = [t for t in getattr(params, name) or [] if t >= vocab]
             if bad:
                 raise ValueError(f"SamplingParams.{name} has ids {bad[:5]} outside this model's vocabulary "
                                  f"[0, {vocab})")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > vocab:
+                raise ValueError(f"SamplingParams.{name}={k} exceeds this model's vocabulary of {vocab} tokens")
         if params.stop_strings and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer, and this checkpoint has none; use stop_token_ids")
+            raise MissingTokenizerError(f"stop strings need a tokenizer: {self.tokenizer_missing}; use "
+                                        f"stop_token_ids")
 
-    def _prompt_token_ids(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer, and this checkpoint has none; pass token ids")
-            token_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            token_ids = list(prompt)
+    def _prompt_token_ids(self, text: str | None, ids: list[int] | None) -> list[int]:
+        if ids is not None:
+            token_ids = ids
         else:
-            raise TypeError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+            if self.tokenizer is None:
+                raise MissingTokenizerError(f"a text prompt needs a tokenizer: {self.tokenizer_missing}; pass "
+                                            f"token ids or LLM(..., tokenizer=DIR)")
+            if self._max_token_chars is None:
+                self._max_token_chars = max_token_chars(self.tokenizer)
+            token_ids = encode_bounded(self.tokenizer, text, self.max_model_len - 1, self._max_token_chars)
         vocab = self.model.spec.vocab_size
         if not token_ids:
             raise ValueError("empty prompt: a prompt needs at least one token")
@@ -135,20 +172,46 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    def abort_request(self, request: Request | str) -> bool:
+        """Stops a request (a Request or its id) wherever it is: its sequences leave the scheduler, their blocks are
+        freed (computed prompt blocks stay in the prefix cache) and each unfinished chain ends with finish_reason
+        "abort". Returns False if the request was unknown or already finished. Call between steps."""
+        if isinstance(request, str):
+            request = self.requests.get(request)
+            if request is None:
+                return False
+        self.requests.pop(request.request_id, None)
+        if request.finished:
+            return False
+        request.aborted = True
+        self.stats.aborted_requests += 1
+        for seq in request.seqs:
+            if seq.status is not SequenceStatus.FINISHED:
+                self.scheduler.abort(seq)
+                seq.finish_reason = "abort"
+        return True
+
     # -- the step -------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
-        """Runs one step; returns the sequences that finished in it."""
+        """Runs one step; returns the sequences that finished in it (including those of requests that failed)."""
         step = self.scheduler.schedule()
         early, self.scheduler.finished_early = self.scheduler.finished_early, []
         if step is None:
             if early:
-                return early
-            if self.scheduler.has_work():
-                raise RuntimeError("scheduler made no progress: the KV pool cannot hold one running sequence; "
-                                   f"pool has {self.num_blocks} blocks of {self.config.block_size} tokens")
+                return self._forget_finished(early)
+            if self.scheduler.has_work():  # cannot happen by design; if it does, fail what is stuck, stay usable
+                stuck = {seq.request for seq in list(self.scheduler.waiting) + self.scheduler.running}
+                return self._forget_finished(self._fail_requests(
+                    stuck, "scheduler made no progress: the KV pool cannot hold one running sequence; pool has "
+                           f"{self.num_blocks} blocks of {self.config.block_size} tokens"))
             return []
-        logits = self.runner.run(step)
+        try:
+            logits = self.runner.run(step)
+        except Exception as e:  # not attributable to one row: every request in this step fails, the rest go on
+            failed = self._fail_requests({item.seq.request for item in step.scheduled},
+                                         f"the forward pass failed: {type(e).__name__}: {e}")
+            return self._forget_finished(early + failed)
         if step.is_prefill:
             self.stats.prefill_steps += 1
             self.stats.prefill_tokens += sum(item.num_new for item in step.scheduled)
@@ -161,22 +224,70 @@ class LLMEngine:
             seq = item.seq
             seq.num_computed_tokens = item.end
             self.block_manager.mark_computed(seq, item.start)
-            if not item.samples:
-                continue
-            family = [seq] + (self._fork(seq) if seq.needs_fork else [])
-            sampling.extend(family)
-            rows.extend([row] * len(family))
-            row += 1
+            n_rows = item.num_logit_rows
+            if item.logits_from is not None:
+                prompt_rows = min(item.end, seq.num_prompt_tokens - 1) - item.logits_from
+                if prompt_rows > 0:
+                    self._record_prompt_logprobs(seq.request, item.logits_from, logits[row:row + prompt_rows])
+            if item.samples:
+                family = [seq] + (self._fork(seq) if seq.needs_fork else [])
+                sampling.extend(family)
+                rows.extend([row + n_rows - 1] * len(family))
+            row += n_rows
         if not sampling:
-            return early
-        if len(rows) != logits.shape[0]:
+            return self._forget_finished(early)
+        if rows != list(range(logits.shape[0])):
             logits = logits[torch.tensor(rows, device=logits.device)]
-        result = self.sampler(logits, sampling)
         finished = early
+        try:
+            result = self.sampler(logits, sampling)
+        except Exception as e:
+            failed = self._fail_requests({seq.request for seq in sampling},
+                                         f"sampling failed: {type(e).__name__}: {e}")
+            return self._forget_finished(finished + failed)
+        for r, why in result.failed.items():
+            finished += self._fail_requests({sampling[r].request}, why)
         for i, seq in enumerate(sampling):
-            if self._append(seq, result.token_ids[i], result.logprobs[i], result.chosen_logprobs[i]):
+            if seq.status is SequenceStatus.FINISHED:
+                continue  # its request failed in this step
+            try:
+                done = self._append(seq, result.token_ids[i], result.logprobs[i], result.chosen_logprobs[i])
+            except Exception as e:
+                finished += self._fail_requests({seq.request}, f"postprocessing failed: {type(e).__name__}: {e}")
+                continue
+            if done:
                 self.scheduler.finish(seq)
                 finished.append(seq)
+        return self._forget_finished(finished)
+
+    def _record_prompt_logprobs(self, request: Request, first: int, logits: torch.Tensor) -> None:
+        """logits [R, V]: rows for prompt positions first .. first + R - 1, each scoring the next prompt token."""
+        ids = torch.tensor(request.prompt_token_ids[first + 1:first + 1 + logits.shape[0]], device=logits.device)
+        lps = position_logprobs(torch.log_softmax(logits.float(), dim=-1), ids,
+                                [request.params.prompt_logprobs] * logits.shape[0])
+        request.prompt_logprobs[first + 1:first + 1 + len(lps)] = lps
+        request.prompt_lp_next = first + 1 + len(lps)
+
+    def _fail_requests(self, requests: set[Request], error: str) -> list[Sequence]:
+        """Fails each request: its unfinished chains leave the scheduler (blocks freed) with finish_reason "error";
+        returns them."""
+        ended = []
+        for request in sorted(requests, key=lambda r: r.request_id):
+            if request.finished:
+                continue
+            request.error = error
+            self.stats.failed_requests += 1
+            for seq in request.seqs:
+                if seq.status is not SequenceStatus.FINISHED:
+                    self.scheduler.abort(seq)
+                    seq.finish_reason = "error"
+                    ended.append(seq)
+        return ended
+
+    def _forget_finished(self, finished: list[Sequence]) -> list[Sequence]:
+        for seq in finished:
+            if seq.request.finished:
+                self.requests.pop(seq.request.request_id, None)
         return finished
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
@@ -190,12 +301,13 @@ class LLMEngine:
             children.append(child)
         return children
 
-    def _append(self, seq: Sequence, token: int, logprob: float | None, chosen: dict[int, float] | None) -> bool:
+    def _append(self, seq: Sequence, token: int, logprob: PositionLogprobs | None,
+                chosen: dict[int, float] | None) -> bool:
         """Appends a sampled token; returns True when the sequence is finished."""
         p = seq.params
         seq.token_ids.append(token)
         self.stats.generated_tokens += 1
-        if p.logprobs:
+        if p.logprobs is not None:
             seq.logprobs.append(logprob)
         if p.logprob_token_ids:
             seq.token_logprobs.append(chosen)
@@ -211,7 +323,7 @@ class LLMEngine:
                 return True
         elif p.stop_strings:
             self._detokenize(seq)
-        if n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
             return True
         return False
@@ -246,10 +358,20 @@ class LLMEngine:
         return True
 
     # -- outputs --------------------------------------------------------------------------------------------------
+    def _logprob_dict(self, pos: PositionLogprobs) -> dict[int, Logprob]:
+        """vLLM's per-position dict: the chosen token first, then the top k (ranks 1..k) where not the chosen one."""
+        decode = (lambda t: self.tokenizer.decode([t])) if self.tokenizer is not None else (lambda t: None)
+        out = {pos.token_id: Logprob(pos.logprob, pos.rank, decode(pos.token_id))}
+        for rank, (t, lp) in enumerate(zip(pos.top_ids, pos.top_logprobs), start=1):
+            if t not in out:
+                out[t] = Logprob(lp, rank, decode(t))
+        return out
+
     def output(self, request: Request) -> RequestOutput:
-        if request.error is not None:
-            return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [], True,
-                                 request.error)
+        """The request's RequestOutput as it stands (complete once request.finished)."""
+        prompt_lps = None
+        if request.params.prompt_logprobs is not None and request.error is None:
+            prompt_lps = [None if pos is None else self._logprob_dict(pos) for pos in request.prompt_logprobs]
         outs = []
         for seq in sorted(request.seqs, key=lambda s: s.chain_index):
             p = seq.params
@@ -259,10 +381,12 @@ class LLMEngine:
                 text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=p.skip_special_tokens)
             else:
                 text = ""
+            lps = None if p.logprobs is None else [self._logprob_dict(pos) for pos in seq.logprobs]
             outs.append(CompletionOutput(
                 index=seq.chain_index, text=text, token_ids=seq.output_token_ids,
-                logprobs=list(seq.logprobs) if p.logprobs else None,
+                cumulative_logprob=None if p.logprobs is None else float(sum(pos.logprob for pos in seq.logprobs)),
+                logprobs=lps, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
                 token_logprobs=list(seq.token_logprobs) if p.logprob_token_ids else None,
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outs,
-                             all(s.status is SequenceStatus.FINISHED for s in request.seqs))
+                kv_pool_exhausted=seq.kv_pool_exhausted))
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outs, request.finished,
+                             request.error, prompt_lps, request.num_cached_tokens or 0)

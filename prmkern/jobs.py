@@ -148,7 +148,7 @@ class JobRunner:
             if index in written:
                 raise AssertionError(f"record {index} emitted twice")
             written.add(index)
-            out.write(json.dumps(_finite(row), allow_nan=False, default=_json_default) + "\n")
+            out.write(json.dumps(json_safe(row), allow_nan=False, default=_json_default) + "\n")
             out.flush()
             self.rows.append(row)
             if progress is not None:
@@ -221,19 +221,19 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
-def _finite(o: Any) -> Any:
+def json_safe(o: Any) -> Any:
     """NaN/inf floats become None so a summary is always valid JSON."""
     if isinstance(o, float) and not math.isfinite(o):
         return None
     if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
+        return {k: json_safe(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
+        return [json_safe(v) for v in o]
     return o
 
 
 def write_summary(path: str | None, summary: dict[str, Any]) -> None:
     if path:
         with open(path, "w") as f:
-            json.dump(_finite(summary), f, indent=1, default=_json_default)
+            json.dump(json_safe(summary), f, indent=1, default=_json_default)
             f.write("\n")

@@ -1,12 +1,18 @@
-"""LLM: the user-facing facade in vLLM's names. LLM(model).generate(prompts, SamplingParams(...)).
+"""LLM: the user-facing facade in vLLM's names and meanings. LLM(model).generate(prompts, SamplingParams(...)),
+llm.chat(messages), llm.get_tokenizer(); see docs/api.md for the differences from vLLM.
 
 Loads a local Hugging Face checkpoint directory and its tokenizer, owns one engine whose KV cache (and prefix
-cache) lives as long as the LLM object, so repeated calls reuse what earlier calls computed.
+cache) lives as long as the LLM object, so repeated calls reuse what earlier calls computed. A call that is
+interrupted (KeyboardInterrupt) or fails outside a step aborts its own requests: nothing of it is left to finish in
+the next call.
 """
 from __future__ import annotations
 
+import numbers
+import os
 import sys
-from typing import Sequence as Seq
+import warnings
+from typing import Any, Sequence as Seq
 
 import torch
 
@@ -16,14 +22,40 @@ from prmkern.models.loader import read_config, resolve_dtype
 from prmkern.outputs import RequestOutput
 from prmkern.sampling import SamplingParams
 from prmkern.stats import EngineStats
+from prmkern.vllm_args import check_vllm_args
+
+# Files that hold a vocabulary; a directory with none of them has no tokenizer, whatever AutoTokenizer builds.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.tiktoken", "qwen.tiktoken")
+
+Prompt = str | Seq[int] | dict[str, Any]
 
 
-def _load_tokenizer(model: str):
-    try:
-        from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError):
-        return None  # token-id prompts still work; text prompts get a clear error
+def load_tokenizer(path: str, explicit: bool, slow: bool = False) -> tuple[Any, str | None]:
+    """(tokenizer, None), or (None, why there is none). `explicit` (the user named a tokenizer): failures raise.
+    A directory without vocabulary files is reported as missing: AutoTokenizer would build an empty tokenizer
+    from the config alone (one special token), which turns every text prompt into an 'empty prompt'."""
+    why = None
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        why = f"no tokenizer files in {path} (looked for {', '.join(TOKENIZER_FILES)})"
+    else:
+        try:
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(path, use_fast=not slow)
+            if len(tok) > len(set(tok.all_special_ids)):
+                return tok, None
+            why = f"the tokenizer in {path} has no tokens besides its special tokens"
+        except (OSError, ValueError, TypeError) as e:
+            why = f"the tokenizer in {path} could not be loaded: {type(e).__name__}: {e}"
+    if explicit:
+        raise FileNotFoundError(f"tokenizer={path!r}: {why}")
+    return None, why
+
+
+def _is_single_prompt(prompts: Any) -> bool:
+    return (isinstance(prompts, (str, dict)) or
+            (isinstance(prompts, (list, tuple)) and bool(prompts) and
+             all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompts)))
 
 
 class LLM:
@@ -31,19 +63,45 @@ class LLM:
                  device: str | torch.device | None = None, block_size: int = 16,
                  num_kvcache_blocks: int | None = None, kv_cache_memory: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, attention_backend: str | None = None, seed: int = 0,
-                 enforce_eager: bool = False, packed_gemm_bytes: int = 1 << 30):
+                 enable_prefix_caching: bool = True, attention_backend: str | None = None, seed: int | None = 0,
+                 enforce_eager: bool = False, packed_gemm_bytes: int = 1 << 30,
+                 gpu_memory_utilization: float | None = None, **vllm_kwargs: Any):
+        """prmkern's arguments, plus vLLM's: gpu_memory_utilization (CUDA: the fraction of the device's total memory
+        this process may fill, the KV pool taking what the weights leave; CPU: ignored with a warning, the pool
+        is kv_cache_memory), and the vLLM-only arguments of prmkern/vllm_args.py (trust_remote_code,
+        tensor_parallel_size, swap_space, disable_log_stats, ...: accepted, ignored with a warning, or rejected
+        with an error naming what is supported)."""
+        if "kv_cache_memory_bytes" in vllm_kwargs:  # vLLM's name for prmkern's kv_cache_memory
+            kv_cache_memory = vllm_kwargs.pop("kv_cache_memory_bytes")
+        used = check_vllm_args(vllm_kwargs)
         hf_config = read_config(model)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
+        if gpu_memory_utilization is not None and (
+                not isinstance(gpu_memory_utilization, (int, float)) or isinstance(gpu_memory_utilization, bool)
+                or not 0 < gpu_memory_utilization <= 1):
+            raise ValueError(f"gpu_memory_utilization={gpu_memory_utilization!r} is invalid; accepted: a float in "
+                             f"(0, 1] (vLLM's meaning: the fraction of the GPU's memory this process may use)")
+        if gpu_memory_utilization is not None and device.type != "cuda":
+            warnings.warn(f"prmkern: gpu_memory_utilization={gpu_memory_utilization!r} is ignored on {device.type}: "
+                          f"the KV pool there is kv_cache_memory bytes (default 1 GiB)", stacklevel=2)
+            gpu_memory_utilization = None
         self.config = EngineConfig(
-            model=model, dtype=resolve_dtype(dtype, hf_config), device=torch.device(device), block_size=block_size,
+            model=model, dtype=resolve_dtype(dtype, hf_config), device=device, block_size=block_size,
             num_kvcache_blocks=num_kvcache_blocks, kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-            enable_prefix_caching=enable_prefix_caching, attention_backend=attention_backend, seed=seed,
-            enforce_eager=enforce_eager, packed_gemm_bytes=packed_gemm_bytes)
-        self.tokenizer = _load_tokenizer(tokenizer or model)
-        self.engine = LLMEngine(self.config, self.tokenizer)
+            enable_prefix_caching=enable_prefix_caching, attention_backend=attention_backend,
+            seed=0 if seed is None else seed, enforce_eager=enforce_eager, packed_gemm_bytes=packed_gemm_bytes,
+            gpu_memory_utilization=gpu_memory_utilization)
+        if used.get("skip_tokenizer_init"):
+            self.tokenizer, missing = None, "skip_tokenizer_init=True"
+        else:
+            self.tokenizer, missing = load_tokenizer(tokenizer or model, explicit=tokenizer is not None,
+                                                     slow=used.get("tokenizer_mode") == "slow")
+            if missing is not None:
+                warnings.warn(f"prmkern: {missing}; only token-id prompts will work", stacklevel=2)
+        self.engine = LLMEngine(self.config, self.tokenizer, tokenizer_missing=missing)
 
     @property
     def stats(self) -> EngineStats:
@@ -52,17 +110,25 @@ class LLM:
     def reset_stats(self) -> None:
         self.engine.stats.reset()
 
-    def generate(self, prompts: str | Seq[int] | Seq[str | Seq[int]],
+    def get_tokenizer(self):
+        """The Hugging Face tokenizer (None when the checkpoint has none or skip_tokenizer_init was set)."""
+        return self.tokenizer
+
+    def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool | None = None) -> list[RequestOutput]:
-        """Runs every prompt to completion; returns one RequestOutput per prompt, in order. A prompt that cannot run
-        (too long, empty, bad token ids) comes back with `.error` set while the others complete."""
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and
-                                        all(isinstance(t, int) for t in prompts)):
-            prompts = [prompts]
-        prompts = list(prompts)
+                 use_tqdm: bool | None = None, lora_request: Any = None) -> list[RequestOutput]:
+        """Runs every prompt to completion; returns one RequestOutput per prompt, in order. A prompt is a string, a
+        list of token ids, or a TextPrompt {"prompt": ...} / TokensPrompt {"prompt_token_ids": [...]} dict. A prompt
+        that cannot run (too long, empty, bad token ids or keys) comes back with `.error` set while the others
+        complete; so does a request whose step failed."""
+        if lora_request is not None:
+            raise NotImplementedError("lora_request is not supported: merge the adapter into the weights")
+        prompts = [prompts] if _is_single_prompt(prompts) else list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
+        if isinstance(sampling_params, (dict, str)):
+            raise TypeError(f"sampling_params must be a SamplingParams or a list of them, got a "
+                            f"{type(sampling_params).__name__} (build one with SamplingParams(**d))")
         if isinstance(sampling_params, SamplingParams):
             params = [sampling_params] * len(prompts)
         else:
@@ -70,22 +136,65 @@ class LLM:
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; pass one for all "
                                  f"or one per prompt")
-        requests = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-        if use_tqdm is None:
-            use_tqdm = sys.stderr.isatty()
+        requests = []
+        try:
+            for p, sp in zip(prompts, params):
+                requests.append(self.engine.add_request(p, sp))
+            self._run(requests, sys.stderr.isatty() if use_tqdm is None else bool(use_tqdm))
+        except BaseException:  # KeyboardInterrupt included: none of this call's requests outlives it
+            for r in requests:
+                self.engine.abort_request(r)
+            raise
+        return [self.engine.output(r) for r in requests]
+
+    def _run(self, requests: list, use_tqdm: bool) -> None:
         bar = None
         if use_tqdm:
             from tqdm import tqdm
             bar = tqdm(total=len(requests), desc="generate", unit="req", dynamic_ncols=True)
             bar.update(sum(r.finished for r in requests))
         done = {r.request_id for r in requests if r.finished}
-        while self.engine.has_unfinished():
-            for seq in self.engine.step():
-                req = seq.request
-                if req.finished and req.request_id not in done:
-                    done.add(req.request_id)
-                    if bar is not None:
-                        bar.update(1)
-        if bar is not None:
-            bar.close()
-        return [self.engine.output(r) for r in requests]
+        try:
+            while self.engine.has_unfinished():
+                try:
+                    finished = self.engine.step()
+                except Exception as e:  # outside what a step attributes: this call's requests fail, the LLM lives
+                    self.engine._fail_requests(set(requests), f"the engine step failed: {type(e).__name__}: {e}")
+                    for r in requests:
+                        self.engine.abort_request(r)
+                    break
+                for seq in finished:
+                    req = seq.request
+                    if req.finished and req.request_id not in done:
+                        done.add(req.request_id)
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def chat(self, messages: Seq[dict[str, Any]] | Seq[Seq[dict[str, Any]]],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool | None = None,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, chat_template_kwargs: dict[str, Any] | None = None,
+             tools: list[dict[str, Any]] | None = None, lora_request: Any = None) -> list[RequestOutput]:
+        """vLLM's chat(): one conversation (a list of {"role", "content"} dicts) or a list of them, rendered by the
+        tokenizer's chat template (or `chat_template`) and generated; one RequestOutput per conversation."""
+        if self.tokenizer is None:
+            raise ValueError(f"chat() needs a tokenizer with a chat template: {self.engine.tokenizer_missing}")
+        if isinstance(messages, (list, tuple)) and messages and isinstance(messages[0], dict):
+            conversations = [messages]
+        else:
+            conversations = list(messages)
+        if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this tokenizer has no chat template; pass chat_template=<a Jinja template>")
+        prompts = []
+        for conv in conversations:
+            if not isinstance(conv, (list, tuple)) or not all(isinstance(m, dict) for m in conv):
+                raise TypeError(f"a conversation must be a list of message dicts, got {type(conv).__name__}")
+            text = self.tokenizer.apply_chat_template(
+                list(conv), tokenize=False, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, chat_template=chat_template, tools=tools,
+                **(chat_template_kwargs or {}))
+            prompts.append({"prompt": text})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)

@@ -1,7 +1,21 @@
-"""What generate() returns, in vLLM's names: a RequestOutput per prompt holding a CompletionOutput per chain."""
+"""What generate() returns, in vLLM's names: a RequestOutput per prompt holding a CompletionOutput per chain, and
+the Logprob entries of vLLM's per-position log-probability dicts."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+
+@dataclass
+class Logprob:
+    """One entry of a per-position {token_id: Logprob} dict (vLLM's class and meaning)."""
+    logprob: float  # of the model's raw distribution at this position
+    rank: int | None = None  # 1-based rank in the full vocabulary: how many tokens have a logprob >= this one's
+    decoded_token: str | None = None  # tokenizer.decode([token_id]); None without a tokenizer
+
+
+# Per position a dict {token_id: Logprob}; prompt logprobs have None at position 0 (and before prompt_logprobs_start).
+SampleLogprobs = list[dict[int, Logprob]]
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -9,17 +23,35 @@ class CompletionOutput:
     index: int  # chain index within the request
     text: str
     token_ids: list[int]
-    logprobs: list[float] | None  # log-probability of each generated token (SamplingParams.logprobs)
-    token_logprobs: list[dict[int, float]] | None  # per generated position, {id: logprob} for logprob_token_ids
-    finish_reason: str | None  # "stop" (EOS, stop token or stop string) or "length"
+    cumulative_logprob: float | None = None  # sum of the sampled tokens' logprobs; None unless logprobs was asked
+    logprobs: SampleLogprobs | None = None  # SamplingParams.logprobs: per generated position, top-k + sampled
+    # "stop" (EOS, stop token or stop string), "length" (max_tokens, the model's context, or the KV pool: see
+    # kv_pool_exhausted), "abort" (abort_request or an interrupted call) or "error" (the request failed mid-way).
+    finish_reason: str | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    token_logprobs: list[dict[int, float]] | None = None  # per generated position, {id: logprob} for logprob_token_ids
+    # finish_reason "length" because the whole KV pool held this chain and it could not grow: not max_tokens.
+    kv_pool_exhausted: bool = False
+
+    @property
+    def sampled_logprobs(self) -> list[float] | None:
+        """The sampled token's log-probability at each position (from `logprobs`), or None."""
+        if self.logprobs is None:
+            return None
+        return [d[t].logprob for d, t in zip(self.logprobs, self.token_ids)]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 @dataclass
 class RequestOutput:
-    request_id: int
+    request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = True
     error: str | None = None  # set when this request failed alone (the rest of the batch still ran)
+    prompt_logprobs: PromptLogprobs | None = None  # SamplingParams.prompt_logprobs
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (first admission)

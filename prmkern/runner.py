@@ -114,7 +114,9 @@ class ModelRunner:
             slots.append(s)
             cu.append(cu[-1] + item.num_new)
             seq_lens.append(item.end)
-            if item.samples:
+            if item.logits_from is not None:  # prompt_logprobs: every position from logits_from on
+                rows.extend(range(cu[-1] - (item.end - item.logits_from), cu[-1]))
+            elif item.samples:
                 rows.append(cu[-1] - 1)
         dev = self.config.device
         meta = AttentionMetadata(

@@ -1,12 +1,14 @@
 """Turns a step's logits into next tokens, one row per sequence, each with its own parameters and RNG.
 
-Greedy rows take the argmax; others are scaled by temperature, filtered by top-k / top-p when asked (the sort is
-skipped otherwise) and drawn with the sequence's own generator, so a seeded request reproduces its chains whatever
-else is batched. Log-probabilities returned are of the model's distribution (before temperature and filtering).
+vLLM's order: (log-probabilities returned are taken here, from the raw logits) -> min_tokens bans -> penalties
+(repetition, frequency, presence) -> greedy rows take the argmax; others are scaled by temperature, filtered by
+min_p, then top-k / top-p when asked (the sort is skipped otherwise) and drawn with the sequence's own generator, so
+a seeded request reproduces its chains whatever else is batched. A row whose logits hold NaN or +inf is reported as
+failed (its request fails alone) instead of drawing a token id outside the vocabulary.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,10 +16,36 @@ from prmkern.sequence import Sequence
 
 
 @dataclass
+class PositionLogprobs:
+    """Log-probabilities at one position: the chosen token's (with its 1-based rank) and the k most likely."""
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass
 class SampleResult:
     token_ids: list[int]
-    logprobs: list[float | None]  # of the sampled token, where the request asked for it
+    logprobs: list[PositionLogprobs | None]  # where the request asked for logprobs
     chosen_logprobs: list[dict[int, float] | None]  # of the request's logprob_token_ids
+    failed: dict[int, str] = field(default_factory=dict)  # row -> why it could not be sampled
+
+
+def position_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, ks: list[int]) -> list[PositionLogprobs]:
+    """logprobs [R, V] (log_softmax rows), token_ids [R] the chosen token per row, ks[r] the top count of row r.
+    Ranks are vLLM's: the number of tokens whose logprob is >= the chosen one's (1 = the most likely)."""
+    chosen = logprobs.gather(1, token_ids[:, None])  # [R, 1]
+    ranks = (logprobs >= chosen).sum(dim=-1).tolist()
+    k_max = max(ks)
+    top_lp, top_ids = (logprobs.topk(k_max, dim=-1) if k_max else (None, None))
+    top_lp = top_lp.tolist() if top_lp is not None else None
+    top_ids = top_ids.tolist() if top_ids is not None else None
+    chosen_list = chosen[:, 0].tolist()
+    ids = token_ids.tolist()
+    return [PositionLogprobs(ids[r], chosen_list[r], ranks[r], top_ids[r][:k] if k else [],
+                             top_lp[r][:k] if k else []) for r, k in enumerate(ks)]
 
 
 def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -34,6 +62,36 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """logits [R, V] (temperature applied); min_p [R]: drop tokens less likely than min_p x the top token."""
+    probs = logits.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p[:, None]
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def apply_penalties(logits: torch.Tensor, prompt_ids: list[list[int]], output_ids: list[list[int]],
+                    repetition: list[float], frequency: list[float], presence: list[float]) -> torch.Tensor:
+    """logits [R, V]; per row its prompt and output token ids and its three penalties (vLLM's definitions):
+    repetition divides positive / multiplies negative logits of tokens in prompt or output; frequency subtracts
+    penalty x output count; presence subtracts penalty for each token present in the output."""
+    rows, vocab = logits.shape
+    dev = logits.device
+    # Built where the logits live; only the token ids travel.
+    out_counts = torch.zeros(rows, vocab, dtype=logits.dtype, device=dev)
+    seen = torch.zeros(rows, vocab, dtype=torch.bool, device=dev)
+    for r in range(rows):
+        if output_ids[r]:
+            ids = torch.tensor(output_ids[r], dtype=torch.int64, device=dev)
+            out_counts[r].index_add_(0, ids, torch.ones(len(output_ids[r]), dtype=logits.dtype, device=dev))
+        seen[r, torch.tensor(prompt_ids[r], dtype=torch.int64, device=dev)] = True
+    seen |= out_counts > 0
+    rep = torch.tensor(repetition, dtype=logits.dtype, device=logits.device)[:, None]
+    penalties = torch.where(seen, rep, torch.ones_like(logits))
+    logits = torch.where(logits > 0, logits / penalties, logits * penalties)
+    logits = logits - torch.tensor(frequency, dtype=logits.dtype, device=logits.device)[:, None] * out_counts
+    return logits - torch.tensor(presence, dtype=logits.dtype, device=logits.device)[:, None] * (out_counts > 0)
+
+
 class Sampler:
     def __init__(self, eos_token_ids: tuple[int, ...]):
         self.eos_token_ids = list(eos_token_ids)
@@ -41,7 +99,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         """logits [R, V] float32, one row per sequence in `seqs`."""
         assert logits.shape[0] == len(seqs), f"{logits.shape[0]} logit rows for {len(seqs)} sequences"
-        need_logprobs = any(s.params.logprobs or s.params.logprob_token_ids for s in seqs)
+        need_logprobs = any(s.params.logprobs is not None or s.params.logprob_token_ids for s in seqs)
         logprobs = torch.log_softmax(logits, dim=-1) if need_logprobs else None
 
         # min_tokens: EOS and stop tokens cannot end a chain before it has min_tokens tokens.
@@ -51,11 +109,25 @@ class Sampler:
                 banned = p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)
                 if banned:
                     logits[r, banned] = float("-inf")
+        pen_rows = [r for r, s in enumerate(seqs) if s.params.has_penalties]
+        if pen_rows:
+            ps = [seqs[r].params for r in pen_rows]
+            logits[pen_rows] = apply_penalties(
+                logits[pen_rows], [seqs[r].token_ids[:seqs[r].num_prompt_tokens] for r in pen_rows],
+                [seqs[r].output_token_ids for r in pen_rows], [p.repetition_penalty for p in ps],
+                [p.frequency_penalty for p in ps], [p.presence_penalty for p in ps])
 
         random_rows = [r for r, s in enumerate(seqs) if not s.params.greedy]
+        # NaN or +inf in a row (-inf is a legitimate mask) makes its token meaningless: such a row fails alone. Found
+        # without another pass over the vocabulary: argmax picks a NaN or +inf when the row has one (greedy rows),
+        # and the softmax total of such a row is not finite (sampled rows).
+        bad = torch.zeros(len(seqs), dtype=torch.bool)
         # argmax only where some row is greedy: over a large vocabulary it is not free.
-        tokens = (logits.argmax(dim=-1) if len(random_rows) < len(seqs)
-                  else torch.zeros(len(seqs), dtype=torch.int64, device=logits.device))
+        if len(random_rows) < len(seqs):
+            tokens = logits.argmax(dim=-1)
+            bad |= ~torch.isfinite(logits.gather(1, tokens[:, None])[:, 0]).cpu()
+        else:
+            tokens = torch.zeros(len(seqs), dtype=torch.int64, device=logits.device)
         if random_rows:
             idx = torch.tensor(random_rows, device=logits.device)
             # Every row sampling (the usual decode step): no gather. Every temperature 1: no division.
@@ -63,6 +135,9 @@ class Sampler:
             temps = [seqs[r].params.temperature for r in random_rows]
             if any(t != 1.0 for t in temps):
                 scaled = scaled / torch.tensor(temps, device=logits.device)[:, None]
+            min_ps = [seqs[r].params.min_p for r in random_rows]
+            if any(m > 0 for m in min_ps):
+                scaled = _apply_min_p(scaled, torch.tensor(min_ps, device=logits.device, dtype=scaled.dtype))
             k_list = [seqs[r].params.top_k for r in random_rows]
             p_list = [seqs[r].params.top_p for r in random_rows]
             if any(k > 0 for k in k_list) or any(p < 1 for p in p_list):
@@ -78,15 +153,26 @@ class Sampler:
             last = torch.searchsorted(cdf, cdf[:, -1:].contiguous(), right=False)
             drawn = torch.minimum(drawn, last)[:, 0]
             tokens[idx] = drawn.to(tokens.device)
+            total = cdf[:, -1]
+            bad[random_rows] = ~(torch.isfinite(total) & (total > 0))
+        failed = {r: f"the model produced non-finite logits (NaN or inf) at position {seqs[r].num_tokens - 1} of "
+                     f"this request" for r in bad.nonzero()[:, 0].tolist()}
+        if failed:
+            tokens[list(failed)] = 0  # a placeholder id: these rows' requests fail and their tokens are dropped
         token_list = tokens.tolist()
-        sampled_lp: list[float | None] = [None] * len(seqs)
+        sampled_lp: list[PositionLogprobs | None] = [None] * len(seqs)
         chosen: list[dict[int, float] | None] = [None] * len(seqs)
         if logprobs is not None:
-            lp_cpu = logprobs.cpu()
+            lp_rows = [r for r, s in enumerate(seqs) if s.params.logprobs is not None and r not in failed]
+            if lp_rows:
+                sel = torch.tensor(lp_rows, device=logprobs.device)
+                for r, pos in zip(lp_rows, position_logprobs(logprobs[sel], tokens[sel],
+                                                             [seqs[r].params.logprobs for r in lp_rows])):
+                    sampled_lp[r] = pos
+            lp_cpu = None
             for r, seq in enumerate(seqs):
-                if seq.params.logprobs:
-                    sampled_lp[r] = float(lp_cpu[r, token_list[r]])
                 ids = seq.params.logprob_token_ids
                 if ids:
+                    lp_cpu = logprobs.cpu() if lp_cpu is None else lp_cpu
                     chosen[r] = dict(zip(ids, lp_cpu[r, ids].tolist()))
-        return SampleResult(token_list, sampled_lp, chosen)
+        return SampleResult(token_list, sampled_lp, chosen, failed)

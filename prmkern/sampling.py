@@ -1,32 +1,65 @@
-"""SamplingParams: how a request's chains are sampled and when they stop, in vLLM's names, validated on creation."""
+"""SamplingParams: how a request's chains are sampled and when they stop, in vLLM's names and meanings, validated on
+creation (a bad value raises ValueError naming what is accepted; bool is never taken for an int, NaN and inf never
+for a float)."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
+
+
+def _is_int(x: object) -> bool:
+    """An int (numpy ints too), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x: object) -> bool:
+    """A finite real number (numpy floats too), not a bool, not NaN or inf."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+INT_FIELDS = ("n", "top_k", "min_tokens")
+REAL_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
 @dataclass
 class SamplingParams:
     """n: chains sampled per prompt (they share the prompt's KV blocks). temperature 0 is greedy.
-    top_k <= 0 and top_p = 1 disable those filters. min_tokens suppresses EOS/stop tokens until reached.
+    top_k <= 0 and top_p = 1 disable those filters; min_p (vLLM's): drop tokens whose probability (after temperature)
+    is below min_p times the most likely token's. min_tokens suppresses EOS/stop tokens until reached.
+    Penalties (vLLM's definitions, applied before temperature, also to greedy requests): repetition_penalty divides
+    the positive logits and multiplies the negative ones of every token seen in the prompt or the output;
+    frequency_penalty subtracts penalty * count of each token in the output, presence_penalty subtracts penalty once
+    for every token present in the output.
     stop: strings that end a chain (the text is cut before the stop string unless include_stop_str_in_output).
     seed: reproduces this request's chains whatever else is batched with it.
-    logprobs: also return the log-probability of each sampled token.
-    logprob_token_ids: at every generated position, return the log-probabilities of these token ids (how verdict
-    probabilities such as P(Yes) vs P(No) are read exactly). Log-probabilities are of the model's distribution
-    (before temperature / top-k / top-p)."""
+    logprobs=k (vLLM's): at each generated position a dict {token_id: Logprob} of the k most likely tokens plus the
+    sampled one; 0: the sampled token's only; None: none. True is taken as 0 and False as None (prmkern's earlier
+    bool flag). prompt_logprobs=k: the same for every prompt position (the first is None).
+    prompt_logprobs_start (prmkern's): the first prompt position that gets prompt logprobs (default 1, every one);
+    blocks of the prefix cache before it are reused instead of recomputed, which is how a chain is scored after a
+    cached problem prefix.
+    logprob_token_ids (prmkern's): at every generated position, the log-probabilities of these ids (how verdict
+    probabilities such as P(Yes) vs P(No) are read exactly). All log-probabilities are of the model's raw
+    distribution (vLLM's default logprobs_mode "raw_logprobs": before penalties, temperature and filters)."""
 
     n: int = 1
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     min_tokens: int = 0
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: until the model's context (max_model_len) is full
     ignore_eos: bool = False
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     seed: int | None = None
-    logprobs: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    prompt_logprobs_start: int = 1
     logprob_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
@@ -35,34 +68,71 @@ class SamplingParams:
         def bad(name: str, accepted: str) -> ValueError:
             return ValueError(f"SamplingParams.{name}={getattr(self, name)!r} is invalid; accepted: {accepted}")
 
-        if not isinstance(self.n, int) or self.n < 1:
-            raise bad("n", "an int >= 1")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise bad("temperature", "a float >= 0 (0 = greedy)")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool):
+        if not _is_int(self.n) or self.n < 1:
+            raise bad("n", "an int >= 1 (not a bool)")
+        if not _is_real(self.temperature) or self.temperature < 0:
+            raise bad("temperature", "a float >= 0 (0 = greedy), finite: not NaN or inf")
+        if not _is_int(self.top_k):
             raise bad("top_k", "an int; <= 0 disables")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise bad("top_p", "a float in (0, 1]")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise bad("max_tokens", "an int >= 1")
-        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+        if not _is_real(self.min_p) or not 0 <= self.min_p <= 1:
+            raise bad("min_p", "a float in [0, 1] (0 disables)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not _is_real(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
+                raise bad(name, "a float in [-2, 2] (0 disables)")
+        if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "a finite float > 0 (1 disables)")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise bad("max_tokens", "an int >= 1, or None (up to the model's context)")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens):
             raise bad("min_tokens", f"an int in [0, max_tokens={self.max_tokens}]")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "True or False")
+        if self.seed is not None and not _is_int(self.seed):
             raise bad("seed", "an int or None")
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if isinstance(self.logprobs, bool):  # prmkern's earlier flag: True = the sampled token's log-probability
+            self.logprobs = 0 if self.logprobs else None
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not _is_int(k) or k < 0):
+                raise bad(name, "None or an int >= 0 (the number of top tokens per position; 0: the chosen "
+                                "token's only)")
+        if not _is_int(self.prompt_logprobs_start) or self.prompt_logprobs_start < 1:
+            raise bad("prompt_logprobs_start", "an int >= 1 (prompt position 0 has no log-probability)")
+        if isinstance(self.stop, str):
+            stop = [self.stop]
+        elif self.stop is None or isinstance(self.stop, (list, tuple)):
+            stop = list(self.stop or [])
+        else:
+            stop = [None]
         if any(not isinstance(s, str) or not s for s in stop):
             raise bad("stop", "a non-empty string or a list of non-empty strings")
         self.stop_strings = tuple(stop)
         for name in ("stop_token_ids", "logprob_token_ids"):
             ids = getattr(self, name)
             if ids is not None and (not isinstance(ids, (list, tuple)) or
-                                    any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in ids)):
-                raise bad(name, "a list of non-negative token ids")
-        self.stop_token_ids = list(self.stop_token_ids or [])
+                                    any(not _is_int(i) or i < 0 for i in ids)):
+                raise bad(name, "a list of non-negative token ids (ints)")
+        self.stop_token_ids = [int(i) for i in self.stop_token_ids or []]
         if self.logprob_token_ids is not None:
-            self.logprob_token_ids = list(self.logprob_token_ids)
+            self.logprob_token_ids = [int(i) for i in self.logprob_token_ids]
+        # Plain Python numbers from here on (numpy scalars are accepted above).
+        for name in INT_FIELDS:
+            setattr(self, name, int(getattr(self, name)))
+        for name in REAL_FIELDS:
+            setattr(self, name, float(getattr(self, name)))
+        for name in ("seed", "logprobs", "prompt_logprobs", "max_tokens"):
+            if getattr(self, name) is not None:
+                setattr(self, name, int(getattr(self, name)))
+        self.prompt_logprobs_start = int(self.prompt_logprobs_start)
 
     @property
     def greedy(self) -> bool:
         # Below 1e-5 (vLLM's threshold too) dividing logits by the temperature overflows float32.
         return self.temperature < 1e-5
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1

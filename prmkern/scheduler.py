@@ -23,6 +23,8 @@ class ScheduledSeq:
     start: int  # first position whose KV this step computes
     num_new: int  # tokens computed this step
     store_from: int  # positions below this are already in the cache (not written again)
+    # Positions from here to end - 1 all need their logits (prompt_logprobs); None: only the last one, if it samples.
+    logits_from: int | None = None
 
     @property
     def end(self) -> int:
@@ -33,12 +35,23 @@ class ScheduledSeq:
         """Whether this step produces the sequence's next token (its last uncomputed token is in this step)."""
         return self.end == self.seq.num_tokens
 
+    @property
+    def num_logit_rows(self) -> int:
+        """Rows of logits the runner returns for this item, in position order."""
+        if self.logits_from is not None:
+            return self.end - self.logits_from
+        return 1 if self.samples else 0
+
 
 @dataclass
 class SchedulerOutput:
     is_prefill: bool
     scheduled: list[ScheduledSeq]
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write block copies, before the forward
+
+
+# Most positions of one sequence whose logits (vocab wide, float32) one prefill step returns for prompt_logprobs.
+PROMPT_LOGIT_ROWS = 1024
 
 
 class Scheduler:
@@ -87,11 +100,20 @@ class Scheduler:
                 continue  # another sequence is computing the blocks this one needs next
             start, store_from = skip
             num_new = min(seq.num_tokens - start, budget)
+            logits_from = None
+            if seq.request.wants_prompt_logprobs:
+                # Logits at position p give the log-probability of prompt token p + 1; bound the rows per step.
+                logits_from = seq.request.prompt_lp_next - 1
+                num_new = min(num_new, logits_from + PROMPT_LOGIT_ROWS - start)
+                if logits_from >= start + num_new:
+                    logits_from = None  # this chunk ends before the first position that is scored
             self.stats.cached_tokens += start - seq.num_computed_tokens
             seq.num_computed_tokens = start
             bs = self.bm.block_size
             in_flight.update(seq.block_table[start // bs:(start + num_new) // bs])
-            scheduled.append(ScheduledSeq(seq, start, num_new, store_from))
+            if seq.request.num_cached_tokens is None:
+                seq.request.num_cached_tokens = start
+            scheduled.append(ScheduledSeq(seq, start, num_new, store_from, logits_from))
             budget -= num_new
         return SchedulerOutput(True, scheduled) if scheduled else None
 
@@ -103,8 +125,10 @@ class Scheduler:
         pos = seq.num_computed_tokens
         if pos % bs:
             return pos, pos
+        # prompt_logprobs need the hidden state of every position from `need` on: blocks up to it may be skipped.
+        need = seq.request.prompt_lp_next - 1 if seq.request.wants_prompt_logprobs else seq.num_tokens
         i = pos // bs
-        while (i + 1) * bs <= seq.num_tokens:
+        while (i + 1) * bs <= min(seq.num_tokens, need):
             block_id = seq.block_table[i]
             if self.bm.is_computed(block_id) or block_id in in_flight:
                 i += 1
@@ -115,7 +139,7 @@ class Scheduler:
             break
         store_from = max(pos, i * bs)
         # The last token is always run through the model: its logits give the next token.
-        return min(store_from, seq.num_tokens - 1), store_from
+        return min(store_from, seq.num_tokens - 1, need), store_from
 
     # -- decode ---------------------------------------------------------------------------------------------------
     def _schedule_decode(self) -> SchedulerOutput | None:
@@ -129,7 +153,7 @@ class Scheduler:
                     self.preempt(queue.pop())  # the most recently admitted gives way
                 elif len(self.running) == 1:
                     # Alone and still out of blocks: the whole pool holds this sequence; it cannot grow further.
-                    seq.finish_reason = "length"
+                    seq.finish_reason, seq.kv_pool_exhausted = "length", True
                     self.finish(seq)
                     self.finished_early.append(seq)
                     break

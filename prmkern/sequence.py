@@ -19,18 +19,28 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: requests go in sets
 class Request:
-    request_id: int
+    request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
     seqs: list["Sequence"] = field(default_factory=list)
     error: str | None = None
+    aborted: bool = False  # stopped by LLMEngine.abort_request: its unfinished chains end as "abort"
+    # prompt_logprobs: PositionLogprobs per prompt position (None where not computed); prompt_lp_next is the next
+    # prompt position whose log-probability is still to be computed (len(prompt_token_ids): none is).
+    prompt_logprobs: list = field(default_factory=list)
+    prompt_lp_next: int = 0
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.prompt_lp_next < len(self.prompt_token_ids)
 
     @property
     def finished(self) -> bool:
-        return self.error is not None or (len(self.seqs) == self.params.n and
+        return self.error is not None or self.aborted or (len(self.seqs) == self.params.n and
                                           all(s.status is SequenceStatus.FINISHED for s in self.seqs))
 
 
@@ -46,8 +56,9 @@ class Sequence:
         self.block_table: list[int] = []
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
+        self.kv_pool_exhausted = False  # ended "length" because the whole KV pool held it and it could not grow
         self.stop_reason: str | int | None = None
-        self.logprobs: list[float] = []
+        self.logprobs: list = []  # sampler.PositionLogprobs per generated token (when params.logprobs is set)
         self.token_logprobs: list[dict[int, float]] = []
         self.needs_fork = request.params.n > 1 and chain_index == 0
         # The runner's decode grouping key (leading shared blocks), valid for one (sharing epoch, table length).

@@ -14,7 +14,8 @@ class EngineStats:
     preemptions: int = 0
     prefill_steps: int = 0
     decode_steps: int = 0
-    failed_requests: int = 0
+    failed_requests: int = 0  # failed on arrival (bad prompt or params) or mid-way (a fault in their step)
+    aborted_requests: int = 0  # LLMEngine.abort_request (a client gone, an interrupted generate() call)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

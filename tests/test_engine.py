@@ -188,3 +188,24 @@ def test_tiny_temperature_is_greedy(qwen2_dir):
     greedy = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
     tiny = llm.generate([prompt], SamplingParams(temperature=1e-46, max_tokens=8, ignore_eos=True))[0]
     assert greedy.outputs[0].token_ids == tiny.outputs[0].token_ids
+
+
+def test_abort_request_frees_blocks_and_ends_chains(qwen2_dir):
+    llm = LLM(qwen2_dir, device="cpu", block_size=4)
+    engine = llm.engine
+    prompts = random_prompts([9, 13], 509, seed=33)
+    keep = engine.add_request(prompts[0], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    drop = engine.add_request(prompts[1], SamplingParams(n=3, temperature=1.0, max_tokens=50, ignore_eos=True),
+                              request_id="client-7")
+    for _ in range(3):
+        engine.step()
+    assert all(s.block_table for s in drop.seqs)
+    assert engine.abort_request("client-7") and not engine.abort_request("client-7")
+    assert all(not s.block_table for s in drop.seqs) and drop.finished
+    while engine.has_unfinished():
+        engine.step()
+    out = engine.output(drop)
+    assert out.request_id == "client-7" and out.finished
+    assert [c.finish_reason for c in out.outputs] == ["abort"] * 3
+    assert engine.output(keep).outputs[0].token_ids == hf_greedy(hf_model(qwen2_dir), prompts[0], 6)
+    assert engine.block_manager.num_free_blocks == engine.num_blocks and not engine.requests

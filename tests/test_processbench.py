@@ -2,6 +2,7 @@
 constant predictors on the shared subsets (../shared/data/processbench), checked both against plain counting of
 the label distribution and against literals computed once (so a change in data or code is caught)."""
 import json
+import math
 import random
 from pathlib import Path
 
@@ -113,3 +114,107 @@ def test_bad_records_and_inputs(tmp_path):
         processbench_f1([-1, 0], [-1])
     with pytest.raises(ValueError):
         evaluate_subsets({})
+
+
+# -- the official code's edge cases, plurality vote and balanced slices --------------------------------------------
+
+def _numpy_official(labels, preds):
+    """QwenLM/ProcessBench code/run_eval.py's metric, re-implemented here with numpy as it does (percentages)."""
+    import warnings
+
+    import numpy as np
+    match = [p == lab for lab, p in zip(labels, preds)]
+    err = [m for m, lab in zip(match, labels) if lab != -1]
+    ok = [m for m, lab in zip(match, labels) if lab == -1]
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore")
+        acc1 = np.mean(err) * 100
+        acc2 = np.mean(ok) * 100
+        f1 = 2 * acc1 * acc2 / (acc1 + acc2)
+    return float(acc1), float(acc2), float(f1)
+
+
+def _same(x, y):
+    return (math.isnan(x) and math.isnan(y)) or x == y
+
+
+@pytest.mark.parametrize("name,seed", [("gsm8k", 0), ("gsm8k", 1), ("math", 0), ("math", 1)])
+def test_official_f1_reproduced_exactly_on_the_shared_subsets(name, seed):
+    recs = _subset(name)
+    labels = [r["label"] for r in recs]
+    rng = random.Random(seed)
+    preds = [lab if rng.random() < 0.6 else rng.choice([-1, 0, 1, 2, 99, None]) for lab in labels]
+    r = processbench_f1(labels, preds)
+    acc1, acc2, f1 = _numpy_official(labels, preds)
+    assert r.f1_percent == f1  # exactly the official number
+    assert r.acc_err * 100 == pytest.approx(acc1, abs=1e-12) and r.f1 * 100 == pytest.approx(f1, abs=1e-9)
+
+
+def test_nan_where_the_official_code_gives_nan():
+    for labels, preds in [([-1, -1], [-1, 0]),  # no erroneous record: acc_err is NaN
+                          ([0, 1], [0, 1]),  # no error-free record
+                          ([0, -1], [1, 0]),  # both accuracies 0: 0/0
+                          ([0, -1], [None, None])]:
+        r = processbench_f1(labels, preds)
+        assert math.isnan(r.f1) and math.isnan(r.f1_percent)
+        assert all(_same(a, b) for a, b in zip((r.acc_err * 100, r.acc_ok * 100, r.f1_percent),
+                                                _numpy_official(labels, preds)))
+    res = evaluate_subsets({"a": ([-1, 0], [-1, 0]), "b": ([0, -1], [1, 0])})
+    assert res["a"].f1 == 1.0 and math.isnan(res["mean_f1"])
+
+
+def test_out_of_range_none_and_non_integer_predictions():
+    r = processbench_f1([0, 1, -1, -1], [7, None, -1, -5])  # out of range and None simply do not match
+    assert (r.acc_err, r.acc_ok) == (0.0, 0.5) and r.f1 == 0.0
+    for bad in ("2", 2.0, True, [1]):
+        with pytest.raises(TypeError, match="prediction 1"):
+            processbench_f1([0, 2], [0, bad])
+    import numpy as np
+    assert processbench_f1([0, 2], [np.int64(0), np.int32(2)]).f1 == pytest.approx(float("nan"), nan_ok=True)
+
+
+def test_plurality_vote_is_the_official_one():
+    from collections import Counter
+
+    from prmkern.verify import plurality_vote
+
+    def official(answers):  # run_eval.py with --use_voting
+        preds = [e for e in answers if e is not None]
+        if not preds:
+            return None
+        pred = Counter(preds).most_common(1)[0][0]
+        try:
+            return int(pred)
+        except ValueError:
+            return None
+
+    cases = [["0", "0", "0", "2", "2", "2", "-1", "-1"], ["2", "-1", "-1", "2"], [None, None], [None, "3"],
+             ["x", "x", "1"], ["01", "1", "1"], ["-1"], [" 2", "2", "2 "]]
+    rng = random.Random(0)
+    cases += [[rng.choice(["-1", "0", "1", "2", None, "a"]) for _ in range(rng.randint(1, 9))] for _ in range(200)]
+    for answers in cases:
+        assert plurality_vote(answers) == official(answers), answers
+    assert plurality_vote(["0", "0", "0", "2", "2", "2", "-1", "-1"]) == 0  # averaging 0/1 steps would give 2
+    with pytest.raises(TypeError):
+        plurality_vote([2, 2])
+
+
+def test_balanced_limit():
+    from prmkern.verify import balanced_limit
+    recs = _subset("math")
+    assert all(r["label"] != -1 for r in recs[:10])  # a head slice would be all erroneous
+    for n in (1, 2, 7, 10, 64):
+        sub = balanced_limit(recs, n)
+        n_ok = sum(r["label"] == -1 for r in sub)
+        assert len(sub) == n and abs(2 * n_ok - n) <= 1
+        idx = [recs.index(r) for r in sub]
+        assert idx == sorted(idx)  # file order kept
+    few = [{"label": 0}] * 5 + [{"label": -1}]
+    assert sum(r["label"] == -1 for r in balanced_limit(few, 4)) == 1 and len(balanced_limit(few, 4)) == 4
+    assert len(balanced_limit(few, 100)) == 6
+    with pytest.raises(ValueError):
+        balanced_limit(recs, 0)
+    # An oracle on a balanced slice scores 1; on the head slice the official F1 is NaN (no error-free record).
+    sub = balanced_limit(recs, 20)
+    assert processbench_f1([r["label"] for r in sub], [r["label"] for r in sub]).f1 == 1.0
+    assert math.isnan(processbench_f1([r["label"] for r in recs[:20]], [r["label"] for r in recs[:20]]).f1)

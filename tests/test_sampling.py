@@ -56,7 +56,8 @@ def test_sampled_logprobs_are_model_logprobs(llm, qwen2_dir):
     with torch.no_grad():
         ref = torch.log_softmax(hf_model(qwen2_dir)(torch.tensor([prompt + out.token_ids])).logits[0].double(), -1)
     expected = [float(ref[len(prompt) - 1 + i, t]) for i, t in enumerate(out.token_ids)]
-    assert out.logprobs == pytest.approx(expected, abs=1e-4)
+    assert out.sampled_logprobs == pytest.approx(expected, abs=1e-4)
+    assert out.cumulative_logprob == pytest.approx(sum(expected), abs=1e-3)
 
 
 def test_min_tokens_eos_and_stop_token_ids(llm):
@@ -106,8 +107,33 @@ def test_max_tokens_finish_reason(llm):
     (dict(stop_token_ids=[-1]), "non-negative token ids"),
     (dict(logprob_token_ids="yes"), "non-negative token ids"),
     (dict(seed=1.5), "an int or None"),
+    (dict(temperature=float("nan")), "not NaN or inf"),
+    (dict(temperature=float("inf")), "not NaN or inf"),
+    (dict(top_p=float("nan")), r"\(0, 1\]"),
+    (dict(min_p=float("nan")), r"\[0, 1\]"),
+    (dict(min_p=1.5), r"\[0, 1\]"),
+    (dict(presence_penalty=float("inf")), r"\[-2, 2\]"),
+    (dict(frequency_penalty=2.5), r"\[-2, 2\]"),
+    (dict(repetition_penalty=0), "> 0"),
+    (dict(repetition_penalty=float("nan")), "> 0"),
+    (dict(n=True), "not a bool"),
+    (dict(max_tokens=True), "an int >= 1"),
+    (dict(top_k=True), "an int"),
+    (dict(seed=False), "an int or None"),
+    (dict(logprobs=-1), "an int >= 0"),
+    (dict(logprobs=2.0), "an int >= 0"),
+    (dict(prompt_logprobs=-1), "an int >= 0"),
+    (dict(prompt_logprobs_start=0), "an int >= 1"),
+    (dict(stop_token_ids=[True]), "non-negative token ids"),
+    (dict(ignore_eos="yes"), "True or False"),
+    (dict(stop=5), "non-empty string"),
 ])
 def test_invalid_sampling_params_say_what_is_accepted(kwargs, accepted):
     name = next(iter(kwargs)) if len(kwargs) == 1 else "min_tokens"
     with pytest.raises(ValueError, match=f"SamplingParams.{name}=.*accepted: .*{accepted}"):
         SamplingParams(**kwargs)
+
+
+def test_logprobs_bool_maps_to_vllm_counts():
+    assert SamplingParams(logprobs=True).logprobs == 0 and SamplingParams(logprobs=False).logprobs is None
+    assert SamplingParams(logprobs=3).logprobs == 3

@@ -1,12 +1,12 @@
-"""Hostile snippets against prmkern.sandbox: each is contained, and each result names the limit that stopped it.
+"""prmkern.sandbox's contract: statuses and the limit each names, sessions, pools, bad input.
 
-The containment tests that need the private-uid mode (signalling the engine, reading its /proc environ,
-writing where root may write, fork bombs) run only where the sandbox gets isolation="root"; elsewhere they are
-skipped with the reason. Limits are kept small so the file runs in a few seconds.
+The hostile-snippet suite with host-side containment checks is tests/test_sandbox_hostile.py; the degraded
+modes and venv detection are tests/test_sandbox_modes.py; quote_output is tests/test_sandbox_quoting.py.
+Tests that need the private-uid mode run only where the sandbox gets isolation="root" (skipped with the reason
+elsewhere). CPU-limit tests give the wall clock a wide margin: CI machines are shared and loaded.
 """
 import os
 import signal
-import socket
 import time
 import uuid
 
@@ -23,8 +23,9 @@ from prmkern.sandbox import (
 
 FAST = SandboxLimits(wall_time_s=3.0, cpu_time_s=1, memory_bytes=512 << 20, max_processes=8,
                      max_output_bytes=64 << 10, max_file_bytes=1 << 20)
+CPU = SandboxLimits(wall_time_s=30.0, cpu_time_s=1, memory_bytes=512 << 20, max_processes=8,
+                    max_output_bytes=64 << 10, max_file_bytes=1 << 20)
 INFO = probe_isolation()
-needs_root = pytest.mark.skipif(INFO.mode != "root", reason=f"sandbox isolation here is {INFO.mode!r}, not 'root'")
 
 
 def test_plain_code_runs_and_reports_isolation():
@@ -43,28 +44,28 @@ def test_exception_is_error_with_traceback_of_the_code_only():
 
 
 def test_infinite_loop_stopped_by_cpu_limit():
-    r = run_code("while True:\n    pass", FAST)
-    assert r.status == "cpu_limit", r
-    assert r.wall_time_s < FAST.wall_time_s
+    r = run_code("while True:\n    pass", CPU)
+    assert r.status == "cpu_limit" and r.error == "CPU time over 1s", r
+    assert 1.0 <= r.cpu_time_s < 1.5  # the supervisor samples every 20 ms
 
 
 def test_sleeping_code_stopped_by_wall_clock():
     t0 = time.monotonic()
     r = run_code("import time\ntime.sleep(60)", SandboxLimits(wall_time_s=0.5))
-    assert r.status == "timeout" and r.exit_code == -signal.SIGKILL
+    assert r.status == "timeout" and r.exit_code == -signal.SIGKILL and r.error == "wall clock over 0.5s"
     assert time.monotonic() - t0 < 5
 
 
 def test_cpu_limit_holds_when_sigxcpu_is_ignored():
     code = "import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True:\n    pass"
-    r = run_code(code, FAST)
+    r = run_code(code, CPU)
     assert r.status == "cpu_limit", r
 
 
 def test_memory_hog_stopped_by_memory_limit():
     r = run_code("blocks = []\nwhile True:\n    blocks.append(bytearray(64 << 20))", FAST)
     assert r.status == "memory_limit", r
-    assert "MemoryError" in r.stderr
+    assert "MemoryError" in r.stderr and "memory over" in r.error
 
 
 def test_gigabyte_of_output_is_capped_and_killed():
@@ -102,128 +103,6 @@ def test_parent_environment_secrets_are_not_visible(monkeypatch):
         assert r.stdout.count("denied") == 3
 
 
-@needs_root
-def test_writes_outside_the_working_directory_do_not_land(tmp_path):
-    name = "prmkern-escape-" + uuid.uuid4().hex
-    targets = [tmp_path / name, f"/tmp/{name}", f"/var/tmp/{name}", f"/dev/shm/{name}", f"/root/{name}",
-               f"{os.getcwd()}/{name}"]
-    code = (
-        "import os\n"
-        f"for t in {[str(t) for t in targets]!r}:\n"
-        "    try:\n"
-        "        with open(t, 'w') as f:\n"
-        "            f.write('escaped')\n"
-        "        print('wrote', t)\n"
-        "    except OSError as e:\n"
-        "        print('refused', t, e.errno)\n"
-        "open('inside.txt', 'w').write('fine')\n"
-        "print('cwd', os.getcwd(), open('inside.txt').read())\n"
-    )
-    r = run_code(code, FAST)
-    assert r.status == "ok", r
-    assert "fine" in r.stdout  # its own directory is writable
-    for t in targets:
-        assert not os.path.exists(t), f"sandboxed code created {t}"
-    cwd = r.stdout.split("cwd ")[1].split()[0]
-    assert not os.path.exists(cwd), "the working directory is removed afterwards"
-
-
-def test_socket_connection_to_the_host_never_arrives():
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
-    listener.settimeout(0.3)
-    port = listener.getsockname()[1]
-    code = (
-        "import socket\n"
-        "s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n"
-        "s.settimeout(1)\n"
-        f"s.connect(('127.0.0.1', {port}))\n"
-        "s.sendall(b'leak')\n"
-        "print('connected')\n"
-    )
-    try:
-        r = run_code(code, FAST)
-        with pytest.raises(socket.timeout):
-            conn, _ = listener.accept()
-            conn.close()
-    finally:
-        listener.close()
-    assert r.status == "error" and "connected" not in r.stdout
-    expected = "Network is unreachable" if r.network_isolation == "namespace" else "network access is disabled"
-    assert expected in r.stderr, r.stderr
-
-
-@needs_root
-def test_signalling_the_parent_and_the_test_process_does_nothing():
-    me = os.getpid()
-    code = (
-        "import os, signal\n"
-        f"for pid in (os.getppid(), {me}, -{os.getpgid(0)}):\n"
-        "    try:\n"
-        "        os.kill(pid, signal.SIGKILL)\n"
-        "        print('sent', pid)\n"
-        "    except OSError as e:\n"
-        "        print('refused', pid, e.errno)\n"
-        "try:\n"
-        "    os.kill(-1, signal.SIGKILL)\n"  # every process it may signal: only its own namespace's
-        "except ProcessLookupError:\n"
-        "    pass\n"
-        "print('still here', sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n"
-    )
-    r = run_code(code, FAST)
-    assert os.getpid() == me  # we are alive to assert it
-    assert r.status == "ok" and "still here" in r.stdout, r
-    # It lives in its own PID namespace under a private uid: the engine's pid is not there to be named, and
-    # its parent is the namespace's init, running as root.
-    assert "sent" not in r.stdout and r.stdout.count("refused") == 3
-    visible = eval(r.stdout.split("still here ")[1])
-    assert me not in visible or me < 3 and len(visible) <= 3
-
-
-@needs_root
-def test_fork_bomb_stopped_by_process_limit():
-    r = run_code("import os\nwhile True:\n    os.fork()", FAST)
-    assert r.status == "process_limit", r
-    # Nothing of it survives: a second run under the same limits starts normally.
-    assert run_code("print('alive')", FAST).stdout == "alive\n"
-
-
-@needs_root
-def test_fork_bomb_that_swallows_errors_is_killed_at_the_wall_clock():
-    code = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
-    r = run_code(code, SandboxLimits(wall_time_s=1.0, cpu_time_s=1, max_processes=8))
-    assert r.status in ("timeout", "cpu_limit"), r
-
-
-@needs_root
-def test_daemonised_child_is_killed_after_the_run(tmp_path):
-    code = (
-        "import os, time\n"
-        "if os.fork() == 0:\n"
-        "    os.setsid()\n"
-        "    time.sleep(30)\n"
-        "print(os.getuid())\n"
-    )
-    r = run_code(code, FAST)
-    assert r.status == "ok"
-    uid = r.stdout.strip()
-    time.sleep(0.1)
-    left = [p for p in os.listdir("/proc") if p.isdigit() and _uid_of(p) == uid]
-    assert not left, f"processes of the sandbox uid {uid} survived: {left}"
-
-
-def _uid_of(pid: str) -> str | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Uid:"):
-                    return line.split()[1]
-    except OSError:
-        return None
-    return None
-
-
 def test_session_keeps_state_and_reports_loss_after_a_kill():
     with SandboxSession(FAST) as s:
         a = s.run("total = 40\nprint('set')")
@@ -233,8 +112,8 @@ def test_session_keeps_state_and_reports_loss_after_a_kill():
         err = s.run("undefined_name")
         assert err.status == "error" and "NameError" in err.stderr and not err.state_lost
         assert s.run("print(total)").stdout == "42\n"  # an exception keeps the state
-        killed = s.run("while True:\n    pass")
-        assert killed.status == "cpu_limit" and killed.state_lost
+        killed = s.run("import time\ntime.sleep(60)")
+        assert killed.status == "timeout" and killed.state_lost
         after = s.run("print(globals().get('total'))")
         assert (after.status, after.stdout, after.fresh_state) == ("ok", "None\n", True)
         big = s.run("print('z' * 10**6)")
@@ -242,9 +121,37 @@ def test_session_keeps_state_and_reports_loss_after_a_kill():
 
 
 def test_session_snippets_have_their_own_cpu_allowance():
-    with SandboxSession(SandboxLimits(wall_time_s=3.0, cpu_time_s=1)) as s:
-        burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6:\n    pass\nprint('ok')"
-        assert [s.run(burn).status for _ in range(3)] == ["ok", "ok", "ok"]
+    with SandboxSession(SandboxLimits(wall_time_s=30.0, cpu_time_s=1)) as s:
+        burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4:\n    pass\nprint('ok')"
+        rs = [s.run(burn) for _ in range(3)]  # 1.2 s in all (over the limit), 0.4 s each (under it)
+        assert [r.status for r in rs] == ["ok", "ok", "ok"] and not any(r.state_lost for r in rs)
+        assert all(0.35 < r.cpu_time_s < 0.9 for r in rs), [r.cpu_time_s for r in rs]
+
+
+def test_session_cpu_limit_sums_every_process_of_the_snippet():
+    # Three processes burning 0.5 s each: none passes a per-process limit of 1 s, together they do.
+    code = ("import os, time\n"
+            "def burn():\n"
+            "    t = time.process_time()\n"
+            "    while time.process_time() - t < 0.5:\n"
+            "        pass\n"
+            "pids = [os.fork() for _ in range(2)]\n"  # 1 + 1 + 2 processes: 4 of them burn
+            "burn()\n"
+            "for p in pids:\n"
+            "    if p:\n"
+            "        os.waitpid(p, 0)\n"
+            "print('done', os.getpid())\n")
+    with SandboxSession(CPU) as s:
+        r = s.run(code)
+    assert r.status == "cpu_limit" and r.state_lost, r
+
+
+def test_results_name_what_happened():
+    r = run_code("import sys\nsys.exit(3)", FAST)
+    assert (r.status, r.exit_code, r.error) == ("error", 3, "the code exited with status 3")
+    r = run_code("import os\nos.abort()", FAST)
+    assert r.status == "killed" and r.error == "the code's process died of SIGABRT"
+    assert run_code("print(1)", FAST).error is None
 
 
 def test_run_many_is_concurrent_and_ordered():
@@ -262,12 +169,6 @@ def test_session_pool_keeps_one_namespace_per_chain():
         assert [r.stdout for r in rs] == ["0\n", "10\n", "20\n"]
 
 
-def test_best_effort_mode_blocks_sockets_with_the_audit_hook():
-    r = run_code("import socket\nsocket.socket()", FAST, isolation="none")
-    assert r.isolation == "none" and r.network_isolation == "best-effort"
-    assert r.status == "error" and "network access is disabled" in r.stderr
-
-
 def test_bad_input_is_rejected():
     with pytest.raises(TypeError):
         run_code(b"print(1)")  # type: ignore[arg-type]
@@ -277,3 +178,40 @@ def test_bad_input_is_rejected():
         run_code("print(1)", isolation="docker")
     with pytest.raises(TypeError):
         run_many("print(1)")
+
+
+def test_the_engine_keeps_no_descriptor_or_process_of_finished_sandboxes():
+    def fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    def children():
+        return [p for p in os.listdir("/proc") if p.isdigit() and _ppid(p) == os.getpid()]
+
+    run_code("print(1)", FAST)  # warm: probes and caches
+    before = fds()
+    with SessionPool(FAST, max_workers=3) as pool:
+        pool.run_many([(k, "import os\nif os.fork() == 0:\n    import time; time.sleep(9)\nprint(k := 1)")
+                       for k in range(3)])
+        pool.run_many([(0, "import time\ntime.sleep(9)"), (1, "print('z' * 10**6)"), (2, "raise SystemExit(4)")])
+    run_many(["print(2)", "import time\ntime.sleep(9)"], SandboxLimits(wall_time_s=0.5))
+    assert fds() == before
+    assert children() == []
+
+
+def _ppid(pid: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def test_whatever_the_code_string_holds_comes_back_as_a_result():
+    cases = {"print(1)\x00": "SyntaxError", "x = '\ud800'\nprint(x)": "UnicodeEncodeError", "": None,
+             "# pad\n" * 100_000 + "print('end')": None}
+    for code, err in cases.items():
+        r = run_code(code, FAST)
+        if err is None:
+            assert r.status == "ok" and r.stdout in ("", "end\n"), r
+        else:
+            assert r.status == "error" and err in r.error, r

@@ -33,14 +33,14 @@ def test_shipped_verifier_verdicts_mostly_right():
     from data import read_records, render_prompt
     from prmkern.llm import LLM
     from prmkern.sampling import SamplingParams
-    from prmkern.verify import THINKPRM, parse_output, score_chain
+    from prmkern.verify import PRMKERN, parse_output, score_chain
 
     torch.set_num_threads(1)
     records = read_records(os.path.join(VERIFIER, "examples.jsonl"))[:24]
     llm = LLM(VERIFIER, dtype="float32", device="cpu")
     prompts = [render_prompt(llm.tokenizer, r["problem"], r["steps"]) for r in records]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=320))
-    chains = [[score_chain(THINKPRM, parse_output(THINKPRM, o.outputs[0].text, len(r["steps"])), None,
+    chains = [[score_chain(PRMKERN, parse_output(PRMKERN, o.outputs[0].text, len(r["steps"])), None,
                            use_verdict_text=True)] for r, o in zip(records, outs)]
     # well-formed: every chain judges its first step and ends with the closing Yes/No question
     assert all(ch[0].parsed.final is not None and ch[0].steps[0].status in ("correct", "incorrect")

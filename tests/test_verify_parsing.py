@@ -100,8 +100,8 @@ def test_genprm_missing_truncated_and_case():
 
 def test_genprm_code_regex_extracts_the_code():
     import re
-    m = re.search(GENPRM.code_regex, genprm_turn("Yes"), re.DOTALL)
-    assert m.group("code") == "print(4 * 3)"
+    m = re.findall(GENPRM.code_regex, genprm_turn("Yes"), re.DOTALL)  # GenPRM's CodeExecutor: the last block
+    assert m[-1].strip() == "print(4 * 3)"
     assert GENPRM.code_output_template.format(output="12") == "[Code Output]\n\n```\n12\n```\n"
 
 
@@ -123,9 +123,12 @@ def test_critic_outputs():
 class ChatTok:
     chat_template = "x"
 
+    eos_token = "</s>"
+
     def apply_chat_template(self, messages, add_generation_prompt, tokenize):
-        assert add_generation_prompt and not tokenize
-        return "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages) + "<assistant>"
+        assert not tokenize
+        return "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages) + (
+            "<assistant>" if add_generation_prompt else "</s>\n")
 
 
 def test_rendering_through_a_chat_template_and_plain():
@@ -143,8 +146,9 @@ def test_genprm_conversation_has_one_turn_per_paragraph():
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
     assert msgs[1]["content"] == "What is (2+2)*3?\nAdd: 2 + 2 = 4."
     assert msgs[-1]["content"] == "So the answer is 13."
+    # As GenPRM's build_prompt: no generation prompt, a trailing EOS + "\n" cut, then the forced opener.
     assert GENPRM.render("P", STEPS, ChatTok(), paragraph=2, history=["A1", "A2"]).endswith(
-        "<assistant><analyze>\nLet's analyze the Paragraph 3 step by step: ")
+        "<user>So the answer is 13.</user><analyze>\nLet's analyze the Paragraph 3 step by step: ")
     with pytest.raises(ValueError):
         GENPRM.messages("P", STEPS, paragraph=2, history=["only one"])
     with pytest.raises(ValueError):

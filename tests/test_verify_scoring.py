@@ -155,7 +155,10 @@ def test_solution_score_methods_and_earliest_error():
     assert solution_score(xs, "mean") == pytest.approx((0.9 + 0.5 + 0.8) / 3)
     assert solution_score(xs, "product") == pytest.approx(0.9 * 0.5 * 0.8)
     assert solution_score([None], "min") is None
-    assert earliest_error(xs) == -1 and earliest_error(xs, 0.6) == 2 and earliest_error([0.2]) == 0
+    # One rule for unscored steps: an unscored step before any error makes the answer unknown (not "no error").
+    assert earliest_error(xs) is None and earliest_error(xs, 0.6) is None and earliest_error([0.2]) == 0
+    assert earliest_error([0.9, 0.2, None]) == 1  # a judged error before the unscored step stands
+    assert earliest_error([0.9, 0.7, 0.8]) == -1 and earliest_error([None, 0.1]) is None
     with pytest.raises(ValueError):
         solution_score(xs, "median")
     with pytest.raises(ValueError):

@@ -2,7 +2,7 @@
 
 A training record is a dict with `problem`, `steps` (list of str) and `chain` (the text the verifier writes after
 the format's assistant prefix): the gold chains of train/synthetic.py and the filtered chains of
-train/synthesize_chains.py both have that shape. The prompt is prmkern.verify.formats.THINKPRM rendered through the
+train/synthesize_chains.py both have that shape. The prompt is prmkern.verify.formats.PRMKERN rendered through the
 tokenizer's chat template (ending in "Let's verify step by step:"); the target is the chain followed by the
 end-of-turn token. Labels are -100 on the prompt and on padding.
 
@@ -32,13 +32,13 @@ if _ROOT not in sys.path:  # run from a checkout without installing prmkern
 
 def render_prompt(tokenizer, problem: str, steps: list[str]) -> str:
     """The verifier's prompt text: ThinkPRM's user turn through the chat template, plus the assistant prefix."""
-    from prmkern.verify.formats import THINKPRM
-    return THINKPRM.render(problem, steps, tokenizer)
+    from prmkern.verify.formats import PRMKERN
+    return PRMKERN.render(problem, steps, tokenizer)
 
 
 def corpus_texts(examples: Iterable) -> Iterator[str]:
     """Texts for tokenizer training: the rendered prompt (chat markup included) followed by the chain."""
-    from prmkern.verify.formats import THINKPRM, render_messages
+    from prmkern.verify.formats import PRMKERN, render_messages
     from tokenizer import CHAT_TEMPLATE
 
     class _Template:  # renders the chat template before a tokenizer exists
@@ -52,8 +52,8 @@ def corpus_texts(examples: Iterable) -> Iterator[str]:
 
     for ex in examples:
         rec = ex.record() if hasattr(ex, "record") else ex
-        msgs = THINKPRM.messages(rec["problem"], rec["steps"])
-        yield render_messages(msgs, _Template) + THINKPRM.prefix() + rec["chain"] + "<|im_end|>"
+        msgs = PRMKERN.messages(rec["problem"], rec["steps"])
+        yield render_messages(msgs, _Template) + PRMKERN.prefix() + rec["chain"] + "<|im_end|>"
 
 
 def encode(tokenizer, record: dict, max_len: int | None = None) -> dict | None:

@@ -5,7 +5,7 @@ discriminative baseline, side by side.
         --exclude /tmp/verifier/train.jsonl
 
 Generative: K chains per solution through prmkern's LLM (the prompt's KV shared by the chains), each parsed with
-prmkern.verify (THINKPRM format); a verdict's P(correct) is read from the engine's log-probabilities of the two
+prmkern.verify (PRMKERN format); a verdict's P(correct) is read from the engine's log-probabilities of the two
 verdict tokens at the verdict position; step scores are the mean over chains; the predicted earliest error is the
 first step under 0.5, and null (counted wrong) when a step before any such error got no score from any chain
 (the rule of `prmkern verify`: a solution whose steps were not all judged is not "no error"). K=1 is the mean of
@@ -49,13 +49,13 @@ def generative_chains(model_dir: str, records: list[dict], k: int, temperature: 
     """Per record, K ChainScores; plus the engine's counters (prompt tokens, prefix-cache hits, generated)."""
     from prmkern.llm import LLM
     from prmkern.sampling import SamplingParams
-    from prmkern.verify import THINKPRM, Generated, parse_output, score_chain
+    from prmkern.verify import PRMKERN, Generated, parse_output, score_chain
 
     if threads:
         torch.set_num_threads(threads)
     llm = LLM(model_dir, dtype="float32", device=device, seed=seed)
     tok = llm.tokenizer
-    ids = THINKPRM.verdict_token_ids(tok)
+    ids = PRMKERN.verdict_token_ids(tok)
     prompts = [render_prompt(tok, r["problem"], r["steps"]) for r in records]
     params = SamplingParams(n=k, temperature=temperature, max_tokens=max_tokens, seed=seed,
                             logprob_token_ids=list(ids))
@@ -66,8 +66,8 @@ def generative_chains(model_dir: str, records: list[dict], k: int, temperature: 
             raise RuntimeError(f"record {r['id']}: {out.error}")
         per = []
         for c in out.outputs:
-            parsed = parse_output(THINKPRM, c.text, len(r["steps"]), finished=c.finish_reason != "length")
-            per.append(score_chain(THINKPRM, parsed, Generated(c.token_ids, c.token_logprobs), verdict_ids=ids,
+            parsed = parse_output(PRMKERN, c.text, len(r["steps"]), finished=c.finish_reason != "length")
+            per.append(score_chain(PRMKERN, parsed, Generated(c.token_ids, c.token_logprobs), verdict_ids=ids,
                                    tokenizer=tok))
         chains.append(per)
     return chains, {k: v for k, v in vars(llm.stats).items() if isinstance(v, (int, float))}
@@ -119,8 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.k < 1:
         raise ValueError(f"--k {args.k}; accepted: an int >= 1")
 
-    from prmkern.cli_verify import predict_earliest_error as earliest_error  # the CLI's rule for unscored steps
-    from prmkern.verify.scoring import aggregate
+    from prmkern.verify.scoring import aggregate, earliest_error  # the CLI's rule for unscored steps
 
     def predict(chains_of_one: list, n_steps: int) -> int | None:
         return earliest_error([s.score for s in aggregate(chains_of_one, n_steps).steps], 0.5)

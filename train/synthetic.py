@@ -8,7 +8,7 @@ With probability `p_error` one step gets a planted arithmetic error (off by a li
 the wrong operation); later steps carry the wrong value forward consistently, as a real solver would. The label is
 the 0-based index of the first wrong step, or -1 (ProcessBench's convention).
 
-Each example also carries the verifier's gold output: a chain in ThinkPRM's shape (prmkern.verify.formats.THINKPRM,
+Each example also carries the verifier's gold output: a chain in ThinkPRM's shape (prmkern.verify.formats.PRMKERN,
 the text after its "Let's verify step by step:" prefix) that recomputes each step's claim, restates what the
 solution wrote and compares the two before its verdict ("Step 2: 3 times 9 is 27. The solution says 28. Compare 28
 with 27: mismatch. The step is \\boxed{incorrect}"), stops at the first wrong step, and closes with "Is the
@@ -276,7 +276,7 @@ def spoken(expr: str) -> str:
 
 
 def gold_chain(checks: list[list[Check]]) -> str:
-    """The verifier's gold output, as it continues after THINKPRM's prefix ("...Let's verify step by step:").
+    """The verifier's gold output, as it continues after PRMKERN's prefix ("...Let's verify step by step:").
     Starts with a newline; one line per judged step, stops at the first wrong step, then the final Yes/No.
 
     Each step is judged in three moves, each one local, so that a small model can learn them:

@@ -142,6 +142,7 @@ def _load_tensor(model: DecoderForCausalLM, spec: DecoderSpec, params: dict[str,
         else:
             size = spec.intermediate_size
             offset = shard * size
+        _check_shape(name, tensor, target.data[offset:offset + size].shape, spec)
         target.data[offset:offset + size].copy_(tensor)
         loaded.add(f"{target_name}#{shard}")  # each shard is checked for separately in load_model
         return
@@ -149,5 +150,26 @@ def _load_tensor(model: DecoderForCausalLM, spec: DecoderSpec, params: dict[str,
         if name == "lm_head.weight" and spec.tie_word_embeddings:
             return
         raise ValueError(f"unexpected weight {name!r} in checkpoint for architecture {spec.architecture}")
+    _check_shape(name, tensor, params[name].shape, spec)
     params[name].data.copy_(tensor)
     loaded.add(name)
+
+
+def _config_keys(name: str) -> str:
+    """The config.json keys that set the shape of weight `name`."""
+    if "embed_tokens" in name or "lm_head" in name:
+        return "vocab_size, hidden_size"
+    if any(p in name for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return "hidden_size, num_attention_heads, num_key_value_heads, head_dim"
+    if any(p in name for p in ("gate_proj", "up_proj", "down_proj")):
+        return "hidden_size, intermediate_size"
+    if "norm" in name:
+        return "hidden_size (head_dim for q_norm / k_norm)"
+    return "hidden_size"
+
+
+def _check_shape(name: str, tensor: torch.Tensor, expected: torch.Size, spec: DecoderSpec) -> None:
+    if tuple(tensor.shape) != tuple(expected):
+        raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)} in the checkpoint, but config.json "
+                         f"implies {tuple(expected)} (from {_config_keys(name)}: vocab_size={spec.vocab_size}, "
+                         f"hidden_size={spec.hidden_size}); the weights and config.json disagree")

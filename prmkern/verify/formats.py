@@ -1,22 +1,24 @@
 """Verifier prompt formats as data: how a (problem, steps) pair becomes a prompt, and what a verdict looks like.
 
-Three built-in formats, following the published models (the wording here is our own, the structure is theirs):
+Built-in formats:
 
-* ``thinkprm``: one user turn with the problem and the solution as "Step k: ..." lines (k from 1); the verifier
-  writes a chain that judges each step "Step k: ... The step is \\boxed{correct}" (or ``\\boxed{incorrect}``)
-  and ends "Is the solution correct? Yes" (or "No"). The assistant turn is primed with "Let's verify step by
-  step:".
-* ``genprm``: a system turn, then one user turn per paragraph (the first carries the problem) and one assistant
-  turn per paragraph: ``<analyze>`` reasoning ``</analyze>``, ``<verify>`` with a ```python``` block whose
-  printed output is appended as "[Code Output]" in a fenced block ``</verify>``, and ``<output>`` with
-  ``**Judgement**: $\\boxed{Yes}$`` or ``$\\boxed{No}$`` ``</output>``. Generation stops after a code block so
-  the code can run (see prmkern.sandbox) and resumes with its output.
-* ``critic``: ProcessBench's critic prompt: paragraphs tagged and indexed from 0; the answer is the index of the
-  earliest wrong paragraph in ``\\boxed{}``, -1 if none.
+* ``thinkprm``: ThinkPRM's released prompt, byte for byte (released_prompts.py): one user turn, the solution as
+  "Step k: ..." lines, the chat template's generation prompt, then "\nLet's verify step by step:". The chain judges
+  steps with ``\boxed{correct}`` / ``\boxed{incorrect}``; generation stops at "Is the solution correct?",
+  ``</think>``, EOS or "Step {n+1}:", then "\nIs the solution correct? " is appended and P(yes) is read.
+* ``genprm``: GenPRM's released conversation: its system prompt, one user turn per paragraph (the first is
+  problem + "\n" + paragraph 1), the earlier assistant turns in full (forced openers included), rendered without
+  the generation prompt and with a trailing EOS stripped, then "<analyze>\nLet's analyze the Paragraph k step by
+  step: ". Verdict ``$\boxed{Yes}$`` / ``$\boxed{No}$``.
+* ``critic``: ProcessBench's critique template (paragraphs tagged and indexed from 0); the answer is the index of
+  the earliest wrong paragraph in ``\boxed{}``, -1 if none.
+* ``prmkern``: the reworded ThinkPRM-shaped format the shipped verifier (prmkern/data/verifier) was trained on. It
+  is kept for that checkpoint only; a real ThinkPRM checkpoint wants ``thinkprm``.
 
 ``FORMATS`` is the registry; ``register_format`` adds one; ``load_formats(path)`` reads user formats from a JSON
-file (an object or a list of objects with VerifierFormat's field names). Rendering goes through a Hugging Face
-tokenizer's chat template when it has one, else a plain "role: content" layout.
+file (an object or a list of objects with VerifierFormat's field names). ``format_defaults(name)`` gives the
+sampling settings each format's authors ran (K, temperature, top_p, top_k, max tokens, scoring method).
+Rendering goes through a Hugging Face tokenizer's chat template when it has one, else a plain "role: content" layout.
 
 It does not: generate, parse outputs (see parsing.py) or score (scoring.py).
 """
@@ -25,12 +27,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from . import released_prompts as R
+
 __all__ = ["VerifierFormat", "FORMATS", "register_format", "get_format", "load_formats", "THINKPRM", "GENPRM",
-           "CRITIC", "render_messages"]
+           "CRITIC", "PRMKERN", "render_messages", "format_defaults", "VARIANTS"]
 
 KINDS = ("per_step", "per_paragraph", "earliest_error")
 
@@ -67,6 +71,26 @@ class VerifierFormat:
     code_regex: str | None = None  # extracts the code from a turn, group "code"
     code_output_template: str = "{output}"  # how the executed code's output is appended, with {output}
     case_sensitive: bool = False
+    # Rendering, so released prompts come out byte for byte.
+    substitution: str = "format"  # "format": str.format; "replace": str.replace of {problem}, {solution},
+    #                               {_instruction} in that order (ThinkPRM's helper)
+    instruction: str = ""  # {_instruction}
+    step_clean_regex: str | None = None  # removed from each step before it is numbered (ThinkPRM: "Step \d+:")
+    strip_steps: bool = True
+    strip_problem: bool = True
+    strip_solution: bool = False  # strip the joined solution (ProcessBench's tagged response)
+    add_generation_prompt: bool = True  # GenPRM renders without it ...
+    strip_eos: bool = False  # ... and cuts a trailing EOS (+"\n") off the rendered conversation
+    # per_step: the forced final verdict (ThinkPRM): appended after the chain; P(correct label) is then read.
+    final_prefix: str | None = None
+    final_labels: tuple[str, str] = ("yes", "no")
+    step_stop_template: str | None = None  # a stop "Step {n}:" with n = number of steps + 1
+    continuations: tuple[str, ...] = ()  # budget forcing: text appended per forcing round (cycled)
+    # per_paragraph (GenPRM) stages: openers forced after the analysis and at the degraded verdict
+    verify_prefix: str = ""
+    output_prefix: str = ""
+    analyze_stop: tuple[str, ...] = ()
+    decision_regex: str | None = None  # GenPRM's score: first match decides which verdict token is read
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -86,15 +110,34 @@ class VerifierFormat:
             raise ValueError(f"verdict_regex needs a named group 'verdict', got {self.verdict_regex!r}")
         if self.kind == "earliest_error" and not self.index_regex:
             raise ValueError("an earliest_error format needs index_regex with a named group 'index'")
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "code_stop", tuple(self.code_stop))
+        if self.substitution not in ("format", "replace"):
+            raise ValueError(f"VerifierFormat.substitution must be 'format' or 'replace', got {self.substitution!r}")
+        for name in ("stop", "code_stop", "final_labels", "continuations", "analyze_stop"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if len(self.final_labels) != 2 or self.final_labels[0] == self.final_labels[1]:
+            raise ValueError(f"final_labels must be two different words, got {self.final_labels!r}")
 
     # -- prompts ---------------------------------------------------------------------------------------
 
+    def _step_text(self, s: str) -> str:
+        if self.step_clean_regex:
+            s = re.sub(self.step_clean_regex, "", s)
+        return s.strip() if self.strip_steps else s
+
     def render_solution(self, steps: Sequence[str]) -> str:
         _check_steps(steps)
-        return self.step_separator.join(
-            self.step_template.format(k=i + self.step_base, text=s.strip()) for i, s in enumerate(steps))
+        out = self.step_separator.join(
+            self.step_template.format(k=i + self.step_base, text=self._step_text(s)) for i, s in enumerate(steps))
+        return out.strip() if self.strip_solution else out
+
+    def _fill(self, template: str, **values: Any) -> str:
+        if self.substitution == "replace":
+            for key in ("problem", "solution", "_instruction", "text", "k"):
+                if key in values:
+                    template = template.replace("{" + key + "}", str(values[key]))
+            return template
+        values.pop("_instruction", None)
+        return template.format(**values, tagged_response=values.get("solution", ""))
 
     def messages(self, problem: str, steps: Sequence[str], *, paragraph: int | None = None,
                  history: Sequence[str] = ()) -> list[dict[str, str]]:
@@ -108,9 +151,10 @@ class VerifierFormat:
         msgs: list[dict[str, str]] = []
         if self.system_prompt:
             msgs.append({"role": "system", "content": self.system_prompt})
+        prob = problem.strip() if self.strip_problem else problem
         if self.kind != "per_paragraph":
-            msgs.append({"role": "user", "content": self.user_template.format(
-                problem=problem.strip(), solution=self.render_solution(steps))})
+            msgs.append({"role": "user", "content": self._fill(
+                self.user_template, problem=prob, solution=self.render_solution(steps), _instruction=self.instruction)})
             return msgs
         if paragraph is None:
             paragraph = len(history)
@@ -119,10 +163,9 @@ class VerifierFormat:
         if len(history) != paragraph:
             raise ValueError(f"history must hold the {paragraph} earlier assistant turns, got {len(history)}")
         for i in range(paragraph + 1):
-            text = steps[i].strip()
-            content = (self.first_turn_template.format(problem=problem.strip(), text=text, k=i + self.step_base)
-                       if i == 0 else self.user_template.format(problem=problem.strip(), text=text,
-                                                                  k=i + self.step_base))
+            text = self._step_text(steps[i])
+            content = self._fill(self.first_turn_template if i == 0 else self.user_template,
+                                 problem=prob, text=text, k=i + self.step_base)
             msgs.append({"role": "user", "content": content})
             if i < paragraph:
                 msgs.append({"role": "assistant", "content": history[i]})
@@ -137,7 +180,13 @@ class VerifierFormat:
                history: Sequence[str] = ()) -> str:
         """The prompt string: chat template (with the generation prompt) + this format's assistant prefix."""
         msgs = self.messages(problem, steps, paragraph=paragraph, history=history)
-        return render_messages(msgs, tokenizer) + self.prefix(paragraph)
+        return render_messages(msgs, tokenizer, add_generation_prompt=self.add_generation_prompt,
+                               strip_eos=self.strip_eos) + self.prefix(paragraph)
+
+    def stops(self, num_steps: int) -> tuple[str, ...]:
+        """Stop strings of a chain over a solution of num_steps steps (the format's, plus "Step {n+1}:")."""
+        extra = (self.step_stop_template.format(n=num_steps + self.step_base),) if self.step_stop_template else ()
+        return tuple(self.stop) + extra
 
     # -- verdict tokens --------------------------------------------------------------------------------
 
@@ -173,19 +222,30 @@ def _check_steps(steps: Sequence[str]) -> None:
             raise TypeError(f"each step must be a str, got {type(s).__name__}")
 
 
-def render_messages(messages: list[dict[str, str]], tokenizer: Any = None) -> str:
-    """Through the tokenizer's chat template when it has one (generation prompt added), else plain text."""
+def render_messages(messages: list[dict[str, str]], tokenizer: Any = None, *, add_generation_prompt: bool = True,
+                    strip_eos: bool = False) -> str:
+    """Through the tokenizer's chat template when it has one, else plain text.
+
+    strip_eos: cut a trailing EOS token (followed by "\n" or not) off the rendering, as GenPRM's build_prompt does."""
     template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
     if template:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        eos = getattr(tokenizer, "eos_token", None)
+        if strip_eos and eos:
+            if out.endswith(eos + "\n"):
+                out = out[:-len(eos + "\n")]
+            elif out.endswith(eos):
+                out = out[:-len(eos)]
+        return out
     parts = [f"{m['role']}: {m['content']}" for m in messages]
-    return "\n\n".join(parts) + "\n\nassistant: "
+    return "\n\n".join(parts) + ("\n\nassistant: " if add_generation_prompt else "")
 
 
 # -- built-in formats ---------------------------------------------------------------------------------
 
-THINKPRM = VerifierFormat(
-    name="thinkprm",
+# The reworded format the shipped verifier (prmkern/data/verifier) was trained on; not ThinkPRM's prompt.
+PRMKERN = VerifierFormat(
+    name="prmkern",
     kind="per_step",
     user_template=(
         "Here is a math problem and a proposed solution, one step per line:\n\n"
@@ -203,49 +263,107 @@ THINKPRM = VerifierFormat(
     step_header_regex=r"Step\s*(?P<step>\d+)\s*:",
     final_regex=r"Is the solution correct\?\s*(?P<verdict>Yes|No)",
     stop=(),
+    continuations=("\nWait, let me check that again.\n",),
+)
+
+THINKPRM = VerifierFormat(
+    name="thinkprm",
+    kind="per_step",
+    user_template=R.THINKPRM_INSTRUCTION_TEMPLATE,
+    substitution="replace",
+    instruction=R.THINKPRM_INSTRUCTION,
+    step_template=R.THINKPRM_STEP_PREFIX.replace("{i}", "{k}") + "{text}",
+    step_clean_regex=R.THINKPRM_STEP_CLEAN_REGEX,
+    step_separator="\n",
+    step_base=1,
+    strip_problem=False,
+    generation_prefix=R.THINKPRM_GENERATION_PREFIX,
+    correct_text="correct",
+    incorrect_text="incorrect",
+    verdict_regex=r"\\boxed\{(?P<verdict>[^{}]*)(?P<close>\})?",
+    step_header_regex=r"Step\s*(?P<step>\d+)\s*:",
+    final_regex=r"Is the solution correct\?\s*(?P<verdict>[Yy]es|[Nn]o)",
+    stop=R.THINKPRM_STOPS,
+    step_stop_template="Step {n}:",
+    final_prefix=R.THINKPRM_PREDECISION,
+    final_labels=R.THINKPRM_LABELS,
+    continuations=R.THINKPRM_TRIGGER_PHRASES,
 )
 
 GENPRM = VerifierFormat(
     name="genprm",
     kind="per_paragraph",
-    system_prompt="You are a math teacher. Review the solution paragraph by paragraph and judge each one.",
-    first_turn_template="{problem}\n{text}",
+    system_prompt=R.GENPRM_SYSTEM,
+    first_turn_template="{problem}" + R.GENPRM_FIRST_TURN_JOIN + "{text}",
     user_template="{text}",
     step_base=1,
-    generation_prefix="<analyze>\nLet's analyze the Paragraph {k} step by step: ",
+    strip_steps=False,
+    strip_problem=False,
+    add_generation_prompt=False,
+    strip_eos=True,
+    generation_prefix=R.GENPRM_ANALYZE_TEMPLATE.replace("{cur_step}", "{k}"),
+    verify_prefix=R.GENPRM_VERIFY_TEMPLATE,
+    output_prefix=R.GENPRM_OUTPUT_TEMPLATE,
+    analyze_stop=(R.GENPRM_ANALYZE_STOP,),
     verdict_prefix="$\\boxed{",
-    correct_text="Yes",
-    incorrect_text="No",
-    verdict_regex=r"\*\*Judgement\*\*:\s*\$?\\boxed\{(?P<verdict>[^{}]*)(?P<close>\})?",
+    correct_text=R.GENPRM_YES,
+    incorrect_text=R.GENPRM_NO,
+    verdict_regex=r"\\boxed\{(?P<verdict>[^{}]*)(?P<close>\})?",
+    decision_regex=R.GENPRM_DECISION_REGEX,
     step_header_regex=None,
-    stop=("</output>\n",),
-    code_stop=("\n```\n",),
-    code_regex=r"```python\s*\n(?P<code>.*?)\n```",
-    code_output_template="[Code Output]\n\n```\n{output}\n```\n",
+    stop=(R.GENPRM_OUTPUT_STOP,),
+    code_stop=R.GENPRM_CODE_STOPS,
+    code_regex=R.GENPRM_CODE_REGEX,
+    code_output_template=R.GENPRM_CODE_OUTPUT_TEMPLATE.replace("{code_output}", "{output}"),
     case_sensitive=True,
 )
 
 CRITIC = VerifierFormat(
     name="critic",
     kind="earliest_error",
-    user_template=(
-        "Below are a math problem and a solution split into paragraphs, each in tags and numbered from 0.\n\n"
-        "[Math Problem]\n\n{problem}\n\n[Solution]\n\n{solution}\n\n"
-        "Critique the solution paragraph by paragraph. When you find an error, give the index of the paragraph "
-        "with the earliest error; if there is no error, give -1.\n\n"
-        "Put your final answer (the index) in \\boxed{{}}."
-    ),
-    step_template="<paragraph_{k}>\n{text}\n</paragraph_{k}>",
+    user_template=R.PROCESSBENCH_CRITIQUE_TEMPLATE,
+    step_template=R.PROCESSBENCH_PARAGRAPH_TEMPLATE.replace("{sdx}", "{k}").replace("{step}", "{text}")[:-2],
     step_separator="\n\n",
     step_base=0,
-    verdict_regex=r"\\boxed\{(?P<verdict>[^{}]*)(?P<close>\})?",
+    strip_steps=False,
+    strip_problem=False,
+    strip_solution=True,
+    verdict_regex=r"\\boxed\{(?P<verdict>[^}]*)(?P<close>\})?",
     step_header_regex=None,
-    index_regex=r"\\boxed\{\s*(?P<index>-?\d+)\s*\}",
+    index_regex=R.PROCESSBENCH_ANSWER_REGEX,
     correct_text="-1",
     incorrect_text="0",
 )
 
-FORMATS: dict[str, VerifierFormat] = {f.name: f for f in (THINKPRM, GENPRM, CRITIC)}
+# What each format's authors ran (K chains, sampling, per-chain token budget, solution score). ThinkPRM: n=1 at
+# T=0 for best-of-N (thinkprm.yaml), n=4 at T=0.4 for parallel scaling, max_length 8192 (generation gets 8192-20).
+# GenPRM: T=0.6, top_p=0.95, top_k=20, 2048 tokens per paragraph turn, 3 generation rounds, Maj@N = N judgements
+# per paragraph. ProcessBench: greedy, 8192 tokens; with voting n=8 at T=1, top_p=0.9.
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "thinkprm": dict(num_chains=1, temperature=0.0, top_p=1.0, top_k=-1, max_tokens=8192 - 20, method="final"),
+    "genprm": dict(num_chains=1, temperature=0.6, top_p=0.95, top_k=20, max_tokens=2048, method="min",
+                   max_code_rounds=3),
+    "critic": dict(num_chains=1, temperature=0.0, top_p=1.0, top_k=-1, max_tokens=8192, method="vote"),
+    "prmkern": dict(num_chains=8, temperature=0.6, top_p=0.95, top_k=-1, max_tokens=1024, method="min"),
+}
+# The voting variants the papers also ran (pass these as overrides).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "thinkprm-parallel": dict(num_chains=4, temperature=0.4),
+    "critic-voting": dict(num_chains=8, temperature=1.0, top_p=0.9),
+}
+
+
+def format_defaults(name: str | VerifierFormat) -> dict[str, Any]:
+    """The sampling and scoring settings the format's authors ran, as VerifyConfig keyword arguments.
+
+    A user format without entry inherits nothing format-specific (empty dict: VerifyConfig's own defaults)."""
+    fmt_name = name.name if isinstance(name, VerifierFormat) else name
+    if not isinstance(fmt_name, str):
+        raise TypeError(f"format name must be a str or VerifierFormat, got {type(name).__name__}")
+    return dict(_DEFAULTS.get(fmt_name, {}))
+
+
+FORMATS: dict[str, VerifierFormat] = {f.name: f for f in (THINKPRM, GENPRM, CRITIC, PRMKERN)}
 
 
 def register_format(fmt: VerifierFormat, *, replace: bool = False) -> VerifierFormat:
@@ -283,11 +401,13 @@ def load_formats(path: str | Path, *, register: bool = True, replace: bool = Fal
             raise ValueError(f"{path}: unknown format fields {sorted(unknown)}; accepted: {sorted(known)}")
         merged = get_format(base).to_dict() if base else {}
         merged.update(item)
-        for key in ("stop", "code_stop"):
+        for key in ("stop", "code_stop", "final_labels", "continuations", "analyze_stop"):
             if key in merged:
                 merged[key] = tuple(merged[key])
         fmt = VerifierFormat(**merged)
         if register:
             register_format(fmt, replace=replace)
+            if base and fmt.name not in _DEFAULTS:  # a variant of a built-in runs with its base's defaults
+                _DEFAULTS[fmt.name] = format_defaults(base)
         out.append(fmt)
     return out

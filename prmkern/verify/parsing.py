@@ -37,6 +37,7 @@ class ParsedOutput:
     steps: list[StepVerdict]
     final: str | None = None  # per_step: "correct" | "incorrect" from the closing question, if present
     earliest_error: int | None = None  # earliest_error formats: the index given (-1: no error); None if none
+    answer: str | None = None  # earliest_error formats: the last boxed answer as written (stripped), for the vote
     counts: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -162,6 +163,7 @@ def _parse_per_paragraph(fmt: VerifierFormat, turns: object, n: int, finished: o
 
 
 def _parse_earliest_error(fmt: VerifierFormat, text: str, n: int, finished: bool) -> ParsedOutput:
+    """ProcessBench's rule: the last match of the answer regex, stripped, then int(); anything else is no answer."""
     matches = list(re.finditer(fmt.index_regex, text))
     if not matches:
         v = _last_verdict(fmt, text, 0, len(text), at_end=not finished)
@@ -169,17 +171,22 @@ def _parse_earliest_error(fmt: VerifierFormat, text: str, n: int, finished: bool
             else "malformed" if v is not None else "missing"
         return ParsedOutput(fmt.name, [StepVerdict(i, status) for i in range(n)])
     m = matches[-1]
-    idx = int(m.group("index"))
-    offset = m.start("index")
+    group = "index" if "index" in m.re.groupindex else 1
+    answer = m.group(group).strip()
+    offset = m.start(group)
+    try:
+        idx = int(answer)
+    except ValueError:
+        return ParsedOutput(fmt.name, [StepVerdict(i, "malformed", answer, offset) for i in range(n)], answer=answer)
     if idx < -1 or idx >= n:
-        return ParsedOutput(fmt.name, [StepVerdict(i, "malformed", m.group("index"), offset) for i in range(n)],
-                        earliest_error=None)
+        return ParsedOutput(fmt.name, [StepVerdict(i, "malformed", answer, offset) for i in range(n)],
+                            earliest_error=None, answer=answer)
     steps = []
     for i in range(n):
         if idx == -1 or i < idx:
-            steps.append(StepVerdict(i, "correct", m.group("index"), offset))
+            steps.append(StepVerdict(i, "correct", answer, offset))
         elif i == idx:
-            steps.append(StepVerdict(i, "incorrect", m.group("index"), offset))
+            steps.append(StepVerdict(i, "incorrect", answer, offset))
         else:
             steps.append(StepVerdict(i, "missing"))  # after the first error the critic judges nothing
-    return ParsedOutput(fmt.name, steps, earliest_error=idx)
+    return ParsedOutput(fmt.name, steps, earliest_error=idx, answer=answer)

@@ -2,55 +2,87 @@
 
 * Parallel scaling: K chains per record in one request (`n=K`), so the prompt is prefilled once and its KV blocks
   are shared by every chain.
-* Sequential scaling (budget forcing): a chain that ends before `budget_tokens` generated tokens has its end marker
-  removed and `continuation` appended, and goes on; all such chains of a round are resubmitted in one batch, and
-  the prefix cache makes each resubmission cost only the new tokens.
-* GenPRM code verification: a paragraph turn that stops after a python block has the code run in the sandbox
-  (one persistent namespace per chain, as GenPRM does), its output appended in the trained format, and
-  generation goes on; code from every chain of a round runs concurrently.
+* ThinkPRM (per_step formats with a final_prefix), as its thinkprm_api.py: the chain stops at "Is the solution
+  correct?", `</think>`, EOS or "Step {n+1}:"; then "\nIs the solution correct? " is appended and one position is
+  read for P(yes) / (P(yes) + P(no)) (exact log-probabilities of the two label tokens).
+* Sequential scaling (budget forcing): a chain that ends before `budget_tokens` generated tokens has its end removed
+  (the stop string, `</think>` included, or EOS: so it continues inside the thinking) and a continuation appended
+  (the format's phrases by round: ThinkPRM's released trigger phrases), and goes on; all such chains of a round are
+  resubmitted in one batch, and the prefix cache makes each resubmission cost only the new tokens.
+* GenPRM: genprm_protocol.py (its staged paragraph turns, code rounds and Maj@N).
+* ProcessBench critic: K chains, the plurality of their boxed answers (method "vote").
 
-Chains are resubmitted as token ids (the prompt, the tokens generated so far, then the appended text), never as
-re-tokenised text, so a resubmission hits the prefix cache up to the last full block. Verdicts are parsed
+Settings a field leaves None take the format's published defaults (formats.format_defaults). Verdicts are parsed
 (parsing.py) and scored from the engine's chosen-token log-probabilities (scoring.py).
 It does not load models, render data sets or write files; see cli.py.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from prmkern.sampling import SamplingParams
-from prmkern.sandbox import SandboxLimits, SessionPool
-from prmkern.verify.formats import VerifierFormat, get_format
-from prmkern.verify.parsing import ParsedOutput, parse_output
-from prmkern.verify.scoring import (ChainScores, Generated, SolutionScores, aggregate, score_chain,
-                                    token_char_offsets)
+from prmkern.sandbox import SandboxLimits
+from prmkern.verify.formats import VerifierFormat, format_defaults, get_format
+from prmkern.verify.parsing import parse_output
+from prmkern.verify.scoring import (METHODS, ChainScores, Generated, SolutionScores, aggregate, score_chain,
+                                    token_char_offsets, verdict_probability)
+
+
+_GENERIC = dict(num_chains=8, temperature=0.6, top_p=0.95, top_k=-1, max_tokens=2048, method="min",
+                max_code_rounds=3)
 
 
 @dataclass
 class VerifyConfig:
+    """None fields take the format's published defaults (formats.format_defaults), then _GENERIC."""
+
     format: str | VerifierFormat = "thinkprm"
-    num_chains: int = 8  # K: parallel chains per record
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_tokens: int = 2048  # per chain (all rounds together)
-    method: str = "min"  # solution score: min | last | mean | product
+    num_chains: int | None = None  # K: parallel chains per record (GenPRM: N judgements per paragraph, Maj@N)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None  # per chain, all rounds together (GenPRM: per paragraph turn)
+    method: str | None = None  # solution score: min | last | mean | product | final | vote
     threshold: float = 0.5  # earliest error: first step whose score is below this
     seed: int | None = 0
     budget_tokens: int | None = None  # budget forcing: a chain may not end before this many generated tokens
-    continuation: str = "\nWait, let me check that again.\n"
+    continuation: str | None = None  # None: the format's continuations, by round
     max_forcing_rounds: int = 4
-    max_code_rounds: int = 3  # GenPRM: code executions per paragraph turn
+    max_code_rounds: int | None = None  # GenPRM: generation rounds after the analysis (its time_limit, 3)
     code_limits: SandboxLimits = field(default_factory=lambda: SandboxLimits(wall_time_s=10, cpu_time_s=5))
+    # GenPRM code execution: items [(chain key, code)] -> one sandbox result per item (default: a SessionPool).
+    code_runner: Callable[[list[tuple[Any, str]]], list[Any]] | None = None
 
     def __post_init__(self) -> None:
         self.format = get_format(self.format)
-        if not isinstance(self.num_chains, int) or self.num_chains < 1:
+        defaults = {**_GENERIC, **format_defaults(self.format)}
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if isinstance(self.num_chains, bool) or not isinstance(self.num_chains, int) or self.num_chains < 1:
             raise ValueError(f"num_chains={self.num_chains!r} is invalid; accepted: an int >= 1")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens!r} is invalid; accepted: an int >= 1")
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is invalid; accepted: {METHODS}")
+        if self.method == "final" and not self.format.final_prefix:
+            raise ValueError(f"method 'final' needs a format with a forced final verdict (final_prefix); "
+                             f"{self.format.name!r} has none")
+        # The sampling settings fail here, before any model work, with SamplingParams' own messages.
+        SamplingParams(n=self.num_chains, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                       max_tokens=self.max_tokens)
+        if not isinstance(self.threshold, (int, float)) or not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold={self.threshold!r} is invalid; accepted: a float in [0, 1]")
         if self.budget_tokens is not None and not 0 < self.budget_tokens <= self.max_tokens:
             raise ValueError(f"budget_tokens={self.budget_tokens!r} is invalid; accepted: None or an int in "
                              f"(0, max_tokens={self.max_tokens}]")
+
+    def continuation_for(self, round_: int) -> str:
+        if self.continuation is not None:
+            return self.continuation
+        phrases = self.format.continuations or ("\nWait, let me check that again.\n",)
+        return phrases[round_ % len(phrases)]
 
 
 @dataclass
@@ -61,6 +93,8 @@ class Chain:
     scores: ChainScores | None = None
     forced_rounds: int = 0
     code_runs: list[dict[str, Any]] = field(default_factory=list)
+    final: float | None = None  # ThinkPRM: the forced final verdict's P(yes)
+    error: str | None = None  # this chain failed (engine error, sandbox failure); the rest of the record goes on
 
 
 @dataclass
@@ -73,6 +107,8 @@ class Turn:
     last_round_start: int = 0  # index in token_ids where the last generation round began
     stop_cut: int | None = None  # character offset in decode(token_ids) where the last round's stop string starts
     done: bool = False
+    text: str = ""  # GenPRM: the whole assistant turn as released code keeps it (openers, rounds, code outputs)
+    masks: list[tuple[int, int]] = field(default_factory=list)  # GenPRM: spans of `text` that code printed
 
 
 @dataclass
@@ -85,8 +121,8 @@ class VerificationResult:
 
     @property
     def prediction(self) -> int | None:
-        """Earliest wrong step (-1: none), or None when no step got a score: never a silent guess."""
-        if self.scores is None or self.scores.score is None:
+        """Earliest wrong step (-1: none); None when unknown (see scoring's rule for unscored steps)."""
+        if self.scores is None:
             return None
         return self.scores.earliest_error
 
@@ -96,9 +132,11 @@ class VerificationResult:
             s = self.scores
             out.update(step_scores=[st.score for st in s.steps], step_coverage=[st.coverage for st in s.steps],
                        solution_score=s.score, method=s.method, earliest_error=s.earliest_error,
-                       threshold=s.threshold, verdict_counts=s.counts, unscored_steps=s.unscored_steps)
+                       threshold=s.threshold, verdict_counts=s.counts, unscored_steps=s.unscored_steps,
+                       final_scores=s.final_scores, vote=s.vote)
         if include_chains:
-            out["chains"] = [{"text": [tokenizer.decode(t.token_ids) for t in c.turns],
+            out["chains"] = [{"text": [t.text or tokenizer.decode(t.token_ids) for t in c.turns], "error": c.error,
+                              "final": c.final,
                               "verdicts": [v.status for v in c.scores.steps] if c.scores else None,
                               "p_correct": [v.p_correct for v in c.scores.steps] if c.scores else None,
                               "finish_reason": c.turns[-1].finish_reason if c.turns else None,
@@ -125,7 +163,26 @@ class Verifier:
             raise ValueError("verification needs a tokenizer; the checkpoint has none")
         self.config = config or VerifyConfig()
         self.fmt: VerifierFormat = self.config.format  # type: ignore[assignment]
-        self.verdict_ids = None if self.fmt.kind == "earliest_error" else self.fmt.verdict_token_ids(self.tok)
+        self.verdict_ids: tuple[int, int] | None = None
+        self.final_ids: tuple[int, int] | None = None
+        if self.fmt.kind == "per_step":
+            self.verdict_ids = self.fmt.verdict_token_ids(self.tok)
+            if self.fmt.final_prefix:
+                self.final_ids = self._word_ids(self.fmt.final_labels, first=True)
+        elif self.fmt.kind == "per_paragraph":
+            # GenPRM reads tokenizer.encode(word)[-1] for "Yes" and "No".
+            self.verdict_ids = self._word_ids((self.fmt.correct_text, self.fmt.incorrect_text), first=False)
+
+    def _word_ids(self, words: Sequence[str], first: bool) -> tuple[int, int]:
+        ids = []
+        for w in words:
+            enc = self.tok.encode(w, add_special_tokens=False)
+            if not enc:
+                raise ValueError(f"format {self.fmt.name!r}: {w!r} encodes to no token")
+            ids.append(enc[0] if first else enc[-1])
+        if ids[0] == ids[1]:
+            raise ValueError(f"format {self.fmt.name!r}: {words[0]!r} and {words[1]!r} share the token {ids[0]}")
+        return ids[0], ids[1]
 
     # -- public ---------------------------------------------------------------------------------------------
     def verify(self, records: Sequence[dict[str, Any]],
@@ -142,27 +199,29 @@ class Verifier:
             except ValueError as e:
                 results.append(VerificationResult(rid, 0, None, [], str(e)))
         if self.fmt.kind == "per_paragraph":
-            self._run_paragraphs(jobs, results)
+            from prmkern.verify.genprm_protocol import run_paragraphs
+            run_paragraphs(self, jobs, results)
         else:
             self._run_single_turn(jobs, results)
         for i, problem, steps in jobs:
             res = results[i]
-            if res.error is None:
+            if res.error is None and self.fmt.kind != "per_paragraph":
                 self._score(res, steps)
             if progress is not None:
                 progress(1)
         return results
 
-    # -- single-turn formats (ThinkPRM, critic): K chains + budget forcing -----------------------------------------
-    def _params(self, n: int, max_tokens: int, seed: int | None, stop: Sequence[str] = (),
-                include_stop: bool = False) -> SamplingParams:
+    # -- single-turn formats (ThinkPRM, critic): K chains + budget forcing + the forced final verdict -------------
+    def params(self, n: int, max_tokens: int, seed: int | None, stop: Sequence[str] = (),
+               include_stop: bool = False, logprob_ids: Sequence[int] | None = None,
+               greedy: bool = False) -> SamplingParams:
         c = self.config
-        return SamplingParams(n=n, temperature=c.temperature, top_p=c.top_p, max_tokens=max(1, max_tokens),
-                              seed=seed, stop=list(self.fmt.stop) + list(stop),
+        return SamplingParams(n=n, temperature=0.0 if greedy else c.temperature, top_p=c.top_p, top_k=c.top_k,
+                              max_tokens=max(1, max_tokens), seed=seed, stop=list(stop) or None,
                               include_stop_str_in_output=include_stop,
-                              logprob_token_ids=list(self.verdict_ids) if self.verdict_ids else None)
+                              logprob_token_ids=list(logprob_ids) if logprob_ids else None)
 
-    def _seed(self, *parts: int) -> int | None:
+    def seed(self, *parts: Any) -> int | None:
         return None if self.config.seed is None else hash((self.config.seed, *parts)) & ((1 << 62) - 1)
 
     def _run_single_turn(self, jobs, results) -> None:
@@ -171,7 +230,8 @@ class Verifier:
         for i, problem, steps in jobs:
             text = self.fmt.render(problem, steps, self.tok)
             prompts.append(self.tok.encode(text, add_special_tokens=False))
-            params.append(self._params(c.num_chains, c.max_tokens, self._seed(i)))
+            params.append(self.params(c.num_chains, c.max_tokens, self.seed(i), stop=self.fmt.stops(len(steps)),
+                                      logprob_ids=self.verdict_ids))
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         for (i, _, _), prompt, out in zip(jobs, prompts, outs):
             if out.error is not None:
@@ -181,23 +241,30 @@ class Verifier:
                 turn = Turn(prompt_ids=prompt)
                 self._absorb(turn, o)
                 results[i].chains.append(Chain(turns=[turn]))
-        if c.budget_tokens is None:
-            return
+        steps_of = {i: steps for i, _, steps in jobs}
+        if c.budget_tokens is not None:
+            self._force(jobs, results, steps_of)
+        if self.final_ids is not None:
+            self._final_verdicts(jobs, results)
+
+    def _force(self, jobs, results, steps_of) -> None:
+        c = self.config
         for round_ in range(c.max_forcing_rounds):
             pending = [(i, k, ch) for i, _, _ in jobs for k, ch in enumerate(results[i].chains)
-                       if self._wants_forcing(ch)]
+                       if ch.error is None and self._wants_forcing(ch)]
             if not pending:
                 break
             prompts, params = [], []
             for i, k, ch in pending:
                 turn = ch.turns[0]
-                self._append_text(turn, c.continuation, drop_stop=True)
+                self._append_text(turn, c.continuation_for(round_), drop_stop=True)
                 ch.forced_rounds += 1
                 prompts.append(turn.prompt_ids + turn.token_ids)
-                params.append(self._params(1, c.max_tokens - len(turn.token_ids), self._seed(i, k, round_ + 1)))
+                params.append(self.params(1, c.max_tokens - len(turn.token_ids), self.seed(i, k, round_ + 1),
+                                          stop=self.fmt.stops(len(steps_of[i])), logprob_ids=self.verdict_ids))
             for (i, k, ch), out in zip(pending, self.llm.generate(prompts, params, use_tqdm=False)):
                 if out.error is not None:
-                    ch.turns[0].finish_reason = "error"
+                    ch.error = f"forcing round {round_ + 1}: {out.error}"
                     continue
                 self._absorb(ch.turns[0], out.outputs[0])
 
@@ -207,66 +274,27 @@ class Verifier:
         return (turn.finish_reason == "stop" and len(turn.token_ids) < c.budget_tokens
                 and len(turn.token_ids) + 8 < c.max_tokens)  # room for the continuation and some more text
 
-    # -- GenPRM: one turn per paragraph, with code rounds ------------------------------------------------------
-    def _run_paragraphs(self, jobs, results) -> None:
-        c = self.config
-        fmt = self.fmt
-        pool = SessionPool(c.code_limits)
-        try:
-            for i, _, _ in jobs:
-                results[i].chains = [Chain() for _ in range(c.num_chains)]
-            max_steps = max((len(steps) for _, _, steps in jobs), default=0)
-            for p in range(max_steps):
-                # Open paragraph p's turn for every chain of every record that has that paragraph.
-                active: list[tuple[int, int, Chain]] = []
-                for i, problem, steps in jobs:
-                    if p >= len(steps) or results[i].error is not None:
-                        continue
-                    for k, ch in enumerate(results[i].chains):
-                        history = [self.tok.decode(t.token_ids, skip_special_tokens=True) for t in ch.turns]
-                        text = fmt.render(problem, steps, self.tok, paragraph=p, history=history)
-                        ch.turns.append(Turn(prompt_ids=self.tok.encode(text, add_special_tokens=False)))
-                        active.append((i, k, ch))
-                for round_ in range(c.max_code_rounds + 1):
-                    if not active:
-                        break
-                    last = round_ == c.max_code_rounds
-                    prompts = [ch.turns[-1].prompt_ids + ch.turns[-1].token_ids for _, _, ch in active]
-                    params = [self._params(1, c.max_tokens - len(ch.turns[-1].token_ids), self._seed(i, k, p, round_),
-                                           stop=() if last else fmt.code_stop, include_stop=True)
-                              for i, k, ch in active]
-                    outs = self.llm.generate(prompts, params, use_tqdm=False)
-                    to_run: list[tuple[tuple[int, int], str, Chain]] = []
-                    for (i, k, ch), out in zip(active, outs):
-                        turn = ch.turns[-1]
-                        if out.error is not None:
-                            turn.finish_reason, turn.done = "error", True
-                            continue
-                        self._absorb(turn, out.outputs[0])
-                        if turn.stop_reason in fmt.code_stop:
-                            code = self._last_code(turn)
-                            if code is not None:
-                                to_run.append(((i, k), code, ch))
-                                continue
-                        turn.done = True
-                    if to_run:
-                        runs = pool.run_many([(key, code) for key, code, _ in to_run])
-                        for (key, code, ch), res in zip(to_run, runs):
-                            output = (res.stdout + res.stderr).strip() or f"[{res.status}]"
-                            ch.code_runs.append({"paragraph": p, "status": res.status, "code": code,
-                                                 "output": output[:2000]})
-                            self._append_text(ch.turns[-1], fmt.code_output_template.format(output=output),
-                                              drop_stop=False)
-                    active = [(i, k, ch) for i, k, ch in active if not ch.turns[-1].done]
-        finally:
-            pool.close_all()
+    def _final_verdicts(self, jobs, results) -> None:
+        """ThinkPRM: cut the stop, append the final question, read P(yes) at the next position (one token)."""
+        pending = [(i, k, ch) for i, _, _ in jobs for k, ch in enumerate(results[i].chains) if ch.error is None]
+        prompts, params = [], []
+        for i, k, ch in pending:
+            turn = ch.turns[0]
+            self._append_text(turn, self.fmt.final_prefix, drop_stop=turn.finish_reason == "stop")
+            prompts.append(turn.prompt_ids + turn.token_ids)
+            params.append(self.params(1, 1, None, logprob_ids=self.final_ids, greedy=True))
+        for (i, k, ch), out in zip(pending, self.llm.generate(prompts, params, use_tqdm=False)):
+            if out.error is not None:
+                ch.error = f"final verdict: {out.error}"
+                continue
+            o = out.outputs[0]
+            turn = ch.turns[0]
+            turn.token_ids.extend(o.token_ids)
+            turn.token_logprobs.extend({} for _ in o.token_ids)  # not a step verdict
+            lps = o.token_logprobs[0] if o.token_logprobs else None
+            if lps and all(t in lps for t in self.final_ids):
+                ch.final = verdict_probability(lps, *self.final_ids)
 
-    def _last_code(self, turn: Turn) -> str | None:
-        text = self.tok.decode(turn.token_ids, skip_special_tokens=True)
-        matches = list(re.finditer(self.fmt.code_regex, text, re.DOTALL)) if self.fmt.code_regex else []
-        return matches[-1].group("code") if matches else None
-
-    # -- token bookkeeping ---------------------------------------------------------------------------------------
     def _absorb(self, turn: Turn, out: Any) -> None:
         """Adds one generation round's output to the turn."""
         turn.last_round_start = len(turn.token_ids)
@@ -309,22 +337,15 @@ class Verifier:
             return
         n = len(steps)
         for ch in res.chains:
-            texts = [self.tok.decode(t.token_ids) for t in ch.turns]
-            finished = [t.finish_reason not in ("length", "error") for t in ch.turns]
-            if self.fmt.kind == "per_paragraph":
-                parsed: ParsedOutput = parse_output(self.fmt, texts, n, finished=finished)
-                gens = []
-                for t in ch.turns:
-                    # Only the last round is scored: verdicts come after the code output.
-                    start_text = len(self.tok.decode(t.token_ids[:t.last_round_start]))
-                    last = t.token_ids[t.last_round_start:]
-                    gens.append(Generated(last, t.token_logprobs[t.last_round_start:], text_start=start_text,
-                                          offsets=token_char_offsets(last, self.tok)))
-                ch.scores = score_chain(self.fmt, parsed, gens, verdict_ids=self.verdict_ids, tokenizer=self.tok)
+            turn = ch.turns[0]
+            text = self.tok.decode(turn.token_ids)
+            finished = turn.finish_reason not in ("length", "error") and ch.error is None
+            parsed = parse_output(self.fmt, text, n, finished=finished)
+            if ch.error is not None:  # a failed chain scores nothing
+                ch.scores = score_chain(self.fmt, parse_output(self.fmt, "", n), None, use_verdict_text=False)
             else:
-                turn = ch.turns[0]
-                parsed = parse_output(self.fmt, texts[0], n, finished=finished[0])
                 ch.scores = score_chain(self.fmt, parsed, Generated(turn.token_ids, turn.token_logprobs),
                                         verdict_ids=self.verdict_ids, tokenizer=self.tok)
+            ch.scores.final = ch.final
         res.scores = aggregate([ch.scores for ch in res.chains], n, method=self.config.method,
                                threshold=self.config.threshold)

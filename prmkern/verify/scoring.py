@@ -5,17 +5,31 @@ At each verdict, P(correct) = p(c) / (p(c) + p(i)), where c and i are the first 
 position where the verdict word was generated (exact; no top-k list involved). The position is found from the
 parsed verdict's character offset and the generated tokens' character offsets.
 
-Steps whose verdict is missing, malformed or truncated, or whose verdict token cannot be read (it was merged
-with neighbouring text into one token, or the log-probabilities were not returned) get no score and are
-counted; they are never given a default value. A step's score is the mean over the chains that scored it, with
-its coverage (that number over K); the solution score is the min, last, mean or product of the scored steps; the
-earliest error is the first scored step below a threshold (-1 if none).
+Per format, as released:
+* ThinkPRM: the solution score is the forced final verdict, P(yes) / (P(yes) + P(no)) read after "\nIs the solution
+  correct? " was appended, averaged over the chains (method "final"); the per-step P(correct) of the chain's
+  \boxed{correct}/\boxed{incorrect} verdicts are kept as an addition (step scores, earliest error).
+* GenPRM: per paragraph, the first "(Yes|No)}" in the turn decides which token is read; the score is P(Yes) /
+  (P(Yes) + P(No)) at that token's last occurrence in the final generation round; no decision scores 0.5
+  (`genprm_paragraph_score`). Maj@N: the mean over the N judgements of a paragraph.
+* ProcessBench critic: the plurality of the chains' answers (processbench.plurality_vote; method "vote").
+
+Unscored steps (missing, malformed or truncated verdicts, unreadable verdict tokens, failed chains) get no score
+and are counted; they are never given a default value (GenPRM's released 0.5 for a turn without a decision is the
+one exception, as released). A step's score is the mean over the chains that scored it, with its coverage; the
+solution score is the min, last, mean or product of the scored steps, or the final verdict's mean.
+
+The earliest error (one rule for every format): walking the steps in order, the first scored step below the
+threshold is the earliest error; a step no chain scored before any such error makes the answer unknown (None):
+a solution whose steps were not all judged is never "no error". -1 only when every step was scored and none is
+below the threshold.
 
 It does not: run the model, parse text (parsing.py) or pick formats (formats.py).
 """
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,9 +39,10 @@ from .formats import VerifierFormat, get_format
 from .parsing import ParsedOutput
 
 __all__ = ["Generated", "VerdictScore", "ChainScores", "StepScore", "SolutionScores", "token_char_offsets",
-           "verdict_probability", "score_chain", "aggregate", "solution_score", "earliest_error", "METHODS"]
+           "verdict_probability", "score_chain", "aggregate", "solution_score", "earliest_error", "METHODS",
+           "genprm_paragraph_score"]
 
-METHODS = ("min", "last", "mean", "product")
+METHODS = ("min", "last", "mean", "product", "final", "vote")
 
 
 @dataclass
@@ -68,6 +83,7 @@ class ChainScores:
     steps: list[VerdictScore]
     parsed: ParsedOutput
     counts: dict[str, int] = field(default_factory=dict)  # parse statuses + "unscored"
+    final: float | None = None  # ThinkPRM: the forced final verdict's P(yes); None when not read
 
     def __post_init__(self) -> None:
         c = Counter(s.status for s in self.steps)
@@ -87,13 +103,15 @@ class StepScore:
 @dataclass
 class SolutionScores:
     steps: list[StepScore]
-    score: float | None  # by `method` over the scored steps; None when no step was scored
+    score: float | None  # by `method` over the scored steps (or the chains' final verdicts); None: nothing scored
     method: str
-    earliest_error: int  # first scored step with score < threshold; -1 if none
+    earliest_error: int | None  # see the module docstring's rule; None: unknown (a step before any error unscored)
     threshold: float
     num_chains: int
     unscored_steps: list[int]  # steps no chain scored
     counts: dict[str, int]  # parse statuses summed over steps and chains, plus "unscored" verdicts
+    final_scores: list[float | None] = field(default_factory=list)  # per chain (ThinkPRM)
+    vote: int | None = None  # method "vote": the plurality of the chains' answers
 
 
 def token_char_offsets(token_ids: Sequence[int], tokenizer: Any) -> list[int]:
@@ -218,9 +236,12 @@ def score_chain(fmt: VerifierFormat | str, parsed: ParsedOutput,
 
 
 def solution_score(step_scores: Sequence[float | None], method: str = "min") -> float | None:
-    """Combines scored steps (None entries are skipped) by min, last, mean or product."""
+    """Combines scored steps (None entries are skipped) by min, last, mean or product ("final" and "vote" are
+    chain-level: aggregate handles them; here they fall back to "min")."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method in ("final", "vote"):
+        method = "min"
     xs = [s for s in step_scores if s is not None]
     if not xs:
         return None
@@ -233,19 +254,54 @@ def solution_score(step_scores: Sequence[float | None], method: str = "min") -> 
     return math.prod(xs)
 
 
-def earliest_error(step_scores: Sequence[float | None], threshold: float = 0.5) -> int:
-    """Index of the first scored step below threshold; -1 if none."""
+def earliest_error(step_scores: Sequence[float | None], threshold: float = 0.5) -> int | None:
+    """Index of the first step below threshold; None when an unscored step (None) comes before any such step;
+    -1 when every step is scored and none is below."""
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     for i, s in enumerate(step_scores):
-        if s is not None and s < threshold:
+        if s is None:
+            return None
+        if s < threshold:
             return i
     return -1
 
 
+def genprm_paragraph_score(turn_text: str, token_ids: Sequence[int],
+                           token_logprobs: Sequence[Mapping[int, float]] | None, yes_id: int, no_id: int,
+                           decision_regex: str = r"(Yes|No)\}") -> tuple[float | None, str]:
+    """GenPRM's released reward for one paragraph turn: (score, source).
+
+    turn_text: the whole assistant turn (openers, every round, code outputs); token_ids / token_logprobs: the final
+    generation round only. The first case-insensitive decision_regex match picks "Yes" or "No"; at that token's
+    last occurrence in the round, P(Yes) / (P(Yes) + P(No)) (exact log-probabilities, where the release read a top-20
+    list). No decision: 0.5 (source "no_decision"). Decision token absent from the round (the release raises there)
+    or no log-probabilities: (None, reason)."""
+    m = re.search(decision_regex, turn_text, re.IGNORECASE)
+    if m is None:
+        return 0.5, "no_decision"
+    target = yes_id if m.group(1).capitalize() == "Yes" else no_id
+    ids = list(token_ids)
+    if target not in ids:
+        return None, "decision token not in the final round"
+    j = len(ids) - 1 - ids[::-1].index(target)
+    if token_logprobs is None or yes_id not in token_logprobs[j] or no_id not in token_logprobs[j]:
+        return None, "no log-probabilities at the decision token"
+    ly, ln = float(token_logprobs[j][yes_id]), float(token_logprobs[j][no_id])
+    if ly == -math.inf and ln == -math.inf:
+        return 0.5, "logprobs"  # the release: a zero denominator scores 0.5
+    return verdict_probability(token_logprobs[j], yes_id, no_id), "logprobs"
+
+
 def aggregate(chains: Sequence[ChainScores], num_steps: int, *, method: str = "min",
               threshold: float = 0.5) -> SolutionScores:
-    """Step scores as the mean over the K chains that scored each step; solution score and earliest error."""
+    """Step scores as the mean over the K chains that scored each step; solution score and earliest error.
+
+    method "final": the solution score is the mean of the chains' final verdicts (chains without one skipped).
+    method "vote": the earliest error is the plurality of the chains' answers (ProcessBench), the solution score the
+    min of the step scores."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not chains:
         raise ValueError("aggregate needs at least one chain")
     if not isinstance(num_steps, int) or num_steps < 1:
@@ -267,5 +323,16 @@ def aggregate(chains: Sequence[ChainScores], num_steps: int, *, method: str = "m
         total.update(counts)
         steps.append(StepScore(i, sum(vals) / len(vals) if vals else None, len(vals) / k, len(vals), dict(counts)))
     scores = [s.score for s in steps]
-    return SolutionScores(steps, solution_score(scores, method), method, earliest_error(scores, threshold),
-                          threshold, k, [s.step for s in steps if s.score is None], dict(total))
+    finals = [ch.final for ch in chains]
+    score = solution_score(scores, method)
+    first = earliest_error(scores, threshold)
+    vote = None
+    if method == "final":
+        read = [f for f in finals if f is not None]
+        score = sum(read) / len(read) if read else None
+    elif method == "vote":
+        from .processbench import plurality_vote
+        vote = plurality_vote([ch.parsed.answer for ch in chains])
+        first = vote if vote is not None and -1 <= vote < num_steps else None
+    return SolutionScores(steps, score, method, first, threshold, k, [s.step for s in steps if s.score is None],
+                          dict(total), finals, vote)

@@ -1,0 +1,125 @@
+"""Child side, part 2 of 3: the worker, the one process that runs the untrusted code (see child_setup.py).
+
+It holds the session's globals and runs one snippet per frame read from its supervisor: the frame is a
+32-character per-snippet token followed by the code. After each snippet it flushes its output, writes a short
+"done" frame carrying the token, and stops itself (SIGSTOP): between snippets no thread of it can run, and the
+supervisor checks that it is stopped, alone and single-threaded before it answers the engine.
+
+The worker never holds the engine's pipes (the supervisor closes them in it before any code runs), so
+everything the code can touch here is its own snippet's report: a forged or garbled report, a closed pipe or a
+stop without a report fails that snippet alone (the supervisor validates every field).
+Uses the helpers of child_setup.py, with which it is concatenated.
+"""
+
+_forks = [0]
+
+
+def _count_forks(event, args):
+    if event in ("os.fork", "os.forkpty", "os.posix_spawn", "subprocess.Popen", "os.system",
+                 "_thread.start_new_thread"):
+        _forks[0] += 1
+
+
+def _classify(cfg, exc):
+    """(status, exit code) for an exception that escaped the code."""
+    if isinstance(exc, MemoryError):
+        return "memory_limit", cfg["exit_memory"]
+    if _forks[0] and (isinstance(exc, BlockingIOError) or
+                      (isinstance(exc, RuntimeError) and "can't start new thread" in str(exc))):
+        return "process_limit", cfg["exit_nproc"]
+    return "error", 1
+
+
+def _run_snippet(cfg, code, ns, main_pid):
+    try:
+        exec(compile(code, "<sandbox>", "exec"), ns)
+        status, rc = "ok", 0
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+        status = "ok" if rc == 0 else "error"
+    except BaseException as e:  # the code's exception, whatever it is, ends its snippet only
+        status, rc = _classify(cfg, e)
+        try:  # the traceback starts at the code, not at this bootstrap
+            traceback.print_exception(type(e), e, e.__traceback__.tb_next)
+        except BaseException:
+            os.write(2, ("%s\n" % type(e).__name__).encode(errors="replace"))
+    if _getpid() != main_pid:  # a child forked by the code must not continue into the worker loop
+        os._exit(rc & 0xFF)
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    return status, rc
+
+
+def _settle_threads():
+    """Threads the code joined may still be exiting in the kernel: give them a moment (not longer)."""
+    if threading.active_count() != 1:
+        return
+    for _ in range(50):
+        try:
+            if len(os.listdir("/proc/self/task")) <= 1:
+                return
+        except OSError:
+            return
+        select.select([], [], [], 0.001)
+
+
+def _disarm_timers():
+    """Timers the snippet armed (signal.alarm, setitimer) would fire in the next snippet: cancel them."""
+    for which in (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF):
+        try:
+            signal.setitimer(which, 0)
+        except (OSError, ValueError, TypeError):
+            pass
+
+
+def _reap_children():
+    """Zombies of processes the supervisor killed between snippets (they count against RLIMIT_NPROC)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def worker_main(cfg, code_r, done_w):
+    """Runs snippets until the supervisor closes the code pipe. Never returns."""
+    try:
+        drop_privileges(cfg)
+    except (OSError, SetupError) as e:
+        fail_setup(cfg, str(e))
+    del sys.argv[1:]  # the configuration is not the code's business
+    main_pid = os.getpid()
+    sys.addaudithook(_count_forks)
+    ns = {"__name__": "__main__"}
+    cpu_step = cfg["cpu_per_snippet"]
+    while True:
+        frame = read_frame(code_r)
+        if frame is None or len(frame) < 32:
+            # The supervisor never closes this pipe while we live (it kills us first): the code did.
+            os._exit(cfg["exit_channel"])
+        token, code = frame[:32], frame[32:].decode("utf-8", "surrogatepass")
+        _reap_children()
+        # RLIMIT_CPU as a backstop for this process; the supervisor's per-snippet accounting is the real limit.
+        used = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+        hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+        soft = int(used) + 2 + cpu_step
+        try:
+            resource.setrlimit(resource.RLIMIT_CPU, (soft if hard < 0 else min(soft, hard), hard))
+        except (OSError, ValueError):
+            pass
+        _forks[0] = 0
+        status, rc = _run_snippet(cfg, code, ns, main_pid)
+        _disarm_timers()
+        _settle_threads()
+        # Formatted by hand: the code may have replaced json.dumps (it would only garble its own report).
+        msg = '{"token": "%s", "status": "%s", "exit_code": %d}' % (token.decode("ascii"), status, int(rc))
+        if not write_frame(done_w, msg.encode()):
+            os._exit(cfg["exit_channel"])  # the code closed or broke the reply pipe
+        _kill(main_pid, signal.SIGSTOP)

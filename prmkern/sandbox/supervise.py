@@ -1,0 +1,232 @@
+"""Running one snippet in a started sandbox (engine side): send it, pump its output, enforce the wall clock
+and the output cap, read the supervisor's reply defensively, and turn all of it into a SandboxResult.
+
+Every way a snippet can end maps to a status and an ``error`` sentence; nothing the code does makes this
+module raise. The reply comes from the sandbox's supervisor (child_supervisor.py), which the code cannot
+reach; it is parsed as untrusted anyway: a malformed reply fails that snippet ("sandbox_error") alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import struct
+import time
+
+from prmkern.sandbox import bootstrap
+from prmkern.sandbox.config import SandboxLimits, SandboxResult
+from prmkern.sandbox.process import SandboxProcess
+
+_REPLY_MAX = 1 << 16
+_REPLY_FIELDS = {"event": str, "exit_code": (int, type(None)), "cpu": (int, float), "state_lost": bool}
+_EVENTS = ("done", "exited", "cpu_limit", "protocol_error")
+_DONE_STATUSES = ("ok", "error", "memory_limit", "process_limit")
+
+
+class _Output:
+    """Captured stdout/stderr with one shared byte cap."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap, self.total, self.over = cap, 0, False
+        self.parts: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+
+    def add(self, name: str, data: bytes) -> None:
+        room = self.cap - self.total
+        if len(data) > room:
+            data, self.over = data[:max(room, 0)], True
+        self.total += len(data)
+        self.parts[name].append(data)
+
+    def text(self, name: str) -> str:
+        return b"".join(self.parts[name]).decode("utf-8", errors="replace")
+
+
+def _drain(fd: int, name: str, out: _Output) -> bool:
+    """Reads what is available; False at EOF."""
+    while not out.over:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return True
+        if not data:
+            return False
+        out.add(name, data)
+    return True
+
+
+def _send(proc: SandboxProcess, data: bytes, deadline: float) -> bool:
+    """Writes the request frame; False if the supervisor is gone or did not take it in time."""
+    view = memoryview(struct.pack("<I", len(data)) + data)
+    os.set_blocking(proc.req_w, False)
+    while view:
+        if time.monotonic() > deadline or proc.poll():
+            return False
+        try:
+            view = view[os.write(proc.req_w, view):]
+        except BlockingIOError:
+            time.sleep(0.001)
+        except (BrokenPipeError, OSError):
+            return False
+    return True
+
+
+def _pump(proc: SandboxProcess, deadline: float, out: _Output, reply: bytearray) -> str:
+    """Until the snippet ends: 'reply' | 'exited' | 'timeout' | 'output_limit' | 'bad_reply'."""
+    sel = selectors.DefaultSelector()
+    sel.register(proc.proc.stdout.fileno(), selectors.EVENT_READ, "stdout")
+    sel.register(proc.proc.stderr.fileno(), selectors.EVENT_READ, "stderr")
+    sel.register(proc.rep_r, selectors.EVENT_READ, "reply")
+    try:
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                return "timeout"
+            for key, _ in sel.select(timeout=min(0.05, deadline - now)):
+                if key.data == "reply":
+                    try:
+                        chunk = os.read(proc.rep_r, 65536)
+                    except BlockingIOError:
+                        continue
+                    if not chunk:
+                        sel.unregister(key.fd)
+                        continue
+                    reply.extend(chunk)
+                    if len(reply) > _REPLY_MAX:
+                        return "bad_reply"
+                    if len(reply) >= 4 and len(reply) >= 4 + struct.unpack("<I", reply[:4])[0]:
+                        # Nothing of the snippet runs any more: what it wrote is all in the pipes.
+                        _drain(proc.proc.stdout.fileno(), "stdout", out)
+                        _drain(proc.proc.stderr.fileno(), "stderr", out)
+                        return "output_limit" if out.over else "reply"
+                elif not _drain(key.fd, key.data, out):
+                    sel.unregister(key.fd)
+                if out.over:
+                    return "output_limit"
+            if proc.poll():
+                _drain(proc.proc.stdout.fileno(), "stdout", out)
+                _drain(proc.proc.stderr.fileno(), "stderr", out)
+                try:
+                    reply.extend(os.read(proc.rep_r, _REPLY_MAX + 1))
+                except (BlockingIOError, OSError):
+                    pass
+                ok = len(reply) >= 4 and len(reply) == 4 + struct.unpack("<I", reply[:4])[0]
+                return "reply" if ok else "exited"
+    finally:
+        sel.close()
+
+
+def _parse_reply(raw: bytes) -> dict | None:
+    """The supervisor's reply, or None if it is not one (length, JSON, fields and types all checked)."""
+    try:
+        (n,) = struct.unpack("<I", raw[:4])
+        if n != len(raw) - 4:
+            return None
+        msg = json.loads(raw[4:].decode("utf-8"))
+    except (struct.error, ValueError):
+        return None
+    if not isinstance(msg, dict) or msg.get("event") not in _EVENTS:
+        return None
+    for name, types in _REPLY_FIELDS.items():
+        if name not in msg or not isinstance(msg[name], types) or isinstance(msg[name], bool) != (types is bool):
+            return None
+    if msg["event"] == "done" and (msg.get("status") not in _DONE_STATUSES or not isinstance(
+            msg.get("killed_processes"), int)):
+        return None
+    return msg
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+def _from_exit(rc: int | None, cpu: float | None, limits: SandboxLimits, stderr: str) -> tuple[str, str | None]:
+    """(status, error) for a worker that ended with exit status rc."""
+    if rc == 0:
+        return "ok", None
+    if rc == bootstrap.EXIT_SETUP and bootstrap.SETUP_MSG in stderr:
+        return "sandbox_error", "the sandbox could not be set up: " + stderr.strip()[-300:]
+    if rc == bootstrap.EXIT_MEMORY:
+        return "memory_limit", f"memory over {limits.memory_bytes} bytes (address space)"
+    if rc == bootstrap.EXIT_NPROC:
+        return "process_limit", f"process or thread creation refused at {limits.max_processes} processes"
+    if rc == bootstrap.EXIT_CHANNEL:
+        return "protocol_error", "the code closed or broke the worker's pipes to its supervisor"
+    if rc is not None and rc < 0:
+        sig = -rc
+        if sig == signal.SIGXCPU or (sig == signal.SIGKILL and (cpu or 0.0) >= limits.cpu_time_s):
+            return "cpu_limit", f"CPU time over {limits.cpu_time_s}s"
+        if sig in (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS) and (
+                "MemoryError" in stderr or "memory" in stderr.lower()):
+            return "memory_limit", f"crashed ({_signal_name(sig)}) allocating memory"
+        return "killed", f"the code's process died of {_signal_name(sig)}"
+    return "error", f"the code exited with status {rc}"
+
+
+def _error_line(stderr: str, rc: int | None) -> str:
+    last = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    if rc == 1 and last:
+        return "the code raised " + last[-1].strip()[:200]
+    return f"the code exited with status {rc}"
+
+
+def execute(proc: SandboxProcess, code: str, limits: SandboxLimits, res: SandboxResult) -> SandboxResult:
+    """Runs `code` in `proc`; fills and returns `res` (its isolation fields already set)."""
+    t0 = time.monotonic()
+    deadline = t0 + limits.wall_time_s
+    out, reply = _Output(limits.max_output_bytes), bytearray()
+    if _send(proc, code.encode("utf-8", "surrogatepass"), deadline):
+        outcome = _pump(proc, deadline, out, reply)
+    else:
+        outcome = "exited" if proc.poll() else "timeout"
+        if outcome == "exited":
+            _drain(proc.proc.stdout.fileno(), "stdout", out)
+            _drain(proc.proc.stderr.fileno(), "stderr", out)
+    stderr = out.text("stderr")
+    msg = _parse_reply(bytes(reply)) if outcome == "reply" else None
+    res.state_lost = True
+    if outcome == "timeout":
+        res.status, res.error, res.exit_code = "timeout", f"wall clock over {limits.wall_time_s}s", -signal.SIGKILL
+    elif outcome == "output_limit":
+        res.status, res.error = "output_limit", f"output over {limits.max_output_bytes} bytes"
+    elif outcome == "bad_reply" or (outcome == "reply" and msg is None):
+        res.status, res.error = "sandbox_error", "the sandbox's supervisor sent an unreadable reply"
+    elif outcome == "exited":
+        proc.reap()
+        if proc.exit_code == bootstrap.EXIT_SETUP and bootstrap.SETUP_MSG in stderr:
+            res.status, res.error = _from_exit(proc.exit_code, None, limits, stderr)
+        elif proc.mode == "none" and proc.exit_code is not None and proc.exit_code < 0:
+            # Without a PID namespace the code may signal its supervisor (NOT_ISOLATED["none"]).
+            res.status = "killed"
+            res.error = f"the sandbox's supervisor died of {_signal_name(-proc.exit_code)} (the code can " \
+                        "signal it in isolation 'none')"
+        else:
+            res.status = "sandbox_error"
+            res.error = f"the sandbox's supervisor ended without a reply (exit status {proc.exit_code})"
+    else:
+        res.cpu_time_s, res.exit_code, res.state_lost = float(msg["cpu"]), msg["exit_code"], msg["state_lost"]
+        event = msg["event"]
+        if event == "done":
+            res.status, res.killed_processes = msg["status"], msg["killed_processes"]
+            res.error = None if res.status == "ok" else (
+                _error_line(stderr, res.exit_code) if res.status == "error" else _from_exit(
+                    {"memory_limit": bootstrap.EXIT_MEMORY, "process_limit": bootstrap.EXIT_NPROC}[res.status],
+                    None, limits, stderr)[1])
+            if msg.get("threads_left"):
+                res.error = (res.error + "; " if res.error else "") + (
+                    f"{msg['threads_left']} thread(s) of the snippet were still running: the worker was "
+                    "replaced and the session's state is lost")
+        elif event == "cpu_limit":
+            res.status, res.error = "cpu_limit", f"CPU time over {limits.cpu_time_s}s"
+        elif event == "protocol_error":
+            res.status, res.error = "protocol_error", str(msg.get("error") or "reply channel broken")
+        else:
+            res.status, res.error = _from_exit(res.exit_code, res.cpu_time_s, limits, stderr)
+            if res.status == "error":
+                res.error = _error_line(stderr, res.exit_code)
+    res.stdout, res.stderr, res.output_truncated = out.text("stdout"), stderr, out.over
+    res.wall_time_s = time.monotonic() - t0
+    return res

@@ -1,0 +1,252 @@
+"""The FastAPI application: routes, errors in OpenAI's shape, the API key and body-size guard, and the lifespan
+that starts the engine loop and, on shutdown, answers whatever is still unfinished.
+
+`build_app(llm, ServerConfig(...))` serves a prmkern.LLM's engine; `prmkern serve` (cli.py) builds both.
+"""
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from prmkern.prompts import max_token_chars
+from prmkern.serve.engine_loop import EngineLoop
+from prmkern.serve.metrics import ServerMetrics
+from prmkern.serve.openai_api import create_chat_completion, create_completion
+from prmkern.serve.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, VerifyRequest,
+                                    accepted_fields)
+from prmkern.serve.verify_api import verify
+from prmkern.verify.protocols import VerifyConfig
+
+BODY_MODELS = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+               "/v1/verify": VerifyRequest}
+
+
+@dataclass
+class ServerConfig:
+    model_name: str  # what /v1/models lists and requests may name
+    api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <key>"
+    max_pending: int = 512  # requests in the engine loop (queued + running) before new ones get 503
+    max_request_bytes: int = 1 << 20
+    max_n: int = 64  # chains per prompt (n, num_chains)
+    max_prompts: int = 64  # prompts in one /v1/completions call
+    max_messages: int = 256
+    max_steps: int = 256  # steps in one /v1/verify call
+    max_verify: int = 4  # verify calls running at once (each in a worker thread)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("max_pending", "max_request_bytes", "max_n", "max_prompts", "max_messages", "max_steps",
+                     "max_verify"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ServerConfig.{name}={value!r} is invalid; accepted: an int >= 1")
+
+
+class ServerState:
+    """What the handlers share: the engine loop, the tokenizer, limits and metrics."""
+
+    def __init__(self, llm: Any, config: ServerConfig):
+        engine = llm.engine
+        self.engine = engine
+        self.tokenizer = llm.tokenizer
+        self.config = config
+        self.model_name = config.model_name
+        self.model_names = {config.model_name, llm.config.model}
+        self.vocab_size = engine.model.spec.vocab_size
+        self.max_model_len = engine.max_model_len
+        self.max_n, self.max_prompts = config.max_n, config.max_prompts
+        self.max_messages, self.max_steps, self.max_verify = config.max_messages, config.max_steps, config.max_verify
+        self.verify_defaults = config.verify
+        self.loop = EngineLoop(engine, config.max_pending)
+        self.metrics = ServerMetrics()
+        self.verify_slots = threading.Semaphore(config.max_verify)
+        self.verify_executor = ThreadPoolExecutor(config.max_verify, thread_name_prefix="prmkern-verify")
+        self.started = time.time()
+        self._token_texts: dict[int, str] = {}
+        self.max_token_chars = max_token_chars(self.tokenizer) if self.tokenizer is not None else 1
+
+    def count_abort(self) -> None:
+        self.metrics.aborted += 1
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text, as logprobs show it (cached: the vocabulary bounds the cache)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
+            self._token_texts[token_id] = text
+        return text
+
+
+class Guard:
+    """Pure ASGI middleware (it must not buffer streamed responses): the API key on /v1/*, the request-size limit,
+    and per-path status counts for /metrics."""
+
+    def __init__(self, app: Any, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        status_seen = [500]
+
+        async def counting_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status_seen[0] = message["status"]
+            await send(message)
+
+        try:
+            key = self.state.config.api_key
+            headers = dict(scope["headers"])
+            if key and path.startswith("/v1/"):
+                given = headers.get(b"authorization", b"").decode("latin-1")
+                if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                    return await _error(counting_send, ApiError(401, "missing or wrong API key; send the header "
+                                                                     "'Authorization: Bearer <key>'", None,
+                                                                "authentication_error"))
+            limit = self.state.config.max_request_bytes
+            declared = headers.get(b"content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                return await _error(counting_send, _too_large(int(declared), limit))
+            body, more = b"", True
+            while more:  # read the whole body up front (bounded) so that a chunked upload cannot exceed the limit
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client left before sending its body
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > limit:
+                    return await _error(counting_send, _too_large(len(body), limit))
+            replayed = False
+
+            async def replay() -> dict:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()  # after the body: http.disconnect when the client goes away
+
+            await self.app(scope, replay, counting_send)
+        finally:
+            self.state.metrics.count_http(path if path in KNOWN_PATHS else "other", status_seen[0])
+
+
+KNOWN_PATHS = {"/v1/completions", "/v1/chat/completions", "/v1/verify", "/v1/models", "/health", "/metrics"}
+# /v1/models/{id} is counted under "other" in /metrics: one label value per path we serve, never client-chosen.
+
+
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(413, f"request body of {size} bytes exceeds the limit of {limit} bytes (--max-request-bytes)")
+
+
+async def _error(send: Any, err: ApiError) -> None:
+    body = json.dumps(err.body()).encode()
+    await send({"type": "http.response.start", "status": err.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _validation_message(exc: RequestValidationError, path: str) -> tuple[str, str | None]:
+    parts, param = [], None
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        param = param or (loc[0] if loc else None)
+        where = ".".join(loc) or "body"
+        if err.get("type") == "extra_forbidden":
+            parts.append(f"unknown field {where!r}")
+        elif err.get("type") in ("json_invalid", "model_attributes_type", "dict_type") or not loc:
+            parts.append(f"the body is not a JSON object ({err.get('msg')})")
+        else:
+            parts.append(f"{where}: {err.get('msg')} (got {json.dumps(err.get('input'), default=str)[:80]})")
+    model = BODY_MODELS.get(path)
+    accepted = f"; accepted fields: {accepted_fields(model)}" if model else ""
+    return "; ".join(dict.fromkeys(parts)) + accepted, param
+
+
+def build_app(llm: Any, config: ServerConfig) -> FastAPI:
+    state = ServerState(llm, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.loop.start()
+        yield
+        # uvicorn has drained in-flight requests (up to its graceful-shutdown timeout); answer what is left.
+        state.loop.stop(timeout=10)
+        state.verify_executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="prmkern", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.prmkern = state
+    app.add_middleware(Guard, state=state)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own 400 for a body it cannot parse (bad UTF-8, nesting too deep), 404/405 for unknown routes.
+        message = str(exc.detail)
+        if exc.status_code == 400:
+            model = BODY_MODELS.get(request.url.path)
+            message = (f"the body is not valid JSON ({exc.detail}); accepted: a JSON object"
+                       + (f" with fields {accepted_fields(model)}" if model else ""))
+        elif exc.status_code in (404, 405):
+            message = f"{exc.detail}: {request.method} {request.url.path}; served: {', '.join(sorted(KNOWN_PATHS))}"
+        return JSONResponse(ApiError(exc.status_code, message).body(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc, request.url.path)
+        return JSONResponse(ApiError(400, message, param).body(), status_code=400)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        return await create_completion(state, req, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, request: Request):
+        return await create_chat_completion(state, req, request)
+
+    @app.post("/v1/verify")
+    async def verify_route(req: VerifyRequest, request: Request):
+        return await verify(state, req, request)
+
+    def model_card() -> dict[str, Any]:
+        return {"id": state.model_name, "object": "model", "created": int(state.started), "owned_by": "prmkern",
+                "max_model_len": state.max_model_len}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id not in state.model_names:
+            raise ApiError(404, f"model {model_id!r} is not served here; available: {[state.model_name]}", "model",
+                           "not_found_error")
+        return model_card()
+
+    @app.get("/health")
+    async def health():
+        if not state.loop.alive:
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(state.metrics.render(state.engine, state.loop),
+                                 media_type="text/plain; version=0.0.4")
+
+    return app

@@ -1,0 +1,71 @@
+"""`prmkern serve [MODEL]`: the command line of the HTTP server (registered by prmkern/cli.py).
+
+`add_serve_parser` needs only argparse, so `prmkern --help` works without the server's extras installed;
+`run_serve` imports FastAPI and uvicorn and says how to install them when they are missing.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from prmkern.cli import _engine_args, _verify_args
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, verify) on one engine")
+    s.add_argument("model_dir", nargs="?", default=None, metavar="MODEL",
+                   help="Hugging Face checkpoint directory (default: --model, else the shipped verifier)")
+    _engine_args(s)
+    _verify_args(s)
+    s.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only; 0.0.0.0 = all)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=os.environ.get("PRMKERN_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $PRMKERN_API_KEY, else none)")
+    s.add_argument("--served-model-name", default=None, help="model id in /v1/models (default: the directory name)")
+    s.add_argument("--max-pending", type=int, default=512,
+                   help="requests queued or running in the engine before new ones get HTTP 503")
+    s.add_argument("--max-request-bytes", type=int, default=1 << 20)
+    s.add_argument("--max-n", type=int, default=64, help="most chains per prompt (n, num_chains)")
+    s.add_argument("--max-prompts", type=int, default=64, help="most prompts in one /v1/completions call")
+    s.add_argument("--max-verify", type=int, default=4, help="verify calls running at once")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGINT/SIGTERM, seconds to let in-flight requests finish before answering them 503")
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(func=run_serve)
+    return s
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from prmkern.serve.app import ServerConfig, build_app
+    except ImportError as e:
+        raise SystemExit(f"prmkern serve needs FastAPI and uvicorn ({e}); install them with "
+                         f"`pip install 'prmkern[serve]'`")
+    from prmkern.cli import _make_verifier, shipped_verifier_dir
+    from prmkern.llm import LLM
+    from prmkern.tiny import default_model_dir
+    model = args.model_dir or args.model or shipped_verifier_dir() or default_model_dir()
+    llm = LLM(model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+              num_kvcache_blocks=args.num_kvcache_blocks, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
+              seed=args.seed, max_model_len=args.max_model_len)
+    if llm.tokenizer is None:
+        print("warning: the checkpoint has no tokenizer; only token-id prompts on /v1/completions will work",
+              file=sys.stderr)
+    verify_config = _make_verifier(args, llm).config if llm.tokenizer is not None else None
+    name = args.served_model_name or os.path.basename(os.path.normpath(llm.config.model))
+    config = ServerConfig(model_name=name, api_key=args.api_key, max_pending=args.max_pending,
+                          max_request_bytes=args.max_request_bytes, max_n=args.max_n, max_prompts=args.max_prompts,
+                          max_verify=args.max_verify, **({"verify": verify_config} if verify_config else {}))
+    app = build_app(llm, config)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    print(f"serving {llm.config.model} as {name!r} on http://{args.host}:{args.port} "
+          f"(KV pool {llm.engine.num_blocks} blocks of {llm.config.block_size}, context {llm.engine.max_model_len})",
+          file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.shutdown_timeout)
+    return 0

@@ -1,0 +1,239 @@
+"""The one engine loop behind the server: a dedicated thread that owns the LLMEngine and steps it.
+
+Any thread may `submit` a request or `abort` one; submissions wait in an inbox and join the running batch between
+two engine steps (continuous batching across connections: the engine's scheduler admits them at its next step).
+Results flow back through a per-request `sink` callable, called on the loop thread with one event at a time:
+`ChainDelta` (new tokens of one chain, only when deltas are wanted), `ChainDone`, then `RequestDone`, or a single
+`RequestFailed`. Only this thread touches the engine, so the engine needs no locks.
+
+The number of submitted, unfinished requests is bounded: past `max_pending`, `submit` raises `Overloaded` at once
+instead of queueing without limit. Knows nothing of HTTP, JSON or tokenizers.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from prmkern.outputs import CompletionOutput, RequestOutput
+from prmkern.sampling import SamplingParams
+
+log = logging.getLogger("prmkern.serve")
+
+
+class Overloaded(RuntimeError):
+    """Too many requests in flight (or the loop is stopping); the caller answers 503 and the client retries."""
+
+
+@dataclass
+class ChainDelta:
+    index: int  # chain index within the request
+    token_ids: list[int]  # tokens generated since the last delta of this chain
+    logprobs: list[Any] | None  # the engine's per-token log-probability entries for those tokens
+    token_logprobs: list[dict[int, float]] | None  # {id: logprob} for SamplingParams.logprob_token_ids
+    text: str | None = None  # with stop strings: the engine's text so far, the text its stop check reads
+
+
+@dataclass
+class ChainDone:
+    output: CompletionOutput  # the chain's final output (text cut at its stop string)
+
+
+@dataclass
+class RequestDone:
+    output: RequestOutput
+
+
+@dataclass
+class RequestFailed:
+    message: str
+    status: int  # 400: the request itself is invalid; 500: the engine failed; 503: the server is stopping
+
+
+Event = ChainDelta | ChainDone | RequestDone | RequestFailed
+
+
+@dataclass(eq=False)
+class Stream:
+    """One submitted request, as its submitter sees it."""
+
+    prompt: str | list[int]
+    params: SamplingParams
+    sink: Callable[[Event], None]
+    want_deltas: bool
+    request: Any = None  # the engine's Request, once admitted (loop thread)
+    sent: dict[int, int] = field(default_factory=dict)  # chain index -> output tokens already sent as deltas
+    chains_done: set[int] = field(default_factory=set)
+    cancelled: bool = False
+    closed: bool = False  # a final event was sent (loop thread)
+    released: bool = False  # no longer counted in the loop's pending requests
+
+
+class EngineLoop:
+    def __init__(self, engine: Any, max_pending: int = 512):
+        if max_pending < 1:
+            raise ValueError(f"max_pending={max_pending} is invalid; accepted: an int >= 1")
+        self.engine = engine
+        self.max_pending = max_pending
+        self._cond = threading.Condition()
+        self._inbox: list[Stream] = []
+        self._aborts: list[Stream] = []
+        self._pending = 0  # submitted and not yet closed (guarded by _cond)
+        self._stopping = False
+        self._active: dict[Any, Stream] = {}  # request_id -> stream (loop thread only)
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, name="prmkern-engine-loop", daemon=True)
+
+    # -- any thread ------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        """Requests submitted and not yet answered (queued in the engine or running)."""
+        return self._pending
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def submit(self, prompt: str | list[int], params: SamplingParams, sink: Callable[[Event], None],
+               want_deltas: bool = False) -> Stream:
+        stream = Stream(prompt, params, sink, want_deltas)
+        with self._cond:
+            if self._stopping:
+                raise Overloaded("the server is shutting down and accepts no new requests")
+            if self._pending >= self.max_pending:
+                raise Overloaded(f"server overloaded: {self._pending} requests in flight (limit {self.max_pending}, "
+                                 f"--max-pending); retry later")
+            self._pending += 1
+            self._inbox.append(stream)
+            self._cond.notify()
+        return stream
+
+    def abort(self, stream: Stream) -> None:
+        """Stops the request and frees its KV blocks (between steps); its sink gets no further events."""
+        with self._cond:
+            stream.cancelled = True
+            self._aborts.append(stream)
+            self._cond.notify()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Answers every unfinished request with RequestFailed(503) and ends the thread. Callers that want in-flight
+        requests to finish wait for them first (the HTTP server drains its connections before calling this)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- the loop thread -------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            with self._cond:
+                while not (self._inbox or self._aborts or self._stopping or engine.has_unfinished()):
+                    self._cond.wait()
+                inbox, self._inbox = self._inbox, []
+                aborts, self._aborts = self._aborts, []
+                stopping = self._stopping
+            for stream in inbox:
+                self._admit(stream)
+            for stream in aborts:
+                self._abort(stream)
+            if stopping:
+                for stream in list(self._active.values()):
+                    self._abort(stream)
+                    self._close(stream, RequestFailed("the server shut down before this request finished", 503))
+                return
+            if not engine.has_unfinished():
+                continue
+            try:
+                finished = engine.step()
+            except Exception as e:  # noqa: BLE001 - a failed step must not kill the server: fail what ran
+                log.exception("engine step failed")
+                for stream in list(self._active.values()):
+                    self._abort(stream)
+                    self._close(stream, RequestFailed(f"engine error: {type(e).__name__}: {e}", 500))
+                continue
+            self.steps += 1
+            self._publish(finished)
+
+    def _admit(self, stream: Stream) -> None:
+        if stream.cancelled:
+            self._release(stream)
+            return
+        try:
+            request = self.engine.add_request(stream.prompt, stream.params)
+        except Exception as e:  # noqa: BLE001 - add_request validates; anything else is still this request's fault
+            self._close(stream, RequestFailed(f"{type(e).__name__}: {e}", 400))
+            return
+        if request.error is not None:
+            self._close(stream, RequestFailed(request.error, 400))
+            return
+        stream.request = request
+        self._active[request.request_id] = stream
+
+    def _abort(self, stream: Stream) -> None:
+        request = stream.request
+        if request is None or self._active.pop(request.request_id, None) is None:
+            return
+        if not request.finished:
+            self.engine.abort_request(request)
+        if stream.cancelled:
+            self._release(stream)
+
+    def _publish(self, finished: list[Any]) -> None:
+        engine = self.engine
+        for stream in self._active.values():
+            if not stream.want_deltas:
+                continue
+            for seq in stream.request.seqs:
+                sent = stream.sent.get(seq.chain_index, 0)
+                n_out = seq.num_output_tokens
+                if n_out > sent:
+                    stream.sent[seq.chain_index] = n_out
+                    self._send(stream, ChainDelta(
+                        seq.chain_index, seq.output_token_ids[sent:],
+                        list(seq.logprobs[sent:n_out]) if seq.logprobs else None,
+                        list(seq.token_logprobs[sent:n_out]) if seq.token_logprobs else None,
+                        seq.text if seq.params.stop_strings else None))
+        done_requests: dict[Any, Any] = {}
+        for seq in finished:
+            request = seq.request
+            stream = self._active.get(request.request_id)
+            if stream is None:
+                continue
+            if request.error is None and stream.want_deltas and seq.chain_index not in stream.chains_done:
+                stream.chains_done.add(seq.chain_index)
+                out = engine.output(request)
+                self._send(stream, ChainDone(next(o for o in out.outputs if o.index == seq.chain_index)))
+            if request.finished:
+                done_requests[request.request_id] = request
+        for request_id, request in done_requests.items():
+            stream = self._active.pop(request_id)
+            if request.error is not None:  # failed mid-way (the engine freed its blocks): an engine-side error
+                self._close(stream, RequestFailed(f"engine error: {request.error}", 500))
+            else:
+                self._close(stream, RequestDone(engine.output(request)))
+
+    def _close(self, stream: Stream, event: Event) -> None:
+        if not stream.closed:
+            stream.closed = True
+            if not stream.cancelled:
+                self._send(stream, event)
+            self._release(stream)
+
+    @staticmethod
+    def _send(stream: Stream, event: Event) -> None:
+        try:
+            stream.sink(event)
+        except Exception:  # noqa: BLE001 - a consumer that went away must not stop the loop
+            log.exception("delivering an event failed")
+
+    def _release(self, stream: Stream) -> None:
+        with self._cond:
+            if not stream.released:
+                stream.released = True
+                self._pending -= 1

@@ -1,0 +1,117 @@
+"""Server metrics in Prometheus' text exposition format (version 0.0.4), without a client library.
+
+Counters and latency histograms are updated by the HTTP handlers (one thread: the event loop); engine counters
+(tokens, prefix-cache hits, preemptions) and gauges (queue depth, running chains, free KV blocks) are read from
+the engine at scrape time. Reading those ints from another thread is safe: each read is one attribute load.
+"""
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import defaultdict
+from typing import Any
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+ENGINE_COUNTERS = {  # EngineStats field -> (metric name, help)
+    "requests": ("prmkern_engine_requests_total", "Requests submitted to the engine (verify submits several)."),
+    "failed_requests": ("prmkern_engine_failed_requests_total",
+                        "Engine requests that failed: invalid on arrival, or a fault in their step."),
+    "aborted_requests": ("prmkern_engine_aborted_requests_total",
+                         "Engine requests aborted (their client went away, or shutdown)."),
+    "prompt_tokens": ("prmkern_prompt_tokens_total", "Prompt tokens submitted."),
+    "prefill_tokens": ("prmkern_prefill_tokens_total", "Prompt tokens computed by prefill."),
+    "cached_tokens": ("prmkern_prefix_cache_hit_tokens_total", "Prompt tokens whose KV came from the prefix cache."),
+    "generated_tokens": ("prmkern_generation_tokens_total", "Tokens generated."),
+    "preemptions": ("prmkern_preemptions_total", "Sequences preempted for lack of KV blocks."),
+    "prefill_steps": ("prmkern_prefill_steps_total", "Engine prefill steps."),
+    "decode_steps": ("prmkern_decode_steps_total", "Engine decode steps."),
+}
+
+
+class Histogram:
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS):
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name: str, labels: str) -> list[str]:
+        out, cumulative = [], 0
+        sep = "," if labels else ""
+        for bound, n in zip(list(self.buckets) + [float("inf")], self.counts):
+            cumulative += n
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            out.append(f'{name}_bucket{{{labels}{sep}le="{le}"}} {cumulative}')
+        out.append(f"{name}_sum{{{labels}}} {self.sum}")
+        out.append(f"{name}_count{{{labels}}} {self.count}")
+        return out
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.http_requests: dict[tuple[str, int], int] = defaultdict(int)  # (path, status) -> count
+        self.latency: dict[str, Histogram] = defaultdict(Histogram)  # endpoint -> end-to-end seconds
+        self.ttft: dict[str, Histogram] = defaultdict(Histogram)  # endpoint -> seconds to the first streamed token
+        self.aborted = 0  # requests aborted because their client went away
+        self.overloaded = 0  # requests refused with 503 because the queue was full
+
+    def count_http(self, path: str, status: int) -> None:
+        with self._lock:
+            self.http_requests[(path, status)] += 1
+
+    def observe_latency(self, endpoint: str, seconds: float) -> None:
+        with self._lock:
+            self.latency[endpoint].observe(seconds)
+
+    def observe_ttft(self, endpoint: str, seconds: float) -> None:
+        with self._lock:
+            self.ttft[endpoint].observe(seconds)
+
+    def render(self, engine: Any, loop: Any) -> str:
+        lines: list[str] = []
+
+        def family(name: str, kind: str, help_: str) -> None:
+            lines.append(f"# HELP {name} {help_}")
+            lines.append(f"# TYPE {name} {kind}")
+
+        with self._lock:
+            family("prmkern_http_requests_total", "counter", "HTTP requests answered, by path and status code.")
+            for (path, status), n in sorted(self.http_requests.items()):
+                lines.append(f'prmkern_http_requests_total{{path="{path}",status="{status}"}} {n}')
+            family("prmkern_request_latency_seconds", "histogram", "End-to-end request latency, by endpoint.")
+            for endpoint, h in sorted(self.latency.items()):
+                lines += h.lines("prmkern_request_latency_seconds", f'endpoint="{endpoint}"')
+            family("prmkern_time_to_first_token_seconds", "histogram", "Streaming: seconds to the first token.")
+            for endpoint, h in sorted(self.ttft.items()):
+                lines += h.lines("prmkern_time_to_first_token_seconds", f'endpoint="{endpoint}"')
+            family("prmkern_aborted_requests_total", "counter", "Requests aborted because the client disconnected.")
+            lines.append(f"prmkern_aborted_requests_total {self.aborted}")
+            family("prmkern_overloaded_requests_total", "counter", "Requests refused (503) with the queue full.")
+            lines.append(f"prmkern_overloaded_requests_total {self.overloaded}")
+        stats = engine.stats.as_dict()
+        for key, (name, help_) in ENGINE_COUNTERS.items():
+            family(name, "counter", help_)
+            lines.append(f"{name} {stats.get(key, 0)}")
+        scheduler = engine.scheduler
+        gauges = {
+            "prmkern_pending_requests": ("Requests submitted and not yet answered (the bounded queue).",
+                                         loop.pending),
+            "prmkern_pending_requests_limit": ("The bound on pending requests (--max-pending).", loop.max_pending),
+            "prmkern_waiting_sequences": ("Sequences queued in the engine, not yet holding KV blocks.",
+                                          len(scheduler.waiting)),
+            "prmkern_running_sequences": ("Sequences holding KV blocks (prefilling or decoding).",
+                                          len(scheduler.running)),
+            "prmkern_kv_blocks_total": ("KV cache blocks in the pool.", engine.block_manager.num_blocks),
+            "prmkern_kv_blocks_free": ("KV cache blocks not referenced by a running sequence.",
+                                       engine.block_manager.num_free_blocks),
+        }
+        for name, (help_, value) in gauges.items():
+            family(name, "gauge", help_)
+            lines.append(f"{name} {value}")
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,149 @@
+"""/v1/verify: prmkern's own endpoint. A problem and its steps in; per-step scores, the solution score, the earliest
+error and the verification chains out, computed by the verifier protocols of prmkern.verify.protocols.
+
+The protocol code is synchronous (it calls `llm.generate` once per round: K chains, budget forcing, code rounds),
+so each verify call runs it in a worker thread against `LoopLLM`, a stand-in for prmkern.LLM whose `generate`
+submits to the server's one engine loop and blocks until its requests finish. Verify chains and completion
+requests therefore share one engine, one prefix cache and one continuously batched step. A client that
+disconnects cancels its call: the worker's pending engine requests are aborted and their blocks freed.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import queue
+import threading
+import time
+from typing import Any, Sequence
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from prmkern.outputs import RequestOutput
+from prmkern.sampling import SamplingParams
+from prmkern.serve.engine_loop import EngineLoop, Overloaded, RequestDone
+from prmkern.serve.protocol import ApiError, BadRequest, VerifyRequest
+from prmkern.verify.protocols import Verifier, VerifyConfig
+
+VERIFY_OVERRIDES = ("format", "num_chains", "temperature", "top_p", "max_tokens", "budget_tokens", "method",
+                    "threshold", "seed")
+
+
+class Cancelled(Exception):
+    """The verify call's client went away; the worker stops at its next engine round."""
+
+
+class LoopLLM:
+    """What Verifier needs of an LLM (`tokenizer`, `generate`), backed by the shared engine loop. One per call."""
+
+    def __init__(self, loop: EngineLoop, tokenizer: Any, cancel: threading.Event):
+        self.loop = loop
+        self.tokenizer = tokenizer
+        self.cancel = cancel
+
+    def generate(self, prompts: Sequence[str | list[int]], sampling_params: SamplingParams | Sequence[SamplingParams],
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        prompts = list(prompts)
+        params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) \
+            else list(sampling_params)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        streams = []
+        try:
+            for i, (prompt, sp) in enumerate(zip(prompts, params)):
+                streams.append(self.loop.submit(prompt, sp, lambda ev, i=i: inbox.put((i, ev))))
+            outs: list[RequestOutput | None] = [None] * len(prompts)
+            left = len(prompts)
+            while left:
+                if self.cancel.is_set():
+                    raise Cancelled()
+                try:
+                    i, event = inbox.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                if isinstance(event, RequestDone):
+                    outs[i] = event.output
+                elif event.status == 400:  # this prompt alone is invalid: the protocol records its error
+                    outs[i] = RequestOutput(str(i), None, [], [], True, event.message)
+                else:
+                    raise ApiError(event.status, event.message, None, "server_error")
+                left -= 1
+            return outs  # type: ignore[return-value]
+        finally:
+            for stream in streams:
+                if not stream.closed:
+                    self.loop.abort(stream)
+
+
+def verify_config(defaults: VerifyConfig, req: VerifyRequest, max_n: int, max_tokens: int) -> VerifyConfig:
+    """The server's verification config with this request's overrides, validated (BadRequest says what is accepted)."""
+    overrides = {k: getattr(req, k) for k in VERIFY_OVERRIDES if getattr(req, k) is not None}
+    if "num_chains" in overrides and not 1 <= overrides["num_chains"] <= max_n:
+        raise BadRequest(f"num_chains={overrides['num_chains']} is invalid; accepted: an int in [1, {max_n}]",
+                         "num_chains")
+    if "max_tokens" in overrides and not 1 <= overrides["max_tokens"] <= max_tokens:
+        raise BadRequest(f"max_tokens={overrides['max_tokens']} is invalid; accepted: an int in [1, {max_tokens}]",
+                         "max_tokens")
+    try:
+        fields = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults)}
+        config = VerifyConfig(**{**fields, **overrides})
+        # Sampling values are checked where the engine checks them, before any chain runs.
+        SamplingParams(temperature=config.temperature, top_p=config.top_p, max_tokens=max(1, config.max_tokens))
+    except (TypeError, ValueError, KeyError) as e:
+        raise BadRequest(str(e).strip("'\"")) from e
+    return config
+
+
+async def verify(state: Any, req: VerifyRequest, http: Request) -> Response:
+    start = time.perf_counter()
+    if req.model is not None and req.model not in state.model_names:
+        raise ApiError(404, f"model {req.model!r} is not served here; available: {[state.model_name]}",
+                       "model", "not_found_error")
+    if len(req.steps) > state.max_steps:
+        raise BadRequest(f"{len(req.steps)} steps; accepted: at most {state.max_steps}", "steps")
+    config = verify_config(state.verify_defaults, req, state.max_n, state.max_model_len - 1)
+    if not state.verify_slots.acquire(blocking=False):
+        state.metrics.overloaded += 1
+        raise ApiError(503, f"server overloaded: {state.max_verify} verify calls running (--max-verify); retry "
+                       f"later", None, "overloaded_error")
+    cancel = threading.Event()
+    try:
+        try:
+            verifier = Verifier(LoopLLM(state.loop, state.tokenizer, cancel), config)
+        except ValueError as e:
+            raise BadRequest(str(e)) from e
+        record = {"problem": req.problem, "steps": req.steps, **({"id": req.id} if req.id is not None else {})}
+        work = asyncio.get_running_loop().run_in_executor(state.verify_executor, verifier.verify, [record])
+        gone = asyncio.ensure_future(_disconnected(http))
+        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if work not in done:
+            cancel.set()  # the worker aborts its requests at once and stops
+            state.count_abort()
+            try:
+                await work
+            except Exception:  # noqa: BLE001 - Cancelled, or whatever the worker met: nobody is listening
+                pass
+            return Response(status_code=499)
+        gone.cancel()
+        try:
+            result = work.result()[0]
+        except Overloaded as e:
+            state.metrics.overloaded += 1
+            raise ApiError(503, str(e), None, "overloaded_error") from e
+    finally:
+        state.verify_slots.release()
+    if result.error is not None:
+        raise BadRequest(result.error)
+    body = result.to_json(state.tokenizer, include_chains=req.include_chains)
+    body["id"] = req.id  # the client's id, or null (not the record's index within this call)
+    body.update(model=state.model_name, format=config.format.name, num_chains=config.num_chains,
+                usage={"chains": len(result.chains),
+                       "completion_tokens": sum(len(t.token_ids) for c in result.chains for t in c.turns)})
+    state.metrics.observe_latency("verify", time.perf_counter() - start)
+    return JSONResponse(body)
+
+
+async def _disconnected(http: Request) -> None:
+    while (await http.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,242 @@
+"""GenPRM's protocol as its released genprm_inference.py / prm_evaluate.py run it, through prmkern's engine.
+
+Per paragraph p (from 1), for N judgements (Maj@N: `num_chains`) sharing one conversation:
+1. prompt = the conversation (system, user turns, the earlier assistant turns in full) rendered without the
+   generation prompt, a trailing EOS cut, then "<analyze>\\nLet's analyze the Paragraph p step by step: ";
+   the N analyses are one request (`n=N`: one prefill), stopped at "</analyze>\\n" (kept).
+2. "<verify>\\nLet's use python code to find any potential error:\\n```python\\n" is appended, then up to
+   `max_code_rounds` (3) rounds stopped at "\\n```\\n" or "</output>\\n" (kept), each with max_tokens minus the
+   assistant text's length. A round that does not end with "</output>\\n" has the last python block of the turn run
+   in the sandbox and "[Code Output]\\n\\n```\\n{output}\\n```\\n" appended, where output is the stripped stdout,
+   "Code execute Error: {Type}: {message}", "Code execute time out: Code execution timed out", or "Code format
+   error: No code found.", as GenPRM's CodeExecutor writes them.
+3. Out of rounds or tokens: the turn degrades to the analysis + "</analyze>\\n<output>\\n**Judgement**: $\\boxed" and
+   20 more tokens (the release's OpenAI-client variant stops there; its vLLM variant could loop).
+4. The score: scoring.genprm_paragraph_score over the turn, with what code printed masked out (so printed text can
+   never be read as the verdict; the release searched it too), on the final round's tokens. The paragraph's score
+   is the mean over the N judgements (Maj@N); the first judgement that did not fail becomes the conversation's
+   assistant turn for the next paragraphs, as the release appends outputs[0].
+
+Every round is submitted as the re-encoded text (as the release's text prompts are), so prefix caching serves
+all but the new tail. Each judgement k runs its code in its own persistent session (the release runs the N
+judgements one after another in one namespace). Any exception from code execution fails that judgement alone,
+recorded on its chain (`Chain.error`, and the code run's entry); the job goes on.
+
+It does not: parse formats other than GenPRM's kind (per_paragraph), or score other protocols.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from prmkern.verify import released_prompts as R
+from prmkern.verify.parsing import parse_output
+from prmkern.verify.scoring import ChainScores, VerdictScore, aggregate, genprm_paragraph_score
+
+__all__ = ["run_paragraphs", "code_output_text"]
+
+DEGRADED_TOKENS = 20  # genprm_inference.py: the verdict-only round
+
+
+def code_output_text(result: Any) -> str:
+    """The string GenPRM's CodeExecutor would have produced for this sandbox result."""
+    status = getattr(result, "status", None)
+    if status == "ok":
+        return (result.stdout or "").strip()
+    if status in ("timeout", "cpu_limit"):
+        return R.GENPRM_TIMEOUT_TEMPLATE.format(error=R.GENPRM_TIMEOUT_MESSAGE)
+    if status == "memory_limit":
+        return R.GENPRM_ERROR_TEMPLATE.format(type="MemoryError", error="")
+    lines = [ln for ln in (getattr(result, "stderr", "") or "").strip().splitlines() if ln.strip()]
+    last = lines[-1].strip() if lines else ""
+    m = re.match(r"^([A-Za-z_][\w.]*)(?::\s?(.*))?$", last)
+    if m and (m.group(1).endswith(("Error", "Exception", "Exit", "Interrupt", "Warning")) or m.group(2) is not None):
+        return R.GENPRM_ERROR_TEMPLATE.format(type=m.group(1).rsplit(".", 1)[-1], error=m.group(2) or "")
+    return R.GENPRM_ERROR_TEMPLATE.format(type="RuntimeError", error=f"sandbox status {status}")
+
+
+def _last_code(text: str, regex: str | None) -> str | None:
+    """The last python block, stripped (GenPRM's CodeExecutor); the format's code_regex (group "code" or 1)."""
+    matches = list(re.finditer(regex or R.GENPRM_CODE_REGEX, text, re.DOTALL))
+    if not matches:
+        return None
+    m = matches[-1]
+    return m.group("code" if "code" in m.re.groupindex else 1).strip()
+
+
+def _masked(text: str, spans: list[tuple[int, int]]) -> str:
+    chars = list(text)
+    for a, b in spans:
+        chars[a:b] = " " * (b - a)
+    return "".join(chars)
+
+
+class _Judgement:
+    """One of the N judgements of one paragraph: the assistant turn's text and its final round."""
+
+    def __init__(self, opener: str) -> None:
+        self.text = opener
+        self.analysis = ""  # stage 1's output (with "</analyze>\n")
+        self.masks: list[tuple[int, int]] = []
+        self.rounds = 0
+        self.final_ids: list[int] = []
+        self.final_logprobs: list[dict[int, float]] = []
+        self.done = False
+        self.error: str | None = None
+        self.finish_reason: str | None = None
+
+
+def run_paragraphs(v: Any, jobs: list, results: list) -> None:
+    """v: the Verifier (engine, tokenizer, format, config); fills results[i].chains and .scores."""
+    from prmkern.verify.protocols import Chain, Turn
+    c, fmt, tok = v.config, v.fmt, v.tok
+    n = c.num_chains
+    runner, pool = c.code_runner, None
+    if runner is None:
+        from prmkern.sandbox import SessionPool
+        pool = SessionPool(c.code_limits)
+        runner = pool.run_many
+    try:
+        history: dict[int, list[str]] = {i: [] for i, _, _ in jobs}
+        for i, _, _ in jobs:
+            results[i].chains = [Chain() for _ in range(n)]
+        max_steps = max((len(steps) for _, _, steps in jobs), default=0)
+        for p in range(max_steps):
+            live = [(i, prob, steps) for i, prob, steps in jobs if p < len(steps) and results[i].error is None]
+            if not live:
+                break
+            prompt_text = {i: fmt.render(prob, steps, tok, paragraph=p, history=history[i]) for i, prob, steps in live}
+            opener = fmt.prefix(p)
+            base = {i: t[:len(t) - len(opener)] if opener else t for i, t in prompt_text.items()}
+            judged: dict[int, list[_Judgement]] = {i: [_Judgement(opener) for _ in range(n)] for i, _, _ in live}
+            # Stage 1: the N analyses of each record in one request.
+            outs = v.llm.generate([tok.encode(prompt_text[i], add_special_tokens=False) for i, _, _ in live],
+                                  [v.params(n, c.max_tokens, v.seed(i, p, 0), stop=fmt.analyze_stop,
+                                            include_stop=True) for i, _, _ in live], use_tqdm=False)
+            for (i, _, _), out in zip(live, outs):
+                for k, j in enumerate(judged[i]):
+                    if out.error is not None:
+                        j.error, j.done = f"paragraph {p + 1} analysis: {out.error}", True
+                        continue
+                    j.analysis = out.outputs[k].text
+                    j.text += j.analysis + fmt.verify_prefix
+            # Stage 2: verify / output rounds with code execution, all open judgements batched per round.
+            while True:
+                active = [(i, k, j) for i, _, _ in live for k, j in enumerate(judged[i]) if not j.done]
+                if not active:
+                    break
+                prompts, params, degraded = [], [], []
+                for i, k, j in active:
+                    left = c.max_tokens - len(tok.tokenize(j.text))
+                    deg = not (left > 0 and j.rounds < c.max_code_rounds)
+                    if deg:
+                        j.text = (opener + j.analysis.split("</analyze>")[0] + "</analyze>\n" + fmt.output_prefix)
+                        j.masks = []
+                    degraded.append(deg)
+                    stop = fmt.stop if deg else fmt.code_stop
+                    prompts.append(tok.encode(base[i] + j.text, add_special_tokens=False))
+                    params.append(v.params(1, DEGRADED_TOKENS if deg else left, v.seed(i, k, p, j.rounds + 1),
+                                           stop=stop, include_stop=True, logprob_ids=v.verdict_ids))
+                outs = v.llm.generate(prompts, params, use_tqdm=False)
+                to_run: list[tuple[tuple[int, int], str, _Judgement]] = []
+                for (i, k, j), deg, out in zip(active, degraded, outs):
+                    j.rounds += 1
+                    if out.error is not None:
+                        j.error, j.done = f"paragraph {p + 1} round {j.rounds}: {out.error}", True
+                        continue
+                    o = out.outputs[0]
+                    j.text += o.text
+                    j.final_ids, j.final_logprobs = list(o.token_ids), list(o.token_logprobs or [])
+                    j.finish_reason = o.finish_reason
+                    if o.text.endswith(fmt.stop[0]) or deg:
+                        j.done = True
+                        continue
+                    code = _last_code(j.text, fmt.code_regex)
+                    if code is None:
+                        _append_output(j, R.GENPRM_NO_CODE, fmt)
+                    else:
+                        to_run.append(((i, k), code, j))
+                if to_run:
+                    _run_code(runner, to_run, fmt, results, p)
+            # Scores and the conversation's next assistant turn.
+            for i, _, steps in live:
+                src = next((j for j in judged[i] if j.error is None), None)
+                if src is None:
+                    results[i].error = f"paragraph {p + 1}: every judgement failed ({judged[i][0].error})"
+                    continue
+                history[i].append(src.text)
+                for k, j in enumerate(judged[i]):
+                    ch = results[i].chains[k]
+                    ch.turns.append(Turn(prompt_ids=[], token_ids=j.final_ids, token_logprobs=j.final_logprobs,
+                                         finish_reason="error" if j.error else j.finish_reason, done=True,
+                                         text=j.text, masks=list(j.masks)))
+                    if j.error and ch.error is None:
+                        ch.error = j.error
+        for i, _, steps in jobs:
+            if results[i].error is None:
+                _score(v, results[i], len(steps))
+    finally:
+        if pool is not None:
+            pool.close_all()
+
+
+def _append_output(j: _Judgement, output: str, fmt: Any) -> None:
+    block = fmt.code_output_template.format(output=output)
+    start = len(j.text) + block.index(output) if output else len(j.text)
+    j.text += block
+    if output:
+        j.masks.append((start, start + len(output)))
+
+
+def _run_code(runner: Any, to_run: list, fmt: Any, results: list, p: int) -> None:
+    """Runs the code of every judgement of the round; any exception fails that judgement alone."""
+    try:
+        res = list(runner([(key, code) for key, code, _ in to_run]))
+        if len(res) != len(to_run):
+            raise RuntimeError(f"the code runner returned {len(res)} results for {len(to_run)} snippets")
+    except Exception:  # a batch failure: retry one by one so only the failing snippets fail
+        res = []
+        for key, code, _ in to_run:
+            try:
+                res.append(list(runner([(key, code)]))[0])
+            except Exception as e:  # noqa: BLE001: any sandbox failure is this judgement's failure
+                res.append(e)
+    for ((i, k), code, j), r in zip(to_run, res):
+        entry = {"paragraph": p, "code": code}
+        if isinstance(r, BaseException):
+            j.error, j.done = f"paragraph {p + 1}: code execution failed: {type(r).__name__}: {r}", True
+            entry.update(status="exception", output=f"{type(r).__name__}: {r}")
+        else:
+            try:
+                out = code_output_text(r)
+            except Exception as e:  # noqa: BLE001: a malformed result fails this judgement only
+                j.error, j.done = f"paragraph {p + 1}: unreadable sandbox result: {e}", True
+                entry.update(status="exception", output=str(e))
+                results[i].chains[k].code_runs.append(entry)
+                continue
+            entry.update(status=getattr(r, "status", None), output=out[:2000])
+            _append_output(j, out, fmt)
+        results[i].chains[k].code_runs.append(entry)
+
+
+def _score(v: Any, res: Any, n: int) -> None:
+    fmt = v.fmt
+    yes_id, no_id = v.verdict_ids
+    per_chain = []
+    for ch in res.chains:
+        texts = [_masked(t.text, t.masks) for t in ch.turns]
+        finished = [t.finish_reason not in ("length", "error") for t in ch.turns]
+        parsed = parse_output(fmt, texts, n, finished=finished)
+        steps = []
+        for p, sv in enumerate(parsed.steps):
+            if p >= len(ch.turns) or ch.turns[p].finish_reason == "error":
+                steps.append(VerdictScore(p, sv.status, None, "none", note="judgement failed or not reached"))
+                continue
+            t = ch.turns[p]
+            score, source = genprm_paragraph_score(texts[p], t.token_ids, t.token_logprobs, yes_id, no_id,
+                                                   fmt.decision_regex or R.GENPRM_DECISION_REGEX)
+            steps.append(VerdictScore(p, sv.status, score, source if score is not None else "none",
+                                      note=None if score is not None else source))
+        ch.scores = ChainScores(steps, parsed)
+        per_chain.append(ch.scores)
+    res.scores = aggregate(per_chain, n, method=v.config.method, threshold=v.config.threshold)
