@@ -35,7 +35,8 @@ def default_format(args: argparse.Namespace) -> str:
     """--format, else the shipped verifier's own format when no model is given, else thinkprm."""
     if args.format:
         return args.format
-    return "thinkprm" if (getattr(args, "model", None) or getattr(args, "model_dir", None)) else "prmkern"
+    # `prmkern serve DIR` (model_dir) keeps the server's own choice, made on --model alone
+    return "thinkprm" if getattr(args, "model", None) else "prmkern"
 
 
 def format_default(field_name: str, fmt: str) -> Any:
