@@ -15,7 +15,8 @@ Also printed: the share of the generative verifier's step verdicts that agree wi
 to and including the first wrong one, every chain; an unparsed verdict counts as wrong) and of its final Yes/No.
 Rows marked "@best-t" use the threshold (0.05..0.95) that is best on the held-out set itself: an optimistic bound
 that shows how much a miscalibrated score loses at 0.5, not a fair number. The held-out set comes from a seed
-never used for training; --exclude drops any record whose problem and steps appear in a training file. The last stdout line is one JSON document.
+never used for training; --exclude drops any record whose problem and steps appear in a training file. The last
+stdout line is one JSON document.
 
 It does not: train anything, or read real ProcessBench data (point prmkern's own eval at that).
 """
