@@ -38,9 +38,16 @@ def main() -> None:
     ap.add_argument("--format", default="prmkern")  # the format earlier numbers were measured with
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (0: torch's default); 1 because OpenMP threads stall on a shared machine")
     args = ap.parse_args()
     if args.smoke:
         args.limit, args.chains, args.max_tokens = 2, 2, 8
+    if args.threads < 0:
+        raise SystemExit(f"--threads {args.threads}: accepted: 0 (torch's default) or an int >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()}", flush=True)
     model = args.model or default_model_dir()
     records = load_processbench(args.records or sample_path())[:args.limit]
     llm = LLM(model, device=args.device)
@@ -75,7 +82,7 @@ def main() -> None:
     print(f"  one call, no prefix caching: median {statistics.median(cold) * 1e3:.1f} ms")
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu x{os.cpu_count()}"
     print(json.dumps(dict(
-        bench="verify", device=device_name, commit=git_commit(),
+        bench="verify", device=device_name, threads=torch.get_num_threads(), commit=git_commit(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), model=model,
         solutions=len(records), chains=args.chains, max_tokens=args.max_tokens, batch_s=round(batch_s, 4),
         chains_per_s=round(chains / batch_s, 3), cached_call_ms=round(statistics.median(c[0] for c in cached) * 1e3, 2),

@@ -1,126 +1,248 @@
-"""The `prmkern` command line: generate, verify, bon, eval processbench, demo.
+"""The `prmkern` command line: generate, verify, eval processbench, bon, demo.
 
-Progress goes to stderr with a bar; results to stdout or --output; a throughput summary closes every run.
+Every command that reads a JSONL writes one row per record as it finishes (prmkern/jobs.py: flushed, a bad line
+fails alone with its line number, `--resume`, `--summary FILE`). Configuration is checked before the model loads
+and an error names the flag to change. Progress goes to stderr; results to -o (default stdout).
+The verification commands live in cli_verify.py; this file holds the parser, the engine options, generate and demo.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
+import shlex
 import sys
 import time
 from typing import Any
 
+from prmkern import __version__
+from prmkern.jobs import Item, JobRunner, read_items, write_summary
 from prmkern.sampling import SamplingParams
 
 SAMPLING_KEYS = ("n", "temperature", "top_k", "top_p", "min_tokens", "max_tokens", "ignore_eos", "stop",
                  "stop_token_ids", "include_stop_str_in_output", "seed", "logprobs", "logprob_token_ids",
                  "skip_special_tokens")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
+
+
+class UsageError(SystemExit):
+    """A configuration error found before anything heavy runs: printed as `prmkern: error: ...`, exit code 2."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+
+def parse_bytes(text: str) -> int:
+    """'4GiB', '512MiB', '1.5GB', '1073741824' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; accepted: bytes or a number with KiB/MiB/GiB/GB")
+    unit = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[m.group(2).upper()]
+    base = 1024 if (m.group(3) or "").lower() == "ib" or not m.group(3) else 1000
+    value = float(m.group(1)) * base ** unit
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be > 0")
+    return int(value)
+
+
+def engine_args(ap: argparse.ArgumentParser, max_model_len: bool = True) -> None:
+    g = ap.add_argument_group("engine")
+    g.add_argument("--model", default=None,
+                   help="Hugging Face checkpoint directory (default: the shipped verifier for verify/eval/bon, the "
+                        "random-weight model for generate/demo)")
+    g.add_argument("--dtype", default="auto", help=f"{' | '.join(DTYPES[:4])} (auto: the checkpoint's)")
+    g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; on a shared machine 1 avoids OpenMP stalls)")
+    if max_model_len:
+        g.add_argument("--max-model-len", type=int, default=None,
+                       help="longest prompt + generation in tokens (default: the model's max_position_embeddings)")
+    g.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
+                   help="bytes for the KV cache, e.g. 4GiB (default: 1 GiB on the CPU, 90%% of free memory on CUDA)")
+    g.add_argument("--num-kvcache-blocks", type=int, default=None, help="KV pool size in blocks (overrides memory)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="chains running at once")
+    g.add_argument("--max-num-batched-tokens", type=int, default=4096, help="tokens per engine step (chunked prefill)")
+    g.add_argument("--attention-backend", default=None, help="torch | triton (default: triton on CUDA)")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    g.add_argument("--seed", type=int, default=0, help="engine seed")
 
 
 def _engine_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", default=None, help="Hugging Face checkpoint directory (default: the embedded model)")
-    ap.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (the checkpoint's)")
-    ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--num-kvcache-blocks", type=int, default=None)
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
-    ap.add_argument("--attention-backend", default=None, help="torch | triton (default: triton on CUDA)")
-    ap.add_argument("--seed", type=int, default=0)
+    """The engine options for `prmkern serve` (prmkern/serve/cli.py), which adds its own --max-model-len."""
+    engine_args(ap, max_model_len=False)
+
+
+def _verify_args(ap: argparse.ArgumentParser) -> None:
+    """The verifier options (for `prmkern serve`)."""
+    from prmkern.cli_verify import add_verify_args
+    add_verify_args(ap)
+
+
+def _make_verifier(args: argparse.Namespace, llm: Any):
+    """A Verifier on `llm` from the verifier options (for `prmkern serve`); a bad option raises UsageError."""
+    from prmkern.cli_verify import build_config
+    from prmkern.verify.protocols import Verifier
+    return Verifier(llm, build_config(args))
+
+
+def _job_args(ap: argparse.ArgumentParser, unit: str, limit_help: str | None = None) -> None:
+    ap.add_argument("-o", "--output", default="-", help="JSONL output, one row per record as it finishes ('-': stdout)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted job: keep the rows already in -o FILE and run only the rest")
+    ap.add_argument("--summary", default=None, metavar="FILE",
+                    help="write a JSON summary: counts, failures by reason and line, throughput, engine counters")
+    ap.add_argument("--limit", type=int, default=None, help=limit_help or f"only the first N {unit}s of the input")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def shipped_verifier_dir() -> str | None:
     """The small generative verifier trained on the synthetic task (train/make_default_verifier.sh), if shipped."""
-    import os
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "verifier")
     return path if os.path.isfile(os.path.join(path, "model.safetensors")) else None
 
 
-def _make_llm(args: argparse.Namespace, default: str = "random"):
+def check_engine_args(args: argparse.Namespace) -> None:
+    """Everything about the engine options that can be checked without loading the model."""
+    if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise UsageError(f"--model {args.model}: no config.json there; give a local Hugging Face checkpoint "
+                         f"directory (nothing is downloaded)")
+    if args.dtype not in DTYPES:
+        raise UsageError(f"--dtype {args.dtype}: accepted: {', '.join(DTYPES)}")
+    if args.device is not None and args.device.split(":")[0] not in ("cpu", "cuda"):
+        raise UsageError(f"--device {args.device}: accepted: cpu, cuda, cuda:N")
+    if args.device is not None and args.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+    for flag in ("threads", "max_model_len", "num_kvcache_blocks", "block_size", "max_num_seqs", "batch_size",
+                 "max_num_batched_tokens"):
+        v = getattr(args, flag, None)
+        if v is not None and v < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} {v}: accepted: an int >= 1")
+    if args.attention_backend not in (None, "torch", "triton"):
+        raise UsageError(f"--attention-backend {args.attention_backend}: accepted: torch, triton")
+    if getattr(args, "limit", None) is not None and args.limit < 1:
+        raise UsageError(f"--limit {args.limit}: accepted: an int >= 1")
+    if getattr(args, "resume", False) and args.output == "-":
+        raise UsageError("--resume continues the file given with -o; give -o FILE (stdout cannot be resumed)")
+
+
+def make_llm(args: argparse.Namespace, default: str = "random"):
     """default: 'verifier' (the shipped verifier, else the random model) or 'random' (the random-weight model)."""
     from prmkern.llm import LLM
     from prmkern.tiny import default_model_dir
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
     model = args.model or (default == "verifier" and shipped_verifier_dir()) or default_model_dir()
-    return LLM(model, dtype=args.dtype, device=args.device, block_size=args.block_size,
-               num_kvcache_blocks=args.num_kvcache_blocks, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
-               seed=args.seed)
+    try:
+        return LLM(model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+                   num_kvcache_blocks=args.num_kvcache_blocks, kv_cache_memory=args.kv_cache_memory,
+                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                   max_model_len=args.max_model_len, attention_backend=args.attention_backend, seed=args.seed,
+                   enforce_eager=args.enforce_eager)
+    except ValueError as e:  # the engine's config check: name the flag
+        raise UsageError(f"{e} (set with --{str(e).split('=')[0].replace('_', '-')})") from e
 
 
-def summary(stats: dict[str, int], seconds: float, chains: int) -> str:
+def resume_hint(argv: list[str] | None) -> str:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if "--resume" not in words:
+        words.append("--resume")
+    return "prmkern " + " ".join(shlex.quote(w) for w in words)
+
+
+def progress_bar(args: argparse.Namespace, total: int, desc: str, unit: str):
+    """A tqdm bar on stderr (rate and ETA per record), or None with --no-progress."""
+    if args.no_progress:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
+
+
+def summary_line(stats: dict[str, int], seconds: float, chains: int) -> str:
+    seconds = max(seconds, 1e-9)
     computed = stats["prefill_tokens"] + stats["generated_tokens"]
-    saved = stats["cached_tokens"]
     return (f"{stats['requests']} requests ({stats['failed_requests']} failed), {chains} chains in {seconds:.2f} s: "
             f"{chains / seconds:.2f} chains/s, {stats['generated_tokens'] / seconds:.1f} generated tok/s, "
             f"{computed / seconds:.1f} computed tok/s\n"
             f"prompt tokens {stats['prompt_tokens']}, prefilled {stats['prefill_tokens']}, "
-            f"from prefix cache {saved}, preemptions {stats['preemptions']}")
+            f"from prefix cache {stats['cached_tokens']}, preemptions {stats['preemptions']}")
 
 
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
-    stream = sys.stdin if path == "-" else open(path)
-    records = []
-    for i, line in enumerate(stream, 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{i}: not a JSON object ({e})")
-    return records
+def report_failures(runner: JobRunner, path: str) -> None:
+    """One stderr line per failed record (line number and reason), at most 20, then the count by reason."""
+    fails = runner.failures()
+    for f in fails[:20]:
+        print(f"{path}:{f['line']}: record {f['index']} failed ({f['reason']}): {f['error']}", file=sys.stderr)
+    if len(fails) > 20:
+        print(f"... and {len(fails) - 20} more failed records (all in the output rows and --summary)",
+              file=sys.stderr)
+
+
+# -- generate --------------------------------------------------------------------------------------------------
+def _generate_params(args: argparse.Namespace, rec: dict[str, Any]) -> SamplingParams:
+    if "prompt" not in rec and "prompt_token_ids" not in rec:
+        raise ValueError("a record needs 'prompt' (text) or 'prompt_token_ids' (list of ints)")
+    unknown = set(rec) - set(SAMPLING_KEYS) - {"prompt", "prompt_token_ids", "id"}
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)}; accepted: prompt, prompt_token_ids, id, "
+                         f"{', '.join(SAMPLING_KEYS)}")
+    defaults = {k: getattr(args, k) for k in ("n", "temperature", "top_p", "top_k", "max_tokens", "seed")
+                if getattr(args, k) is not None}
+    return SamplingParams(**{**defaults, **{k: rec[k] for k in SAMPLING_KEYS if k in rec}})
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    records = _read_jsonl(args.input)
-    defaults = {k: getattr(args, k) for k in ("n", "temperature", "top_p", "top_k", "max_tokens", "seed")
-                if getattr(args, k) is not None}
-    prompts, params, errors = [], [], {}
-    for i, rec in enumerate(records):
-        prompt = rec.get("prompt", rec.get("prompt_token_ids"))
-        try:
-            if prompt is None:
-                raise ValueError("a record needs 'prompt' (text) or 'prompt_token_ids' (list of ints)")
-            unknown = set(rec) - set(SAMPLING_KEYS) - {"prompt", "prompt_token_ids", "id"}
-            if unknown:
-                raise ValueError(f"unknown keys {sorted(unknown)}; accepted: prompt, prompt_token_ids, id, "
-                                 f"{', '.join(SAMPLING_KEYS)}")
-            params.append(SamplingParams(**{**defaults, **{k: rec[k] for k in SAMPLING_KEYS if k in rec}}))
-            prompts.append(prompt)
-        except (TypeError, ValueError) as e:
-            errors[i] = str(e)
-    llm = _make_llm(args)
-    start = time.perf_counter()
-    outputs = iter(llm.generate(prompts, params, use_tqdm=not args.no_progress) if prompts else [])
-    seconds = time.perf_counter() - start
-    out = sys.stdout if args.output == "-" else open(args.output, "w")
+    check_engine_args(args)
+    items = read_items(args.input)[:args.limit or None]
+    params: dict[int, SamplingParams] = {}
+    for it in items:  # check every record before the model loads; a bad one fails alone
+        if it.error is None:
+            try:
+                params[it.index] = _generate_params(args, it.record)
+            except (TypeError, ValueError) as e:
+                it.error = str(e)
+    llm = make_llm(args)
     chains = 0
-    for i, rec in enumerate(records):
-        row: dict[str, Any] = {"id": rec.get("id", i)}
-        if i in errors:
-            row["error"] = errors[i]
-        else:
-            r = next(outputs)
-            row["error"] = r.error
-            row["outputs"] = [{"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
-                               **({"logprobs": c.sampled_logprobs} if c.logprobs is not None else {}),
-                               **({"token_logprobs": c.token_logprobs} if c.token_logprobs is not None else {})}
-                              for c in r.outputs]
+
+    def process(batch: list[Item], emit) -> None:
+        nonlocal chains
+        outs = llm.generate([it.record.get("prompt", it.record.get("prompt_token_ids")) for it in batch],
+                            [params[it.index] for it in batch], use_tqdm=False)
+        for it, r in zip(batch, outs):
             chains += len(r.outputs)
-        out.write(json.dumps(row) + "\n")
-    if out is not sys.stdout:
-        out.close()
+            emit(it.index, it.row(error=r.error, outputs=[
+                {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+                 **({"logprobs": c.sampled_logprobs} if c.logprobs is not None else {}),
+                 **({"token_logprobs": c.token_logprobs} if c.token_logprobs is not None else {})}
+                for c in r.outputs]))
+
+    runner = JobRunner(args.output, args.resume, resume_hint(args.argv))
+    bar = progress_bar(args, len(items), "generate", "prompt")
+    runner.run(items, process, batch_size=args.batch_size, progress=bar.update if bar else None)
+    if bar is not None:
+        bar.close()
+    report_failures(runner, args.input)
     stats = llm.stats.as_dict()
-    stats["failed_requests"] += len(errors)
-    stats["requests"] += len(errors)
-    print(summary(stats, seconds, chains), file=sys.stderr)
-    return 0
+    print(summary_line(stats, runner.seconds, chains), file=sys.stderr)
+    write_summary(args.summary, runner.summary(len(items), stats, chains, command="generate", input=args.input,
+                                               output=args.output))
+    return 130 if runner.interrupted else 0
 
 
+# -- demo ------------------------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     """Many chains over one prompt on the embedded default: the prompt is prefilled once and shared."""
+    check_engine_args(args)
     from prmkern.tiny import DEFAULT_MODEL
-    llm = _make_llm(args)
-    print(f"model: {llm.config.model} ({DEFAULT_MODEL['arch'] if args.model is None else 'user checkpoint'}, "
-          f"random weights)" if args.model is None else f"model: {args.model}", file=sys.stderr)
+    llm = make_llm(args)
+    print(f"model: {llm.config.model} ({DEFAULT_MODEL['arch']}, random weights)" if args.model is None
+          else f"model: {args.model}", file=sys.stderr)
     words = "Problem: a train travels 120 km in 1.5 hours. Step 1: speed = 120 / 1.5 = 80 km/h. Verify each step."
     prompt_ids = (llm.tokenizer.encode(words, add_special_tokens=False) * 64)[:args.prompt_len]
     params = SamplingParams(n=args.chains, temperature=1.0, max_tokens=args.gen_len, ignore_eos=True, seed=0)
@@ -129,259 +251,62 @@ def cmd_demo(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     print(f"{len(out.outputs)} chains of {args.gen_len} tokens over one {len(prompt_ids)}-token prompt; chain 0 "
           f"starts: {out.outputs[0].text[:60]!r}")
-    print(summary(llm.stats.as_dict(), seconds, len(out.outputs)))
+    print(summary_line(llm.stats.as_dict(), seconds, len(out.outputs)))
     print(json.dumps(llm.stats.as_dict()))
     return 0
 
 
-def _verify_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--format", default=None,
-                    help="thinkprm | genprm | critic | prmkern | a name from --formats-file (default: prmkern for the "
-                         "shipped verifier, thinkprm for --model); unset sampling options take the format's "
-                         "published defaults (prmkern.verify.format_defaults)")
-    ap.add_argument("--formats-file", default=None, help="JSON file of user-defined verifier formats")
-    ap.add_argument("--chains", type=int, default=None, help="K: parallel verification chains per solution")
-    ap.add_argument("--temperature", type=float, default=None)
-    ap.add_argument("--top-p", type=float, default=None)
-    ap.add_argument("--top-k", dest="verify_top_k", type=int, default=None)
-    ap.add_argument("--max-tokens", type=int, default=None, help="per chain, all rounds together")
-    ap.add_argument("--budget-tokens", type=int, default=None,
-                    help="budget forcing: a chain that ends earlier is told to continue")
-    ap.add_argument("--method", default=None, help="solution score: min | last | mean | product | final | vote")
-    ap.add_argument("--threshold", type=float, default=0.5, help="earliest error: first step scored below this")
-    ap.add_argument("--verify-seed", type=int, default=0)
+# -- the parser ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from prmkern import cli_verify
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    ap = argparse.ArgumentParser(prog="prmkern", formatter_class=fmt,
+                                 description="Inference engine for generative process reward models")
+    ap.add_argument("--version", action="version", version=f"prmkern {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
 
+    g = sub.add_parser("generate", help="JSONL prompts in, JSONL completions out", formatter_class=fmt)
+    g.add_argument("input", help="JSONL file ('-' for stdin): {prompt | prompt_token_ids, [id], [sampling keys]}")
+    _job_args(g, "prompt")
+    g.add_argument("--n", type=int, default=None, help="chains per prompt (default: SamplingParams' 1)")
+    g.add_argument("--temperature", type=float, default=None, help="(default: SamplingParams' 1.0)")
+    g.add_argument("--top-p", dest="top_p", type=float, default=None, help="(default: 1.0)")
+    g.add_argument("--top-k", dest="top_k", type=int, default=None, help="(default: off)")
+    g.add_argument("--max-tokens", dest="max_tokens", type=int, default=None, help="(default: SamplingParams' 16)")
+    g.add_argument("--sampling-seed", dest="seed", type=int, default=None, help="seed of every request without its own")
+    g.add_argument("--batch-size", type=int, default=32, help="prompts per engine batch (rows are written per batch)")
+    engine_args(g)
+    g.set_defaults(func=cmd_generate)
 
-def _make_verifier(args: argparse.Namespace, llm):
-    from prmkern.verify.formats import load_formats
-    from prmkern.verify.protocols import Verifier, VerifyConfig
-    if args.formats_file:
-        load_formats(args.formats_file, replace=True)
-    fmt = args.format or ("prmkern" if args.model is None else "thinkprm")  # the shipped verifier's own format
-    return Verifier(llm, VerifyConfig(format=fmt, num_chains=args.chains, temperature=args.temperature,
-                                      top_p=args.top_p, top_k=getattr(args, "verify_top_k", None),
-                                      max_tokens=args.max_tokens, budget_tokens=args.budget_tokens,
-                                      method=args.method, threshold=args.threshold, seed=args.verify_seed))
+    cli_verify.add_parsers(sub, fmt, engine_args, _job_args)
 
+    d = sub.add_parser("demo", help="many chains over one prompt on the embedded random-weight model",
+                       formatter_class=fmt)
+    d.add_argument("--chains", type=int, default=16, help="chains over the one prompt")
+    d.add_argument("--prompt-len", type=int, default=512, help="prompt tokens")
+    d.add_argument("--gen-len", type=int, default=64, help="tokens generated per chain")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    engine_args(d)
+    d.set_defaults(func=cmd_demo)
 
-def _verify_records(verifier, records, show_progress: bool, desc: str):
-    bar = None
-    if show_progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(records), desc=desc, unit="solution", dynamic_ncols=True, file=sys.stderr)
-    results = []
-    batch = max(1, 64 // max(1, verifier.config.num_chains))  # solutions per engine batch: bounded memory
-    for i in range(0, len(records), batch):
-        results += verifier.verify(records[i:i + batch], progress=bar.update if bar else None)
-    if bar is not None:
-        bar.close()
-    return results
-
-
-def _verify_summary(llm, results, seconds: float) -> str:
-    from collections import Counter
-    counts: Counter = Counter()
-    for r in results:
-        if r.scores is not None:
-            counts.update(r.scores.counts)
-    chains = sum(len(r.chains) for r in results)
-    failed = sum(r.error is not None for r in results)
-    return (f"{len(results)} solutions ({failed} failed), verdicts {dict(counts)}\n"
-            + summary(llm.stats.as_dict(), seconds, chains))
-
-
-def _report_json(report: dict) -> dict:
-    from dataclasses import asdict, is_dataclass
-    return {k: asdict(v) if is_dataclass(v) else v for k, v in report.items()}
-
-
-def _labelled_f1(records, results) -> dict | None:
-    from prmkern.verify.processbench import evaluate_subsets
-    subsets: dict[str, tuple[list, list]] = {}
-    for rec, res in zip(records, results):
-        if "label" not in rec:
-            continue
-        name = str(rec.get("subset") or str(rec.get("id", "all")).split("-")[0])
-        labels, preds = subsets.setdefault(name, ([], []))
-        labels.append(int(rec["label"]))
-        preds.append(res.prediction)
-    return _report_json(evaluate_subsets(subsets)) if subsets else None
-
-
-def verdict_agreement(records, results, threshold: float) -> dict | None:
-    """Against gold labels (ProcessBench convention: label = first wrong step, -1 none): the share of step verdicts
-    that are right, over steps up to and including the first wrong one (later steps have no gold label), and the
-    share of solutions whose predicted earliest error equals the label."""
-    right = total = exact = labelled = 0
-    for rec, res in zip(records, results):
-        if "label" not in rec or res.error is not None:
-            continue
-        labelled += 1
-        label = int(rec["label"])
-        exact += res.prediction == label
-        last = len(rec["steps"]) - 1 if label == -1 else label
-        for i, step in enumerate(res.scores.steps[:last + 1] if res.scores else []):
-            if step.score is not None:
-                total += 1
-                right += (step.score >= threshold) == (label == -1 or i < label)
-    if not labelled:
-        return None
-    return {"step_verdicts_right": right / total if total else None, "scored_steps": total,
-            "earliest_error_exact": exact / labelled, "solutions": labelled}
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    from prmkern.verify.processbench import load_processbench, sample_path
-    examples = shipped_verifier_dir() and f"{shipped_verifier_dir()}/examples.jsonl"
-    if args.input is None:  # bundled records: synthetic held-out examples for the shipped verifier, else ProcessBench
-        path = examples if args.model is None and examples else str(sample_path())
-    else:
-        path = str(sample_path()) if args.input == "processbench" else args.input
-    records = load_processbench(path)
-    if args.limit:
-        records = records[:args.limit]
-    llm = _make_llm(args, default="verifier")
-    verifier = _make_verifier(args, llm)
-    print(f"verifying {len(records)} solutions from {path} with {llm.config.model} "
-          f"({verifier.fmt.name}, K={verifier.config.num_chains})", file=sys.stderr)
-    start = time.perf_counter()
-    results = _verify_records(verifier, records, not args.no_progress, "verify")
-    seconds = time.perf_counter() - start
-    out = sys.stdout if args.output == "-" else open(args.output, "w")
-    for res in results:
-        out.write(json.dumps(res.to_json(llm.tokenizer, include_chains=not args.no_chains)) + "\n")
-    if out is not sys.stdout:
-        out.close()
-    print(_verify_summary(llm, results, seconds), file=sys.stderr)
-    agreement = verdict_agreement(records, results, args.threshold)
-    if agreement is not None:
-        share = agreement["step_verdicts_right"]
-        print(f"against the gold labels: {'n/a' if share is None else f'{share:.1%}'} of "
-              f"{agreement['scored_steps']} scored step verdicts right; earliest error exact on "
-              f"{agreement['earliest_error_exact']:.1%} of {agreement['solutions']} solutions", file=sys.stderr)
-        f1 = _labelled_f1(records, results)
-        print(f"ProcessBench-style F1 on these labelled records: {json.dumps(f1)}", file=sys.stderr)
-    return 0
-
-
-def cmd_eval_processbench(args: argparse.Namespace) -> int:
-    import os
-
-    from prmkern.verify.processbench import balanced_limit, evaluate_subsets, load_processbench
-    llm = _make_llm(args, default="verifier")
-    verifier = _make_verifier(args, llm)
-    subsets = {}
-    start = time.perf_counter()
-    all_results = []
-    for path in args.files:
-        records = load_processbench(path)
-        records = balanced_limit(records, args.limit) if args.limit else records  # a head slice is all erroneous
-        results = _verify_records(verifier, records, not args.no_progress, os.path.basename(path))
-        all_results += results
-        subsets[os.path.splitext(os.path.basename(path))[0]] = (
-            [int(r["label"]) for r in records],
-            [res.prediction for res in results])
-    seconds = time.perf_counter() - start
-    report = _report_json(evaluate_subsets(subsets))
-    print(_verify_summary(llm, all_results, seconds), file=sys.stderr)
-    for name, r in report.items():
-        if isinstance(r, dict):
-            print(f"{name:>12}: F1 {r['f1']:.4f}  acc_err {r['acc_err']:.4f} (n={r['n_err']})  "
-                  f"acc_ok {r['acc_ok']:.4f} (n={r['n_ok']})")
-    print(json.dumps(report))
-    return 0
-
-
-def cmd_bon(args: argparse.Namespace) -> int:
-    from prmkern.search import best_of_n
-    records = _read_jsonl(args.input)
-    if args.limit:
-        records = records[:args.limit]
-    llm = _make_llm(args, default="verifier")
-    generator = llm if args.generator is None else _make_llm(argparse.Namespace(**{**vars(args),
-                                                                                   "model": args.generator}))
-    verifier = _make_verifier(args, llm)
-    start = time.perf_counter()
-    results = best_of_n(generator, verifier, records, n=args.n, select=args.select,
-                        params=SamplingParams(temperature=args.gen_temperature, top_p=0.95,
-                                              max_tokens=args.gen_max_tokens, seed=args.seed))
-    seconds = time.perf_counter() - start
-    graded = [r.correct for r in results if r.correct is not None]
-    for rec, r in zip(records, results):
-        c = r.chosen
-        print(json.dumps({"id": rec.get("id"), "answer": c.answer if c else None, "score": c.score if c else None,
-                          "correct": r.correct, "candidates": [{"answer": x.answer, "score": x.score}
-                                                               for x in r.candidates]}))
-    acc = f", accuracy {sum(graded) / len(graded):.3f} over {len(graded)}" if graded else ""
-    print(f"best-of-{args.n} ({args.select}) on {len(records)} problems in {seconds:.2f} s{acc}", file=sys.stderr)
-    return 0
+    from prmkern.serve.cli import add_serve_parser  # the HTTP server (docs/server.md)
+    add_serve_parser(sub)
+    return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="prmkern", description="Inference engine for generative process reward models")
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    g = sub.add_parser("generate", help="JSONL prompts in, JSONL completions out")
-    _engine_args(g)
-    g.add_argument("input", help="JSONL file ('-' for stdin): {prompt | prompt_token_ids, [sampling keys]} per line")
-    g.add_argument("-o", "--output", default="-", help="JSONL output file (default stdout)")
-    g.add_argument("--n", type=int, default=None)
-    g.add_argument("--temperature", type=float, default=None)
-    g.add_argument("--top-p", dest="top_p", type=float, default=None)
-    g.add_argument("--top-k", dest="top_k", type=int, default=None)
-    g.add_argument("--max-tokens", dest="max_tokens", type=int, default=None)
-    g.add_argument("--sampling-seed", dest="seed", type=int, default=None)
-    g.add_argument("--no-progress", action="store_true")
-    g.set_defaults(func=cmd_generate)
-
-    v = sub.add_parser("verify", help="score every step of solutions with a generative verifier")
-    _engine_args(v)
-    _verify_args(v)
-    v.add_argument("input", nargs="?", default=None,
-                   help="ProcessBench-format .json or .jsonl of {problem, steps[, id, label]}; 'processbench' for "
-                        "the bundled ProcessBench records (default: the shipped verifier's held-out examples)")
-    v.add_argument("-o", "--output", default="-", help="JSONL results (default stdout)")
-    v.add_argument("--limit", type=int, default=None)
-    v.add_argument("--no-chains", action="store_true", help="omit the chains' text from the output")
-    v.add_argument("--no-progress", action="store_true")
-    v.set_defaults(func=cmd_verify)
-
-    e = sub.add_parser("eval", help="evaluations: `prmkern eval processbench FILE...`")
-    esub = e.add_subparsers(dest="benchmark", required=True)
-    pb = esub.add_parser("processbench", help="official ProcessBench F1 per subset and their mean")
-    _engine_args(pb)
-    _verify_args(pb)
-    pb.add_argument("files", nargs="+", help="ProcessBench subset files (.json or .jsonl), one per subset")
-    pb.add_argument("--limit", type=int, default=None, help="records per subset")
-    pb.add_argument("--no-progress", action="store_true")
-    pb.set_defaults(func=cmd_eval_processbench)
-
-    b = sub.add_parser("bon", help="best-of-N: sample N solutions, pick by verifier score or weighted vote")
-    _engine_args(b)
-    _verify_args(b)
-    b.add_argument("input", help="JSONL of {problem[, answer, id]}")
-    b.add_argument("--n", type=int, default=8)
-    b.add_argument("--select", default="score", choices=["score", "vote"])
-    b.add_argument("--generator", default=None, help="generator checkpoint (default: the verifier's)")
-    b.add_argument("--gen-temperature", type=float, default=0.8)
-    b.add_argument("--gen-max-tokens", type=int, default=512)
-    b.add_argument("--limit", type=int, default=None)
-    b.set_defaults(func=cmd_bon)
-
-    d = sub.add_parser("demo", help="many chains over one prompt on the embedded default model")
-    _engine_args(d)
-    d.add_argument("--chains", type=int, default=16)
-    d.add_argument("--prompt-len", type=int, default=512)
-    d.add_argument("--gen-len", type=int, default=64)
-    d.add_argument("--no-progress", action="store_true")
-    d.set_defaults(func=cmd_demo)
-
-    from prmkern.serve.cli import add_serve_parser
-    add_serve_parser(sub)
-
+    ap = build_parser()
     args = ap.parse_args(argv)
-    return args.func(args)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        ap.exit(2, f"prmkern {args.command}: error: {e.message}\n")
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m prmkern.cli` runs this file as __main__; the commands import prmkern.cli, so run that module's
+    # main, or its UsageError would be a different class from the one raised
+    from prmkern.cli import main as _main
+    sys.exit(_main())

@@ -7,13 +7,16 @@ discriminative baseline, side by side.
 Generative: K chains per solution through prmkern's LLM (the prompt's KV shared by the chains), each parsed with
 prmkern.verify (PRMKERN format); a verdict's P(correct) is read from the engine's log-probabilities of the two
 verdict tokens at the verdict position; step scores are the mean over chains; the predicted earliest error is the
-first step under 0.5. K=1 is the mean of the F1 of each chain alone (the K chains are K independent single-chain
-runs), which has less variance than one draw; a greedy single chain is a third row. Discriminative: P(correct) at each step separator, same threshold.
+first step under 0.5, and null (counted wrong) when a step before any such error got no score from any chain
+(the rule of `prmkern verify`: a solution whose steps were not all judged is not "no error"). K=1 is the mean of
+the F1 of each chain alone (the K chains are K independent single-chain runs), which has less variance than one
+draw; a greedy single chain is a third row. Discriminative: P(correct) at each step separator, same threshold.
 Also printed: the share of the generative verifier's step verdicts that agree with the gold labels (every step up
 to and including the first wrong one, every chain; an unparsed verdict counts as wrong) and of its final Yes/No.
 Rows marked "@best-t" use the threshold (0.05..0.95) that is best on the held-out set itself: an optimistic bound
-that shows how much a miscalibrated score loses at 0.5, not a fair number. The held-out set comes from a seed never used for training; --exclude drops any record whose problem and steps
-appear in a training file. The last stdout line is one JSON document.
+that shows how much a miscalibrated score loses at 0.5, not a fair number. The held-out set comes from a seed
+never used for training; --exclude drops any record whose problem and steps appear in a training file. The last
+stdout line is one JSON document.
 
 It does not: train anything, or read real ProcessBench data (point prmkern's own eval at that).
 """
@@ -117,7 +120,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.k < 1:
         raise ValueError(f"--k {args.k}; accepted: an int >= 1")
 
-    from prmkern.verify.scoring import aggregate, earliest_error
+    from prmkern.verify.scoring import aggregate, earliest_error  # the CLI's rule for unscored steps
+
+    def predict(chains_of_one: list, n_steps: int) -> int | None:
+        return earliest_error([s.score for s in aggregate(chains_of_one, n_steps).steps], 0.5)
     records = read_records(args.data) if args.data else heldout(args.n, args.seed, args.exclude)
     n_err = sum(r["label"] != -1 for r in records)
     print(f"held-out: {len(records)} solutions ({n_err} with an error, {len(records) - n_err} correct)", flush=True)
@@ -129,19 +135,31 @@ def main(argv: list[str] | None = None) -> dict:
     rows: dict[str, dict] = {}
     singles = []
     for j in range(args.k):
-        preds = [aggregate([per[j]], len(r["steps"])).earliest_error for r, per in zip(records, chains)]
+        preds = [predict([per[j]], len(r["steps"])) for r, per in zip(records, chains)]
         singles.append(f1_of(records, preds))
     rows["generative K=1"] = {key: round(sum(s[key] for s in singles) / args.k, 4) for key in singles[0]}
-    preds = [aggregate(per, len(r["steps"])).earliest_error for r, per in zip(records, chains)]
+    preds = [predict(per, len(r["steps"])) for r, per in zip(records, chains)]
     rows[f"generative K={args.k}"] = f1_of(records, preds)
     step_means = [[s.score for s in aggregate(per, len(r["steps"])).steps] for r, per in zip(records, chains)]
     agreement = verdict_agreement(records, chains)
     if not args.no_greedy:  # one greedy chain: what a deterministic run of the verifier says
         greedy, _ = generative_chains(args.model, records, 1, 0.0, args.max_tokens, args.seed, args.threads,
                                       args.device)
-        rows["generative greedy"] = f1_of(records, [aggregate(per, len(r["steps"])).earliest_error
-                                                    for r, per in zip(records, greedy)])
+        rows["generative greedy"] = f1_of(records, [predict(per, len(r["steps"])) for r, per in zip(records, greedy)])
         agreement.update({f"greedy_{k}": v for k, v in verdict_agreement(records, greedy).items()})
+
+    # the earlier rule (an unscored step counts as "no error"), on the same chains: what the rule change moved
+    def predict_old(chains_of_one: list, n_steps: int) -> int:
+        scores = [s.score for s in aggregate(chains_of_one, n_steps).steps]
+        return next((i for i, x in enumerate(scores) if x is not None and x < 0.5), -1)
+    old_singles = [f1_of(records, [predict_old([per[j]], len(r["steps"])) for r, per in zip(records, chains)])
+                   for j in range(args.k)]
+    old_rule = {"generative K=1": {key: round(sum(x[key] for x in old_singles) / args.k, 4) for key in singles[0]},
+                f"generative K={args.k}": f1_of(records, [predict_old(per, len(r["steps"]))
+                                                          for r, per in zip(records, chains)])}
+    if not args.no_greedy:
+        old_rule["generative greedy"] = f1_of(records, [predict_old(per, len(r["steps"]))
+                                                        for r, per in zip(records, greedy)])
 
     if args.disc:
         from transformers import AutoTokenizer, Qwen2ForTokenClassification
@@ -177,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         commit = ""
     result = {"date": datetime.date.today().isoformat(), "commit": commit, "model": args.model, "disc": args.disc,
               "n": len(records), "k": args.k, "temperature": args.temperature, "seed": args.seed,
-              "rows": rows, **agreement, "generation_s": round(gen_s, 1), "engine": engine}
+              "rows": rows, "old_rule_rows": old_rule, **agreement, "generation_s": round(gen_s, 1), "engine": engine}
     print(json.dumps(result))
     if args.out:
         with open(args.out, "w") as f:

@@ -1,0 +1,239 @@
+"""Resumable JSONL jobs: read records line by line, write each result as it finishes, resume, summarise.
+
+The input is a JSONL file (or a JSON array, as ProcessBench ships). Every line becomes an `Item`: its 0-based
+`index` among the non-blank lines, its 1-based `line` number, and the parsed record or the reason it cannot be one
+(malformed JSON, not an object, a NaN/Infinity constant). A command checks the fields it needs; a bad record fails
+alone: its output row carries `"error"` and its line number, and the summary counts it by reason.
+
+`JobRunner.run(items, process)` is the seam: `process(batch, emit)` gets a list of Items and calls
+`emit(index, row)` once per item as soon as its result exists; the runner writes that row, flushed, so a crash or
+Ctrl-C loses at most the batch in flight. Data-parallel sharding is `items[rank::world]` with one output per rank.
+`--resume` reads an existing output, skips the indices it already holds (a truncated last line is dropped) and
+appends. It does not load models or know any command's schema.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import IO, Any, Callable
+
+__all__ = ["Item", "read_items", "JobRunner", "failure_reason", "write_summary"]
+
+
+@dataclass
+class Item:
+    index: int  # position among the input's records (non-blank lines), 0-based; the resume key
+    line: int  # 1-based line number in the input (for a JSON array: the element's index + 1)
+    record: Any = None
+    error: str | None = None  # why the line is not a usable record (set by reading or by the command's check)
+    extra: dict[str, Any] = field(default_factory=dict)  # fields every row of this item carries (e.g. its subset)
+
+    def row(self, **fields: Any) -> dict[str, Any]:
+        """An output row's leading fields: where the record came from, then the command's fields."""
+        rid = self.record.get("id", self.index) if isinstance(self.record, dict) else self.index
+        return {"index": self.index, "line": self.line, "id": rid, **self.extra, **fields}
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON (non-finite numbers are not accepted)")
+
+
+def _parse_line(text: str) -> tuple[Any, str | None]:
+    try:
+        rec = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        return None, f"malformed JSON: {e}"
+    except ValueError as e:  # raised by _reject_constant
+        return None, str(e)
+    if not isinstance(rec, dict):
+        return None, f"not a JSON object: got a {type(rec).__name__}"
+    return rec, None
+
+
+def read_items(path: str) -> list[Item]:
+    """Items of a JSONL file ('-': stdin) or of a JSON array file. Blank lines are skipped, never fatal."""
+    if path == "-":
+        text = sys.stdin.read()
+    else:
+        with open(path) as f:
+            text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            array = json.loads(text, parse_constant=_reject_constant)
+        except ValueError as e:
+            raise SystemExit(f"{path}: starts with '[' but is not a valid JSON array ({e}); give a JSON array or "
+                             f"JSONL (one object per line)")
+        items = []
+        for i, rec in enumerate(array):
+            bad = None if isinstance(rec, dict) else f"not a JSON object: got a {type(rec).__name__}"
+            items.append(Item(i, i + 1, rec if bad is None else None, bad))
+        return items
+    items = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            rec, bad = _parse_line(line)
+            items.append(Item(len(items), lineno, rec, bad))
+    return items
+
+
+def failure_reason(error: str) -> str:
+    """A short reason for the summary's failure counts, from an error message."""
+    e = error.lower()
+    for key, reason in (("malformed json", "malformed JSON"), ("not a json object", "not a JSON object"),
+                        ("non-finite", "non-finite number"), ("max_model_len", "prompt exceeds the context"),
+                        ("exceeds the context", "prompt exceeds the context"), ("needs", "missing or invalid field"),
+                        ("unknown keys", "unknown keys"), ("accepted", "invalid value")):
+        if key in e:
+            return reason
+    return "other"
+
+
+def _finished_rows(path: str) -> list[dict[str, Any]]:
+    """Rows already in an output file; a partial last line (a write cut short) is removed from the file."""
+    done: list[dict[str, Any]] = []
+    with open(path, "rb") as f:
+        data = f.read()
+    keep = data.rfind(b"\n") + 1  # everything after the last newline is a partial row
+    if keep != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    for lineno, line in enumerate(data[:keep].decode().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            int(row["index"])
+            done.append(row)
+        except (ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"{path}:{lineno}: cannot resume from this file: not an output row of prmkern "
+                             f"({e}); give --resume only with the -o file of an earlier run of the same command")
+    return done
+
+
+@dataclass
+class JobRunner:
+    """Writes rows to `output` ('-' = stdout) as they come; resumes; counts failures; handles Ctrl-C."""
+
+    output: str = "-"
+    resume: bool = False
+    resume_hint: str = ""  # the command line that continues this job, printed on Ctrl-C
+    rows: list[dict[str, Any]] = field(default_factory=list)  # this run's rows, in the order written
+    earlier: list[dict[str, Any]] = field(default_factory=list)  # rows of the run(s) this one resumes
+    skipped: int = 0  # finished in an earlier run (--resume)
+    interrupted: bool = False
+    seconds: float = 0.0
+
+    def run(self, items: list[Item], process: Callable[[list[Item], Callable[[int, dict], None]], None],
+            batch_size: int = 1, progress: Any = None, align: bool = False) -> list[dict[str, Any]]:
+        """Runs `process` over the pending items in batches; `progress(n)` is called per finished item.
+        align: batches are the items with equal index // batch_size (fewer where some are finished or bad), so a
+        record's batch, and whatever depends on it, is the same in a resumed run as in an uninterrupted one."""
+        if self.resume and self.output == "-":
+            raise SystemExit("--resume needs -o FILE (the output of the run to continue), not stdout")
+        if self.resume and os.path.exists(self.output):
+            self.earlier = _finished_rows(self.output)
+        done = {int(r["index"]) for r in self.earlier}
+        pending = [it for it in items if it.index not in done]
+        self.skipped = len(items) - len(pending)
+        out: IO[str] = sys.stdout if self.output == "-" else open(self.output, "a" if self.resume else "w")
+        by_index = {it.index: it for it in pending}
+        written: set[int] = set()
+
+        def emit(index: int, row: dict[str, Any]) -> None:
+            if index in written:
+                raise AssertionError(f"record {index} emitted twice")
+            written.add(index)
+            out.write(json.dumps(json_safe(row), allow_nan=False, default=_json_default) + "\n")
+            out.flush()
+            self.rows.append(row)
+            if progress is not None:
+                progress(1)
+
+        start = time.perf_counter()
+        try:
+            bad = [it for it in pending if it.error is not None]
+            for it in bad:  # input errors first: they cost nothing and must not wait behind the model
+                emit(it.index, it.row(error=it.error))
+            good = [it for it in pending if it.error is None]
+            size = max(1, batch_size)
+            if align:
+                groups: dict[int, list[Item]] = {}
+                for it in good:
+                    groups.setdefault(it.index // size, []).append(it)
+                batches = list(groups.values())
+            else:
+                batches = [good[i:i + size] for i in range(0, len(good), size)]
+            for batch in batches:
+                try:
+                    process(batch, emit)
+                except Exception as e:  # noqa: BLE001 - a batch that breaks fails alone; the job goes on
+                    for it in batch:
+                        if it.index not in written:
+                            emit(it.index, it.row(error=f"{type(e).__name__} while processing: {e}"))
+        except KeyboardInterrupt:
+            self.interrupted = True
+        finally:
+            self.seconds = time.perf_counter() - start
+            if out is not sys.stdout:
+                out.close()
+        missing = [i for i in by_index if i not in written]
+        if not self.interrupted and missing:
+            raise AssertionError(f"process() wrote no row for records {missing[:10]}")
+        if self.interrupted:
+            print(f"\ninterrupted: {len(written)} records written this run ({self.skipped} before), "
+                  f"{len(missing)} left; {self.output} is valid JSONL. Continue with:\n  {self.resume_hint}",
+                  file=sys.stderr)
+        return self.rows
+
+    def failures(self, include_earlier: bool = False) -> list[dict[str, Any]]:
+        rows = self.earlier + self.rows if include_earlier else self.rows
+        return [{"index": r["index"], "line": r.get("line"), "error": r["error"],
+                 "reason": failure_reason(r["error"])} for r in rows if r.get("error")]
+
+    def summary(self, total: int, engine: dict[str, int] | None, chains: int = 0,
+                **extra: Any) -> dict[str, Any]:
+        """Counts, failures by reason, throughput and the engine's counters, as one JSON-able dict. Succeeded,
+        failed and failures cover the whole output file (a resumed run's earlier rows too); throughput, this run."""
+        fails = self.failures(include_earlier=True)
+        s = max(self.seconds, 1e-9)
+        out: dict[str, Any] = {
+            "records": total, "written": len(self.rows), "resumed_skipped": self.skipped,
+            "succeeded": len(self.earlier) + len(self.rows) - len(fails), "failed": len(fails),
+            "failures_by_reason": dict(Counter(f["reason"] for f in fails)), "failures": fails,
+            "interrupted": self.interrupted, "seconds": round(self.seconds, 3),
+            "records_per_s": round(len(self.rows) / s, 4), "chains": chains, "chains_per_s": round(chains / s, 4)}
+        if engine is not None:
+            out["generated_tokens_per_s"] = round(engine.get("generated_tokens", 0) / s, 2)
+            out["engine"] = engine
+        out.update(extra)
+        return out
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "__dataclass_fields__"):
+        from dataclasses import asdict
+        return asdict(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def json_safe(o: Any) -> Any:
+    """NaN/inf floats become None so a summary is always valid JSON."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [json_safe(v) for v in o]
+    return o
+
+
+def write_summary(path: str | None, summary: dict[str, Any]) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(json_safe(summary), f, indent=1, default=_json_default)
+            f.write("\n")

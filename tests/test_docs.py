@@ -1,0 +1,175 @@
+"""The README, run: every command in a ```bash block and every ```python snippet runs (with small settings) and must
+succeed; every ```json example is valid and matches what the program reads or writes; every relative link resolves.
+
+Commands that need what a test machine lacks are not run, and the reason is derived from the command itself and
+asserted: `--device cuda` needs a GPU; a `--model DIR` that is not a local checkpoint needs a downloaded checkpoint;
+`scripts/run_tests.sh` is this very suite. Small settings are appended (argparse keeps the last value of an option):
+few records, one or two chains, few tokens, one thread.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(REPO, "README.md")
+ENV = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+# docs other sessions write in parallel; the README links to them before they land
+PENDING_DOCS = {"docs/verifiers.md", "docs/sandbox.md", "docs/api.md", "docs/server.md", "docs/distributed.md",
+                "docs/cpu_kernels.md", "docs/gpu_kernels.md"}
+CPU = ["--device", "cpu", "--threads", "1", "--no-progress"]
+SMALL = {"verify": ["--limit", "2", "--chains", "1", *CPU],
+         "eval": ["--limit", "2", "--chains", "1", *CPU],
+         "bon": ["--limit", "1", "--n", "2", "--gen-max-tokens", "16", "--chains", "1", *CPU],
+         "generate": ["--limit", "2", *CPU],
+         "demo": ["--chains", "2", "--prompt-len", "32", "--gen-len", "4", *CPU]}
+
+
+def blocks(lang: str) -> list[tuple[int, str]]:
+    """(first line number, text) of each fenced block of the language in the README."""
+    out, lines = [], open(README).read().splitlines()
+    i = 0
+    while i < len(lines):
+        if lines[i].strip() == f"```{lang}":
+            j = i + 1
+            while lines[j].strip() != "```":
+                j += 1
+            out.append((i + 2, "\n".join(lines[i + 1:j])))
+            i = j
+        i += 1
+    return out
+
+
+def commands() -> list[tuple[int, str]]:
+    out = []
+    for start, text in blocks("bash"):
+        for k, line in enumerate(text.splitlines()):
+            cmd = re.split(r"\s+#\s", line.strip(), maxsplit=1)[0].strip()
+            if cmd and not cmd.startswith("#"):
+                out.append((start + k, cmd))
+    return out
+
+
+def not_run_reason(cmd: str) -> str | None:
+    words = shlex.split(cmd)
+    if words[:2] == ["bash", "scripts/run_tests.sh"]:
+        return "runs this very test suite"
+    if "--device" in words and words[words.index("--device") + 1].startswith("cuda"):
+        return "needs a GPU"
+    if "--model" in words:
+        model = words[words.index("--model") + 1]
+        if not os.path.isfile(os.path.join(REPO, model, "config.json")):
+            return f"needs a downloaded checkpoint ({model})"
+    return None
+
+
+def test_the_readme_leads_with_the_two_setup_commands():
+    first = commands()[:2]
+    assert [c for _, c in first] == ["bash scripts/run_demo.sh", "bash scripts/run_tests.sh"]
+
+
+def test_commands_not_run_are_the_ones_that_cannot_run_here():
+    skipped = {cmd: not_run_reason(cmd) for _, cmd in commands() if not_run_reason(cmd)}
+    for cmd, reason in skipped.items():
+        words = shlex.split(cmd)
+        if reason.startswith("needs a GPU"):
+            assert "cuda" in cmd
+        elif reason.startswith("needs a downloaded checkpoint"):
+            assert "--model" in words and not os.path.isdir(os.path.join(REPO, words[words.index("--model") + 1]))
+        else:
+            assert reason == "runs this very test suite" and "run_tests.sh" in cmd
+    # everything else (most of the README) runs
+    assert len(skipped) <= len(commands()) // 3, skipped
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A user's directory: the README's own JSON examples as the input files it names."""
+    d = tmp_path_factory.mktemp("readme")
+    files: dict[str, list[str]] = {}
+    for _, text in blocks("json"):
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if all("problem" in r and "steps" in r for r in rows):
+            files["my.jsonl"] = [json.dumps(r) for r in rows]
+        elif all("prompt" in r or "prompt_token_ids" in r for r in rows):
+            files["prompts.jsonl"] = [json.dumps(r) for r in rows]
+        elif all("base" in r for r in rows):
+            files["my_formats.json"] = [json.dumps(rows)]
+    assert set(files) == {"my.jsonl", "prompts.jsonl", "my_formats.json"}, sorted(files)
+    for name, lines in files.items():
+        (d / name).write_text("\n".join(lines) + "\n")
+    sample = [json.loads(x) for x in open(os.path.join(REPO, "prmkern/data/processbench_sample.jsonl"))]
+    (d / "gsm8k.json").write_text(json.dumps([r for r in sample if str(r["id"]).startswith("gsm8k")][:2]))
+    (d / "math.json").write_text(json.dumps([r for r in sample if str(r["id"]).startswith("math")][:2]))
+    (d / "problems.jsonl").write_text(json.dumps({"problem": "What is 2 + 3?", "answer": "5"}) + "\n")
+    return d
+
+
+def _argv(cmd: str) -> list[str]:
+    words = shlex.split(cmd)
+    if words[:2] == ["bash", "scripts/run_demo.sh"]:
+        # the script sets up .venv (pip) and then execs exactly this; the test runs the exec'd command
+        script = open(os.path.join(REPO, "scripts/run_demo.sh")).read().strip().splitlines()[-1]
+        assert script == 'exec .venv/bin/prmkern verify --device cpu --no-chains "$@"', script
+        words = ["prmkern", "verify", "--device", "cpu", "--no-chains", *words[2:]]
+    if words[0] == "python":
+        return [sys.executable, *words[1:]]
+    assert words[0] == "prmkern", f"a README command this test does not know how to run: {cmd}"
+    small = list(SMALL.get(words[1], []))
+    if words[1] in ("verify", "eval", "bon") and "--budget-tokens" not in words:
+        small += ["--max-tokens", "48"]  # the shipped verifier's chains run ~150 tokens; a cut chain still scores
+    return [sys.executable, "-m", "prmkern.cli", *words[1:], *small]
+
+
+@pytest.mark.parametrize("lineno,cmd", commands(), ids=[f"README:{n}" for n, _ in commands()])
+def test_readme_command_runs(lineno, cmd, workdir):
+    reason = not_run_reason(cmd)
+    if reason:
+        pytest.skip(f"not run: {reason}")
+    argv = _argv(cmd)
+    proc = subprocess.run(argv, cwd=REPO if argv[1].endswith((".py",)) else workdir, env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"README line {lineno}: {cmd}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr
+    out = re.search(r"-o (\S+)", cmd)
+    if out:  # every row of every output names its record and whether it failed
+        rows = [json.loads(line) for line in (workdir / out.group(1)).read_text().splitlines()]
+        assert rows and all({"index", "line", "id", "error"} <= set(r) for r in rows)
+
+
+@pytest.mark.parametrize("lineno,code", blocks("python"), ids=[f"README:{n}" for n, _ in blocks("python")])
+def test_readme_python_snippet_runs(lineno, code):
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"README line {lineno}:\n{proc.stderr[-3000:]}"
+
+
+def test_readme_verify_row_example_has_the_fields_verify_writes(workdir):
+    example = [json.loads(t) for _, t in blocks("json") if '"step_scores"' in t]
+    assert len(example) == 1
+    out = workdir / "example_row.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "prmkern.cli", "verify", "my.jsonl", "--no-chains", "-o", str(out),
+                           "--max-tokens", "16", *SMALL["verify"]], cwd=workdir, env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(out.read_text().splitlines()[0])
+    assert set(example[0]) == set(row), (sorted(set(example[0]) ^ set(row)))
+
+
+def test_readme_links_resolve():
+    text = open(README).read()
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", text, re.M)}
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if target.startswith("http"):
+            continue
+        path, _, anchor = target.partition("#")
+        if not path:
+            assert anchor in anchors, f"README link to a missing section: #{anchor}"
+        elif path not in PENDING_DOCS:
+            assert os.path.exists(os.path.join(REPO, path)), f"README links to a missing file: {path}"
