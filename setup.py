@@ -11,6 +11,7 @@ setup(
         "prmkern.attention",
         "prmkern.models",
         "prmkern.verify",
+        "prmkern.distributed",
         "prmkern.kernels",
     ],
     package_dir={"prmkern.kernels": "kernels"},

@@ -32,7 +32,7 @@ class LLM:
                  num_kvcache_blocks: int | None = None, kv_cache_memory: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, attention_backend: str | None = None, seed: int = 0,
-                 enforce_eager: bool = False, packed_gemm_bytes: int = 1 << 30):
+                 enforce_eager: bool = False, packed_gemm_bytes: int = 1 << 30, tensor_parallel_size: int = 1):
         hf_config = read_config(model)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -43,7 +43,23 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, attention_backend=attention_backend, seed=seed,
             enforce_eager=enforce_eager, packed_gemm_bytes=packed_gemm_bytes)
         self.tokenizer = _load_tokenizer(tokenizer or model)
-        self.engine = LLMEngine(self.config, self.tokenizer)
+        if tensor_parallel_size != 1:  # the model split over spawned ranks (prmkern/distributed/, checks the value)
+            from prmkern.distributed import TensorParallelEngine
+            self.engine = TensorParallelEngine(self.config, self.tokenizer, tensor_parallel_size)
+        else:
+            self.engine = LLMEngine(self.config, self.tokenizer)
+
+    def close(self) -> None:
+        """Stops the tensor-parallel worker processes, if any (also done when the LLM is collected)."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def stats(self) -> EngineStats:
