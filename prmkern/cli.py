@@ -370,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     d.set_defaults(func=cmd_demo)
 
     args = ap.parse_args(argv)
+    if args.command in ("generate", "verify"):
+        from prmkern.distributed import data_parallel
+        if data_parallel.active():  # under torchrun: this rank's share, merged by rank 0
+            return data_parallel.run(args, args.func)
     return args.func(args)
 
 
