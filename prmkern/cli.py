@@ -27,6 +27,8 @@ def _engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
     ap.add_argument("--attention-backend", default=None, help="torch | triton (default: triton on CUDA)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="split the model over this many GPUs (or CPU processes): docs/distributed.md")
 
 
 def shipped_verifier_dir() -> str | None:
@@ -44,7 +46,7 @@ def _make_llm(args: argparse.Namespace, default: str = "random"):
     return LLM(model, dtype=args.dtype, device=args.device, block_size=args.block_size,
                num_kvcache_blocks=args.num_kvcache_blocks, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
-               seed=args.seed)
+               seed=args.seed, tensor_parallel_size=getattr(args, "tensor_parallel_size", 1))
 
 
 def summary(stats: dict[str, int], seconds: float, chains: int) -> str:

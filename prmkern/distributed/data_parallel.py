@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import sys
 import tempfile
 from datetime import timedelta
@@ -94,41 +96,56 @@ def merge(output: str, total: int, done: dict[int, str]) -> None:
     os.replace(tmp, output)
 
 
+def _run_chunk(args: argparse.Namespace, command: Callable[[argparse.Namespace], int], records: list[Any],
+               chunk: list[int], work: str) -> list[str]:
+    """The command's output lines for records `chunk` (one per record, in order), run on a JSONL of just those."""
+    chunk_in, chunk_out = os.path.join(work, "in.jsonl"), os.path.join(work, "out.jsonl")
+    with open(chunk_in, "w") as f:
+        for i in chunk:
+            rec = records[i]
+            if isinstance(rec, dict) and "id" not in rec:  # the id the single-process run gives: the index
+                rec = {"id": i, **rec}
+            f.write(json.dumps(rec) + "\n")
+    sub = argparse.Namespace(**{**vars(args), "input": chunk_in, "output": chunk_out})
+    if hasattr(sub, "limit"):
+        sub.limit = None  # applied to the whole input already
+    code = command(sub)
+    if code not in (0, None):
+        raise RuntimeError(f"`prmkern {args.command}` exited with {code} on records {chunk[:5]}")
+    with open(chunk_out) as f:
+        lines = f.read().split("\n")  # "\n" only: JSON lines never hold a raw newline, other breaks are data
+    if lines and lines[-1] == "":
+        lines.pop()
+    if len(lines) != len(chunk):
+        raise RuntimeError(f"`prmkern {args.command}` wrote {len(lines)} lines for {len(chunk)} records")
+    return lines
+
+
 def _run_chunks(args: argparse.Namespace, command: Callable[[argparse.Namespace], int], records: list[Any],
                 mine: list[int], part_path: str, rank: int) -> None:
     """Runs the command over this rank's records chunk by chunk, appending each chunk's lines to the part file."""
     size = max(1, int(os.environ.get(CHUNK_ENV, "16")))
     fault = os.environ.get(FAULT_ENV)
     fault_rank, fault_chunks, fault_kind = (fault.split(":") + ["kill"])[:3] if fault else ("-1", "0", "")
+    if os.path.exists(part_path):  # a line cut short when an earlier run was killed: drop it before appending
+        with open(part_path, "rb+") as f:
+            data = f.read()
+            f.truncate(data.rfind(b"\n") + 1)
     work = tempfile.mkdtemp(prefix=f"prmkern-dp{rank}-")
-    for c, start in enumerate(range(0, len(mine), size)):
-        chunk = mine[start:start + size]
-        chunk_in, chunk_out = os.path.join(work, "in.jsonl"), os.path.join(work, "out.jsonl")
-        with open(chunk_in, "w") as f:
-            for i in chunk:
-                rec = records[i]
-                if isinstance(rec, dict) and "id" not in rec:  # the id the single-process run gives: the index
-                    rec = {"id": i, **rec}
-                f.write(json.dumps(rec) + "\n")
-        sub = argparse.Namespace(**{**vars(args), "input": chunk_in, "output": chunk_out})
-        if hasattr(sub, "limit"):
-            sub.limit = None  # applied to the whole input already
-        code = command(sub)
-        if code not in (0, None):
-            raise RuntimeError(f"`prmkern {args.command}` exited with {code} on records {chunk[:5]}...")
-        with open(chunk_out) as f:
-            lines = f.read().splitlines()
-        if len(lines) != len(chunk):
-            raise RuntimeError(f"`prmkern {args.command}` wrote {len(lines)} lines for {len(chunk)} records")
-        with open(part_path, "a") as f:
-            f.write("".join(json.dumps({"index": i, "line": line}) + "\n" for i, line in zip(chunk, lines)))
-            f.flush()
-            os.fsync(f.fileno())
-        if rank == int(fault_rank) and c + 1 >= int(fault_chunks):
-            if fault_kind == "raise":
-                raise RuntimeError(f"injected fault on rank {rank} after {c + 1} chunks")
-            import signal
-            os.kill(os.getpid(), signal.SIGKILL)
+    try:
+        for c, start in enumerate(range(0, len(mine), size)):
+            chunk = mine[start:start + size]
+            lines = _run_chunk(args, command, records, chunk, work)
+            with open(part_path, "a") as f:
+                f.write("".join(json.dumps({"index": i, "line": line}) + "\n" for i, line in zip(chunk, lines)))
+                f.flush()
+                os.fsync(f.fileno())
+            if rank == int(fault_rank) and c + 1 >= int(fault_chunks):
+                if fault_kind == "raise":
+                    raise RuntimeError(f"injected fault on rank {rank} after {c + 1} chunks")
+                os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _reuse_engine(cli) -> Callable[[], None]:
@@ -174,6 +191,11 @@ def run(args: argparse.Namespace, command: Callable[[argparse.Namespace], int]) 
     records = read_records(args.input)
     if getattr(args, "limit", None):
         records = records[:args.limit]
+    if getattr(args, "device", None) in (None, "cuda"):
+        import torch
+        if torch.cuda.is_available():  # one GPU per rank (T consecutive GPUs with tensor parallelism inside)
+            local = int(os.environ.get("LOCAL_RANK", rank))
+            args.device = f"cuda:{local * (getattr(args, 'tensor_parallel_size', 1) or 1)}"
     parts = parts_dir(output)
     timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 7 * 86400)))
     dist.init_process_group("gloo", timeout=timeout)

@@ -13,7 +13,6 @@ is bounded by `step_timeout_s` (and the process group's own collective timeout).
 """
 from __future__ import annotations
 
-import atexit
 import socket
 import time
 import weakref
@@ -91,7 +90,6 @@ class TensorParallelExecutor:
             self.conns.append(parent)
         # Stops the ranks when this object is collected or the interpreter exits, whichever comes first.
         self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns)
-        atexit.register(self._finalizer)
         replies = self._wait_for(list(range(world)), "ready", start_timeout_s)
         self.capacity = min(replies.values())  # KV blocks that fit on every rank
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 
 from prmkern.models.decoder import DecoderForCausalLM, DecoderSpec
 from prmkern.models.loader import _k_major_weights, _load_tensor, _safetensors_files, model_spec, read_config
@@ -113,7 +114,7 @@ def load_shard(model_dir: str, dtype: torch.dtype, device: torch.device | str, r
     loaded: set[str] = set()
     with torch.no_grad():
         for file in _safetensors_files(model_dir):
-            with safe_open_pt(file) as f:
+            with safe_open(file, framework="pt") as f:
                 for name in f.keys():
                     if "rotary_emb" in name:
                         continue
@@ -139,7 +140,3 @@ def load_shard(model_dir: str, dtype: torch.dtype, device: torch.device | str, r
             layer.mlp.down_proj.register_forward_hook(_all_reduce_output)
     return model.eval()
 
-
-def safe_open_pt(file: str):
-    from safetensors import safe_open
-    return safe_open(file, framework="pt")
