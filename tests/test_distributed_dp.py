@@ -24,7 +24,7 @@ def torchrun(nproc: int, argv: list[str], **env: str) -> subprocess.CompletedPro
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
            "127.0.0.1", "--master-port", str(_port()), "-m", "prmkern", *argv]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PRMKERN_DP_CHUNK": "1", **env}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(key, None)
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=240)
 
@@ -83,6 +83,8 @@ def test_dp_verify_failed_rank_reported_killed_rank_resumed(tmp_path, qwen2_dir)
 def test_dp_refuses_stdout(monkeypatch, tmp_path, qwen2_dir):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")
     inp = _write(tmp_path / "in.jsonl", [{"prompt_token_ids": [1, 2]}])
     with pytest.raises(SystemExit, match="need -o FILE"):
         cli.main(["generate", inp, "--model", qwen2_dir, "--device", "cpu"])

@@ -55,6 +55,8 @@ def test_tp2_error_on_rank1_raises_within_seconds(checkpoint_dirs):
     ref = _tokens(LLM(path, device="cpu").generate(prompts, GREEDY))
     llm = LLM(path, device="cpu", tensor_parallel_size=2)
     assert _tokens(llm.generate(prompts, GREEDY)) == ref
+    outs = llm.generate([prompts[0], [1, 509], prompts[1]], GREEDY)  # a bad request fails alone
+    assert "[0, 509)" in outs[1].error and _tokens([outs[0], outs[2]]) == ref
     pids = llm.engine.executor.pids
     llm.engine.executor.inject_fault(rank=1, after_steps=2)
     start = time.monotonic()

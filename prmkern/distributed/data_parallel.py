@@ -38,8 +38,8 @@ FAULT_ENV = "PRMKERN_DP_FAULT"  # tests: "RANK:CHUNKS[:raise]" kills (or raises 
 
 
 def active() -> bool:
-    """True under torchrun (or any launcher that sets the env:// variables RANK and WORLD_SIZE)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    """True under torchrun (or any launcher that sets the env:// rendezvous variables)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
 def read_records(path: str) -> list[Any]:
