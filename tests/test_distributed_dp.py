@@ -1,6 +1,6 @@
-"""Data-parallel jobs under torchrun on the CPU (gloo): 2 ranks write the same bytes as one process (greedy), a rank
-that raises has its records reported and the others kept, a killed rank loses only its chunk in flight, and the job
-resumes with a different number of ranks."""
+"""Data-parallel jobs under torchrun on the CPU (gloo): 2 ranks write the same bytes as one process (greedy), also
+with a tensor-parallel engine in each rank; a rank that raises has its records reported and the others kept, a
+killed rank loses only its chunk in flight, and the job resumes with a different number of ranks."""
 from __future__ import annotations
 
 import json
@@ -40,7 +40,8 @@ def _parts_records(output: str) -> int:
                for line in open(os.path.join(parts, name)) if line.strip())
 
 
-def test_dp_generate_two_ranks_equals_one_process(tmp_path, qwen2_dir):
+def test_dp_generate_two_ranks_with_tp2_engines_equals_one_process(tmp_path, qwen2_dir):
+    """2 data-parallel ranks, each hosting a 2-rank tensor-parallel engine (its ranks outside torchrun's group)."""
     records = [{"prompt_token_ids": [5 + i, 7, 11 + 3 * i, 2][: 2 + i % 3], "max_tokens": 3 + i % 4} for i in range(5)]
     records[2]["id"] = "named"
     records[3] = {"prompt_token_ids": [1, 600], "max_tokens": 3}  # out of vocabulary: fails alone, in its place
@@ -48,7 +49,7 @@ def test_dp_generate_two_ranks_equals_one_process(tmp_path, qwen2_dir):
     args = ["generate", inp, "--model", qwen2_dir, "--device", "cpu", "--temperature", "0", "--no-progress"]
     single, multi = str(tmp_path / "single.jsonl"), str(tmp_path / "dp.jsonl")
     assert cli.main(args + ["-o", single]) == 0
-    run = torchrun(2, args + ["-o", multi])
+    run = torchrun(2, args + ["-o", multi, "--tensor-parallel-size", "2"])
     assert run.returncode == 0, run.stderr[-3000:]
     assert open(multi, "rb").read() == open(single, "rb").read()
     assert "error" in json.loads(open(multi).read().splitlines()[3])

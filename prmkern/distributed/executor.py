@@ -76,14 +76,14 @@ class TensorParallelExecutor:
         # each rank is forked from it, so starting ranks costs a fork, not an interpreter plus torch per rank.
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(PRELOAD)
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        port = _free_port()
         threads = max(1, torch.get_num_threads() // world) if config.device.type == "cpu" else 1
         self.procs: list = []
         self.conns: list = []
         for rank in range(world):
             parent, child = ctx.Pipe(duplex=True)
             p = ctx.Process(target=worker_main, name=f"prmkern-tp{rank}", daemon=True,
-                            args=(rank, world, config, init_method, step_timeout_s, threads, child))
+                            args=(rank, world, config, port, step_timeout_s, threads, child))
             p.start()
             child.close()
             self.procs.append(p)

@@ -102,7 +102,7 @@ class _Worker:
         return self.model.compute_logits(hidden if rows is None else hidden[rows]).cpu()
 
 
-def worker_main(rank: int, world: int, config: EngineConfig, init_method: str, timeout_s: float, threads: int,
+def worker_main(rank: int, world: int, config: EngineConfig, port: int, timeout_s: float, threads: int,
                 conn) -> None:
     """Entry point of a spawned rank. Exits on a 'stop' message, on the driver closing its pipe, or on an error."""
     import torch.distributed as dist
@@ -114,7 +114,10 @@ def worker_main(rank: int, world: int, config: EngineConfig, init_method: str, t
         if config.device.type == "cuda":
             torch.cuda.set_device(config.device)
         backend = "nccl" if config.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+        # An explicit store, not an init_method URL: under torchrun (a data-parallel rank hosting this engine) the
+        # URL rendezvous would obey TORCHELASTIC_USE_AGENT_STORE and wait for a store nobody hosts.
+        store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))
         worker = _Worker(rank, world, config, conn)
         send(conn, ("ready", worker.capacity))
