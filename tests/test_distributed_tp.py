@@ -132,3 +132,27 @@ def test_shard_plan_rules(qwen2_dir):
     for bad in (4, 5, 12):
         with pytest.raises(ValueError, match=f"tensor_parallel_size={bad}"):
             check_divisible(spec, bad)
+
+
+def test_row_parallel_biases_are_added_once(tmp_path):
+    """Llama with attention and MLP biases: the ranks' o/down partial products plus rank 0's bias sum to the full
+    projection (what the all-reduce computes), for inputs split like the ranks' heads and features."""
+    from prmkern.tiny import build_checkpoint
+    path = build_checkpoint(str(tmp_path / "llama-bias"), "llama", tokenizer=False, vocab_size=64, hidden_size=48,
+                            intermediate_size=37, num_attention_heads=4, num_key_value_heads=2,
+                            attention_bias=True, mlp_bias=True)
+    full = load_model(path, torch.float32, "cpu")
+    world = 2
+    shards = [load_shard(path, torch.float32, "cpu", r, world) for r in range(world)]
+    plans = [ShardPlan.make(full.spec, r, world) for r in range(world)]
+    g = torch.Generator().manual_seed(0)
+    for name, cols in (("self_attn.o_proj", "q_rows"), ("mlp.down_proj", "mlp_rows")):
+        whole = full.model.layers[0].get_submodule(name)
+        x = torch.randn(5, whole.in_features, generator=g, dtype=torch.float64)
+        ref = torch.nn.functional.linear(x, whole.weight.double(), whole.bias.double())
+        total = sum(torch.nn.functional.linear(x[:, slice(*getattr(plan, cols))],
+                                               s.model.layers[0].get_submodule(name).weight.double(),
+                                               s.model.layers[0].get_submodule(name).bias.double())
+                    for s, plan in zip(shards, plans))
+        torch.testing.assert_close(total, ref)
+        assert not torch.any(shards[1].model.layers[0].get_submodule(name).bias)

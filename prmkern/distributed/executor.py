@@ -112,6 +112,8 @@ class TensorParallelExecutor:
         sentinels = {p.sentinel: r for r, p in enumerate(self.procs)}
         conns = {id(c): r for r, c in enumerate(self.conns)}
         got: dict[int, object] = {}
+        hint = ("; a script that creates a tensor-parallel LLM must do so under `if __name__ == '__main__':` "
+                "(each rank imports the main script)") if kind == "ready" else ""
         while len(got) < len(ranks):
             left = deadline - time.monotonic()
             if left <= 0:
@@ -126,7 +128,7 @@ class TensorParallelExecutor:
                 try:
                     message = recv(obj)
                 except (EOFError, OSError):
-                    self._fail(f"tensor-parallel rank {r} closed its pipe (exit code {self.procs[r].exitcode})")
+                    self._fail(f"tensor-parallel rank {r} closed its pipe (exit code {self.procs[r].exitcode}){hint}")
                 if message[0] == "error":
                     self._fail(f"tensor-parallel rank {r} failed: {message[1]}")
                 if message[0] != kind or r not in ranks or r in got:
@@ -137,7 +139,7 @@ class TensorParallelExecutor:
                     r = sentinels[obj]
                     self.procs[r].join(0.5)
                     self._fail(f"tensor-parallel rank {r} exited with code {self.procs[r].exitcode} "
-                               f"(killed or crashed)")
+                               f"(killed or crashed){hint}")
         return got
 
     def _broadcast(self, message: tuple) -> None:
