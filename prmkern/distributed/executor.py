@@ -120,35 +120,66 @@ class TensorParallelExecutor:
                 missing = sorted(set(ranks) - set(got))
                 self._fail(f"tensor-parallel rank(s) {missing} sent no {kind!r} within {timeout_s:.0f} s")
             ready = wait(list(self.conns) + list(sentinels), timeout=min(left, 1.0))
-            # messages first: a rank that raised sent its traceback before its sentinel closed
             for obj in ready:
-                if id(obj) not in conns:
-                    continue
+                if id(obj) not in conns:  # a sentinel: the rank's process ended
+                    self._diagnose(hint)
                 r = conns[id(obj)]
                 try:
                     message = recv(obj)
                 except (EOFError, OSError):
-                    self._fail(f"tensor-parallel rank {r} closed its pipe (exit code {self.procs[r].exitcode}){hint}")
+                    self._diagnose(hint)
                 if message[0] == "error":
-                    self._fail(f"tensor-parallel rank {r} failed: {message[1]}")
+                    self._diagnose(hint, {r: (message[2], message[1])})
                 if message[0] != kind or r not in ranks or r in got:
                     self._fail(f"tensor-parallel rank {r} sent {message[0]!r} while the driver waited for {kind!r}")
                 got[r] = message[1]
-            for obj in ready:
-                if obj in sentinels:
-                    r = sentinels[obj]
-                    self.procs[r].join(0.5)
-                    self._fail(f"tensor-parallel rank {r} exited with code {self.procs[r].exitcode} "
-                               f"(killed or crashed){hint}")
         return got
 
+    def _diagnose(self, hint: str, errors: dict[int, tuple[float, str]] | None = None, settle_s: float = 1.0):
+        """Something failed: names the rank that failed first and raises WorkerError.
+
+        One rank's failure makes the others fail in their next collective ("connection reset"), so the first report
+        to arrive is not always the cause. For `settle_s` the other ranks' reports are collected; a rank that died
+        without a report (killed, crashed) is the cause, else the earliest report by the ranks' clocks."""
+        errors = dict(errors or {})
+        open_ = {r for r in range(len(self.conns)) if r not in errors}
+        deadline = time.monotonic() + settle_s
+        while open_ and time.monotonic() < deadline:
+            ready = wait([self.conns[r] for r in open_], timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            for conn in ready:
+                r = self.conns.index(conn)
+                try:
+                    message = recv(conn)
+                except (EOFError, OSError):
+                    open_.discard(r)
+                    continue
+                if message[0] == "error":
+                    errors[r] = (message[2], message[1])
+                    open_.discard(r)
+        for p in self.procs:
+            p.is_alive()  # polls the process, setting exitcode if it has ended
+        silent = [r for r, p in enumerate(self.procs) if p.exitcode is not None and r not in errors]
+        if silent:
+            r = silent[0]
+            message = f"tensor-parallel rank {r} exited with code {self.procs[r].exitcode} (killed or crashed){hint}"
+        elif errors:
+            r = min(errors, key=lambda i: errors[i][0])
+            message = f"tensor-parallel rank {r} failed: {errors[r][1]}"
+        else:
+            message = "tensor-parallel ranks failed without a report"
+        others = sorted(set(errors) - {r})
+        if others:
+            message += f"\n(rank(s) {others} failed after it, in a collective with the failed rank)"
+        self._fail(message)
+
     def _broadcast(self, message: tuple) -> None:
-        for rank, conn in enumerate(self.conns):
+        for conn in self.conns:
             try:
                 send(conn, message)
-            except (OSError, ValueError) as e:
-                self._fail(f"tensor-parallel rank {rank} is unreachable ({e}); exit code "
-                           f"{self.procs[rank].exitcode}")
+            except (OSError, ValueError):  # a rank's end of the pipe is gone: find out which rank failed, and how
+                self._diagnose("")
 
     # -- the driver's calls --------------------------------------------------------------------------------------
     def init_cache(self, num_blocks: int) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import time
 import traceback
 from datetime import timedelta
 from typing import Any
@@ -142,7 +143,7 @@ def worker_main(rank: int, world: int, config: EngineConfig, port: int, timeout_
                 raise RuntimeError(f"unknown message {kind!r}")
     except BaseException as e:  # report everything (KeyboardInterrupt too), then exit
         try:
-            send(conn, ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+            send(conn, ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}", time.time()))
         except (OSError, ValueError):
             pass
         os._exit(1)  # do not wait on collectives or process-group teardown another rank will never join
