@@ -156,3 +156,32 @@ def test_row_parallel_biases_are_added_once(tmp_path):
                     for s, plan in zip(shards, plans))
         torch.testing.assert_close(total, ref)
         assert not torch.any(shards[1].model.layers[0].get_submodule(name).bias)
+
+
+def test_ranks_stop_when_the_llm_is_collected(qwen2_dir):
+    import gc
+    llm = LLM(qwen2_dir, device="cpu", tensor_parallel_size=2)
+    pids = llm.engine.executor.pids
+    assert all(os.kill(pid, 0) is None for pid in pids)  # alive
+    del llm
+    gc.collect()
+    deadline = time.monotonic() + 5
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if _alive(pid)]
+        time.sleep(0.1)
+    assert not alive
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where no GPU is visible")
+def test_tp_on_missing_gpus_is_refused(qwen2_dir):
+    with pytest.raises(ValueError, match="needs 2 GPUs"):
+        LLM(qwen2_dir, device="cuda", tensor_parallel_size=2)
