@@ -89,3 +89,20 @@ def test_dp_refuses_stdout(monkeypatch, tmp_path, qwen2_dir):
     inp = _write(tmp_path / "in.jsonl", [{"prompt_token_ids": [1, 2]}])
     with pytest.raises(SystemExit, match="need -o FILE"):
         cli.main(["generate", inp, "--model", qwen2_dir, "--device", "cpu"])
+
+
+def test_rows_with_positions_are_renumbered_and_reordered(tmp_path):
+    """A command that writes rows as they finish (any order) with their chunk-file `index`/`line`: the part lines
+    carry the whole input's positions, in record order; rows without positions are kept as they are."""
+    from prmkern.distributed.data_parallel import _to_global, read_records
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"a": 1}\n\n{"a": 2}\nnot json\n{"a": 3, "id": "z"}\n')
+    records = read_records(str(inp))
+    assert [r.line for r in records] == [1, 3, 4, 5] and records[2].text == "not json"
+    chunk = [1, 2, 3]  # the chunk file holds records 1, 2, 3 on its lines 1, 2, 3 (indices 0, 1, 2)
+    written = [json.dumps({"index": 1, "line": 2, "error": "malformed"}), json.dumps({"index": 0, "line": 1}),
+               json.dumps({"index": 2, "line": 3, "id": "z"})]
+    assert [json.loads(x) for x in _to_global(written, chunk, records)] == [
+        {"index": 1, "line": 3}, {"index": 2, "line": 4, "error": "malformed"}, {"index": 3, "line": 5, "id": "z"}]
+    plain = [json.dumps({"id": 1}), json.dumps({"id": 2})]
+    assert _to_global(plain, [1, 2], records) == plain

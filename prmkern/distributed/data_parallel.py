@@ -29,6 +29,7 @@ import signal
 import sys
 import tempfile
 from datetime import timedelta
+from dataclasses import dataclass
 from typing import Any, Callable
 
 SUPPORTED = ("generate", "verify")
@@ -42,22 +43,33 @@ def active() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
-def read_records(path: str) -> list[Any]:
-    """Records of a JSONL file (blank lines skipped) or a JSON array file, unvalidated (the command checks them)."""
+@dataclass
+class Record:
+    line: int  # 1-based line in the input (a JSON array's element index + 1), as the single-process run counts
+    text: str  # the record as the command reads it: the input line itself, malformed or not
+
+
+def read_records(path: str) -> list[Record]:
+    """The records of a JSONL file (blank lines skipped) or a JSON array file, unparsed: the command checks them,
+    so a bad record fails alone exactly as it does in one process."""
     if path in (None, "-"):
         raise SystemExit("data-parallel runs read an input file; stdin and default inputs are not sharded")
     with open(path) as f:
         text = f.read()
     if text.lstrip().startswith("["):
-        return json.loads(text)
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{lineno}: not a JSON object ({e})")
-    return records
+        return [Record(i + 1, json.dumps(r)) for i, r in enumerate(json.loads(text))]
+    return [Record(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+
+
+def _with_id(rec: Record, index: int) -> str:
+    """The record's line, given the id the single-process run would give it (its index) when it has none."""
+    try:
+        obj = json.loads(rec.text)
+    except ValueError:
+        return rec.text
+    if not isinstance(obj, dict) or "id" in obj:
+        return rec.text
+    return json.dumps({"id": index, **obj})
 
 
 def parts_dir(output: str) -> str:
@@ -96,19 +108,16 @@ def merge(output: str, total: int, done: dict[int, str]) -> None:
     os.replace(tmp, output)
 
 
-def _run_chunk(args: argparse.Namespace, command: Callable[[argparse.Namespace], int], records: list[Any],
+def _run_chunk(args: argparse.Namespace, command: Callable[[argparse.Namespace], int], records: list[Record],
                chunk: list[int], work: str) -> list[str]:
     """The command's output lines for records `chunk` (one per record, in order), run on a JSONL of just those."""
     chunk_in, chunk_out = os.path.join(work, "in.jsonl"), os.path.join(work, "out.jsonl")
     with open(chunk_in, "w") as f:
-        for i in chunk:
-            rec = records[i]
-            if isinstance(rec, dict) and "id" not in rec:  # the id the single-process run gives: the index
-                rec = {"id": i, **rec}
-            f.write(json.dumps(rec) + "\n")
+        f.write("".join(_with_id(records[i], i) + "\n" for i in chunk))
     sub = argparse.Namespace(**{**vars(args), "input": chunk_in, "output": chunk_out})
-    if hasattr(sub, "limit"):
-        sub.limit = None  # applied to the whole input already
+    for name, value in (("limit", None), ("resume", False)):  # the limit applies to the whole input, done already
+        if hasattr(sub, name):
+            setattr(sub, name, value)
     code = command(sub)
     if code not in (0, None):
         raise RuntimeError(f"`prmkern {args.command}` exited with {code} on records {chunk[:5]}")
@@ -118,10 +127,29 @@ def _run_chunk(args: argparse.Namespace, command: Callable[[argparse.Namespace],
         lines.pop()
     if len(lines) != len(chunk):
         raise RuntimeError(f"`prmkern {args.command}` wrote {len(lines)} lines for {len(chunk)} records")
-    return lines
+    return _to_global(lines, chunk, records)
 
 
-def _run_chunks(args: argparse.Namespace, command: Callable[[argparse.Namespace], int], records: list[Any],
+def _to_global(lines: list[str], chunk: list[int], records: list[Record]) -> list[str]:
+    """Output lines in the chunk's record order, with the input position fields of rows that carry them
+    (`index`, `line`: a command that writes rows as they finish, in any order) rewritten from the chunk file's
+    numbering to the whole input's. Rows without them are taken to be in record order."""
+    rows = [json.loads(line) for line in lines]
+    if not all(isinstance(r, dict) and isinstance(r.get("index"), int) for r in rows):
+        return lines
+    out: list[str | None] = [None] * len(chunk)
+    for row in rows:
+        local = row["index"]
+        if not 0 <= local < len(chunk) or out[local] is not None:
+            raise RuntimeError(f"the command wrote row index {local} for a chunk of {len(chunk)} records")
+        row["index"] = chunk[local]
+        if "line" in row:
+            row["line"] = records[chunk[local]].line
+        out[local] = json.dumps(row)
+    return out  # type: ignore[return-value]
+
+
+def _run_chunks(args: argparse.Namespace, command: Callable[[argparse.Namespace], int], records: list[Record],
                 mine: list[int], part_path: str, rank: int) -> None:
     """Runs the command over this rank's records chunk by chunk, appending each chunk's lines to the part file."""
     size = max(1, int(os.environ.get(CHUNK_ENV, "16")))
