@@ -13,6 +13,7 @@ setup(
         "prmkern.sandbox",
         "prmkern.verify",
         "prmkern.serve",
+        "prmkern.distributed",
         "prmkern.kernels",
     ],
     package_dir={"prmkern.kernels": "kernels"},

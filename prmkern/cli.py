@@ -68,6 +68,8 @@ def engine_args(ap: argparse.ArgumentParser, max_model_len: bool = True) -> None
     g.add_argument("--max-num-batched-tokens", type=int, default=4096, help="tokens per engine step (chunked prefill)")
     g.add_argument("--attention-backend", default=None, help="torch | triton (default: triton on CUDA)")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    g.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split the model over this many GPUs (or CPU processes): docs/distributed.md")
     g.add_argument("--seed", type=int, default=0, help="engine seed")
 
 
@@ -144,7 +146,8 @@ def make_llm(args: argparse.Namespace, default: str = "random"):
                    num_kvcache_blocks=args.num_kvcache_blocks, kv_cache_memory=args.kv_cache_memory,
                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                    max_model_len=args.max_model_len, attention_backend=args.attention_backend, seed=args.seed,
-                   enforce_eager=args.enforce_eager)
+                   enforce_eager=args.enforce_eager,
+                   tensor_parallel_size=getattr(args, "tensor_parallel_size", 1))
     except ValueError as e:  # the engine's config check: name the flag
         raise UsageError(f"{e} (set with --{str(e).split('=')[0].replace('_', '-')})") from e
 
@@ -299,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if args.command in ("generate", "verify"):
+            from prmkern.distributed import data_parallel
+            if data_parallel.active():  # under torchrun: this rank's share, merged by rank 0
+                return data_parallel.run(args, args.func)
         return args.func(args)
     except UsageError as e:
         ap.exit(2, f"prmkern {args.command}: error: {e.message}\n")

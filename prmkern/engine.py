@@ -33,14 +33,14 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.tokenizer_missing = tokenizer_missing or "this checkpoint has no tokenizer"
         self._max_token_chars: int | None = None
-        self.model = load_model(config.model, config.dtype, config.device)
+        self.model = self._load_model()
         spec = self.model.spec
         self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
         self.num_blocks = self._num_blocks()
         self.stats = EngineStats()
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.stats)
-        self.runner = ModelRunner(config, self.model, self.num_blocks, self.block_manager, self.max_model_len)
+        self.runner = self._make_runner()
         eos = spec.eos_token_ids
         if not eos and tokenizer is not None and tokenizer.eos_token_id is not None:
             eos = (tokenizer.eos_token_id,)
@@ -50,6 +50,13 @@ class LLMEngine:
         self.next_seq_id = 0
         self.next_request_id = 0
         self.requests: dict[str, Request] = {}  # unfinished requests by id (abort_request looks them up here)
+
+    def _load_model(self):
+        return load_model(self.config.model, self.config.dtype, self.config.device)
+
+    def _make_runner(self) -> ModelRunner:
+        # overridden by the tensor-parallel engine (prmkern/distributed/tp_engine.py), whose model lives in its ranks
+        return ModelRunner(self.config, self.model, self.num_blocks, self.block_manager, self.max_model_len)
 
     def _num_blocks(self) -> int:
         cfg = self.config

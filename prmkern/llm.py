@@ -65,11 +65,12 @@ class LLM:
                  max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, attention_backend: str | None = None, seed: int | None = 0,
                  enforce_eager: bool = False, packed_gemm_bytes: int = 1 << 30,
-                 gpu_memory_utilization: float | None = None, **vllm_kwargs: Any):
+                 gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1,
+                 **vllm_kwargs: Any):
         """prmkern's arguments, plus vLLM's: gpu_memory_utilization (CUDA: the fraction of the device's total memory
         this process may fill, the KV pool taking what the weights leave; CPU: ignored with a warning, the pool
         is kv_cache_memory), and the vLLM-only arguments of prmkern/vllm_args.py (trust_remote_code,
-        tensor_parallel_size, swap_space, disable_log_stats, ...: accepted, ignored with a warning, or rejected
+        swap_space, disable_log_stats, ...: accepted, ignored with a warning, or rejected
         with an error naming what is supported)."""
         if "kv_cache_memory_bytes" in vllm_kwargs:  # vLLM's name for prmkern's kv_cache_memory
             kv_cache_memory = vllm_kwargs.pop("kv_cache_memory_bytes")
@@ -101,7 +102,24 @@ class LLM:
                                                      slow=used.get("tokenizer_mode") == "slow")
             if missing is not None:
                 warnings.warn(f"prmkern: {missing}; only token-id prompts will work", stacklevel=2)
-        self.engine = LLMEngine(self.config, self.tokenizer, tokenizer_missing=missing)
+        if tensor_parallel_size != 1:  # the model split over spawned ranks (prmkern/distributed/ checks the value)
+            from prmkern.distributed import TensorParallelEngine
+            self.engine = TensorParallelEngine(self.config, self.tokenizer, tensor_parallel_size)
+            self.engine.tokenizer_missing = missing or self.engine.tokenizer_missing
+        else:
+            self.engine = LLMEngine(self.config, self.tokenizer, tokenizer_missing=missing)
+
+    def close(self) -> None:
+        """Stops the tensor-parallel worker processes, if any (also done when the LLM is collected)."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def stats(self) -> EngineStats:

@@ -42,14 +42,13 @@ IGNORED = {
 # Silent when they hold vLLM's default (or the value prmkern has anyway).
 DEFAULTS = {"swap_space": 4, "disable_log_stats": True, "enable_chunked_prefill": True, "tokenizer_mode": "auto",
             "load_format": "auto", "kv_cache_dtype": "auto", "cpu_offload_gb": 0, "quantization": None,
-            "pipeline_parallel_size": 1, "tensor_parallel_size": 1, "enable_lora": False, "hf_overrides": None,
+            "pipeline_parallel_size": 1, "enable_lora": False, "hf_overrides": None,
             "trust_remote_code": False, "task": "auto", "runner": "auto", "generation_config": "auto",
             "scheduling_policy": "fcfs", "disable_sliding_window": False, "served_model_name": None,
             "enable_sleep_mode": False, "async_scheduling": False, "num_scheduler_steps": 1,
             "limit_mm_per_prompt": None, "mm_processor_kwargs": None}
 # Values other than these are an error (the feature does not exist in prmkern).
 ONLY = {
-    "tensor_parallel_size": ((1,), "tensor parallelism is not implemented yet: prmkern runs on one device"),
     "pipeline_parallel_size": ((1,), "pipeline parallelism is not implemented: prmkern runs on one device"),
     "quantization": ((None,), "quantized checkpoints are not supported; dtypes: float32, bfloat16, float16"),
     "kv_cache_dtype": (("auto",), "the KV cache has the model's dtype"),

@@ -112,8 +112,8 @@ def test_prompt_dicts_are_never_iterated_and_unknown_keys_fail_alone(llm):
 
 
 def test_vllm_engine_arguments(qwen2_dir):
-    with pytest.raises(NotImplementedError, match="tensor_parallel_size=2.*supported: 1"):
-        LLM(qwen2_dir, device="cpu", tensor_parallel_size=2)
+    with pytest.raises(NotImplementedError, match="pipeline_parallel_size=2.*supported: 1"):
+        LLM(qwen2_dir, device="cpu", pipeline_parallel_size=2)
     with pytest.raises(TypeError, match="no_such_argument.*accepted"):
         LLM(qwen2_dir, device="cpu", no_such_argument=1)
     with pytest.warns(UserWarning, match="gpu_memory_utilization=0.7 is ignored on cpu"):
