@@ -32,7 +32,7 @@ class Policy:
             t = prompt.split("assistant: ")[1].count("Step ")  # the steps already written
             right = round(self.wins[(problem, t)] * p.n)
             texts = ["so \\boxed{7}" if j < right else "so \\boxed{8}" for j in range(p.n)]
-            outs.append(RequestOutput(i, prompt, [], [CompletionOutput(j, x, [], None, None, "stop")
+            outs.append(RequestOutput(i, prompt, [], [CompletionOutput(index=j, text=x, token_ids=[], finish_reason="stop")
                                                       for j, x in enumerate(texts)]))
         return outs
 

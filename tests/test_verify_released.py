@@ -131,7 +131,8 @@ class ScriptedLLM:
                     per = [{x: -1.0 for x in p.logprob_token_ids} for _ in tids]
                     for pos, d in (lps or {}).items():
                         per[pos].update(d)
-                comps.append(CompletionOutput(j, t, tids, None, per, finish, stop))
+                comps.append(CompletionOutput(index=j, text=t, token_ids=tids, token_logprobs=per, finish_reason=finish,
+                                              stop_reason=stop))
             outs.append(RequestOutput(i, None, ids, comps))
         return outs
 
