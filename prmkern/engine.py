@@ -26,6 +26,11 @@ from prmkern.stats import EngineStats
 CPU_KV_CACHE_BYTES = 1 << 30
 
 
+class FatalEngineError(RuntimeError):
+    """The engine cannot run any further step (e.g. a tensor-parallel rank died). Raised to the caller instead of
+    failing only the step's requests, which is what any other exception inside a step does."""
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer=None, tokenizer_missing: str | None = None):
         """tokenizer_missing: why there is no tokenizer (reported to text prompts and stop strings)."""
@@ -215,6 +220,8 @@ class LLMEngine:
             return []
         try:
             logits = self.runner.run(step)
+        except FatalEngineError:  # the engine itself is gone (e.g. a tensor-parallel rank died): nothing to retry
+            raise
         except Exception as e:  # not attributable to one row: every request in this step fails, the rest go on
             failed = self._fail_requests({item.seq.request for item in step.scheduled},
                                          f"the forward pass failed: {type(e).__name__}: {e}")

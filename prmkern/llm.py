@@ -17,7 +17,7 @@ from typing import Any, Sequence as Seq
 import torch
 
 from prmkern.config import EngineConfig
-from prmkern.engine import LLMEngine
+from prmkern.engine import FatalEngineError, LLMEngine
 from prmkern.models.loader import read_config, resolve_dtype
 from prmkern.outputs import RequestOutput
 from prmkern.sampling import SamplingParams
@@ -176,6 +176,8 @@ class LLM:
             while self.engine.has_unfinished():
                 try:
                     finished = self.engine.step()
+                except FatalEngineError:  # no later call can run either: the caller must see it
+                    raise
                 except Exception as e:  # outside what a step attributes: this call's requests fail, the LLM lives
                     self.engine._fail_requests(set(requests), f"the engine step failed: {type(e).__name__}: {e}")
                     for r in requests:

@@ -189,13 +189,14 @@ def test_the_engine_keeps_no_descriptor_or_process_of_finished_sandboxes():
 
     run_code("print(1)", FAST)  # warm: probes and caches
     before = fds()
+    others = set(children())  # children of earlier tests in this process (servers, workers) are not the sandbox's
     with SessionPool(FAST, max_workers=3) as pool:
         pool.run_many([(k, "import os\nif os.fork() == 0:\n    import time; time.sleep(9)\nprint(k := 1)")
                        for k in range(3)])
         pool.run_many([(0, "import time\ntime.sleep(9)"), (1, "print('z' * 10**6)"), (2, "raise SystemExit(4)")])
     run_many(["print(2)", "import time\ntime.sleep(9)"], SandboxLimits(wall_time_s=0.5))
     assert fds() == before
-    assert children() == []
+    assert set(children()) <= others
 
 
 def _ppid(pid: str) -> int | None:

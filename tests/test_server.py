@@ -343,7 +343,7 @@ def test_verify_matches_in_process_verifier():
     from prmkern.verify.processbench import load_processbench
     from prmkern.verify.protocols import Verifier, VerifyConfig
     rec = load_processbench(os.path.join(VERIFIER, "examples.jsonl"))[0]
-    config = VerifyConfig(num_chains=3, temperature=0.6, top_p=0.95, max_tokens=320, seed=0)
+    config = VerifyConfig(format="prmkern", num_chains=3, temperature=0.6, top_p=0.95, max_tokens=320, seed=0)
     ref_llm = LLM(VERIFIER, device="cpu")
     ref = Verifier(ref_llm, config).verify([rec])[0]
     app = build_app(LLM(VERIFIER, device="cpu"), ServerConfig(model_name="verifier", verify=config))

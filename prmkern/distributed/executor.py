@@ -21,6 +21,7 @@ from multiprocessing.connection import wait
 import torch
 import torch.multiprocessing as mp
 
+from prmkern.engine import FatalEngineError
 from prmkern.config import EngineConfig
 from prmkern.distributed.worker import recv, send, worker_main
 
@@ -30,7 +31,7 @@ from prmkern.distributed.worker import recv, send, worker_main
 PRELOAD = ["prmkern.distributed.worker", "torch._dynamo"]
 
 
-class WorkerError(RuntimeError):
+class WorkerError(FatalEngineError):
     """A tensor-parallel rank failed (raised, died, or did not answer in time); every rank has been stopped."""
 
 
