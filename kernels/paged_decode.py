@@ -164,18 +164,26 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def tile_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
-    """Launch constants shared by the attention kernels, by rule (unmeasured): BLOCK_D the padded head dim (>= 16,
-    tl.dot's minimum), BLOCK_N keys per tile so that one K or V tile is at most 16 KB (64 keys of 128 bf16), and
-    two pipeline stages (fp32 tiles at three stages would overflow shared memory on some GPUs)."""
+    """Launch constants shared by the attention kernels, by rule (unmeasured; checked for spills by
+    tests/kernels/test_aot_compile.py): BLOCK_D the padded head dim (>= 16, tl.dot's minimum); BLOCK_N keys per
+    tile so that one K or V tile is at most 16 KB in 16-bit dtypes (64 keys of 128 bf16). fp32 is the exact
+    reference dtype (its ieee dot runs on FMA units, its tiles live in registers), so its tiles are 4 KB-8 KB: at 64
+    keys of 128 floats every fp32 kernel spilled on sm_90. Two pipeline stages (fp32 at three would overflow the
+    shared memory of some GPUs)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_n = 64 if block_d * dtype.itemsize <= 256 else 32
+    if dtype.itemsize <= 2:
+        block_n = 64 if block_d * dtype.itemsize <= 256 else 32
+    else:
+        block_n = 32 if block_d <= 64 else 16
     return {"BLOCK_N": block_n, "BLOCK_D": block_d, "num_stages": 2}
 
 
-def row_tile(rows: int, dtype: torch.dtype, cap: int) -> int:
-    """Query rows per program: the next power of two >= rows, at least 16 (tl.dot), at most `cap` (halved for
-    fp32 inputs, whose tiles take twice the registers and shared memory)."""
-    cap = cap if dtype.itemsize <= 2 else cap // 2
+def row_tile(rows: int, dtype: torch.dtype, cap: int, head_dim: int) -> int:
+    """Query rows per program: the next power of two >= rows, at least 16 (tl.dot), at most `cap`; for fp32 inputs,
+    whose FMA dot keeps [rows, keys] and [rows, head_dim] float tiles in registers, 16 rows: larger fp32 row tiles
+    spill on sm_90 (tests/kernels/test_aot_compile.py). head_dim is kept for per-head-dim rules."""
+    if dtype.itemsize > 2:
+        cap = 16
     return min(cap, max(16, triton.next_power_of_2(rows)))
 
 
@@ -190,10 +198,11 @@ def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def num_splits_rule(programs: int, max_len: int, device: torch.device) -> int:
-    """Splits along the keys so that programs x splits covers about two waves of the GPU, never splitting below
-    MIN_SPLIT_TOKENS keys per split. Rule, not tuned (unmeasured)."""
-    want = math.ceil(2 * num_sms(device) / max(programs, 1))
+def num_splits_rule(programs: int, max_len: int, device: torch.device, sms: int | None = None) -> int:
+    """Splits along the keys so that programs x splits covers about two waves of the GPU (`sms` overrides the
+    device's SM count: the traffic model), never splitting below MIN_SPLIT_TOKENS keys per split. Rule, not tuned
+    (unmeasured)."""
+    want = math.ceil(2 * (sms or num_sms(device)) / max(programs, 1))
     return max(1, min(want, math.ceil(max_len / MIN_SPLIT_TOKENS), 64))
 
 
