@@ -172,7 +172,8 @@ def _attention_calls(dtype_name: str, head_dim: int, gqa: int) -> list[tuple[str
 
     return [("paged_decode", decode), ("shared_prefix_decode[chains=2]", prefix(2)),
             ("shared_prefix_decode[chains=64]", prefix(64)),
-            ("cascade_decode[chains=2]", cascade(2)), ("cascade_decode[chains=64]", cascade(64)), ("merge_states", merge), ("paged_prefill", prefill)]
+            ("cascade_decode[chains=2]", cascade(2)), ("cascade_decode[chains=64]", cascade(64)),
+            ("merge_states", merge), ("paged_prefill", prefill)]
 
 
 def _elementwise_calls(dtype_name: str) -> list[tuple[str, Callable[[], None]]]:
@@ -230,7 +231,8 @@ def compile_all(capability: int, subset: str, dtypes: tuple[str, ...] = DTYPES) 
     _clear_jit_caches()  # each JIT function caches its target per device at first use
     rows, seen = [], set()
     try:
-        calls = [((dt, d, g), label, f) for dt, d, g in configs(subset, capability) if dt in dtypes for label, f in _attention_calls(dt, d, g)]
+        calls = [((dt, d, g), label, f) for dt, d, g in configs(subset, capability) if dt in dtypes
+                 for label, f in _attention_calls(dt, d, g)]
         calls += [((dt, None, None), label, f) for dt in dtypes if subset == "full" or capability == 90
                   for label, f in _elementwise_calls(dt)]
         for (dt, d, g), label, launch in calls:

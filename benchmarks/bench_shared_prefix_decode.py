@@ -182,8 +182,8 @@ def main() -> None:
 
     timing.print_table(rows, ["prefix_len", "chains", "cascade_ms", "three_launches_ms", "paged_ms",
                               "paged_copied_ms", "sdpa_ms", "ideal_ms", "model_floor_us", "cascade_achieved_gbps",
-                              "cascade_pct_of_model_floor", "speedup_vs_paged", "speedup_vs_paged_copied", "speedup_vs_sdpa",
-                              "cascade_over_ideal", "max_abs_err_vs_paged"])
+                              "cascade_pct_of_model_floor", "speedup_vs_paged", "speedup_vs_paged_copied",
+                              "speedup_vs_sdpa", "cascade_over_ideal", "max_abs_err_vs_paged"])
     target = [r for r in rows if r["prefix_len"] == 8192 and r["chains"] == 64]
     break_even = {}
     for chains in sorted({r["chains"] for r in rows}):

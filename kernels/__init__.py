@@ -25,5 +25,5 @@ def interpreted() -> bool:
     return isinstance(_paged_decode_kernel, InterpretedFunction)
 
 
-__all__ = ["cascade_decode", "interpreted", "merge_states", "paged_decode", "paged_prefill", "reduce_states", "rms_norm", "rotary",
-           "shared_prefix_decode", "silu_and_mul", "store_kv"]
+__all__ = ["cascade_decode", "interpreted", "merge_states", "paged_decode", "paged_prefill", "reduce_states",
+           "rms_norm", "rotary", "shared_prefix_decode", "silu_and_mul", "store_kv"]

@@ -45,10 +45,15 @@ def attend_paged_range(
     offs_n = tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     dmask = d < head_dim
+    # Block ids one tile ahead: the K/V addresses of a tile never wait on a block-table load of the same iteration,
+    # so the pipeliner can keep several K/V tiles in flight.
+    blk_next = tl.load(bt_row_ptr + (start + offs_n) // BLOCK_SIZE, mask=start + offs_n < end, other=0)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n  # [BLOCK_N] key positions
         valid = pos < end
-        blk = tl.load(bt_row_ptr + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        blk = blk_next.to(tl.int64)
+        ahead = pos + BLOCK_N
+        blk_next = tl.load(bt_row_ptr + ahead // BLOCK_SIZE, mask=ahead < end, other=0)
         slot = pos % BLOCK_SIZE
         kv_mask = valid[:, None] & dmask[None, :]
         k = tl.load(k_head_ptr + blk[:, None] * stride_kc_blk + slot[:, None] * stride_kc_slot + d[None, :],
@@ -167,15 +172,16 @@ def tile_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
     """Launch constants shared by the attention kernels, by rule (unmeasured; checked for spills by
     tests/kernels/test_aot_compile.py): BLOCK_D the padded head dim (>= 16, tl.dot's minimum); BLOCK_N keys per
     tile so that one K or V tile is at most 16 KB in 16-bit dtypes (64 keys of 128 bf16). fp32 is the exact
-    reference dtype (its ieee dot runs on FMA units, its tiles live in registers), so its tiles are 4 KB-8 KB: at 64
-    keys of 128 floats every fp32 kernel spilled on sm_90. Two pipeline stages (fp32 at three would overflow the
-    shared memory of some GPUs)."""
+    reference dtype (its ieee dot runs on FMA units, its tiles live in registers), so its tiles are 16 keys: at 64
+    keys of 128 floats every fp32 kernel spilled on sm_90. Three pipeline stages in 16-bit dtypes: with the block
+    ids loaded a tile ahead (attend_paged_range) Triton then double-buffers K and V (TTGIR: 2 x 64 x 128 buffers,
+    async_wait 2); at two stages it kept one buffer and waited for every load (async_wait 0). fp32: two."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if dtype.itemsize <= 2:
         block_n = 64 if block_d * dtype.itemsize <= 256 else 32
     else:
-        block_n = 32 if block_d <= 64 else 16
-    return {"BLOCK_N": block_n, "BLOCK_D": block_d, "num_stages": 2}
+        block_n = 16
+    return {"BLOCK_N": block_n, "BLOCK_D": block_d, "num_stages": 3 if dtype.itemsize <= 2 else 2}
 
 
 def row_tile(rows: int, dtype: torch.dtype, cap: int, head_dim: int) -> int:
