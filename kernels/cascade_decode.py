@@ -167,6 +167,7 @@ def _num_warps(block_m: int) -> int:
 
 
 _COUNTERS: dict[tuple[str, int | None], torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown buffers, kept alive: captured CUDA graphs may still point at them
 
 
 def _counters(device: torch.device, numel: int) -> torch.Tensor:
@@ -174,6 +175,8 @@ def _counters(device: torch.device, numel: int) -> torch.Tensor:
     key = (device.type, device.index)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < numel:
+        if buf is not None:
+            _RETIRED.append(buf)
         buf = _COUNTERS[key] = torch.zeros(max(numel, 4096), dtype=torch.int32, device=device)
     return buf
 
