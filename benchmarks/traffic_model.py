@@ -22,6 +22,7 @@ if str(REPO) not in sys.path:
 @dataclass(frozen=True)
 class GPU:
     name: str
+    arch: int  # compute capability (RESIDENT_CTAS key)
     sms: int
     dram_gbps: float  # peak DRAM bandwidth, GB/s (datasheet)
     regs_per_sm: int = 65536
@@ -32,9 +33,9 @@ class GPU:
 
 
 GPUS = {
-    "H200": GPU("H200", sms=132, dram_gbps=4800.0),  # 4.8 TB/s datasheet; ~4.3 TB/s reachable by copies
-    "H100": GPU("H100", sms=132, dram_gbps=3350.0),
-    "A100": GPU("A100", sms=108, dram_gbps=2039.0, smem_per_sm=167936),
+    "H200": GPU("H200", arch=90, sms=132, dram_gbps=4800.0),  # 4.8 TB/s datasheet; ~4.3 TB/s reachable by copies
+    "H100": GPU("H100", arch=90, sms=132, dram_gbps=3350.0),
+    "A100": GPU("A100", arch=80, sms=108, dram_gbps=2039.0, smem_per_sm=167936),
 }
 REACHABLE = 0.9  # fraction of datasheet bandwidth a streaming copy reaches (rule of thumb; unmeasured here)
 
@@ -108,14 +109,15 @@ def cascade_fused(s: DecodeShape, gpu: GPU = GPUS["H200"]) -> dict:
     """kernels/cascade_decode.py: one launch; prefix once per group, suffixes once; P + S float32 states per row
     written once and read once by the row's last arriver (L2-resident in practice: counted anyway)."""
     from prmkern.kernels.cascade_decode import cascade_splits
-    from prmkern.kernels.paged_decode import row_tile
+    from prmkern.kernels.paged_decode import resident_ctas, row_tile
     import torch
     dtype = {2: torch.bfloat16, 4: torch.float32}[s.itemsize]
     block_m = row_tile(s.chains * s.gqa, dtype, cap=64, head_dim=s.head_dim)
     row_tiles = math.ceil(s.chains * s.gqa / block_m)
     p, q = cascade_splits(batch=s.batch, num_groups=s.groups, num_kv_heads=s.num_kv_heads, group=s.gqa,
                           head_dim=s.head_dim, itemsize=s.itemsize, row_tiles=row_tiles, max_prefix_len=s.prefix_len,
-                          max_suffix_len=s.suffix_len, sms=gpu.sms)
+                          max_suffix_len=s.suffix_len, sms=gpu.sms,
+                          ctas_per_sm=resident_ctas("cascade_decode", s.head_dim, dtype, arch=gpu.arch))
     state = _state_bytes(s.batch * s.num_heads, p + q, s.head_dim)
     tables = _table_bytes(s.groups, s.prefix_len, s.block_size) + _table_bytes(s.batch, s.suffix_len, s.block_size)
     ctas = s.groups * s.num_kv_heads * row_tiles * p + s.batch * s.num_kv_heads * q
@@ -148,10 +150,12 @@ def cascade_three_launches(s: DecodeShape, gpu: GPU = GPUS["H200"]) -> dict:
 
 def paged_unshared(s: DecodeShape, gpu: GPU = GPUS["H200"]) -> dict:
     """paged_decode over each chain's full KV (no sharing: the prefix read once per chain)."""
-    from prmkern.kernels.paged_decode import num_splits_rule
+    from prmkern.kernels.paged_decode import num_splits_rule, resident_ctas
     import torch
+    dtype = {2: torch.bfloat16, 4: torch.float32}[s.itemsize]
     n = s.prefix_len + s.suffix_len
-    p = num_splits_rule(s.batch * s.num_kv_heads, n, torch.device("cpu"), sms=gpu.sms)
+    p = num_splits_rule(s.batch * s.num_kv_heads, n, torch.device("cpu"), sms=gpu.sms,
+                        ctas_per_sm=resident_ctas("paged_decode", s.head_dim, dtype, arch=gpu.arch))
     state = _state_bytes(s.batch * s.num_heads, p, s.head_dim) if p > 1 else 0
     return {**_finish("paged_decode (unshared)", s, gpu, kv=s.kv_bytes(s.batch * n), state_written=state,
                       state_read=state, tables=_table_bytes(s.batch, n, s.block_size), launches=1 + (p > 1),

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .merge_states import finalize_state, merge_weights
 from .paged_decode import (LOG2E, MIN_SPLIT_TOKENS, attend_paged_range, check_index, check_kv_cache, dot_precision,
-                           lse_buffer, num_sms, out_buffer, row_tile, tile_config)
+                           lse_buffer, num_sms, out_buffer, resident_ctas, row_tile, target_arch, tile_config)
 
 STATE_BUDGET = 0.10  # partial-state bytes written <= this fraction of the KV bytes read (rule; traffic model)
 
@@ -128,13 +128,15 @@ def _cascade_decode_kernel(
 
 
 def cascade_splits(*, batch: int, num_groups: int, num_kv_heads: int, group: int, head_dim: int, itemsize: int,
-                   row_tiles: int, max_prefix_len: int, max_suffix_len: int, sms: int) -> tuple[int, int]:
-    """(P, S): prefix and suffix splits. Rule (unmeasured): about two CTAs per SM of equal key counts, no split
+                   row_tiles: int, max_prefix_len: int, max_suffix_len: int, sms: int,
+                   ctas_per_sm: int = 2) -> tuple[int, int]:
+    """(P, S): prefix and suffix splits. Rule (unmeasured): one wave at the kernel's occupancy (ctas_per_sm, from
+    RESIDENT_CTAS) of equal key counts, no split
     under MIN_SPLIT_TOKENS keys, and P + S slots whose float32 partial states (written once, read once from L2 by
     the reducer) stay <= STATE_BUDGET of the KV bytes the step reads: the larger split count gives way first."""
     prefix_work = num_groups * num_kv_heads * row_tiles * max_prefix_len
     suffix_work = batch * num_kv_heads * max_suffix_len
-    per_cta = max(MIN_SPLIT_TOKENS, math.ceil((prefix_work + suffix_work) / max(1, 2 * sms)))
+    per_cta = max(MIN_SPLIT_TOKENS, math.ceil((prefix_work + suffix_work) / max(1, ctas_per_sm * sms)))
     p = max(1, min(64, math.ceil(max_prefix_len / per_cta)))
     s = max(1, min(64, math.ceil(max_suffix_len / per_cta)))
     kv_bytes = (num_groups * max_prefix_len + batch * max_suffix_len) * num_kv_heads * head_dim * 2 * itemsize
@@ -150,19 +152,10 @@ def cascade_splits(*, batch: int, num_groups: int, num_kv_heads: int, group: int
     return p, s
 
 
-def _target_arch() -> int | None:
-    """Compute capability Triton compiles for (the stub's under AOT compilation), None where there is none."""
-    try:
-        target = triton.runtime.driver.active.get_current_target()
-    except Exception:  # noqa: BLE001 - no driver (CPU interpreter): no arch-specific choice to make
-        return None
-    return target.arch if target.backend == "cuda" and isinstance(target.arch, int) else None
-
-
 def _num_warps(block_m: int) -> int:
     """4 warps (2 CTAs per SM on sm_90 at a 64-row tile, ~247 registers, no spill); 8 for 64-row tiles before
     sm_90, where mma.sync at 4 warps spills (tests/kernels/test_aot_compile.py)."""
-    arch = _target_arch()
+    arch = target_arch()
     return 8 if block_m >= 64 and arch is not None and arch < 90 else 4
 
 
@@ -225,7 +218,8 @@ def cascade_decode(*, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
             max_suffix_len = int(suffix_lens.max().item())
         splits = cascade_splits(batch=batch, num_groups=num_groups, num_kv_heads=num_kv_heads, group=group,
                                 head_dim=head_dim, itemsize=q.dtype.itemsize, row_tiles=row_tiles,
-                                max_prefix_len=max_prefix_len, max_suffix_len=max_suffix_len, sms=num_sms(q.device))
+                                max_prefix_len=max_prefix_len, max_suffix_len=max_suffix_len, sms=num_sms(q.device),
+                                ctas_per_sm=resident_ctas("cascade_decode", head_dim, q.dtype))
     p, s = splits
     if not all(isinstance(x, int) and x >= 1 for x in (p, s)):
         raise ValueError(f"{who}: splits must be two positive ints (P, S), got {splits!r}")

@@ -204,11 +204,36 @@ def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def num_splits_rule(programs: int, max_len: int, device: torch.device, sms: int | None = None) -> int:
-    """Splits along the keys so that programs x splits covers about two waves of the GPU (`sms` overrides the
-    device's SM count: the traffic model), never splitting below MIN_SPLIT_TOKENS keys per split. Rule, not tuned
-    (unmeasured)."""
-    want = math.ceil(2 * (sms or num_sms(device)) / max(programs, 1))
+# Resident CTAs per SM of the 16-bit decode kernels, by compute capability and head dim: compile-time facts read from
+# benchmarks/results/aot_compile_sm90.json / _sm80.json (Triton 3.9; the cascade's at its 64-row tile), not tuned.
+# The split rules fill one wave at this occupancy; other targets, fp32 and the interpreter fall back to 2.
+RESIDENT_CTAS = {90: {"paged_decode": {64: 6, 128: 3}, "cascade_decode": {64: 3, 128: 2}},
+                 80: {"paged_decode": {64: 4, 128: 2}, "cascade_decode": {64: 1, 128: 1}}}
+
+
+def target_arch() -> int | None:
+    """Compute capability Triton compiles for (the stub's under AOT compilation), None where there is none."""
+    try:
+        target = triton.runtime.driver.active.get_current_target()
+    except Exception:  # noqa: BLE001 - no driver (CPU interpreter): no arch-specific choice to make
+        return None
+    return target.arch if target.backend == "cuda" and isinstance(target.arch, int) else None
+
+
+def resident_ctas(kernel: str, head_dim: int, dtype: torch.dtype, arch: int | None = None) -> int:
+    """CTAs per SM of `kernel` at this head dim and dtype on `arch` (default: the current target); fallback 2."""
+    if dtype.itemsize > 2:
+        return 2
+    arch = target_arch() if arch is None else arch
+    return RESIDENT_CTAS.get(arch, {}).get(kernel, {}).get(head_dim, 2)
+
+
+def num_splits_rule(programs: int, max_len: int, device: torch.device, sms: int | None = None,
+                    ctas_per_sm: int = 2) -> int:
+    """Splits along the keys so that programs x splits fills one wave at the kernel's occupancy (ctas_per_sm, from
+    RESIDENT_CTAS; `sms` overrides the device's SM count: the traffic model), never splitting below
+    MIN_SPLIT_TOKENS keys per split. Rule, not tuned (unmeasured)."""
+    want = math.ceil(ctas_per_sm * (sms or num_sms(device)) / max(programs, 1))
     return max(1, min(want, math.ceil(max_len / MIN_SPLIT_TOKENS), 64))
 
 
@@ -259,7 +284,8 @@ def paged_decode(*, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if num_splits is None:
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max().item())
-        num_splits = num_splits_rule(batch * num_kv_heads, max_seq_len, q.device)
+        num_splits = num_splits_rule(batch * num_kv_heads, max_seq_len, q.device,
+                                     ctas_per_sm=resident_ctas("paged_decode", head_dim, q.dtype))
     if not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"{who}: num_splits must be a positive int, got {num_splits!r}")
 

@@ -78,3 +78,17 @@ def test_occupancy_arithmetic():
     assert occupancy(h200, 128, 8, 0) == 2  # 65536 // (4096 * 8)
     assert occupancy(h200, 32, 4, 100_000) == 2  # shared memory bound: 233472 // 101024
     assert occupancy(h200, 255, 4, 0) == 2  # 255 regs round up to 8192 per warp -> 65536 // 32768
+
+
+def test_resident_ctas_data_matches_the_compiled_kernels(aot_table):
+    """The split rules' occupancy data (kernels/paged_decode.py RESIDENT_CTAS) is what the compiled kernels give."""
+    from kernels.paged_decode import RESIDENT_CTAS
+    checked = 0
+    for r in aot_table["rows"]:
+        name = {"_paged_decode_kernel": "paged_decode", "_cascade_decode_kernel": "cascade_decode"}.get(r["kernel"])
+        if name is None or r["dtype"] == "float32" or (name == "cascade_decode" and "chains=64" not in r["call"]):
+            continue
+        arch = int(r["target"].removeprefix("sm_"))
+        assert r["ctas_per_sm"] == RESIDENT_CTAS[arch][name][r["head_dim"]], r
+        checked += 1
+    assert checked >= 6
