@@ -6,8 +6,8 @@
 # add up to <= 480 s) and writes its result file into $OUT as soon as it ends, so a session killed part-way still
 # returns what finished; summary.tsv gets one line per step, and the summary is printed last.
 #  1. install this checkout without dependencies;
-#  2. GPU correctness: the kernel tests (bf16 and fp16 against float64 references; the fused cascade; the graph
-#     padding test) and the CUDA-graph test (captured decode == enforce_eager);
+#  2. GPU correctness: the kernel tests (bf16 and fp16 against float64 references; the fused cascade), then the
+#     CUDA-graph tests (padding rows written from a poisoned pool; captured decode == enforce_eager);
 #  3. paged_decode and the cascade at the goal shapes (vs SDPA and unshared paged_decode), with the traffic model;
 #  4. short prefill and elementwise sweeps;  5. the engine, CUDA graphs vs eager.
 # Commit the results under benchmarks/results/ with the GPU name, commit and date they carry; set TritonBackend's
@@ -34,14 +34,15 @@ step() {  # step NAME SECONDS CMD... : stdout+stderr to $OUT/NAME.log, one summa
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>&1; } > "$OUT/session.txt"
 cat "$OUT/session.txt"
 
-step install 60 pip install --no-deps --no-build-isolation -e .
-step versions 20 python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"
+step install 40 pip install --no-deps --no-build-isolation -e .
+step versions 10 python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"
 # -v: one line per test in the log as it ends (a killed step still tells what passed); files in value order
-step correctness 150 python -m pytest -v -p no:cacheprovider --junitxml="$OUT/correctness.xml" \
-    tests/kernels/test_cascade_decode.py tests/kernels/test_cuda_graphs.py tests/kernels/test_paged_decode.py \
-    tests/kernels/test_triton_backend.py tests/kernels/test_paged_prefill.py tests/kernels/test_shared_prefix_decode.py \
-    tests/kernels/test_merge_states.py tests/kernels/test_store_kv.py tests/kernels/test_rms_norm.py \
-    tests/kernels/test_rotary.py tests/kernels/test_silu_and_mul.py tests/kernels/test_launcher_errors.py
+step correctness 110 python -m pytest -v -p no:cacheprovider --junitxml="$OUT/correctness.xml" \
+    tests/kernels/test_cascade_decode.py tests/kernels/test_paged_decode.py tests/kernels/test_triton_backend.py \
+    tests/kernels/test_paged_prefill.py tests/kernels/test_shared_prefix_decode.py tests/kernels/test_merge_states.py \
+    tests/kernels/test_store_kv.py tests/kernels/test_rms_norm.py tests/kernels/test_rotary.py \
+    tests/kernels/test_silu_and_mul.py tests/kernels/test_launcher_errors.py
+step graphs 70 python -m pytest -v -p no:cacheprovider --junitxml="$OUT/graphs.xml" tests/kernels/test_cuda_graphs.py
 step bench_paged_decode 45 python benchmarks/bench_paged_decode.py --quick --out "$OUT/paged_decode.json"
 step bench_shared_prefix_decode 60 python benchmarks/bench_shared_prefix_decode.py --quick \
     --out "$OUT/shared_prefix_decode.json"
@@ -49,9 +50,9 @@ step bench_paged_prefill 30 python benchmarks/bench_paged_prefill.py --quick --o
 step bench_elementwise 25 python benchmarks/bench_elementwise.py --quick --out "$OUT/elementwise.json"
 step engine_graphs 45 python benchmarks/bench_engine.py --dtype bfloat16 --prompt-len 2048 --chains 32 --gen-len 64 \
     --skip-transformers --pairs 2 --out "$OUT/engine_bf16.json"
-step engine_eager 45 python benchmarks/bench_engine.py --dtype bfloat16 --prompt-len 2048 --chains 32 --gen-len 64 \
+step engine_eager 40 python benchmarks/bench_engine.py --dtype bfloat16 --prompt-len 2048 --chains 32 --gen-len 64 \
     --skip-transformers --pairs 2 --enforce-eager --out "$OUT/engine_bf16_eager.json"
 
 echo "== summary ($(( $(date +%s) - START ))s)"
 column -t "$OUT/summary.tsv" 2>/dev/null || cat "$OUT/summary.tsv"
-grep -h -E "FAILED|ERROR| passed| failed" "$OUT/correctness.log" | tail -12
+grep -h -E "FAILED|ERROR| passed| failed" "$OUT/correctness.log" "$OUT/graphs.log" | tail -12

@@ -25,6 +25,6 @@ def test_every_command_is_a_timed_step_in_value_order():
         if re.match(r"^(python|pip|pytest)\b", s):
             raise AssertionError(f"untimed command in gpu_session.sh: {s}")
     names = [n for n, _ in _steps()]
-    assert names.index("correctness") < names.index("bench_paged_decode") < names.index("bench_shared_prefix_decode")
+    assert names.index("correctness") < names.index("graphs") < names.index("bench_paged_decode") < names.index("bench_shared_prefix_decode")
     assert names.index("bench_shared_prefix_decode") < names.index("engine_graphs")
     assert "timeout" in text and "summary.tsv" in text
