@@ -201,14 +201,15 @@ def cascade_decode(*, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     check_index("prefix_block_tables", prefix_block_tables, 2, q.device, who, rows=num_groups)
     check_index("suffix_lens", suffix_lens, 1, q.device, who, rows=batch)
     check_index("suffix_block_tables", suffix_block_tables, 2, q.device, who, rows=batch)
-    if not isinstance(max_group_size, int) or max_group_size < 1:
-        raise ValueError(f"{who}: max_group_size must be an int >= 1, got {max_group_size!r}")
+    if not isinstance(max_group_size, int) or max_group_size < 0:
+        raise ValueError(f"{who}: max_group_size must be a non-negative int, got {max_group_size!r}")
     out = out_buffer((batch, num_heads, head_dim), q.dtype, q.device, out, who)
     lse_out = lse_buffer((batch, num_heads), q.device, lse_out, who)
     if batch == 0:
         return out, lse_out
-    if num_groups == 0:
-        raise ValueError(f"{who}: group_starts has no group but batch is {batch}")
+    if num_groups == 0 or max_group_size == 0:
+        raise ValueError(f"{who}: batch is {batch} but group_starts has {num_groups} groups and max_group_size is "
+                         f"{max_group_size}")
     block_m = row_tile(max_group_size * group, q.dtype, cap=64, head_dim=head_dim)
     row_tiles = triton.cdiv(max_group_size * group, block_m)
     if splits is None:
@@ -220,9 +221,9 @@ def cascade_decode(*, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                                 head_dim=head_dim, itemsize=q.dtype.itemsize, row_tiles=row_tiles,
                                 max_prefix_len=max_prefix_len, max_suffix_len=max_suffix_len, sms=num_sms(q.device),
                                 ctas_per_sm=resident_ctas("cascade_decode", head_dim, q.dtype))
+    if not (isinstance(splits, tuple) and len(splits) == 2 and all(isinstance(x, int) and x >= 1 for x in splits)):
+        raise ValueError(f"{who}: splits must be a tuple of two positive ints (P, S), got {splits!r}")
     p, s = splits
-    if not all(isinstance(x, int) and x >= 1 for x in (p, s)):
-        raise ValueError(f"{who}: splits must be two positive ints (P, S), got {splits!r}")
     if counters is None:
         counters = _counters(q.device, batch * num_heads)
     elif counters.dtype != torch.int32 or counters.numel() < batch * num_heads or counters.device != q.device:

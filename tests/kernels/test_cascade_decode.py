@@ -51,8 +51,15 @@ def test_cascade_decode_rejects_bad_input():
               prefix_lens=meta["prefix_lens"], prefix_block_tables=meta["prefix_block_tables"],
               suffix_lens=meta["suffix_lens"], suffix_block_tables=meta["suffix_block_tables"], scale=0.1,
               max_group_size=2)
-    with pytest.raises(ValueError, match="splits"):
-        cascade_decode(**kw, splits=(0, 1))
+    for bad in ((0, 1), 3, (1, 2, 3), (1.0, 1)):
+        with pytest.raises(ValueError, match="splits"):
+            cascade_decode(**kw, splits=bad)
+    with pytest.raises(ValueError, match="max_group_size"):
+        cascade_decode(**{**kw, "max_group_size": 0})
+    empty = torch.empty(0, 4, 64, device=DEVICE)  # an empty batch returns empty outputs
+    out, lse = cascade_decode(**{**kw, "q": empty, "suffix_lens": kw["suffix_lens"][:0],
+                                 "suffix_block_tables": kw["suffix_block_tables"][:0], "max_group_size": 0})
+    assert out.shape == (0, 4, 64) and lse.shape == (0, 4)
     with pytest.raises(TypeError, match="int32"):
         cascade_decode(**{**kw, "suffix_lens": meta["suffix_lens"].long()})
     with pytest.raises(ValueError, match="counters"):
