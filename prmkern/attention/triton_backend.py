@@ -68,7 +68,8 @@ class TritonBackend(AttentionBackend):
     def __init__(self, min_chains: int = 2, min_prefix_tokens: int = 128):
         """min_chains / min_prefix_tokens: a shared-prefix group takes the cascade path only with at least this many
         chains and prefix tokens. Defaults are to be set by GPU measurement (benchmarks/bench_shared_prefix_decode.py
-        sweeps both); unmeasured: placeholders reasoned from bytes saved vs one extra launch + merge pass."""
+        sweeps both); unmeasured: placeholders reasoned from prefix bytes saved vs the fused kernel's partial
+        states (benchmarks/traffic_model.py)."""
         if not isinstance(min_chains, int) or min_chains < 1:
             raise ValueError(f"min_chains must be an int >= 1, got {min_chains!r}")
         if not isinstance(min_prefix_tokens, int) or min_prefix_tokens < 1:
