@@ -2,13 +2,16 @@
 data laid out contiguously (the best a user gets without paging), side by side.
 
 Default sweep: ThinkPRM-1.5B attention shapes (12 query heads, 2 KV heads, head dim 128, bf16, block size 16),
-batch x tokens per sequence. Target (issue 3): >= 80% of copy bandwidth at 4K+ tokens and 32+ sequences.
+batch x tokens per sequence. Target (issue 3): >= 80% of copy bandwidth at 4K+ tokens and 32+ sequences. Each row
+carries the traffic model's bytes and floor (benchmarks/traffic_model.py, --model-gpu, H200 by default) and the
+measured time's achieved GB/s and % of that floor.
 Usage: python benchmarks/bench_paged_decode.py [--out] [--smoke]
 """
 from __future__ import annotations
 
 import torch
 import timing
+import traffic_model as tm
 
 NAME = "paged_decode"
 
@@ -36,7 +39,8 @@ def contiguous(inp: dict, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def main() -> None:
-    args = timing.parse_args(__doc__)
+    args = timing.parse_args(__doc__, extra=lambda ap: ap.add_argument("--model-gpu", default="H200",
+                                                                       choices=sorted(tm.GPUS)))
     K = timing.import_kernels(args.smoke)
     dev = timing.device()
     if args.smoke:
@@ -45,6 +49,8 @@ def main() -> None:
     else:
         shape = dict(num_heads=12, num_kv_heads=2, head_dim=128, block_size=16, dtype=torch.bfloat16)
         sweep = [(b, n) for b in (1, 8, 32, 64, 128) for n in (1024, 4096, 8192, 16384)]
+        if args.quick:  # the goal shape first
+            sweep = [(32, 4096), (64, 8192), (8, 1024), (128, 16384)]
     ceilings = timing.measure_ceilings(args.smoke, args.reps, args.warmup)
     hq, hkv, d, dtype = shape["num_heads"], shape["num_kv_heads"], shape["head_dim"], shape["dtype"]
     elem = torch.finfo(dtype).bits // 8
@@ -65,8 +71,13 @@ def main() -> None:
                                   max_seq_len=seq_len)
 
         t = timing.time_fn(run, copies, args.reps, args.warmup)
+        model = tm.paged_decode_model(batch, seq_len, num_heads=hq, num_kv_heads=hkv, head_dim=d, itemsize=elem,
+                                      gpu=tm.GPUS[args.model_gpu])
         row = {"batch": batch, "seq_len": seq_len, "copies": copies, "ms": timing.sig(t["median_ms"]),
-               **timing.rate(bytes_moved, flops, t["median_ms"], ceilings)}
+               **timing.rate(bytes_moved, flops, t["median_ms"], ceilings),
+               "model_gpu": args.model_gpu, "model_bytes": model["total_bytes"], "model_floor_us": model["floor_us"],
+               "model_launches": model["launches"], "model_splits": model["splits"],
+               **{f"model_{k}": v for k, v in tm.achieved(model, t["median_ms"]).items()}}
 
         # Peer: SDPA over the same data, contiguous [batch, heads, len, D] (GQA without expanding K/V).
         conts = [contiguous(x, seq_len) for x in inputs]
@@ -85,7 +96,8 @@ def main() -> None:
         rows.append(row)
         del inputs, conts, qs
 
-    timing.print_table(rows, ["batch", "seq_len", "ms", "gbps", "frac_copy_bw", "tflops", "sdpa_ms",
+    timing.print_table(rows, ["batch", "seq_len", "ms", "gbps", "frac_copy_bw", "model_floor_us",
+                              "model_pct_of_floor", "tflops", "sdpa_ms",
                               "speedup_vs_sdpa", "max_abs_err_vs_sdpa"])
     big = [r for r in rows if r["seq_len"] >= 4096 and r["batch"] >= 32]
     summary = {"target": "frac_copy_bw >= 0.8 at seq_len >= 4096 and batch >= 32",

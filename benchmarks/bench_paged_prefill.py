@@ -41,6 +41,8 @@ def main() -> None:
         # (sequences, new tokens each, cached tokens each): fresh prompts, chunked prefill, extension after a hit
         sweep = [(1, 512, 0), (1, 2048, 0), (1, 8192, 0), (4, 2048, 0), (1, 2048, 6144), (8, 256, 4096),
                  (32, 64, 2048)]
+        if args.quick:
+            sweep = [(1, 2048, 0), (1, 2048, 6144), (8, 256, 4096)]
     ceilings = timing.measure_ceilings(args.smoke, args.reps, args.warmup)
     elem = torch.finfo(dtype).bits // 8
     scale = d ** -0.5

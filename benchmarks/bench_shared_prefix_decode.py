@@ -1,6 +1,8 @@
-"""Benchmark cascade decode (shared_prefix_decode + paged_decode over the suffixes + merge_states, exactly what
-TritonBackend.decode runs for a sharing group) against the same work without sharing, swept over prefix length and
-number of chains, with a PNG of the speed-up.
+"""Benchmark cascade decode (cascade_decode: one fused launch, exactly what TritonBackend.decode runs for a sharing
+group; and the previous three launches shared_prefix_decode + paged_decode + merge_states) against the same work
+without sharing, swept over prefix length and number of chains, with a PNG of the speed-up. Each row carries the
+traffic model (benchmarks/traffic_model.py, for the GPU named by --model-gpu, H200 by default): bytes, floor time,
+launches, and the measured time's achieved GB/s and % of that floor.
 
 Peers, same data, same process:
 - paged_decode over the full block tables, the prefix blocks physically shared (the engine's cache without the
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import torch
 import timing
+import traffic_model as tm
 
 NAME = "shared_prefix_decode"
 
@@ -79,7 +82,8 @@ def plot(rows: list[dict], path) -> str:
 
 
 def main() -> None:
-    args = timing.parse_args(__doc__)
+    args = timing.parse_args(__doc__, extra=lambda ap: ap.add_argument("--model-gpu", default="H200",
+                                                                       choices=sorted(tm.GPUS)))
     K = timing.import_kernels(args.smoke)
     dev = timing.device()
     if args.smoke:
@@ -88,6 +92,8 @@ def main() -> None:
     else:
         hq, hkv, d, bs, dtype, suffix_len = 12, 2, 128, 16, torch.bfloat16, 256
         sweep = [(p, c) for p in (128, 256, 512, 1024, 2048, 4096, 8192) for c in (2, 4, 8, 16, 32, 64)]
+        if args.quick:  # the goal shape first, then the break-even region
+            sweep = [(8192, 64), (2048, 32), (512, 8), (256, 4), (128, 2), (1024, 2)]
     ceilings = timing.measure_ceilings(args.smoke, args.reps, args.warmup)
     elem = torch.finfo(dtype).bits // 8
     scale = d ** -0.5
@@ -104,6 +110,14 @@ def main() -> None:
                     out=torch.empty(chains, hq, d, dtype=dtype, device=dev))
 
         def cascade(i):
+            x = inputs[i]
+            return K.cascade_decode(q=x["q"], k_cache=x["k_cache"], v_cache=x["v_cache"],
+                                    group_starts=x["group_starts"], prefix_lens=x["prefix_lens"],
+                                    prefix_block_tables=x["prefix_tables"], suffix_lens=x["suffix_lens"],
+                                    suffix_block_tables=x["suffix_tables"], scale=scale, max_group_size=chains,
+                                    max_prefix_len=prefix_len, max_suffix_len=suffix_len, out=bufs["out"])[0]
+
+        def three_launches(i):
             x = inputs[i]
             p_out, p_lse = K.shared_prefix_decode(
                 q=x["q"], k_cache=x["k_cache"], v_cache=x["v_cache"], group_starts=x["group_starts"],
@@ -137,13 +151,24 @@ def main() -> None:
                                                                     scale=scale, enable_gqa=True)[:, :, 0]
 
         t = {name: timing.time_fn(fn, copies, args.reps, args.warmup)["median_ms"]
-             for name, fn in (("cascade", cascade), ("prefix_only", prefix_only), ("paged", paged),
+             for name, fn in (("cascade", cascade), ("three_launches", three_launches), ("prefix_only", prefix_only),
+                              ("paged", paged),
                               ("paged_copied", paged_copied), ("sdpa", sdpa))}
         ideal_ms = unique / (ceilings["copy_gbps"] * 1e9) * 1e3
         ref = paged_copied(0).float()
+        shape = tm.DecodeShape(prefix_len, chains, suffix_len, num_heads=hq, num_kv_heads=hkv, head_dim=d,
+                               itemsize=elem, block_size=bs)
+        model = tm.cascade_fused(shape, tm.GPUS[args.model_gpu])
+        old_model = tm.cascade_three_launches(shape, tm.GPUS[args.model_gpu])
+        fit = tm.achieved(model, t["cascade"])
         rows.append({
             "prefix_len": prefix_len, "chains": chains, "suffix_len": suffix_len, "copies": copies,
-            "cascade_ms": timing.sig(t["cascade"]), "prefix_only_ms": timing.sig(t["prefix_only"]),
+            "cascade_ms": timing.sig(t["cascade"]), "three_launches_ms": timing.sig(t["three_launches"]),
+            "prefix_only_ms": timing.sig(t["prefix_only"]),
+            "model_gpu": args.model_gpu, "model_bytes": model["total_bytes"], "model_floor_us": model["floor_us"],
+            "model_launches": model["launches"], "model_splits": [model["prefix_splits"], model["suffix_splits"]],
+            "model_state_over_kv": model["state_over_kv"], "model_three_launch_bytes": old_model["total_bytes"],
+            "cascade_achieved_gbps": fit["achieved_gbps"], "cascade_pct_of_model_floor": fit["pct_of_floor"],
             "paged_ms": timing.sig(t["paged"]), "paged_copied_ms": timing.sig(t["paged_copied"]),
             "sdpa_ms": timing.sig(t["sdpa"]), "ideal_ms": timing.sig(ideal_ms),
             "speedup_vs_paged": timing.sig(t["paged"] / t["cascade"]),
@@ -155,9 +180,10 @@ def main() -> None:
         })
         del inputs, bufs
 
-    timing.print_table(rows, ["prefix_len", "chains", "cascade_ms", "paged_ms", "paged_copied_ms", "sdpa_ms",
-                              "ideal_ms", "speedup_vs_paged", "speedup_vs_paged_copied", "speedup_vs_sdpa",
-                              "cascade_over_ideal", "max_abs_err_vs_paged"])
+    timing.print_table(rows, ["prefix_len", "chains", "cascade_ms", "three_launches_ms", "paged_ms",
+                              "paged_copied_ms", "sdpa_ms", "ideal_ms", "model_floor_us", "cascade_achieved_gbps",
+                              "cascade_pct_of_model_floor", "speedup_vs_paged", "speedup_vs_paged_copied",
+                              "speedup_vs_sdpa", "cascade_over_ideal", "max_abs_err_vs_paged"])
     target = [r for r in rows if r["prefix_len"] == 8192 and r["chains"] == 64]
     break_even = {}
     for chains in sorted({r["chains"] for r in rows}):

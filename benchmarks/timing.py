@@ -29,17 +29,22 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def parse_args(description: str) -> argparse.Namespace:
+def parse_args(description: str, extra=None) -> argparse.Namespace:
+    """The benchmarks' common flags; `extra(parser)` adds a benchmark's own."""
     p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true",
+                   help="a short sweep (the goal shapes and a few around them): for a GPU session with little time")
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes, end to end (on a CPU under the Triton interpreter): keeps the harness alive in CI")
     p.add_argument("--out", nargs="?", const="", default=None,
                    help="write the JSON result under benchmarks/results/ (or to the path given)")
     p.add_argument("--reps", type=int, default=None, help="timed runs per measurement (default 100, smoke 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 10, smoke 1)")
+    if extra is not None:
+        extra(p)
     args = p.parse_args()
-    args.reps = args.reps or (2 if args.smoke else 100)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 10)
+    args.reps = args.reps or (2 if args.smoke else 30 if args.quick else 100)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5 if args.quick else 10)
     return args
 
 

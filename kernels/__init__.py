@@ -5,6 +5,7 @@ Nothing here imports prmkern: the kernels know nothing of the engine (see prmker
 the seam that calls them). Note: the package attributes below are the launcher functions, which shadow the
 submodules of the same name; import a submodule's other names with `from kernels.paged_decode import ...`.
 """
+from .cascade_decode import cascade_decode
 from .merge_states import merge_states, reduce_states
 from .paged_decode import paged_decode
 from .paged_prefill import paged_prefill
@@ -24,5 +25,5 @@ def interpreted() -> bool:
     return isinstance(_paged_decode_kernel, InterpretedFunction)
 
 
-__all__ = ["interpreted", "merge_states", "paged_decode", "paged_prefill", "reduce_states", "rms_norm", "rotary",
-           "shared_prefix_decode", "silu_and_mul", "store_kv"]
+__all__ = ["cascade_decode", "interpreted", "merge_states", "paged_decode", "paged_prefill", "reduce_states",
+           "rms_norm", "rotary", "shared_prefix_decode", "silu_and_mul", "store_kv"]

@@ -45,10 +45,15 @@ def attend_paged_range(
     offs_n = tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     dmask = d < head_dim
+    # Block ids one tile ahead: the K/V addresses of a tile never wait on a block-table load of the same iteration,
+    # so the pipeliner can keep several K/V tiles in flight.
+    blk_next = tl.load(bt_row_ptr + (start + offs_n) // BLOCK_SIZE, mask=start + offs_n < end, other=0)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n  # [BLOCK_N] key positions
         valid = pos < end
-        blk = tl.load(bt_row_ptr + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        blk = blk_next.to(tl.int64)
+        ahead = pos + BLOCK_N
+        blk_next = tl.load(bt_row_ptr + ahead // BLOCK_SIZE, mask=ahead < end, other=0)
         slot = pos % BLOCK_SIZE
         kv_mask = valid[:, None] & dmask[None, :]
         k = tl.load(k_head_ptr + blk[:, None] * stride_kc_blk + slot[:, None] * stride_kc_slot + d[None, :],
@@ -164,18 +169,27 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def tile_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
-    """Launch constants shared by the attention kernels, by rule (unmeasured): BLOCK_D the padded head dim (>= 16,
-    tl.dot's minimum), BLOCK_N keys per tile so that one K or V tile is at most 16 KB (64 keys of 128 bf16), and
-    two pipeline stages (fp32 tiles at three stages would overflow shared memory on some GPUs)."""
+    """Launch constants shared by the attention kernels, by rule (unmeasured; checked for spills by
+    tests/kernels/test_aot_compile.py): BLOCK_D the padded head dim (>= 16, tl.dot's minimum); BLOCK_N keys per
+    tile so that one K or V tile is at most 16 KB in 16-bit dtypes (64 keys of 128 bf16). fp32 is the exact
+    reference dtype (its ieee dot runs on FMA units, its tiles live in registers), so its tiles are 16 keys: at 64
+    keys of 128 floats every fp32 kernel spilled on sm_90. Three pipeline stages in 16-bit dtypes: with the block
+    ids loaded a tile ahead (attend_paged_range) Triton then double-buffers K and V (TTGIR: 2 x 64 x 128 buffers,
+    async_wait 2); at two stages it kept one buffer and waited for every load (async_wait 0). fp32: two."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_n = 64 if block_d * dtype.itemsize <= 256 else 32
-    return {"BLOCK_N": block_n, "BLOCK_D": block_d, "num_stages": 2}
+    if dtype.itemsize <= 2:
+        block_n = 64 if block_d * dtype.itemsize <= 256 else 32
+    else:
+        block_n = 16
+    return {"BLOCK_N": block_n, "BLOCK_D": block_d, "num_stages": 3 if dtype.itemsize <= 2 else 2}
 
 
-def row_tile(rows: int, dtype: torch.dtype, cap: int) -> int:
-    """Query rows per program: the next power of two >= rows, at least 16 (tl.dot), at most `cap` (halved for
-    fp32 inputs, whose tiles take twice the registers and shared memory)."""
-    cap = cap if dtype.itemsize <= 2 else cap // 2
+def row_tile(rows: int, dtype: torch.dtype, cap: int, head_dim: int) -> int:
+    """Query rows per program: the next power of two >= rows, at least 16 (tl.dot), at most `cap`; for fp32 inputs,
+    whose FMA dot keeps [rows, keys] and [rows, head_dim] float tiles in registers, 16 rows: larger fp32 row tiles
+    spill on sm_90 (tests/kernels/test_aot_compile.py). head_dim is kept for per-head-dim rules."""
+    if dtype.itemsize > 2:
+        cap = 16
     return min(cap, max(16, triton.next_power_of_2(rows)))
 
 
@@ -190,10 +204,36 @@ def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def num_splits_rule(programs: int, max_len: int, device: torch.device) -> int:
-    """Splits along the keys so that programs x splits covers about two waves of the GPU, never splitting below
+# Resident CTAs per SM of the 16-bit decode kernels, by compute capability and head dim: compile-time facts read from
+# benchmarks/results/aot_compile_sm90.json / _sm80.json (Triton 3.9; the cascade's at its 64-row tile), not tuned.
+# The split rules fill one wave at this occupancy; other targets, fp32 and the interpreter fall back to 2.
+RESIDENT_CTAS = {90: {"paged_decode": {64: 6, 128: 3}, "cascade_decode": {64: 3, 128: 2}},
+                 80: {"paged_decode": {64: 4, 128: 2}, "cascade_decode": {64: 1, 128: 1}}}
+
+
+def target_arch() -> int | None:
+    """Compute capability Triton compiles for (the stub's under AOT compilation), None where there is none."""
+    try:
+        target = triton.runtime.driver.active.get_current_target()
+    except Exception:  # noqa: BLE001 - no driver (CPU interpreter): no arch-specific choice to make
+        return None
+    return target.arch if target.backend == "cuda" and isinstance(target.arch, int) else None
+
+
+def resident_ctas(kernel: str, head_dim: int, dtype: torch.dtype, arch: int | None = None) -> int:
+    """CTAs per SM of `kernel` at this head dim and dtype on `arch` (default: the current target); fallback 2."""
+    if dtype.itemsize > 2:
+        return 2
+    arch = target_arch() if arch is None else arch
+    return RESIDENT_CTAS.get(arch, {}).get(kernel, {}).get(head_dim, 2)
+
+
+def num_splits_rule(programs: int, max_len: int, device: torch.device, sms: int | None = None,
+                    ctas_per_sm: int = 2) -> int:
+    """Splits along the keys so that programs x splits fills one wave at the kernel's occupancy (ctas_per_sm, from
+    RESIDENT_CTAS; `sms` overrides the device's SM count: the traffic model), never splitting below
     MIN_SPLIT_TOKENS keys per split. Rule, not tuned (unmeasured)."""
-    want = math.ceil(2 * num_sms(device) / max(programs, 1))
+    want = math.ceil(ctas_per_sm * (sms or num_sms(device)) / max(programs, 1))
     return max(1, min(want, math.ceil(max_len / MIN_SPLIT_TOKENS), 64))
 
 
@@ -244,7 +284,8 @@ def paged_decode(*, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if num_splits is None:
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max().item())
-        num_splits = num_splits_rule(batch * num_kv_heads, max_seq_len, q.device)
+        num_splits = num_splits_rule(batch * num_kv_heads, max_seq_len, q.device,
+                                     ctas_per_sm=resident_ctas("paged_decode", head_dim, q.dtype))
     if not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"{who}: num_splits must be a positive int, got {num_splits!r}")
 

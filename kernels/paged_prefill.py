@@ -91,7 +91,8 @@ def paged_prefill(*, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if num_seqs == 0 or num_tokens == 0 or max_q_len == 0:
         return out
     rows = max_q_len * group
-    block_m = row_tile(rows, q.dtype, cap=64)
+    block_m = row_tile(rows, q.dtype, cap=64, head_dim=head_dim)
+    tiles = tile_config(head_dim, q.dtype)
     _paged_prefill_kernel[(num_seqs, triton.cdiv(rows, block_m), num_kv_heads)](
         q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out,
         scale * LOG2E, head_dim, group,
@@ -101,6 +102,7 @@ def paged_prefill(*, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         BLOCK_SIZE=block_size, BLOCK_M=block_m, DOT_PREC=dot_precision(q.dtype),
-        num_warps=4, **tile_config(head_dim, q.dtype),
+        # 8 warps for a 64 x 128 tile: at 4 warps it needs > 255 registers per thread on sm_80 (spills)
+        num_warps=8 if block_m * tiles["BLOCK_D"] >= 64 * 128 else 4, **tiles,
     )
     return out

@@ -105,7 +105,7 @@ def shared_prefix_decode(*, q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         raise ValueError(f"{who}: max_group_size is 0 but batch is {batch}")
 
     rows = max_group_size * group
-    block_m = row_tile(rows, q.dtype, cap=128)
+    block_m = row_tile(rows, q.dtype, cap=128, head_dim=head_dim)
     num_row_tiles = triton.cdiv(rows, block_m)
     if num_splits is None:
         if max_prefix_len is None:
@@ -129,7 +129,9 @@ def shared_prefix_decode(*, q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
         BLOCK_SIZE=block_size, BLOCK_M=block_m, DOT_PREC=dot_precision(q.dtype),
-        num_warps=8 if block_m >= 128 else 4, **tile_config(head_dim, q.dtype),
+        # 8 warps for 128-row tiles and for head dim 128: at 4 warps ptxas holds a 16 x 128 bf16 tile to 96
+        # registers and spills (tests/kernels/test_aot_compile.py)
+        num_warps=8 if block_m >= 128 or head_dim > 64 else 4, **tile_config(head_dim, q.dtype),
     )
     if num_splits > 1:
         reduce_states(parts_out=part_out, parts_lse=part_lse, out=out, lse_out=lse_out)

@@ -9,11 +9,12 @@ A graph's launches may depend on no value of the step, so a captured shape is a 
   (batch bucket B, cascade, group-size bucket)
 - B: the step's batch rounded up to a bucket (1, 2, 4, 8, then multiples of 16 up to `max_batch`); the padded rows
   store nothing (slot -1), attend nothing (length 0) and their logits are dropped.
-- cascade: whether every row takes the shared-prefix path (suffix states + one shared_prefix_decode per group +
-  merge_states) or plain paged_decode. The backend's per-step choice (TritonBackend.shared_groups) picks the graph.
+- cascade: whether every row takes the shared-prefix path (one fused cascade_decode launch per layer) or plain
+  paged_decode. The backend's per-step choice (TritonBackend.shared_groups) picks the graph.
 - group-size bucket: the largest group's chain count rounded up to a power of two (it sizes the shared-prefix grid).
 Block tables are padded to the widest a sequence can need (max_model_len / block_size) and the split counts are
-fixed for the longest sequence; kernels size their splits per row, so short rows leave splits empty.
+fixed for the longest sequence, each kernel's from its own program count; kernels size their splits per row, so
+short rows leave splits empty. Padded rows are each a group of their own, so every output row is written.
 
 Graphs are captured lazily, on the first step of each key (after one eager warm-up run that compiles the Triton
 kernels), and share one memory pool. `mode="eager"` replays by re-running the captured function on the static
@@ -120,16 +121,17 @@ class DecodeGraphs:
         def i32(*shape, fill=0):
             return torch.full(shape, fill, dtype=torch.int32, device=dev)
 
-        # one rule for both kernels: B rows (or groups) x KV heads programs over up to max_model_len keys
-        splits = self.splits_rule(B * self.num_kv_heads, self.max_model_len, dev)
-        prefix_splits = splits if cascade else None
+        # Split counts per kernel from its own program count: plain paged_decode has B x KV heads programs over up to
+        # max_model_len keys; the cascade kernel applies its own rule (prefix and suffix splits, state budget) to
+        # this key's fixed host ints (bucket, group-size bucket, max_model_len) at capture (None here).
+        splits = None if cascade else self.splits_rule(B * self.num_kv_heads, self.max_model_len, dev)
         decode = DecodeMetadata(
             seq_lens=i32(B), block_tables=i32(B, W, fill=-1), group_starts=i32(B + 1), prefix_lens=i32(B),
             prefix_block_tables=i32(B, W, fill=-1), suffix_lens=i32(B), suffix_block_tables=i32(B, W, fill=-1),
             max_seq_len=self.max_model_len, max_prefix_len=self.max_model_len, max_suffix_len=self.max_model_len,
             group_starts_list=[0, B], prefix_lens_list=[0],
             cascade=cascade, max_group_size=group_size if cascade else None, num_splits=splits,
-            prefix_num_splits=prefix_splits)
+            prefix_num_splits=None)
         meta = AttentionMetadata(slot_mapping=torch.full((B,), -1, dtype=torch.int64, device=dev), decode=decode)
         return (torch.zeros(B, dtype=torch.int64, device=dev), torch.zeros(B, dtype=torch.int64, device=dev), meta)
 
@@ -174,10 +176,14 @@ class DecodeGraphs:
             dst.fill_(-1)
             dst[:n, :src.shape[1]].copy_(src)
         if s.cascade:
-            groups = d.prefix_lens.shape[0]
-            # real groups, then one group of prefix length 0 holding the padded rows, then empty groups
-            s.group_starts.fill_(g.input_ids.shape[0])
+            groups, bucket = d.prefix_lens.shape[0], g.input_ids.shape[0]
+            # Real groups, then each padded row a group of its own (prefix length 0), then empty groups. One group
+            # holding all padded rows could outgrow the key's group-size bucket (the grid's row tiles), and rows
+            # past the tiles would never be written. groups + (bucket - n) <= bucket: the buffer has room.
             s.group_starts[:groups + 1].copy_(d.group_starts)
+            s.group_starts[groups + 1:groups + 1 + bucket - n].copy_(
+                torch.arange(n + 1, bucket + 1, dtype=torch.int32, device=self.device))
+            s.group_starts[groups + 1 + bucket - n:].fill_(bucket)
             s.prefix_lens.zero_()
             s.prefix_lens[:groups].copy_(d.prefix_lens)
             s.prefix_block_tables.fill_(-1)

@@ -57,7 +57,9 @@ class DecodeMetadata:
     # Set only for a decode step captured in a CUDA graph (prmkern/cuda_graphs.py), where nothing may depend on this
     # step's values: `cascade` fixes the path for every row (True: suffix + shared-prefix states merged, a group with
     # prefix length 0 contributing an empty state; False: plain paged decode), `max_group_size` sizes the
-    # shared-prefix grid, and the split counts are fixed. None: the backend decides from the values above.
+    # shared-prefix grid, and the split counts are fixed (plain: num_splits; cascade: prefix_num_splits = P and
+    # num_splits = S of the fused cascade_decode, or both None for that kernel's own rule applied to the fixed host
+    # max lengths). None: the backend decides from the values above.
     cascade: bool | None = None
     max_group_size: int | None = None
     num_splits: int | None = None

@@ -1,9 +1,9 @@
 """The Triton attention backend: the fast path on CUDA, the kernels of `prmkern.kernels` behind the backend seam.
 
 Decode is cascade attention where sharing pays: for a group of chains with a shared prefix long enough and enough
-chains (thresholds `min_chains`, `min_prefix_tokens`), shared_prefix_decode reads the prefix once for the whole
-group, paged_decode reads each chain's own suffix, and merge_states combines the two float32 partial states; every
-other row runs plain paged_decode over its full block table. Everything else maps one method to one kernel.
+chains (thresholds `min_chains`, `min_prefix_tokens`), one cascade_decode launch reads the prefix once for the whole
+group, each chain's own suffix, and reduces and merges the float32 partial states in-kernel; when no group shares,
+every row runs plain paged_decode over its full block table. Everything else maps one method to one kernel.
 
 Importing this module needs triton but no GPU. On a CPU the kernels only run when TRITON_INTERPRET=1 was set before
 triton was imported (tests do that); otherwise calls raise `TritonUnavailableError`. Does not capture CUDA graphs
@@ -68,7 +68,8 @@ class TritonBackend(AttentionBackend):
     def __init__(self, min_chains: int = 2, min_prefix_tokens: int = 128):
         """min_chains / min_prefix_tokens: a shared-prefix group takes the cascade path only with at least this many
         chains and prefix tokens. Defaults are to be set by GPU measurement (benchmarks/bench_shared_prefix_decode.py
-        sweeps both); unmeasured: placeholders reasoned from bytes saved vs one extra launch + merge pass."""
+        sweeps both); unmeasured: placeholders reasoned from prefix bytes saved vs the fused kernel's partial
+        states (benchmarks/traffic_model.py)."""
         if not isinstance(min_chains, int) or min_chains < 1:
             raise ValueError(f"min_chains must be an int >= 1, got {min_chains!r}")
         if not isinstance(min_prefix_tokens, int) or min_prefix_tokens < 1:
@@ -132,40 +133,38 @@ class TritonBackend(AttentionBackend):
                                        dtype=torch.int32, device=q.device)
 
         max_group = max(starts[g + 1] - starts[g] for g in range(len(plens)))
+        max_suffix = meta.max_suffix_len if lens is meta.suffix_lens else meta.max_seq_len
         return self._cascade(q, k_cache, v_cache, meta, scale, out, tables=tables, lens=lens, prefix_lens=prefix_lens,
-                             max_group_size=max_group, max_seq_len=meta.max_seq_len,
-                             max_prefix_len=max(plens[g] for g in shared))
+                             max_group_size=max_group, max_prefix_len=max(plens[g] for g in shared),
+                             max_suffix_len=max_suffix)
 
     def _decode_fixed(self, q, k_cache, v_cache, meta: DecodeMetadata, scale, out):
         """Decode whose launches depend on no value of this step (CUDA-graph capture): meta.cascade picks the path
-        for all rows, meta.max_group_size and the split counts size the grids."""
+        for all rows; meta.max_group_size and the host max lengths size the grid. Split counts: meta.num_splits for
+        plain paged_decode; for the cascade (P, S) = (prefix_num_splits, num_splits) when both are given, else the
+        cascade kernel's own rule applied to the fixed host ints (so the same at capture and replay)."""
         if not meta.cascade:
             return K.paged_decode(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=meta.block_tables,
                                   seq_lens=meta.seq_lens, scale=scale, num_splits=meta.num_splits, out=out)
-        if meta.max_group_size is None or meta.num_splits is None or meta.prefix_num_splits is None:
-            raise ValueError("a fixed cascade decode needs max_group_size, num_splits and prefix_num_splits")
+        if meta.max_group_size is None:
+            raise ValueError("a fixed cascade decode needs max_group_size")
+        splits = None
+        if meta.num_splits is not None and meta.prefix_num_splits is not None:
+            splits = (meta.prefix_num_splits, meta.num_splits)
         return self._cascade(q, k_cache, v_cache, meta, scale, out, tables=meta.suffix_block_tables,
                              lens=meta.suffix_lens, prefix_lens=meta.prefix_lens, max_group_size=meta.max_group_size,
-                             num_splits=meta.num_splits, prefix_num_splits=meta.prefix_num_splits)
+                             max_prefix_len=meta.max_prefix_len, max_suffix_len=meta.max_suffix_len, splits=splits)
 
     @staticmethod
     def _cascade(q, k_cache, v_cache, meta: DecodeMetadata, scale, out, *, tables, lens, prefix_lens,
-                 max_group_size, max_seq_len=None, max_prefix_len=None, num_splits=None, prefix_num_splits=None):
-        """Suffix (or full) states by paged_decode over `tables`/`lens`, each group's prefix state by
-        shared_prefix_decode over `prefix_lens`, both float32 so the merge does not round twice; merged into `out`.
-        Split counts come from the max lengths (per step) or are given (captured steps)."""
-        batch, num_heads, head_dim = q.shape
-
-        def f32() -> torch.Tensor:
-            return torch.empty((batch, num_heads, head_dim), dtype=torch.float32, device=q.device)
-
-        s_out, s_lse = K.paged_decode(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=tables, seq_lens=lens,
-                                      scale=scale, max_seq_len=max_seq_len, num_splits=num_splits, out=f32())
-        p_out, p_lse = K.shared_prefix_decode(q=q, k_cache=k_cache, v_cache=v_cache, group_starts=meta.group_starts,
-                                              prefix_lens=prefix_lens, prefix_block_tables=meta.prefix_block_tables,
-                                              scale=scale, max_group_size=max_group_size,
-                                              max_prefix_len=max_prefix_len, num_splits=prefix_num_splits, out=f32())
-        return K.merge_states(out_a=s_out, lse_a=s_lse, out_b=p_out, lse_b=p_lse, out=out)
+                 max_group_size, max_prefix_len, max_suffix_len, splits=None):
+        """One fused launch (kernels/cascade_decode.py): each group's prefix read once for all its chains, each
+        row's suffix (or full KV) over `tables`/`lens`, split states reduced and merged in-kernel into `out`."""
+        return K.cascade_decode(q=q, k_cache=k_cache, v_cache=v_cache, group_starts=meta.group_starts,
+                                prefix_lens=prefix_lens, prefix_block_tables=meta.prefix_block_tables,
+                                suffix_lens=lens, suffix_block_tables=tables, scale=scale,
+                                max_group_size=max_group_size, max_prefix_len=max_prefix_len,
+                                max_suffix_len=max_suffix_len, splits=splits, out=out)
 
     def decode(self, q, k_cache, v_cache, meta: DecodeMetadata, scale):
         return self.decode_states(q, k_cache, v_cache, meta, scale, out_dtype=q.dtype)[0]

@@ -115,7 +115,7 @@ def _decode_meta(seq_lens: list[int], groups: list[int], prefix_blocks: list[int
 
 def test_refill_leaves_no_stale_row():
     """A bucket used by 7 rows then by 5: rows 5..7 must read as padding again (slot -1, length 0, no blocks), the
-    5 rows' groups must be followed by one prefix-0 group holding the padding, and the kernels' launch sizes must be
+    5 rows' groups must be followed by one prefix-0 group per padded row, and the kernels' launch sizes must be
     the fixed ones of the key."""
     seen = []
 
@@ -137,11 +137,47 @@ def test_refill_leaves_no_stale_row():
     assert (s.block_tables[5:] == -1).all() and (s.suffix_block_tables[5:] == -1).all()
     assert s.block_tables[:5, :3].tolist() == small.decode.block_tables.tolist()
     assert (s.block_tables[:, 3:] == -1).all()  # big's row 6 had 8 blocks
-    assert s.group_starts.tolist() == [0, 4, 5] + [8] * 6  # groups, the padding group [5, 8), empty groups
+    assert s.group_starts.tolist() == [0, 4, 5, 6, 7, 8, 8, 8, 8]  # groups, one group per padded row, empty groups
     assert s.prefix_lens.tolist() == [8, 0] + [0] * 6 and (s.prefix_block_tables[2:] == -1).all()
     assert s.prefix_block_tables[0, :2].tolist() == [0, 1] and (s.prefix_block_tables[0, 2:] == -1).all()
-    assert (s.cascade, s.max_group_size, s.num_splits, s.prefix_num_splits) == (True, 4, 3, 3)
+    # the cascade kernel's splits come from its own rule at capture (not the plain kernel's rule)
+    assert (s.cascade, s.max_group_size, s.num_splits, s.prefix_num_splits) == (True, 4, None, None)
     assert s.max_seq_len == 40 and s.block_tables.shape == (8, 10)
+
+
+def test_every_output_row_written_from_a_poisoned_pool(monkeypatch):
+    """The graph pool holds garbage: every fresh float buffer here is NaN (torch.empty poisoned). A bucket of 8
+    served to 5 lone chains (group-size bucket 1) with GQA 8 leaves 3 padded rows = 24 query rows, more than one
+    row tile (16); every output row, padding included, must still be written: real rows equal float64 attention,
+    padded rows (no keys) are 0. Catches a fill that puts all padded rows in one group (rows past the tile)."""
+    from tests.kernels.conftest import ref_paged_decode
+
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    gen = torch.Generator().manual_seed(3)
+    k_cache = torch.randn(800, 4, 1, 16, generator=gen)
+    v_cache = torch.randn(800, 4, 1, 16, generator=gen)
+    q = torch.randn(8, 8, 16, generator=gen)
+    backend = TritonBackend(min_chains=1, min_prefix_tokens=1)
+
+    def forward(ids, pos, meta):  # the attention of one layer stands in for the model
+        return backend.decode(q[:ids.shape[0]], k_cache, v_cache, meta.decode, 0.25).reshape(ids.shape[0], -1)
+
+    g = DecodeGraphs(forward=forward, max_batch=8, max_model_len=40, block_size=4, num_kv_heads=1,
+                     device=torch.device("cpu"), splits_rule=lambda programs, n, dev: 2, mode="eager")
+    lens = [9, 13, 5, 30, 17]
+    meta = _decode_meta(lens, groups=[1] * 5, prefix_blocks=[0] * 5)
+    logits = g.run(torch.arange(5), torch.arange(5), meta, cascade=True)
+    assert set(g.graphs) == {(8, True, 1)}
+    full = g.graphs[(8, True, 1)].logits.reshape(8, 8, 16)  # every row of the static output, padding included
+    assert not torch.isnan(full).any(), f"unwritten rows: {torch.isnan(full).any(-1).any(-1).nonzero().flatten()}"
+    assert (full[5:] == 0).all()
+    want, _ = ref_paged_decode(q[:5], k_cache, v_cache, meta.decode.block_tables, lens, 0.25)
+    torch.testing.assert_close(logits.reshape(5, 8, 16).double(), want, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
