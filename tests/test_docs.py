@@ -127,12 +127,58 @@ def _argv(cmd: str) -> list[str]:
     return [sys.executable, "-m", "prmkern.cli", *words[1:], *small]
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_server_command(argv: list[str], workdir) -> None:
+    """`prmkern serve ...` from the README: it must come up on loopback, answer a completion with the README's API
+    key, and stop cleanly on SIGTERM."""
+    import signal
+    import time
+
+    import httpx
+    port = _free_port()
+    words = argv[argv.index("serve"):]
+    key = words[words.index("--api-key") + 1] if "--api-key" in words else None
+    proc = subprocess.Popen([*argv, "--port", str(port), "--device", "cpu", "--threads", "1"], cwd=workdir, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the README's server did not come up in 180 s"
+            time.sleep(0.5)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        r = httpx.post(f"{url}/v1/completions", headers=headers, timeout=60,
+                       json={"model": "verifier", "prompt": "Compute 2 + 3.", "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    # uvicorn finishes its graceful shutdown, then re-raises the SIGTERM it caught (exit status -15)
+    assert proc.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in err, err[-3000:]
+
+
 @pytest.mark.parametrize("lineno,cmd", commands(), ids=[f"README:{n}" for n, _ in commands()])
 def test_readme_command_runs(lineno, cmd, workdir):
     reason = not_run_reason(cmd)
     if reason:
         pytest.skip(f"not run: {reason}")
     argv = _argv(cmd)
+    if "serve" in argv[:4]:
+        _run_server_command(argv, workdir)
+        return
     proc = subprocess.run(argv, cwd=REPO if argv[1].endswith((".py",)) else workdir, env=ENV, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, f"README line {lineno}: {cmd}\n{proc.stderr[-3000:]}"
