@@ -44,9 +44,13 @@ class ModelRunner:
         self.backend = get_backend(config.attention_backend)
         spec = model.spec
         shape = (num_blocks, config.block_size, spec.num_kv_heads, spec.head_dim)
-        # Zeroed: masked-out slots are multiplied by zero probabilities and must not hold NaN.
-        self.kv_caches = [(torch.zeros(shape, dtype=config.dtype, device=config.device),
-                           torch.zeros(shape, dtype=config.dtype, device=config.device))
+        # On the CPU the torch and C++ backends read only slots inside a sequence's length (padded decode entries
+        # point at the row's newest token), so the pool is left uninitialised: torch.empty reserves it and the
+        # operating system commits pages as blocks are first written. Other backends may multiply never-written
+        # slots by zero probabilities, so there it is zeroed (a NaN there would poison the row).
+        alloc = torch.empty if config.device.type == "cpu" and self.backend.name in ("torch", "cpp") else torch.zeros
+        self.kv_caches = [(alloc(shape, dtype=config.dtype, device=config.device),
+                           alloc(shape, dtype=config.dtype, device=config.device))
                           for _ in range(spec.num_layers)]
         self.max_model_len = max_model_len or spec.max_position_embeddings
         # Decode steps from CUDA graphs: on CUDA with the Triton backend unless enforce_eager.

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 from safetensors import safe_open
 
+from prmkern.attention.cpp_backend import cpp_ops
 from prmkern.models.decoder import DecoderForCausalLM, DecoderSpec
 from prmkern.models.llama import llama_spec
 from prmkern.models.qwen2 import qwen2_spec
@@ -101,7 +102,7 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str) -
     if spec.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
         loaded.add("lm_head.weight")
-    if torch.device(device).type == "cpu":
+    if torch.device(device).type == "cpu" and dtype == torch.float32 and cpp_ops() is None:
         _k_major_weights(model)
     expected = set()
     for n in params:
@@ -115,6 +116,9 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str) -
 
 def _k_major_weights(model: torch.nn.Module) -> None:
     """Store every projection's weight [out, in] transposed in memory (a [out, in] view over [in, out] storage).
+
+    Only for fp32 on the CPU without prmkern's C++ kernels (MKL's decode GEMMs): the C++ GEMM streams the
+    checkpoint's [out, in] rows for every dtype, and bf16/fp16 matmuls against this layout crawl (~0.08 GB/s).
 
     On the CPU, GEMM with a few rows (decode: one row per running sequence) runs 1.4-1.9x faster against this
     layout for this model family's shapes (measured with MKL at 16 rows, one thread); large prefill products are

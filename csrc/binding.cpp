@@ -1,0 +1,96 @@
+// The torch binding of the CPU kernels (module prmkern._C): checks shapes, dtypes and strides, converts the few
+// activation rows to float32 and back, and calls the plain C++ kernels (which include no torch header, so they
+// compile in seconds). Errors say what was given and what is accepted.
+#include <torch/extension.h>
+
+#include "cpu_features.h"
+#include "decode_gemm.h"
+#include "paged_attention.h"
+
+namespace {
+
+prmkern::DType kernel_dtype(const torch::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case torch::kFloat32: return prmkern::DType::F32;
+    case torch::kBFloat16: return prmkern::DType::BF16;
+    case torch::kFloat16: return prmkern::DType::F16;
+    default:
+      TORCH_CHECK(false, what, " has dtype ", t.scalar_type(), "; accepted: float32, bfloat16, float16");
+  }
+}
+
+// x [M, K] (any float dtype) @ weight [N, K]^T + bias [N] -> [M, N] in x's dtype. weight rows must be contiguous
+// (stride(1) == 1), the checkpoint's layout.
+torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "decode_linear runs on CPU tensors");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "decode_linear: x must be [M, K] and weight [N, K]; got ",
+              x.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(x.size(1) == weight.size(1), "decode_linear: x has K=", x.size(1), " but weight has K=", weight.size(1));
+  TORCH_CHECK(weight.stride(1) == 1 || weight.size(1) <= 1, "decode_linear: weight rows must be contiguous (stride(1) == 1); got strides ",
+              weight.strides());
+  const auto wtype = kernel_dtype(weight, "weight");
+  kernel_dtype(x, "x");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  auto xf = x.to(torch::kFloat32).contiguous();
+  torch::Tensor bf;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "decode_linear: bias must be [", N, "]; got ", bias->sizes());
+    bf = bias->to(torch::kFloat32).contiguous();
+  }
+  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
+  if (M > 0 && N > 0) {
+    prmkern::decode_gemm(xf.data_ptr<float>(), M, K, weight.data_ptr(), wtype, N, std::max<int64_t>(weight.stride(0), K),
+                         bf.defined() ? bf.data_ptr<float>() : nullptr, y.data_ptr<float>(), N);
+  }
+  return x.scalar_type() == torch::kFloat32 ? y : y.to(x.scalar_type());
+}
+
+torch::Tensor int32_table(const torch::Tensor& t, const char* what, int64_t dims) {
+  TORCH_CHECK(t.scalar_type() == torch::kInt32 && t.dim() == dims && t.device().is_cpu(), what,
+              " must be a CPU int32 tensor of ", dims, " dims; got ", t.scalar_type(), " ", t.sizes());
+  return t.contiguous();
+}
+
+// q [B, Hq, D] -> out [B, Hq, D] in q's dtype; caches [num_blocks, block_size, Hkv, D]; see paged_attention.h.
+torch::Tensor cascade_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                             const torch::Tensor& group_starts, const torch::Tensor& prefix_lens,
+                             const torch::Tensor& prefix_tables, const torch::Tensor& suffix_lens,
+                             const torch::Tensor& suffix_tables, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+              "cascade_decode: q must be [B, Hq, D] and the caches [num_blocks, block_size, Hkv, D]; got ", q.sizes(),
+              ", ", k_cache.sizes(), ", ", v_cache.sizes());
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type(),
+              "cascade_decode: caches must be contiguous and of one dtype");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), bs = k_cache.size(1), Hkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && Hkv > 0 && Hq % Hkv == 0, "cascade_decode: q has ", Hq, " heads of dim ", D,
+              "; the cache has ", Hkv, " heads of dim ", k_cache.size(3));
+  const auto ctype = kernel_dtype(k_cache, "k_cache");
+  auto gs = int32_table(group_starts, "group_starts", 1), pl = int32_table(prefix_lens, "prefix_lens", 1);
+  auto pt = int32_table(prefix_tables, "prefix_tables", 2), sl = int32_table(suffix_lens, "suffix_lens", 1);
+  auto st = int32_table(suffix_tables, "suffix_tables", 2);
+  const int64_t ng = pl.size(0);
+  TORCH_CHECK(gs.size(0) == ng + 1 && sl.size(0) == B && st.size(0) == B && pt.size(0) >= (ng > 0 ? ng : 0),
+              "cascade_decode: metadata sizes disagree with ", B, " chains in ", ng, " groups");
+  TORCH_CHECK(ng == 0 || gs[ng].item<int32_t>() == B, "cascade_decode: group_starts must end at B=", B);
+  auto qf = q.to(torch::kFloat32).contiguous();
+  auto out = torch::empty({B, Hq, D}, q.options().dtype(torch::kFloat32));
+  if (B > 0) {
+    prmkern::cascade_decode(qf.data_ptr<float>(), B, Hq, D, k_cache.data_ptr(), v_cache.data_ptr(), ctype, bs, Hkv, ng,
+                            gs.data_ptr<int32_t>(), pl.data_ptr<int32_t>(), pt.data_ptr<int32_t>(), pt.size(1),
+                            sl.data_ptr<int32_t>(), st.data_ptr<int32_t>(), st.size(1), static_cast<float>(scale),
+                            out.data_ptr<float>());
+  }
+  return q.scalar_type() == torch::kFloat32 ? out : out.to(q.scalar_type());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "prmkern's C++ CPU kernels (csrc/)";
+  m.def("cpu_isa", &prmkern::cpu_isa, "the instruction-set path the kernels take on this CPU ('avx2' or 'scalar')");
+  m.def("decode_linear", &decode_linear, "x [M, K] @ weight [N, K]^T + bias, weight streamed once (decode rows)",
+        py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
+  m.def("cascade_decode", &cascade_decode, "cascade paged decode attention over the block pool, in place",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("group_starts"), py::arg("prefix_lens"),
+        py::arg("prefix_tables"), py::arg("suffix_lens"), py::arg("suffix_tables"), py::arg("scale"));
+}
