@@ -12,7 +12,6 @@ from typing import Any, Callable
 import torch
 from safetensors import safe_open
 
-from prmkern.attention.cpp_backend import cpp_ops
 from prmkern.models.decoder import DecoderForCausalLM, DecoderSpec
 from prmkern.models.llama import llama_spec
 from prmkern.models.qwen2 import qwen2_spec
@@ -102,8 +101,6 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str) -
     if spec.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
         loaded.add("lm_head.weight")
-    if torch.device(device).type == "cpu" and dtype == torch.float32 and cpp_ops() is None:
-        _k_major_weights(model)
     expected = set()
     for n in params:
         shards = 3 if ".qkv_proj." in n else 2 if ".gate_up_proj." in n else 0
@@ -114,11 +111,12 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str) -
     return model.eval()
 
 
-def _k_major_weights(model: torch.nn.Module) -> None:
+def k_major_weights(model: torch.nn.Module) -> None:
     """Store every projection's weight [out, in] transposed in memory (a [out, in] view over [in, out] storage).
 
-    Only for fp32 on the CPU without prmkern's C++ kernels (MKL's decode GEMMs): the C++ GEMM streams the
-    checkpoint's [out, in] rows for every dtype, and bf16/fp16 matmuls against this layout crawl (~0.08 GB/s).
+    Weights load in the checkpoint's [out, in] layout, which the C++ decode GEMM streams for every dtype and which
+    bf16/fp16 matmuls need (against this transposed layout they crawl at ~0.08 GB/s). The runner applies this only
+    for the torch backend in fp32 on the CPU, where MKL's GEMMs prefer it:
 
     On the CPU, GEMM with a few rows (decode: one row per running sequence) runs 1.4-1.9x faster against this
     layout for this model family's shapes (measured with MKL at 16 rows, one thread); large prefill products are
