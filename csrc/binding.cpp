@@ -71,7 +71,27 @@ torch::Tensor cascade_decode(const torch::Tensor& q, const torch::Tensor& k_cach
   const int64_t ng = pl.size(0);
   TORCH_CHECK(gs.size(0) == ng + 1 && sl.size(0) == B && st.size(0) == B && pt.size(0) >= (ng > 0 ? ng : 0),
               "cascade_decode: metadata sizes disagree with ", B, " chains in ", ng, " groups");
-  TORCH_CHECK(ng == 0 || gs[ng].item<int32_t>() == B, "cascade_decode: group_starts must end at B=", B);
+  TORCH_CHECK(gs.data_ptr<int32_t>()[0] == 0 && gs.data_ptr<int32_t>()[ng] == B,
+              "cascade_decode: group_starts must run from 0 to B=", B);
+  // Every block a length covers must be a pool block: a bad table fails here, not as a wild read.
+  const int64_t num_blocks = k_cache.size(0);
+  auto check_rows = [&](const torch::Tensor& table, const torch::Tensor& lens, const char* what) {
+    const int32_t* t = table.data_ptr<int32_t>();
+    const int32_t* l = lens.data_ptr<int32_t>();
+    for (int64_t r = 0; r < lens.size(0); ++r) {
+      const int64_t need = (static_cast<int64_t>(l[r]) + bs - 1) / bs;
+      TORCH_CHECK(l[r] >= 0 && need <= table.size(1), "cascade_decode: ", what, " row ", r, " has length ", l[r],
+                  " but its table holds ", table.size(1), " blocks of ", bs);
+      for (int64_t j = 0; j < need; ++j)
+        TORCH_CHECK(t[r * table.size(1) + j] >= 0 && t[r * table.size(1) + j] < num_blocks, "cascade_decode: ", what,
+                    " row ", r, " names block ", t[r * table.size(1) + j], " of a pool of ", num_blocks);
+    }
+  };
+  check_rows(pt, pl, "prefix");
+  check_rows(st, sl, "suffix");
+  const int32_t* g = gs.data_ptr<int32_t>();
+  for (int64_t i = 0; i < ng; ++i)
+    TORCH_CHECK(g[i] >= 0 && g[i] <= g[i + 1], "cascade_decode: group_starts must be non-decreasing from 0");
   auto qf = q.to(torch::kFloat32).contiguous();
   auto out = torch::empty({B, Hq, D}, q.options().dtype(torch::kFloat32));
   if (B > 0) {

@@ -65,6 +65,83 @@ PRMKERN_AVX2 void convert_f16_avx2(float* dst, const uint16_t* s, int64_t n) {
 }
 #endif
 
+#if PRMKERN_X86
+// S[i, t] = Q[i, :] . K[t, :] for i < nq, t < CHUNK, from the transposed chunk Kt [D, CHUNK] (vectorised over
+// keys: two queries x 32 keys = 8 accumulators per pass over D).
+PRMKERN_AVX2 void qk_avx2(const float* Q, int64_t nq, int64_t D, const float* Kt, float* S) {
+  int64_t i = 0;
+  for (; i + 2 <= nq; i += 2) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    const float* q0 = Q + i * D;
+    const float* q1 = q0 + D;
+    for (int64_t d = 0; d < D; ++d) {
+      const float* k = Kt + d * CHUNK;
+      const __m256 k0 = _mm256_loadu_ps(k), k1 = _mm256_loadu_ps(k + 8), k2 = _mm256_loadu_ps(k + 16),
+                   k3 = _mm256_loadu_ps(k + 24);
+      const __m256 x = _mm256_broadcast_ss(q0 + d), y = _mm256_broadcast_ss(q1 + d);
+      a0 = _mm256_fmadd_ps(x, k0, a0); a1 = _mm256_fmadd_ps(x, k1, a1);
+      a2 = _mm256_fmadd_ps(x, k2, a2); a3 = _mm256_fmadd_ps(x, k3, a3);
+      b0 = _mm256_fmadd_ps(y, k0, b0); b1 = _mm256_fmadd_ps(y, k1, b1);
+      b2 = _mm256_fmadd_ps(y, k2, b2); b3 = _mm256_fmadd_ps(y, k3, b3);
+    }
+    float* s0 = S + i * CHUNK;
+    float* s1 = s0 + CHUNK;
+    _mm256_storeu_ps(s0, a0); _mm256_storeu_ps(s0 + 8, a1); _mm256_storeu_ps(s0 + 16, a2); _mm256_storeu_ps(s0 + 24, a3);
+    _mm256_storeu_ps(s1, b0); _mm256_storeu_ps(s1 + 8, b1); _mm256_storeu_ps(s1 + 16, b2); _mm256_storeu_ps(s1 + 24, b3);
+  }
+  for (; i < nq; ++i) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const float* q0 = Q + i * D;
+    for (int64_t d = 0; d < D; ++d) {
+      const float* k = Kt + d * CHUNK;
+      const __m256 x = _mm256_broadcast_ss(q0 + d);
+      a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k), a0); a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k + 8), a1);
+      a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k + 16), a2); a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k + 24), a3);
+    }
+    float* s0 = S + i * CHUNK;
+    _mm256_storeu_ps(s0, a0); _mm256_storeu_ps(s0 + 8, a1); _mm256_storeu_ps(s0 + 16, a2); _mm256_storeu_ps(s0 + 24, a3);
+  }
+}
+
+// acc[i, d0:d0+8*NV] = acc * alpha[i] + sum_t P[i, t] V[t, d0:...] for two queries at once.
+template <int NV, int NQ>
+PRMKERN_AVX2 inline void pv_tile(const float* P, int64_t C, const float* V, int64_t D, float* acc,
+                                 const float* alpha, int64_t i, int64_t d0) {
+  __m256 a[NQ][NV];
+  for (int r = 0; r < NQ; ++r) {
+    const __m256 al = _mm256_broadcast_ss(alpha + i + r);
+    for (int v = 0; v < NV; ++v) a[r][v] = _mm256_mul_ps(_mm256_loadu_ps(acc + (i + r) * D + d0 + 8 * v), al);
+  }
+  for (int64_t t = 0; t < C; ++t) {
+    __m256 vv[NV];
+    for (int v = 0; v < NV; ++v) vv[v] = _mm256_loadu_ps(V + t * D + d0 + 8 * v);
+    for (int r = 0; r < NQ; ++r) {
+      const __m256 p = _mm256_broadcast_ss(P + (i + r) * CHUNK + t);
+      for (int v = 0; v < NV; ++v) a[r][v] = _mm256_fmadd_ps(p, vv[v], a[r][v]);
+    }
+  }
+  for (int r = 0; r < NQ; ++r)
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(acc + (i + r) * D + d0 + 8 * v, a[r][v]);
+}
+
+// D a multiple of 8.
+PRMKERN_AVX2 void pv_avx2(const float* P, int64_t nq, int64_t C, const float* V, int64_t D, float* acc,
+                          const float* alpha) {
+  int64_t i = 0;
+  for (; i + 2 <= nq; i += 2) {
+    int64_t d0 = 0;
+    for (; d0 + 32 <= D; d0 += 32) pv_tile<4, 2>(P, C, V, D, acc, alpha, i, d0);
+    for (; d0 < D; d0 += 8) pv_tile<1, 2>(P, C, V, D, acc, alpha, i, d0);
+  }
+  for (; i < nq; ++i) {
+    int64_t d0 = 0;
+    for (; d0 + 32 <= D; d0 += 32) pv_tile<4, 1>(P, C, V, D, acc, alpha, i, d0);
+    for (; d0 < D; d0 += 8) pv_tile<1, 1>(P, C, V, D, acc, alpha, i, d0);
+  }
+}
+
+#endif
+
 template <DType T, bool AVX>
 PK_INLINE void convert_row(float* dst, const void* src, int64_t n) {
 #if PRMKERN_X86
@@ -84,50 +161,130 @@ struct Keys {
   int64_t len;           // tokens
 };
 
+// Online softmax over one chunk of scores s [nq, CHUNK] (C valid): p = exp(s - m_new) in place,
+// alpha = exp(m_old - m_new), l = l * alpha + sum p, m = m_new.
+PK_INLINE void softmax_chunk_body(float* s, int64_t nq, int64_t C, float* m, float* l, float* alpha) {
+  for (int64_t i = 0; i < nq; ++i) {
+    float* si = s + i * CHUNK;
+    float cmax = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : cmax)
+    for (int64_t t = 0; t < C; ++t) cmax = std::max(cmax, si[t]);
+    const float m_new = std::max(m[i], cmax);
+    alpha[i] = exp_nonpos(m[i] - m_new);  // m[i] = -inf at first: ~0, and acc, l are 0 anyway
+    float psum = 0.f;
+#pragma omp simd reduction(+ : psum)
+    for (int64_t t = 0; t < C; ++t) {
+      si[t] = exp_nonpos(si[t] - m_new);
+      psum += si[t];
+    }
+    l[i] = l[i] * alpha[i] + psum;
+    m[i] = m_new;
+  }
+}
+
+// Converts tokens c0 .. c0+C of `keys` to float32: K into kbuf [C, D] (and, when kt is given, transposed into
+// kt [D, CHUNK] zero-padded past C), V into vbuf [C, D].
+template <DType T, bool AVX>
+PK_INLINE void load_chunk_body(const Keys& keys, int64_t c0, int64_t C, int64_t D, int64_t block_size, int64_t Hkv,
+                               int64_t h, float* kbuf, float* vbuf, float* kt) {
+  const int64_t esize = T == DType::F32 ? 4 : 2;
+  for (int64_t t = 0; t < C; ++t) {
+    const int64_t pos = c0 + t;
+    const int64_t slot = static_cast<int64_t>(keys.table[pos / block_size]) * block_size + pos % block_size;
+    const int64_t off = (slot * Hkv + h) * D * esize;
+    convert_row<T, AVX>(kbuf + t * D, static_cast<const char*>(keys.k) + off, D);
+    convert_row<T, AVX>(vbuf + t * D, static_cast<const char*>(keys.v) + off, D);
+  }
+  if (kt != nullptr) {
+    for (int64_t d = 0; d < D; ++d) {
+      float* row = kt + d * CHUNK;
+      for (int64_t t = 0; t < C; ++t) row[t] = kbuf[t * D + d];
+      for (int64_t t = C; t < CHUNK; ++t) row[t] = 0.f;
+    }
+  }
+}
+
+// The loops above compiled for AVX2 (OpenMP's outlined parallel regions do not inherit a caller's target, so the
+// AVX2 code must live in functions of its own).
+#if PRMKERN_X86
+PRMKERN_AVX2 void softmax_chunk_avx2(float* s, int64_t nq, int64_t C, float* m, float* l, float* alpha) {
+  softmax_chunk_body(s, nq, C, m, l, alpha);
+}
+template <DType T>
+PRMKERN_AVX2 void load_chunk_avx2(const Keys& keys, int64_t c0, int64_t C, int64_t D, int64_t block_size,
+                                  int64_t Hkv, int64_t h, float* kbuf, float* vbuf, float* kt) {
+  load_chunk_body<T, true>(keys, c0, C, D, block_size, Hkv, h, kbuf, vbuf, kt);
+}
+#endif
+
+template <bool AVX>
+PK_INLINE void softmax_chunk(float* s, int64_t nq, int64_t C, float* m, float* l, float* alpha) {
+#if PRMKERN_X86
+  if constexpr (AVX) {
+    softmax_chunk_avx2(s, nq, C, m, l, alpha);
+    return;
+  }
+#endif
+  softmax_chunk_body(s, nq, C, m, l, alpha);
+}
+
+template <DType T, bool AVX>
+PK_INLINE void load_chunk(const Keys& keys, int64_t c0, int64_t C, int64_t D, int64_t block_size, int64_t Hkv,
+                          int64_t h, float* kbuf, float* vbuf, float* kt) {
+#if PRMKERN_X86
+  if constexpr (AVX) {
+    load_chunk_avx2<T>(keys, c0, C, D, block_size, Hkv, h, kbuf, vbuf, kt);
+    return;
+  }
+#endif
+  load_chunk_body<T, false>(keys, c0, C, D, block_size, Hkv, h, kbuf, vbuf, kt);
+}
+
 // Attends queries Q [nq, D] (already scaled) over `keys` of KV head h; updates acc/m/l.
+// Scratch: kbuf [CHUNK, D] (K, then transposed into kt [D, CHUNK]), vbuf [CHUNK, D], s [nq, CHUNK], alpha [nq].
 template <DType T, bool AVX>
 PK_INLINE void attend(const float* Q, int64_t nq, int64_t D, const Keys& keys, int64_t block_size, int64_t Hkv,
-                      int64_t h, float* acc, float* m, float* l, float* kbuf, float* vbuf, float* s) {
-  const int64_t esize = T == DType::F32 ? 4 : 2;
+                      int64_t h, float* acc, float* m, float* l, float* kbuf, float* kt, float* vbuf, float* s,
+                      float* alpha) {
+  const bool vec = AVX && D % 8 == 0;
   for (int64_t c0 = 0; c0 < keys.len; c0 += CHUNK) {
     const int64_t C = std::min<int64_t>(CHUNK, keys.len - c0);
-    for (int64_t t = 0; t < C; ++t) {
-      const int64_t pos = c0 + t;
-      const int64_t slot = static_cast<int64_t>(keys.table[pos / block_size]) * block_size + pos % block_size;
-      const int64_t off = (slot * Hkv + h) * D * esize;
-      convert_row<T, AVX>(kbuf + t * D, static_cast<const char*>(keys.k) + off, D);
-      convert_row<T, AVX>(vbuf + t * D, static_cast<const char*>(keys.v) + off, D);
-    }
-    for (int64_t i = 0; i < nq; ++i) {
-      const float* qi = Q + i * D;
-      float cmax = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < C; ++t) {
-        const float* kt = kbuf + t * D;
-        float dot = 0.f;
+    load_chunk<T, AVX>(keys, c0, C, D, block_size, Hkv, h, kbuf, vbuf, vec ? kt : nullptr);
+    // scores s [nq, CHUNK]
+#if PRMKERN_X86
+    if (vec) {
+      qk_avx2(Q, nq, D, kt, s);
+    } else
+#endif
+    {
+      for (int64_t i = 0; i < nq; ++i)
+        for (int64_t t = 0; t < C; ++t) {
+          const float* qi = Q + i * D;
+          const float* kr = kbuf + t * D;
+          float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < D; ++d) dot += qi[d] * kt[d];
-        s[t] = dot;
-        cmax = std::max(cmax, dot);
-      }
-      const float m_new = std::max(m[i], cmax);
-      const float alpha = exp_nonpos(m[i] - m_new);  // m[i] = -inf at first: exp clamps to ~0, acc is 0 anyway
-      float psum = 0.f;
-#pragma omp simd reduction(+ : psum)
-      for (int64_t t = 0; t < C; ++t) {
-        s[t] = exp_nonpos(s[t] - m_new);
-        psum += s[t];
-      }
+          for (int64_t d = 0; d < D; ++d) dot += qi[d] * kr[d];
+          s[i * CHUNK + t] = dot;
+        }
+    }
+    softmax_chunk<AVX>(s, nq, C, m, l, alpha);
+#if PRMKERN_X86
+    if (vec) {
+      pv_avx2(s, nq, C, vbuf, D, acc, alpha);
+      continue;
+    }
+#endif
+    for (int64_t i = 0; i < nq; ++i) {
       float* ai = acc + i * D;
+      const float al = alpha[i];
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) ai[d] *= alpha;
+      for (int64_t d = 0; d < D; ++d) ai[d] *= al;
       for (int64_t t = 0; t < C; ++t) {
-        const float p = s[t];
+        const float p = s[i * CHUNK + t];
         const float* vt = vbuf + t * D;
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) ai[d] += p * vt[d];
       }
-      l[i] = l[i] * alpha + psum;
-      m[i] = m_new;
     }
   }
 }
@@ -154,7 +311,8 @@ PK_INLINE void cascade_impl(const float* q, int64_t B, int64_t Hq, int64_t D, co
 #pragma omp parallel if (ntasks > 1)
   {
     std::vector<float> Q(max_group * G * D), acc(max_group * G * D), m(max_group * G), l(max_group * G);
-    std::vector<float> kbuf(CHUNK * D), vbuf(CHUNK * D), s(CHUNK);
+    std::vector<float> kbuf(CHUNK * D), kt(CHUNK * D), vbuf(CHUNK * D), s(max_group * G * CHUNK),
+        alpha(max_group * G);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t ti = 0; ti < ntasks; ++ti) {
       const int64_t g = tasks[ti] / Hkv, h = tasks[ti] % Hkv;
@@ -170,7 +328,7 @@ PK_INLINE void cascade_impl(const float* q, int64_t B, int64_t Hq, int64_t D, co
       std::fill(l.begin(), l.begin() + nq, 0.f);
       const Keys keys{k_cache, v_cache, prefix_tables + g * prefix_stride, prefix_lens[g]};
       attend<T, AVX>(Q.data(), nq, D, keys, block_size, Hkv, h, acc.data(), m.data(), l.data(), kbuf.data(),
-                     vbuf.data(), s.data());
+                     kt.data(), vbuf.data(), s.data(), alpha.data());
       for (int64_t b = 0; b < n; ++b)
         for (int64_t j = 0; j < G; ++j) {
           const int64_t row = (r0 + b) * Hq + h * G + j, i = b * G + j;
@@ -185,7 +343,8 @@ PK_INLINE void cascade_impl(const float* q, int64_t B, int64_t Hq, int64_t D, co
   const int64_t nsuffix = B * Hkv;
 #pragma omp parallel if (nsuffix > 1)
   {
-    std::vector<float> Q(G * D), acc(G * D), m(G), l(G), kbuf(CHUNK * D), vbuf(CHUNK * D), s(CHUNK);
+    std::vector<float> Q(G * D), acc(G * D), m(G), l(G), kbuf(CHUNK * D), kt(CHUNK * D), vbuf(CHUNK * D),
+        s(G * CHUNK), alpha(G);
 #pragma omp for schedule(dynamic, 4)
     for (int64_t ti = 0; ti < nsuffix; ++ti) {
       const int64_t b = ti / Hkv, h = ti % Hkv;
@@ -198,7 +357,7 @@ PK_INLINE void cascade_impl(const float* q, int64_t B, int64_t Hq, int64_t D, co
       std::fill(l.begin(), l.end(), 0.f);
       const Keys keys{k_cache, v_cache, suffix_tables + b * suffix_stride, suffix_lens[b]};
       attend<T, AVX>(Q.data(), G, D, keys, block_size, Hkv, h, acc.data(), m.data(), l.data(), kbuf.data(),
-                     vbuf.data(), s.data());
+                     kt.data(), vbuf.data(), s.data(), alpha.data());
       for (int64_t j = 0; j < G; ++j) {
         const int64_t row = b * Hq + h * G + j;
         const float ms = m[j], mp = p_m[row];

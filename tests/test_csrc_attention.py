@@ -57,6 +57,14 @@ def test_metadata_errors():
         OPS.cascade_decode(q, c["k_cache"], c["v_cache"], args[0].long(), *args[1:], 0.1)
     with pytest.raises(RuntimeError, match="chains"):
         OPS.cascade_decode(q[:1], c["k_cache"], c["v_cache"], *args, 0.1)
+    bad = args[4].clone()
+    bad[1, 0] = c["k_cache"].shape[0]  # a block past the pool
+    with pytest.raises(RuntimeError, match="names block"):
+        OPS.cascade_decode(q, c["k_cache"], c["v_cache"], *args[:4], bad, 0.1)
+    short = args[3].clone()
+    short[0] = 4 * args[4].shape[1] + 1  # longer than its table
+    with pytest.raises(RuntimeError, match="has length"):
+        OPS.cascade_decode(q, c["k_cache"], c["v_cache"], *args[:3], short, args[4], 0.1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
