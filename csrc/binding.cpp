@@ -5,6 +5,7 @@
 
 #include "cpu_features.h"
 #include "decode_gemm.h"
+#include "elementwise.h"
 #include "paged_attention.h"
 
 namespace {
@@ -103,6 +104,43 @@ torch::Tensor cascade_decode(const torch::Tensor& q, const torch::Tensor& k_cach
   return q.scalar_type() == torch::kFloat32 ? out : out.to(q.scalar_type());
 }
 
+prmkern::DType f32_or_bf16(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && (t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16),
+              what, " must be a CPU float32 or bfloat16 tensor; got ", t.scalar_type(), " on ", t.device());
+  return t.scalar_type() == torch::kFloat32 ? prmkern::DType::F32 : prmkern::DType::BF16;
+}
+
+// x [T, H] (+ residual [T, H]) -> (RMSNorm(x + residual) * weight, x + residual or None); see elementwise.h.
+std::tuple<torch::Tensor, c10::optional<torch::Tensor>> add_rms_norm(const torch::Tensor& x,
+                                                                     const c10::optional<torch::Tensor>& residual,
+                                                                     const torch::Tensor& weight, double eps) {
+  const auto dt = f32_or_bf16(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && weight.dim() == 1 && weight.size(0) == x.size(1) &&
+                  weight.scalar_type() == x.scalar_type() && weight.is_contiguous(),
+              "add_rms_norm: x must be contiguous [T, H] and weight [H] of x's dtype; got ", x.sizes(), " ",
+              x.scalar_type(), " and ", weight.sizes(), " ", weight.scalar_type());
+  const bool has_res = residual.has_value() && residual->defined();
+  if (has_res)
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type() &&
+                    residual->is_contiguous(), "add_rms_norm: residual must match x; got ", residual->sizes());
+  auto out = torch::empty_like(x);
+  c10::optional<torch::Tensor> res_out;
+  if (has_res) res_out = torch::empty_like(x);
+  prmkern::add_rms_norm(x.data_ptr(), has_res ? residual->data_ptr() : nullptr, weight.data_ptr(), dt, x.size(0),
+                        x.size(1), static_cast<float>(eps), out.data_ptr(), has_res ? res_out->data_ptr() : nullptr);
+  return {out, res_out};
+}
+
+// x [T, 2I] = [gate | up] -> silu(gate) * up [T, I]
+torch::Tensor silu_and_mul(const torch::Tensor& x) {
+  const auto dt = f32_or_bf16(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 2 == 0,
+              "silu_and_mul: x must be contiguous [T, 2I]; got ", x.sizes());
+  auto out = torch::empty({x.size(0), x.size(1) / 2}, x.options());
+  prmkern::silu_and_mul(x.data_ptr(), dt, x.size(0), x.size(1) / 2, out.data_ptr());
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -113,4 +151,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cascade_decode", &cascade_decode, "cascade paged decode attention over the block pool, in place",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("group_starts"), py::arg("prefix_lens"),
         py::arg("prefix_tables"), py::arg("suffix_lens"), py::arg("suffix_tables"), py::arg("scale"));
+  m.def("add_rms_norm", &add_rms_norm, "RMSNorm(x + residual) * weight and x + residual, one pass (fp32 / bf16)",
+        py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of x = [gate | up], one pass (fp32 / bf16)", py::arg("x"));
 }

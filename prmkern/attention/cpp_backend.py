@@ -3,8 +3,10 @@
 `cpp_ops()` loads the extension `prmkern._C` once; when it is absent (not built: no compiler, installed without
 `--no-build-isolation`, a non-x86 platform) it prints one line and returns None, and callers take the torch path.
 Decode is the cascade of the torch backend computed without gathering copies: each group's shared prefix is read
-from the block pool once for all its chains, each chain's suffix in place, merged by log-sum-exp. Prefill, the KV
-store and the elementwise layers are the torch backend's (one fused torch op each already).
+from the block pool once for all its chains, each chain's suffix in place, merged by log-sum-exp. The residual
+add + RMSNorm and SiLU-and-mul of 2-D fp32/bf16 rows are one C++ pass each (csrc/elementwise.cpp: in bf16 the torch
+versions take ~8 and 3 ops, and a decode step's cost is its op count). Prefill attention, the KV store and rotary
+are the torch backend's.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from prmkern.attention.metadata import DecodeMetadata
 from prmkern.attention.torch_backend import TorchBackend
 
 _OPS: ModuleType | None = None
+_FUSED_DTYPES = (torch.float32, torch.bfloat16)
 _LOADED = False
 
 
@@ -47,6 +50,19 @@ class CppBackend(TorchBackend):
         super().__init__()
         self.ops = cpp_ops()
         self._tables: tuple[DecodeMetadata, tuple] | None = None
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        if (self.ops is None or x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _FUSED_DTYPES
+                or weight.dtype != x.dtype or not x.is_contiguous()
+                or (residual is not None and (residual.dtype != x.dtype or not residual.is_contiguous()))):
+            return super().rms_norm(x, weight, eps, residual)
+        return self.ops.add_rms_norm(x, residual, weight, eps)
+
+    def silu_and_mul(self, x):
+        if self.ops is None or x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _FUSED_DTYPES \
+                or not x.is_contiguous():
+            return super().silu_and_mul(x)
+        return self.ops.silu_and_mul(x)
 
     def decode(self, q, k_cache, v_cache, meta: DecodeMetadata, scale):
         if self.ops is None or q.device.type != "cpu":
