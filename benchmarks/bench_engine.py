@@ -9,6 +9,13 @@ document.
 
   python benchmarks/bench_engine.py --prompt-len 512 --chains 16 --gen-len 64
   python benchmarks/bench_engine.py --smoke          # tiny sizes, for CI
+  python benchmarks/bench_engine.py --skip-transformers --variants torch:float32,cpp:float32,cpp:bfloat16 --roofline
+  python benchmarks/bench_engine.py --peer vllm --vllm-python .vllm-venv/bin/python --threads 2 --pairs 3
+
+Every result records the CPU model, the commit and the date. --roofline reports each prmkern engine's median
+decode step (at the full chain count) against the floor of benchmarks/roofline.py. --peer vllm alternates vLLM's
+CPU build (its own venv: scripts/setup_vllm_venv.sh) with prmkern on the same checkpoint and records the prompt
+tokens each engine actually computed.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from prmkern import LLM, SamplingParams  # noqa: E402
 from prmkern.tiny import build_checkpoint  # noqa: E402
+from benchmarks.roofline import cpu_model, decode_step_floor, read_bandwidth_gbs, sgemm_gflops  # noqa: E402
 
 # The issue's reference shape: a Qwen2 config of ~39M parameters.
 BENCH_MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
@@ -68,7 +76,8 @@ class Transformers:
 
 class Prmkern:
     """prmkern's LLM.generate with n=N: one engine for every run, so its prefix cache, packed CPU weights and CUDA
-    graphs persist across runs as they would in a service (each timed run uses a new prompt: no cache hit)."""
+    graphs persist across runs as they would in a service (each timed run uses a new prompt: no cache hit).
+    Also times each decode step (model forward + logits) of the run at the full chain count."""
 
     def __init__(self, path: str, dtype: torch.dtype, device: str, chains: int, gen: int, backend: str | None,
                  enforce_eager: bool, packed_gemm_bytes: int):
@@ -76,15 +85,66 @@ class Prmkern:
                        enforce_eager=enforce_eager, packed_gemm_bytes=packed_gemm_bytes)
         self.params = SamplingParams(n=chains, temperature=1.0, max_tokens=gen, ignore_eos=True, seed=0)
         self.llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))  # first-call allocations
-        self.chains, self.gen = chains, gen
+        self.chains, self.gen, self.device, self.dtype = chains, gen, device, dtype
+        self.backend = self.llm.engine.config.attention_backend
+        self.step_s: list[float] = []
+        runner = self.llm.engine.runner
+        run = runner.run
+
+        def timed_run(step):
+            if step.is_prefill or len(step.scheduled) != self.chains:
+                return run(step)
+            t = time.perf_counter()
+            out = run(step)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            self.step_s.append(time.perf_counter() - t)
+            return out
+
+        runner.run = timed_run
 
     def __call__(self, prompt: list[int]) -> tuple[float, dict]:
         self.llm.reset_stats()
+        self.step_s = []
         start = time.perf_counter()
         out = self.llm.generate([prompt], self.params)[0]
         elapsed = time.perf_counter() - start
         assert len(out.outputs) == self.chains and all(len(c.token_ids) == self.gen for c in out.outputs)
-        return elapsed, self.llm.stats.as_dict()
+        return elapsed, dict(self.llm.stats.as_dict(), decode_step_s=statistics.median(self.step_s or [0.0]))
+
+
+class VllmPeer:
+    """vLLM's CPU build in its own interpreter (benchmarks/vllm_peer.py), kept alive to alternate with prmkern."""
+
+    def __init__(self, python: str, path: str, dtype: str, chains: int, gen: int, threads: int | None):
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_peer.py")
+        self.proc = subprocess.Popen([python, script, "--model", path, "--dtype", dtype, "--chains", str(chains),
+                                      "--gen-len", str(gen)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env)
+        self._read()  # {"ready": true} once the model is loaded
+
+    def _read(self) -> dict:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the vLLM peer exited (code {self.proc.poll()}); see its stderr above")
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def __call__(self, prompt: list[int]) -> tuple[float, dict]:
+        self.proc.stdin.write(json.dumps({"prompt": prompt}) + "\n")
+        self.proc.stdin.flush()
+        r = self._read()
+        return r["seconds"], r
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 def prompts_with_distinct_heads(count: int, length: int, vocab: int) -> list[list[int]]:
@@ -97,6 +157,19 @@ def prompts_with_distinct_heads(count: int, length: int, vocab: int) -> list[lis
     return out
 
 
+def parse_variants(text: str | None, backend: str | None, dtype: str) -> list[tuple[str | None, str]]:
+    """"cpp:float32,torch:float32,cpp:bfloat16" -> [(backend, dtype)]; None -> the one --backend/--dtype pair."""
+    if not text:
+        return [(backend, dtype)]
+    out = []
+    for item in text.split(","):
+        b, _, d = item.strip().partition(":")
+        if d not in ("float32", "bfloat16", "float16"):
+            raise SystemExit(f"--variants item {item!r}: expected BACKEND:DTYPE with DTYPE float32/bfloat16/float16")
+        out.append((b or None, d))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt-len", type=int, default=512)
@@ -104,9 +177,17 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--backend", default=None, help="attention backend (default: triton on CUDA, torch elsewhere)")
+    ap.add_argument("--backend", default=None, help="attention backend (default: triton on CUDA, cpp or torch on "
+                                                    "the CPU)")
+    ap.add_argument("--variants", default=None,
+                    help="several prmkern engines to alternate, BACKEND:DTYPE comma-separated (e.g. "
+                         "torch:float32,cpp:float32,cpp:bfloat16); the first is the one compared with the peers")
     ap.add_argument("--model", default=None, help="checkpoint directory (default: a ~39M Qwen2 built here)")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--peer", choices=["vllm"], default=None, help="also time vLLM's CPU build (needs --vllm-python)")
+    ap.add_argument("--vllm-python", default=None, help="interpreter of the vLLM venv (scripts/setup_vllm_venv.sh)")
+    ap.add_argument("--roofline", action="store_true",
+                    help="report each prmkern decode step against max(bytes / read bandwidth, FLOPs / sgemm rate)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, to keep the script alive in CI")
     ap.add_argument("--out", default=None, help="also write the JSON result to this file")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads for both engines")
@@ -119,10 +200,14 @@ def main() -> None:
     ap.add_argument("--packed-gemm-bytes", type=int, default=1 << 30,
                     help="CPU packed-weight budget (0: ordinary GEMMs, to see what packing brings)")
     args = ap.parse_args()
+    if args.peer == "vllm" and not args.vllm_python:
+        raise SystemExit("--peer vllm needs --vllm-python PATH (build the venv with scripts/setup_vllm_venv.sh)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.smoke:
         args.prompt_len, args.chains, args.gen_len = 40, 4, 8
+    variants = parse_variants(args.variants, args.backend, args.dtype)
+    args.dtype = variants[0][1]
     dtype = getattr(torch, args.dtype)
     tmp = None
     path = args.model
@@ -132,30 +217,70 @@ def main() -> None:
     vocab = json.load(open(os.path.join(path, "config.json")))["vocab_size"]
     warm = 0 if args.no_warmup else 1
     prompts = prompts_with_distinct_heads(warm + args.pairs, args.prompt_len, vocab)
-    ours = Prmkern(path, dtype, args.device, args.chains, args.gen_len, args.backend, args.enforce_eager,
-                   args.packed_gemm_bytes)
-    theirs = None if args.skip_transformers else Transformers(path, dtype, args.device, args.chains, args.gen_len)
-    if warm:  # the same shape once, untimed, on a prompt of its own: one-time costs are paid here by both
-        ours(prompts[0])
-        if theirs is not None:
-            theirs(prompts[0])
-    ours_s, theirs_s, stats = [], [], None
-    for p in prompts[warm:]:  # interleaved, so the machine's drift touches both alike
-        t, st = ours(p)
-        ours_s.append(t)
-        stats = stats or st
-        if theirs is not None:
-            theirs_s.append(theirs(p))
+    engines: dict[str, object] = {}
+    for backend, dt in variants:
+        eng = Prmkern(path, getattr(torch, dt), args.device, args.chains, args.gen_len, backend, args.enforce_eager,
+                      args.packed_gemm_bytes)
+        engines[f"prmkern[{eng.backend}:{dt}]"] = eng
+    names = list(engines)
+    if not args.skip_transformers:
+        engines["transformers"] = Transformers(path, dtype, args.device, args.chains, args.gen_len)
+    if args.peer == "vllm":
+        engines["vllm"] = VllmPeer(args.vllm_python, path, args.dtype, args.chains, args.gen_len, args.threads)
+    if warm:  # the same shape once, untimed, on a prompt of its own: one-time costs are paid here by all
+        for eng in engines.values():
+            eng(prompts[0])
+    times: dict[str, list[float]] = {k: [] for k in engines}
+    info: dict[str, list[dict]] = {k: [] for k in engines}
+    for p in prompts[warm:]:  # interleaved, so the machine's drift touches all engines alike
+        for key, eng in engines.items():
+            r = eng(p)
+            t, st = (r, {}) if isinstance(r, float) else r
+            times[key].append(t)
+            info[key].append(st)
+            step = f", decode step {1e3 * st['decode_step_s']:.2f} ms" if "decode_step_s" in st else ""
+            print(f"  run: {key} {t:.3f} s{step}", file=sys.stderr, flush=True)
+    if "vllm" in engines:
+        engines["vllm"].close()
     med = statistics.median
+    ours_s, stats = times[names[0]], info[names[0]][0]
+    theirs_s = times.get("transformers", [])
     ratios = [b / a for a, b in zip(ours_s, theirs_s)]
-    print(f"P={args.prompt_len} N={args.chains} G={args.gen_len} {args.dtype} on {args.device} "
-          f"(torch threads {torch.get_num_threads()}, {args.pairs} timed run(s) each, medians)")
-    print(f"  prmkern:      {med(ours_s):8.3f} s   prefill tokens computed {stats['prefill_tokens']}")
-    if theirs is not None:
-        print(f"  transformers: {med(theirs_s):8.3f} s   generate(num_return_sequences={args.chains})")
-        print(f"  speed-up:     {med(ratios):8.2f}x   (per run: {', '.join(f'{r:.2f}' for r in ratios)})")
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu x{os.cpu_count()}"
-    result = dict(bench="engine", device=device_name, commit=git_commit(),
+    cpu = cpu_model() if args.device == "cpu" else torch.cuda.get_device_name()
+    print(f"P={args.prompt_len} N={args.chains} G={args.gen_len} on {args.device} ({cpu}; torch threads "
+          f"{torch.get_num_threads()}, {args.pairs} timed run(s) each, alternating, medians)")
+    engines_out = {}
+    for key in engines:
+        row = dict(seconds=round(med(times[key]), 4), runs_s=[round(t, 4) for t in times[key]])
+        if key.startswith("prmkern"):
+            row["prompt_tokens_computed"] = info[key][0]["prefill_tokens"]
+            row["decode_step_ms"] = round(1e3 * med(i["decode_step_s"] for i in info[key]), 3)
+        elif key == "vllm":
+            row["prompt_tokens_computed"] = info[key][0].get("prompt_tokens_computed")
+        row["ratio_to_first"] = round(med(t / a for t, a in zip(times[key], ours_s)), 3)
+        engines_out[key] = row
+        extra = f"  decode step {row['decode_step_ms']:.2f} ms" if "decode_step_ms" in row else ""
+        print(f"  {key:28s} {row['seconds']:8.3f} s  (time {row['ratio_to_first']:.2f}x {names[0]})  prompt tokens "
+              f"computed {row.get('prompt_tokens_computed')}{extra}")
+    if theirs_s:
+        print(f"  speed-up over transformers: {med(ratios):.2f}x (per run: {', '.join(f'{r:.2f}' for r in ratios)})")
+    roofline = None
+    if args.roofline and args.device == "cpu":
+        bw, gf = read_bandwidth_gbs(), sgemm_gflops()
+        roofline = dict(read_bandwidth_gbs=round(bw, 2), sgemm_gflops=round(gf, 2), engines={})
+        print(f"  roofline: read bandwidth {bw:.1f} GB/s, sgemm {gf:.1f} GFLOP/s")
+        for key in names:
+            eng = engines[key]
+            floor = decode_step_floor(eng.llm.engine.model.spec, eng.dtype,
+                                      args.chains, args.prompt_len // 16 * 16, args.prompt_len % 16 + args.gen_len / 2,
+                                      bw, gf)
+            measured = engines_out[key]["decode_step_ms"] / 1e3
+            floor["fraction_of_floor_speed"] = round(floor["floor_s"] / measured, 3) if measured else None
+            roofline["engines"][key] = floor
+            print(f"  {key:28s} decode step {1e3 * measured:.2f} ms, floor {1e3 * floor['floor_s']:.2f} ms "
+                  f"({floor['bound']}-bound): {100 * (floor['fraction_of_floor_speed'] or 0):.0f}% of the floor's speed")
+    result = dict(bench="engine", device=cpu, cpu_model=cpu_model(),
+                  cpu_count=os.cpu_count(), commit=git_commit(),
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   prompt_len=args.prompt_len, chains=args.chains, gen_len=args.gen_len, dtype=args.dtype,
                   model=args.model or ("smoke" if args.smoke else "qwen2-39M-random"),
@@ -163,8 +288,8 @@ def main() -> None:
                   speedup=round(med(ratios), 3) if ratios else None, prmkern_runs_s=[round(t, 4) for t in ours_s],
                   transformers_runs_s=[round(t, 4) for t in theirs_s], threads=torch.get_num_threads(),
                   enforce_eager=args.enforce_eager, packed_gemm_bytes=args.packed_gemm_bytes,
-                  warmup="none" if args.no_warmup else "same shape, another prompt, both engines",
-                  stats=stats)
+                  warmup="none" if args.no_warmup else "same shape, another prompt, every engine",
+                  stats=stats, engines=engines_out, roofline=roofline)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -21,7 +21,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096  # per-step token budget (chunked prefill)
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     enable_prefix_caching: bool = True
-    attention_backend: str | None = None  # None: "triton" on CUDA, "torch" elsewhere
+    attention_backend: str | None = None  # None: "triton" on CUDA, "cpp" on the CPU when built, else "torch"
     seed: int = 0
     # vLLM's name: True runs decode steps eagerly; False (default) replays them from CUDA graphs where they can be
     # captured (CUDA device, Triton backend; prmkern/cuda_graphs.py).
@@ -55,4 +55,5 @@ class EngineConfig:
         check(isinstance(self.packed_gemm_bytes, int) and self.packed_gemm_bytes >= 0, "packed_gemm_bytes",
               "an int >= 0 (bytes; 0 disables)")
         if self.attention_backend is None:
-            self.attention_backend = "triton" if self.device.type == "cuda" else "torch"
+            from prmkern.attention.backend import default_backend
+            self.attention_backend = default_backend(self.device)

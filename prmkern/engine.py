@@ -23,7 +23,24 @@ from prmkern.scheduler import Scheduler
 from prmkern.sequence import Request, Sequence, SequenceStatus
 from prmkern.stats import EngineStats
 
+# CPU KV pool: this fraction of the memory available when the engine starts (after loading the weights), at least
+# CPU_KV_CACHE_BYTES (also the size when the available memory cannot be read). The pool is allocated uninitialised
+# on the CPU (prmkern/runner.py): pages are committed as blocks are first written, and since freed blocks are
+# reused least-recently-freed first (prefix caching), the resident size grows towards the pool size with use.
 CPU_KV_CACHE_BYTES = 1 << 30
+CPU_KV_CACHE_FRACTION = 0.4
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 class FatalEngineError(RuntimeError):
@@ -79,7 +96,8 @@ class LLMEngine:
                         raise ValueError(f"gpu_memory_utilization={cfg.gpu_memory_utilization} leaves no memory for "
                                          f"the KV pool: {total - free} of {total} bytes are in use after loading")
             else:
-                budget = CPU_KV_CACHE_BYTES
+                avail = available_memory_bytes()
+                budget = max(CPU_KV_CACHE_BYTES, int(avail * CPU_KV_CACHE_FRACTION)) if avail else CPU_KV_CACHE_BYTES
         num = budget // kv_block_bytes(self.model, cfg.block_size, cfg.dtype)
         if num < 1:
             raise ValueError(f"kv_cache_memory={budget} bytes holds no block of "

@@ -4,7 +4,8 @@ runs the model and returns the logits of the rows that sample.
 Decode steps group sequences by the leading blocks they share (the blocks with more than one reference, i.e. a
 prompt prefilled once and forked into chains); the backend reads each group's shared prefix once for all its chains.
 On CUDA with the Triton backend, decode steps replay captured CUDA graphs (prmkern/cuda_graphs.py) unless
-`enforce_eager`; on the CPU in fp32, decode GEMMs read MKL-packed weights (prmkern/models/packed_gemm.py). Knows
+`enforce_eager`. On the CPU, decode GEMMs run prmkern's C++ kernels with the "cpp" backend (any dtype), or read
+MKL-packed weights with the torch backend in fp32 (prmkern/models/packed_gemm.py). Knows
 nothing of sampling or stopping.
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ from prmkern.block_manager import BlockManager
 from prmkern.config import EngineConfig
 from prmkern.cuda_graphs import DecodeGraphs
 from prmkern.models import DecoderForCausalLM, ForwardContext
-from prmkern.models.packed_gemm import PackedGemm
+from prmkern.models.loader import k_major_weights
+from prmkern.models.packed_gemm import Linear, PackedGemm
 from prmkern.scheduler import ScheduledSeq, SchedulerOutput
 
 
@@ -44,17 +46,34 @@ class ModelRunner:
         self.backend = get_backend(config.attention_backend)
         spec = model.spec
         shape = (num_blocks, config.block_size, spec.num_kv_heads, spec.head_dim)
-        # Zeroed: masked-out slots are multiplied by zero probabilities and must not hold NaN.
-        self.kv_caches = [(torch.zeros(shape, dtype=config.dtype, device=config.device),
-                           torch.zeros(shape, dtype=config.dtype, device=config.device))
+        # On the CPU the torch and C++ backends read only slots inside a sequence's length (padded decode entries
+        # point at the row's newest token), so the pool is left uninitialised: torch.empty reserves it and the
+        # operating system commits pages as blocks are first written. Other backends may multiply never-written
+        # slots by zero probabilities, so there it is zeroed (a NaN there would poison the row).
+        alloc = torch.empty if config.device.type == "cpu" and self.backend.name in ("torch", "cpp") else torch.zeros
+        self.kv_caches = [(alloc(shape, dtype=config.dtype, device=config.device),
+                           alloc(shape, dtype=config.dtype, device=config.device))
                           for _ in range(spec.num_layers)]
         self.max_model_len = max_model_len or spec.max_position_embeddings
         # Decode steps from CUDA graphs: on CUDA with the Triton backend unless enforce_eager.
         self.graphs: DecodeGraphs | None = None
         if config.device.type == "cuda" and self.backend.name == "triton" and not config.enforce_eager:
             self.graphs = self.make_graphs("cuda")
-        # CPU fp32 decode GEMMs through MKL-packed weights (inactive elsewhere or with a zero budget)
-        self.packed_gemm = PackedGemm(model, config.packed_gemm_bytes) if config.device.type == "cpu" else None
+        self.packed_gemm = self._cpu_weight_path() if config.device.type == "cpu" else None
+
+    def _cpu_weight_path(self) -> PackedGemm | None:
+        """CPU GEMMs: with the "cpp" backend every decode GEMM streams the checkpoint's [out, in] weights in C++
+        (any dtype); with the torch backend in fp32 the weights are stored k-major and decode GEMMs read MKL-packed
+        copies (prmkern/models/packed_gemm.py; inactive with a zero budget)."""
+        linears = [m for m in self.model.modules() if isinstance(m, Linear)]
+        ops = getattr(self.backend, "ops", None) if self.backend.name == "cpp" else None
+        for m in linears:
+            m.cpp = ops
+        if ops is not None:
+            return None
+        if self.config.dtype == torch.float32:
+            k_major_weights(self.model)
+        return PackedGemm(self.model, self.config.packed_gemm_bytes)
 
     def make_graphs(self, mode: str) -> DecodeGraphs:
         """The decode-graph store over this runner's model and caches (mode 'eager' tests the logic on a CPU)."""

@@ -11,8 +11,13 @@ py=.venv/bin/python
 if ! "$py" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
   "$py" -m pip install -q torch==2.13.0
 fi
+# Building with --no-build-isolation needs setuptools in the venv (Python >= 3.12 venvs come without it).
+if ! "$py" -c "import setuptools" 2>/dev/null; then
+  "$py" -m pip install -q "setuptools>=64" wheel
+fi
 stamp=".venv/.prmkern-installed${extras:+-$extras}"
-if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
-  "$py" -m pip install -q -e ".${extras:+[$extras]}"
+if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ -n "$(find csrc -newer "$stamp" -print -quit 2>/dev/null)" ]; then
+  # --no-build-isolation: the C++ extension (csrc/) builds against this venv's torch, not a freshly downloaded one
+  "$py" -m pip install -q --no-build-isolation -e ".${extras:+[$extras]}"
   touch "$stamp"
 fi

@@ -10,6 +10,14 @@ from prmkern.models.packed_gemm import Linear, PackedGemm, bucket_rows, mkl_pack
 pytestmark = pytest.mark.skipif(not mkl_packing_available(), reason="this torch build has no MKL packed GEMM")
 
 
+@pytest.fixture(autouse=True)
+def without_cpp_kernels(monkeypatch):
+    """MKL packing is the path taken when prmkern's C++ kernels are absent: test it as if they were."""
+    from prmkern.attention import cpp_backend
+    monkeypatch.setattr(cpp_backend, "_LOADED", True)
+    monkeypatch.setattr(cpp_backend, "_OPS", None)
+
+
 def test_bucket_rows():
     assert [bucket_rows(r) for r in (1, 3, 4, 8, 9, 16, 17, 256, 257)] == [None, None, 8, 8, 16, 16, 24, 256, None]
 

@@ -1,7 +1,7 @@
 """The attention backend seam: the operations a model's forward pass needs that a backend may implement in kernels.
 
 Backends are registered by name in `BACKENDS` and chosen by `EngineConfig.attention_backend`. Every backend passes
-the same tests; `torch` is the reference and the CPU default, `triton` the fast path on CUDA.
+the same tests; `torch` is the reference, `cpp` (C++ kernels, csrc/) the CPU default when built, `triton` the fast path on CUDA.
 A backend takes plain tensors and the metadata of `metadata.py`; it knows nothing of sequences or scheduling.
 """
 from __future__ import annotations
@@ -78,6 +78,18 @@ class AttentionBackend(ABC):
 BACKENDS: dict[str, type[AttentionBackend]] = {}
 
 
+def default_backend(device: torch.device) -> str:
+    """The backend a device gets by default: "triton" on CUDA; on the CPU "cpp" (prmkern's C++ kernels) when they
+    are built, else "torch" (after a one-line notice)."""
+    if device.type == "cuda":
+        return "triton"
+    if device.type == "cpu":
+        from prmkern.attention.cpp_backend import cpp_ops
+        if cpp_ops() is not None:
+            return "cpp"
+    return "torch"
+
+
 def register_backend(cls: type[AttentionBackend]) -> type[AttentionBackend]:
     BACKENDS[cls.name] = cls
     return cls
@@ -85,7 +97,7 @@ def register_backend(cls: type[AttentionBackend]) -> type[AttentionBackend]:
 
 def get_backend(name: str) -> AttentionBackend:
     # Import the implementations here so that registering does not depend on import order elsewhere.
-    from prmkern.attention import torch_backend  # noqa: F401
+    from prmkern.attention import cpp_backend, torch_backend  # noqa: F401
     try:
         from prmkern.attention import triton_backend  # noqa: F401
     except ImportError:

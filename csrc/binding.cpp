@@ -1,0 +1,157 @@
+// The torch binding of the CPU kernels (module prmkern._C): checks shapes, dtypes and strides, converts the few
+// activation rows to float32 and back, and calls the plain C++ kernels (which include no torch header, so they
+// compile in seconds). Errors say what was given and what is accepted.
+#include <torch/extension.h>
+
+#include "cpu_features.h"
+#include "decode_gemm.h"
+#include "elementwise.h"
+#include "paged_attention.h"
+
+namespace {
+
+prmkern::DType kernel_dtype(const torch::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case torch::kFloat32: return prmkern::DType::F32;
+    case torch::kBFloat16: return prmkern::DType::BF16;
+    case torch::kFloat16: return prmkern::DType::F16;
+    default:
+      TORCH_CHECK(false, what, " has dtype ", t.scalar_type(), "; accepted: float32, bfloat16, float16");
+  }
+}
+
+// x [M, K] (any float dtype) @ weight [N, K]^T + bias [N] -> [M, N] in x's dtype. weight rows must be contiguous
+// (stride(1) == 1), the checkpoint's layout.
+torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "decode_linear runs on CPU tensors");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "decode_linear: x must be [M, K] and weight [N, K]; got ",
+              x.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(x.size(1) == weight.size(1), "decode_linear: x has K=", x.size(1), " but weight has K=", weight.size(1));
+  TORCH_CHECK(weight.stride(1) == 1 || weight.size(1) <= 1, "decode_linear: weight rows must be contiguous (stride(1) == 1); got strides ",
+              weight.strides());
+  const auto wtype = kernel_dtype(weight, "weight");
+  kernel_dtype(x, "x");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  auto xf = x.to(torch::kFloat32).contiguous();
+  torch::Tensor bf;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "decode_linear: bias must be [", N, "]; got ", bias->sizes());
+    bf = bias->to(torch::kFloat32).contiguous();
+  }
+  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
+  if (M > 0 && N > 0) {
+    prmkern::decode_gemm(xf.data_ptr<float>(), M, K, weight.data_ptr(), wtype, N, std::max<int64_t>(weight.stride(0), K),
+                         bf.defined() ? bf.data_ptr<float>() : nullptr, y.data_ptr<float>(), N);
+  }
+  return x.scalar_type() == torch::kFloat32 ? y : y.to(x.scalar_type());
+}
+
+torch::Tensor int32_table(const torch::Tensor& t, const char* what, int64_t dims) {
+  TORCH_CHECK(t.scalar_type() == torch::kInt32 && t.dim() == dims && t.device().is_cpu(), what,
+              " must be a CPU int32 tensor of ", dims, " dims; got ", t.scalar_type(), " ", t.sizes());
+  return t.contiguous();
+}
+
+// q [B, Hq, D] -> out [B, Hq, D] in q's dtype; caches [num_blocks, block_size, Hkv, D]; see paged_attention.h.
+torch::Tensor cascade_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                             const torch::Tensor& group_starts, const torch::Tensor& prefix_lens,
+                             const torch::Tensor& prefix_tables, const torch::Tensor& suffix_lens,
+                             const torch::Tensor& suffix_tables, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+              "cascade_decode: q must be [B, Hq, D] and the caches [num_blocks, block_size, Hkv, D]; got ", q.sizes(),
+              ", ", k_cache.sizes(), ", ", v_cache.sizes());
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type(),
+              "cascade_decode: caches must be contiguous and of one dtype");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), bs = k_cache.size(1), Hkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && Hkv > 0 && Hq % Hkv == 0, "cascade_decode: q has ", Hq, " heads of dim ", D,
+              "; the cache has ", Hkv, " heads of dim ", k_cache.size(3));
+  const auto ctype = kernel_dtype(k_cache, "k_cache");
+  auto gs = int32_table(group_starts, "group_starts", 1), pl = int32_table(prefix_lens, "prefix_lens", 1);
+  auto pt = int32_table(prefix_tables, "prefix_tables", 2), sl = int32_table(suffix_lens, "suffix_lens", 1);
+  auto st = int32_table(suffix_tables, "suffix_tables", 2);
+  const int64_t ng = pl.size(0);
+  TORCH_CHECK(gs.size(0) == ng + 1 && sl.size(0) == B && st.size(0) == B && pt.size(0) >= (ng > 0 ? ng : 0),
+              "cascade_decode: metadata sizes disagree with ", B, " chains in ", ng, " groups");
+  TORCH_CHECK(gs.data_ptr<int32_t>()[0] == 0 && gs.data_ptr<int32_t>()[ng] == B,
+              "cascade_decode: group_starts must run from 0 to B=", B);
+  // Every block a length covers must be a pool block: a bad table fails here, not as a wild read.
+  const int64_t num_blocks = k_cache.size(0);
+  auto check_rows = [&](const torch::Tensor& table, const torch::Tensor& lens, const char* what) {
+    const int32_t* t = table.data_ptr<int32_t>();
+    const int32_t* l = lens.data_ptr<int32_t>();
+    for (int64_t r = 0; r < lens.size(0); ++r) {
+      const int64_t need = (static_cast<int64_t>(l[r]) + bs - 1) / bs;
+      TORCH_CHECK(l[r] >= 0 && need <= table.size(1), "cascade_decode: ", what, " row ", r, " has length ", l[r],
+                  " but its table holds ", table.size(1), " blocks of ", bs);
+      for (int64_t j = 0; j < need; ++j)
+        TORCH_CHECK(t[r * table.size(1) + j] >= 0 && t[r * table.size(1) + j] < num_blocks, "cascade_decode: ", what,
+                    " row ", r, " names block ", t[r * table.size(1) + j], " of a pool of ", num_blocks);
+    }
+  };
+  check_rows(pt, pl, "prefix");
+  check_rows(st, sl, "suffix");
+  const int32_t* g = gs.data_ptr<int32_t>();
+  for (int64_t i = 0; i < ng; ++i)
+    TORCH_CHECK(g[i] >= 0 && g[i] <= g[i + 1], "cascade_decode: group_starts must be non-decreasing from 0");
+  auto qf = q.to(torch::kFloat32).contiguous();
+  auto out = torch::empty({B, Hq, D}, q.options().dtype(torch::kFloat32));
+  if (B > 0) {
+    prmkern::cascade_decode(qf.data_ptr<float>(), B, Hq, D, k_cache.data_ptr(), v_cache.data_ptr(), ctype, bs, Hkv, ng,
+                            gs.data_ptr<int32_t>(), pl.data_ptr<int32_t>(), pt.data_ptr<int32_t>(), pt.size(1),
+                            sl.data_ptr<int32_t>(), st.data_ptr<int32_t>(), st.size(1), static_cast<float>(scale),
+                            out.data_ptr<float>());
+  }
+  return q.scalar_type() == torch::kFloat32 ? out : out.to(q.scalar_type());
+}
+
+prmkern::DType f32_or_bf16(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && (t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16),
+              what, " must be a CPU float32 or bfloat16 tensor; got ", t.scalar_type(), " on ", t.device());
+  return t.scalar_type() == torch::kFloat32 ? prmkern::DType::F32 : prmkern::DType::BF16;
+}
+
+// x [T, H] (+ residual [T, H]) -> (RMSNorm(x + residual) * weight, x + residual or None); see elementwise.h.
+std::tuple<torch::Tensor, c10::optional<torch::Tensor>> add_rms_norm(const torch::Tensor& x,
+                                                                     const c10::optional<torch::Tensor>& residual,
+                                                                     const torch::Tensor& weight, double eps) {
+  const auto dt = f32_or_bf16(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && weight.dim() == 1 && weight.size(0) == x.size(1) &&
+                  weight.scalar_type() == x.scalar_type() && weight.is_contiguous(),
+              "add_rms_norm: x must be contiguous [T, H] and weight [H] of x's dtype; got ", x.sizes(), " ",
+              x.scalar_type(), " and ", weight.sizes(), " ", weight.scalar_type());
+  const bool has_res = residual.has_value() && residual->defined();
+  if (has_res)
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type() &&
+                    residual->is_contiguous(), "add_rms_norm: residual must match x; got ", residual->sizes());
+  auto out = torch::empty_like(x);
+  c10::optional<torch::Tensor> res_out;
+  if (has_res) res_out = torch::empty_like(x);
+  prmkern::add_rms_norm(x.data_ptr(), has_res ? residual->data_ptr() : nullptr, weight.data_ptr(), dt, x.size(0),
+                        x.size(1), static_cast<float>(eps), out.data_ptr(), has_res ? res_out->data_ptr() : nullptr);
+  return {out, res_out};
+}
+
+// x [T, 2I] = [gate | up] -> silu(gate) * up [T, I]
+torch::Tensor silu_and_mul(const torch::Tensor& x) {
+  const auto dt = f32_or_bf16(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 2 == 0,
+              "silu_and_mul: x must be contiguous [T, 2I]; got ", x.sizes());
+  auto out = torch::empty({x.size(0), x.size(1) / 2}, x.options());
+  prmkern::silu_and_mul(x.data_ptr(), dt, x.size(0), x.size(1) / 2, out.data_ptr());
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "prmkern's C++ CPU kernels (csrc/)";
+  m.def("cpu_isa", &prmkern::cpu_isa, "the instruction-set path the kernels take on this CPU ('avx2' or 'scalar')");
+  m.def("decode_linear", &decode_linear, "x [M, K] @ weight [N, K]^T + bias, weight streamed once (decode rows)",
+        py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
+  m.def("cascade_decode", &cascade_decode, "cascade paged decode attention over the block pool, in place",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("group_starts"), py::arg("prefix_lens"),
+        py::arg("prefix_tables"), py::arg("suffix_lens"), py::arg("suffix_tables"), py::arg("scale"));
+  m.def("add_rms_norm", &add_rms_norm, "RMSNorm(x + residual) * weight and x + residual, one pass (fp32 / bf16)",
+        py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of x = [gate | up], one pass (fp32 / bf16)", py::arg("x"));
+}

@@ -1,0 +1,75 @@
+"""The C++ CPU backend: the torch backend with decode attention and decode GEMMs in prmkern's C++ kernels (csrc/).
+
+`cpp_ops()` loads the extension `prmkern._C` once; when it is absent (not built: no compiler, installed without
+`--no-build-isolation`, a non-x86 platform) it prints one line and returns None, and callers take the torch path.
+Decode is the cascade of the torch backend computed without gathering copies: each group's shared prefix is read
+from the block pool once for all its chains, each chain's suffix in place, merged by log-sum-exp. The residual
+add + RMSNorm and SiLU-and-mul of 2-D fp32/bf16 rows are one C++ pass each (csrc/elementwise.cpp: in bf16 the torch
+versions take ~8 and 3 ops, and a decode step's cost is its op count). Prefill attention, the KV store and rotary
+are the torch backend's.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from types import ModuleType
+
+import torch
+
+from prmkern.attention.backend import register_backend
+from prmkern.attention.metadata import DecodeMetadata
+from prmkern.attention.torch_backend import TorchBackend
+
+_OPS: ModuleType | None = None
+_FUSED_DTYPES = (torch.float32, torch.bfloat16)
+_LOADED = False
+
+
+def cpp_ops() -> ModuleType | None:
+    """The C++ kernels module, or None (with a one-line notice on stderr the first time) when it cannot load.
+    PRMKERN_DISABLE_CPP=1 disables it (for A/B runs)."""
+    global _OPS, _LOADED
+    if not _LOADED:
+        _LOADED = True
+        if os.environ.get("PRMKERN_DISABLE_CPP") == "1":
+            return None
+        try:
+            from prmkern import _C  # type: ignore[attr-defined]
+            _OPS = _C
+        except ImportError as e:
+            print(f"prmkern: C++ CPU kernels unavailable ({e}); using the torch path "
+                  f"(build them with scripts/setup_env.sh)", file=sys.stderr)
+    return _OPS
+
+
+@register_backend
+class CppBackend(TorchBackend):
+    name = "cpp"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = cpp_ops()
+        self._tables: tuple[DecodeMetadata, tuple] | None = None
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        if (self.ops is None or x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _FUSED_DTYPES
+                or weight.dtype != x.dtype or not x.is_contiguous()
+                or (residual is not None and (residual.dtype != x.dtype or not residual.is_contiguous()))):
+            return super().rms_norm(x, weight, eps, residual)
+        return self.ops.add_rms_norm(x, residual, weight, eps)
+
+    def silu_and_mul(self, x):
+        if self.ops is None or x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _FUSED_DTYPES \
+                or not x.is_contiguous():
+            return super().silu_and_mul(x)
+        return self.ops.silu_and_mul(x)
+
+    def decode(self, q, k_cache, v_cache, meta: DecodeMetadata, scale):
+        if self.ops is None or q.device.type != "cpu":
+            return super().decode(q, k_cache, v_cache, meta, scale)
+        if self._tables is None or self._tables[0] is not meta:  # once per step, shared by every layer
+            self._tables = (meta, tuple(t.to(torch.int32).contiguous() for t in (
+                meta.group_starts, meta.prefix_lens, meta.prefix_block_tables, meta.suffix_lens,
+                meta.suffix_block_tables)))
+        gs, pl, pt, sl, st = self._tables[1]
+        return self.ops.cascade_decode(q, k_cache, v_cache, gs, pl, pt, sl, st, scale)
