@@ -227,7 +227,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     runner = JobRunner(args.output, args.resume, resume_hint(args.argv))
     bar = progress_bar(args, len(items), "generate", "prompt")
-    runner.run(items, process, batch_size=args.batch_size, progress=bar.update if bar else None)
+    runner.run(items, process, batch_size=args.batch_size, progress=bar.update if bar else None, align=True)
     if bar is not None:
         bar.close()
     report_failures(runner, args.input)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from prmkern import cli
 
@@ -23,7 +24,7 @@ def _port() -> int:
 def torchrun(nproc: int, argv: list[str], **env: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
            "127.0.0.1", "--master-port", str(_port()), "-m", "prmkern", *argv]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PRMKERN_DP_CHUNK": "1", **env}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(key, None)
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=240)
@@ -36,8 +37,23 @@ def _write(path, records) -> str:
 
 def _parts_records(output: str) -> int:
     parts = output + ".parts"
-    return sum(1 for name in os.listdir(parts) if name.endswith(".jsonl")
+    return sum(len(json.loads(line)["indices"]) for name in os.listdir(parts) if name.endswith(".jsonl")
                for line in open(os.path.join(parts, name)) if line.strip())
+
+
+def _single(argv: list[str]) -> int:
+    """The single-process reference, with the ranks' thread count (given in argv as --threads 1): a matmul's
+    float sums depend on how many threads split it, so floats match across processes only at equal counts."""
+    threads = torch.get_num_threads()
+    try:
+        return cli.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _write_lines(path, lines: list[str]) -> str:
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
 
 
 def test_dp_generate_two_ranks_with_tp2_engines_equals_one_process(tmp_path, qwen2_dir):
@@ -45,40 +61,52 @@ def test_dp_generate_two_ranks_with_tp2_engines_equals_one_process(tmp_path, qwe
     records = [{"prompt_token_ids": [5 + i, 7, 11 + 3 * i, 2][: 2 + i % 3], "max_tokens": 3 + i % 4} for i in range(5)]
     records[2]["id"] = "named"
     records[3] = {"prompt_token_ids": [1, 600], "max_tokens": 3}  # out of vocabulary: fails alone, in its place
-    inp = _write(tmp_path / "in.jsonl", records)
-    args = ["generate", inp, "--model", qwen2_dir, "--device", "cpu", "--temperature", "0", "--no-progress"]
+    lines = [json.dumps(r) for r in records] + ["[1, 2]"]  # not an object: rejected, written first as in one process
+    inp = _write_lines(tmp_path / "in.jsonl", lines)
+    args = ["generate", inp, "--model", qwen2_dir, "--device", "cpu", "--temperature", "0", "--no-progress",
+            "--batch-size", "2", "--threads", "1"]
     single, multi = str(tmp_path / "single.jsonl"), str(tmp_path / "dp.jsonl")
-    assert cli.main(args + ["-o", single]) == 0
+    assert _single(args + ["-o", single]) == 0
     run = torchrun(2, args + ["-o", multi, "--tensor-parallel-size", "2"])
     assert run.returncode == 0, run.stderr[-3000:]
     assert open(multi, "rb").read() == open(single, "rb").read()
-    assert "error" in json.loads(open(multi).read().splitlines()[3])
+    rows = [json.loads(x) for x in open(multi).read().splitlines()]
+    assert [r["index"] for r in rows] == [5, 0, 1, 2, 3, 4] and "error" in rows[4] and rows[0]["id"] == 5
     assert not os.path.exists(multi + ".parts")
 
 
 def test_dp_verify_failed_rank_reported_killed_rank_resumed(tmp_path, qwen2_dir):
+    """Batches of 2 records over 2 ranks: each record is scored in the same engine batch as in one process, so the
+    floats (scores) are the same bytes, through a failed rank, a killed rank and a resume with one rank."""
     records = [{"problem": f"What is {i} + {i + 1}?", "steps": [f"We add {i} and {i + 1}.", f"It is {2 * i + 1}."],
-                "label": -1} for i in range(6)]
+                "label": -1} for i in range(12)]
     records[4]["id"] = "p-4"
-    inp = _write(tmp_path / "in.jsonl", records)
+    lines = [json.dumps(r) for r in records]
+    lines[7] = '{"problem": "cut short'  # malformed: fails alone
+    lines[9] = json.dumps({"problem": "no steps"})  # fails the command's check
+    inp = _write_lines(tmp_path / "in.jsonl", lines)
     args = ["verify", inp, "--model", qwen2_dir, "--device", "cpu", "--temperature", "0", "--chains", "2",
-            "--max-tokens", "6", "--no-progress"]
+            "--max-tokens", "6", "--no-progress", "--batch-size", "2", "--threads", "1"]
     single, multi = str(tmp_path / "single.jsonl"), str(tmp_path / "dp.jsonl")
-    assert cli.main(args + ["-o", single]) == 0
-    # 1. rank 1 raises after its first record: its two others are reported, rank 0's three are kept
+    assert _single(args + ["-o", single, "--summary", str(tmp_path / "single.json")]) == 0
+    # 1. batches {0,1} {4,5} {8,9} on rank 0, {2,3} {6,7} {10,11} on rank 1, which raises after its first batch
     run = torchrun(2, args + ["-o", multi], PRMKERN_DP_FAULT="1:1:raise")
     assert run.returncode != 0
-    assert "rank 1 failed on 2 records (indices [3, 5])" in run.stderr, run.stderr[-3000:]
-    assert not os.path.exists(multi) and _parts_records(multi) == 4
-    # 2. 2 ranks over the 2 left; rank 1 is killed (SIGKILL) after its record: torchrun stops the job
+    assert "rank 1 failed on 4 records (indices [6, 7, 10, 11])" in run.stderr, run.stderr[-3000:]
+    assert not os.path.exists(multi) and _parts_records(multi) == 8
+    # 2. 2 ranks over the 2 batches left; rank 1 is killed (SIGKILL) after its batch: torchrun stops the job
     run = torchrun(2, args + ["-o", multi], PRMKERN_DP_FAULT="1:1")
-    assert run.returncode != 0 and "resuming: 4 of 6 records done" in run.stderr, run.stderr[-3000:]
-    assert not os.path.exists(multi) and _parts_records(multi) >= 5
-    # 3. one rank finishes the job: the merged file is what one process writes
-    run = torchrun(1, args + ["-o", multi])
+    assert run.returncode != 0 and "resuming: 8 of 12 records done" in run.stderr, run.stderr[-3000:]
+    assert not os.path.exists(multi) and _parts_records(multi) >= 10
+    # 3. one rank finishes the job: the merged file is what one process writes, and so is the summary's account
+    run = torchrun(1, args + ["-o", multi, "--summary", str(tmp_path / "dp.json")])
     assert run.returncode == 0, run.stderr[-3000:]
     assert open(multi, "rb").read() == open(single, "rb").read()
     assert not os.path.exists(multi + ".parts")
+    one, dp = (json.load(open(tmp_path / f"{n}.json")) for n in ("single", "dp"))
+    for key in ("records", "succeeded", "failed", "failures_by_reason", "failures"):
+        assert dp[key] == one[key], key
+    assert dp["failed"] == 2 and dp["data_parallel_ranks"] == 1
 
 
 def test_dp_refuses_stdout(monkeypatch, tmp_path, qwen2_dir):
@@ -100,9 +128,23 @@ def test_rows_with_positions_are_renumbered_and_reordered(tmp_path):
     records = read_records(str(inp))
     assert [r.line for r in records] == [1, 3, 4, 5] and records[2].text == "not json"
     chunk = [1, 2, 3]  # the chunk file holds records 1, 2, 3 on its lines 1, 2, 3 (indices 0, 1, 2)
-    written = [json.dumps({"index": 1, "line": 2, "error": "malformed"}), json.dumps({"index": 0, "line": 1}),
+    written = [json.dumps({"index": 1, "line": 2, "id": 1, "error": "malformed"}),
+               json.dumps({"index": 0, "line": 1}),
                json.dumps({"index": 2, "line": 3, "id": "z"})]
     assert [json.loads(x) for x in _to_global(written, chunk, records)] == [
-        {"index": 1, "line": 3}, {"index": 2, "line": 4, "error": "malformed"}, {"index": 3, "line": 5, "id": "z"}]
+        {"index": 1, "line": 3}, {"index": 2, "line": 4, "id": 2, "error": "malformed"},
+        {"index": 3, "line": 5, "id": "z"}]
     plain = [json.dumps({"id": 1}), json.dumps({"id": 2})]
     assert _to_global(plain, [1, 2], records) == plain
+
+
+def test_records_are_the_job_runners_items(tmp_path):
+    """Record i of a rank is item i of the single-process JobRunner, whatever line breaks the input holds."""
+    from prmkern.distributed.data_parallel import read_records
+    from prmkern.jobs import read_items
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"a": 1}\r\n\n{"a": "x\u2028y"}\x0c{"b": 2}\r{"c": NaN}\n  \nnot json\n', newline="")
+    records, items = read_records(str(inp)), read_items(str(inp))
+    assert [(r.line, r.text) for r in records] == [(it.line, open(inp, newline="").read().splitlines()[it.line - 1])
+                                                   for it in items]
+    assert len(records) == 6

@@ -1,23 +1,26 @@
 """Data-parallel jobs under torchrun: `torchrun --nproc-per-node N -m prmkern generate|verify IN -o OUT ...`.
 
-Each rank runs its own engine over its share of the input records and the ranks' results are merged, in input
-order, into the one file the single-process command writes. The command itself is used as a black box: a rank
-hands it a chunk of records (a small JSONL file) and collects the lines it writes, one per record in input order
-(the contract of `generate` and `verify`). So a rank loses at most the chunk in flight.
+Each rank runs its own engine over its share of the input records and the ranks' results are merged into the one
+file the single-process command writes. The command itself is used as a black box: a rank hands it one of the
+single-process run's engine batches at a time (records index // B == g, B the command's batch size, as a small
+JSONL file) and collects the lines it writes. Running the same batches is what makes the output the same bytes:
+a record's floats (scores, log-probabilities) depend on what shares its engine steps. A rank loses at most the
+batch in flight.
 
-Layout next to the output: `OUT.parts/rank{r}-of{W}.jsonl`, one line per finished record
-`{"index": i, "line": "<the command's output line>"}`, appended as chunks finish. A restart, with any world size,
-first collects every index already present in any part file (rank 0 reads, then broadcasts: every rank sees the
-same set), splits the remaining indices round-robin over the new ranks, and continues. When every rank is done,
-rank 0 writes OUT (atomically) from the parts in input order and removes the parts. A rank whose command raised
-records its error and unfinished indices in `rank{r}-of{W}.failed.json`; rank 0 then reports those records and
-keeps OUT unwritten (exit 1), the other ranks' records stay in the parts, and rerunning the same command finishes
-the job. A rank killed outright is handled by torchrun (it stops the job); the rerun resumes in the same way.
+Layout next to the output: `OUT.parts/rank{r}-of{W}.jsonl`, one line per finished batch
+`{"indices": [...], "lines": [<the command's output lines>], "bad": [records rejected before the engine]}`. A
+restart, with any world size, collects the batches already present in any part file (rank 0 reads, then
+broadcasts), splits the remaining batches round-robin over the new ranks, and continues. When every rank is done,
+rank 0 writes OUT (atomically) in the single-process order (rejected records first, then input order), writes the
+--summary, and removes the parts. A rank whose command raised records its error and unfinished indices in
+`rank{r}-of{W}.failed.json`; rank 0 then reports those records and keeps OUT unwritten (exit 1), the other ranks'
+records stay in the parts, and rerunning the same command finishes the job. A rank killed outright is handled by
+torchrun (it stops the job); the rerun resumes in the same way.
 
 Coordination is a gloo process group in the caller's process (torchrun's env:// rendezvous), so it works on CPUs
 and beside GPU engines; a tensor-parallel engine inside a rank keeps its own ranks out of this group.
-Sampled outputs are valid but equal the single-process ones only where sampling does not depend on a record's
-position in an engine batch (greedy: byte-identical).
+Greedy outputs are byte-identical to one process; sampled ones are valid samples but not the single-process ones
+(verify derives a batch's seed from its number in the file the command reads, here always batch 0).
 """
 from __future__ import annotations
 
@@ -33,7 +36,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 SUPPORTED = ("generate", "verify")
-CHUNK_ENV = "PRMKERN_DP_CHUNK"  # records per chunk (default 16)
 TIMEOUT_ENV = "PRMKERN_DP_TIMEOUT_S"  # how long ranks wait for each other at the end (default 7 days)
 FAULT_ENV = "PRMKERN_DP_FAULT"  # tests: "RANK:CHUNKS[:raise]" kills (or raises in) rank RANK after CHUNKS chunks
 
@@ -51,36 +53,44 @@ class Record:
 
 def read_records(path: str) -> list[Record]:
     """The records of a JSONL file (blank lines skipped) or a JSON array file, unparsed: the command checks them,
-    so a bad record fails alone exactly as it does in one process."""
+    so a bad record fails alone exactly as it does in one process. Lines are split as jobs.read_items splits them
+    (str.splitlines), so record i here is record i there."""
     if path in (None, "-"):
         raise SystemExit("data-parallel runs read an input file; stdin and default inputs are not sharded")
     with open(path) as f:
         text = f.read()
     if text.lstrip().startswith("["):
         return [Record(i + 1, json.dumps(r)) for i, r in enumerate(json.loads(text))]
-    return [Record(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+    return [Record(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
-def _with_id(rec: Record, index: int) -> str:
-    """The record's line, given the id the single-process run would give it (its index) when it has none."""
-    try:
-        obj = json.loads(rec.text)
-    except ValueError:
-        return rec.text
-    if not isinstance(obj, dict) or "id" in obj:
-        return rec.text
-    return json.dumps({"id": index, **obj})
+def batch_size(args: argparse.Namespace) -> int:
+    """Records per engine batch of the single-process command (its JobRunner's aligned batches: index // size).
+    A rank runs whole batches, so each record is computed in the same engine batch as in one process: the
+    floats of a row (scores, log-probabilities) depend on what shares its engine steps."""
+    if args.command == "verify":  # cli_commands._verify_job's rule
+        from prmkern.cli_verify import build_config
+        return max(1, args.batch_size or 64 // build_config(args).num_chains)
+    return max(1, args.batch_size or 1)
+
+
+def groups(total: int, size: int) -> list[list[int]]:
+    """The record indices of each batch: [0, size), [size, 2 size), ..."""
+    return [list(range(s, min(s + size, total))) for s in range(0, total, size)]
 
 
 def parts_dir(output: str) -> str:
     return output + ".parts"
 
 
-def finished(parts: str) -> dict[int, str]:
-    """{index: output line} over every part file in `parts` (any world size); a partial last line is ignored."""
+def finished(parts: str) -> tuple[dict[int, str], set[int]]:
+    """({index: output line}, indices of records the command rejected before any batch) over every part file in
+    `parts` (any world size). A part line holds one whole batch; a partial last line (a write cut short) is
+    ignored, so a batch is either done entirely or redone entirely."""
     done: dict[int, str] = {}
+    bad: set[int] = set()
     if not os.path.isdir(parts):
-        return done
+        return done, bad
     for name in sorted(os.listdir(parts)):
         if not name.endswith(".jsonl"):
             continue
@@ -89,35 +99,66 @@ def finished(parts: str) -> dict[int, str]:
         for line in data[:data.rfind("\n") + 1].splitlines():
             if line.strip():
                 row = json.loads(line)
-                done[int(row["index"])] = row["line"]
-    return done
+                done.update(zip(row["indices"], row["lines"]))
+                bad.update(row["bad"])
+    return done, bad
 
 
-def shard(pending: list[int], rank: int, world: int) -> list[int]:
-    """This rank's share of the pending indices: round-robin, so long and short records spread evenly."""
+def shard(pending: list, rank: int, world: int) -> list:
+    """This rank's share of the pending batches: round-robin, so long and short records spread evenly."""
     return pending[rank::world]
 
 
-def merge(output: str, total: int, done: dict[int, str]) -> None:
-    """Writes the output lines of records 0..total-1 in input order to `output`, atomically."""
+def merge(output: str, total: int, done: dict[int, str], bad: set[int]) -> None:
+    """Writes the output lines to `output`, atomically, in the single-process order: the records rejected before
+    any batch first (the JobRunner writes them at once), then the others, in input order."""
     directory = os.path.dirname(os.path.abspath(output))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".merge-")
+    order = sorted(bad) + [i for i in range(total) if i not in bad]
     with os.fdopen(fd, "w") as f:
-        for i in range(total):
+        for i in order:
             f.write(done[i] + "\n")
     os.replace(tmp, output)
 
 
+def _observe_rejected(jobs) -> tuple[list[list[int]], Callable[[], None]]:
+    """Wraps JobRunner.run to record, per call, the indices of the rows written before the first batch (the
+    records rejected by reading or by the command's checks); returns that list and the undo."""
+    original = jobs.JobRunner.run
+    seen: list[list[int]] = []
+
+    def run(self, items, process, *a, **kw):
+        first: list[int] = []
+
+        def observed(batch, emit):
+            if not first:
+                first.append(len(self.rows))
+            return process(batch, emit)
+        try:
+            return original(self, items, observed, *a, **kw)
+        finally:
+            n = first[0] if first else len(self.rows)
+            seen.append([int(r["index"]) for r in self.rows[:n]])
+    jobs.JobRunner.run = run
+
+    def undo() -> None:
+        jobs.JobRunner.run = original
+    return seen, undo
+
+
 def _run_chunk(args: argparse.Namespace, command: Callable[[argparse.Namespace], int], records: list[Record],
-               chunk: list[int], work: str) -> list[str]:
-    """The command's output lines for records `chunk` (one per record, in order), run on a JSONL of just those."""
+               chunk: list[int], work: str, rejected: list[list[int]]) -> tuple[list[str], list[int]]:
+    """The command's output lines for records `chunk` (one batch: one per record, in order), run on a JSONL of
+    just those, and the indices of the records it rejected before the batch."""
     chunk_in, chunk_out = os.path.join(work, "in.jsonl"), os.path.join(work, "out.jsonl")
     with open(chunk_in, "w") as f:
-        f.write("".join(_with_id(records[i], i) + "\n" for i in chunk))
+        f.write("".join(records[i].text + "\n" for i in chunk))
     sub = argparse.Namespace(**{**vars(args), "input": chunk_in, "output": chunk_out})
-    for name, value in (("limit", None), ("resume", False)):  # the limit applies to the whole input, done already
+    # the limit applied to the whole input already; parts are the resume state; rank 0 writes the summary
+    for name, value in (("limit", None), ("resume", False), ("summary", None)):
         if hasattr(sub, name):
             setattr(sub, name, value)
+    rejected.clear()
     code = command(sub)
     if code not in (0, None):
         raise RuntimeError(f"`prmkern {args.command}` exited with {code} on records {chunk[:5]}")
@@ -127,13 +168,20 @@ def _run_chunk(args: argparse.Namespace, command: Callable[[argparse.Namespace],
         lines.pop()
     if len(lines) != len(chunk):
         raise RuntimeError(f"`prmkern {args.command}` wrote {len(lines)} lines for {len(chunk)} records")
-    return _to_global(lines, chunk, records)
+    bad = [chunk[i] for i in (rejected[0] if rejected else [])]
+    return _to_global(lines, chunk, records), bad
+
+
+def _own_id(text: str) -> bool:
+    from prmkern.jobs import _parse_line
+    rec, _ = _parse_line(text)
+    return isinstance(rec, dict) and "id" in rec
 
 
 def _to_global(lines: list[str], chunk: list[int], records: list[Record]) -> list[str]:
     """Output lines in the chunk's record order, with the input position fields of rows that carry them
-    (`index`, `line`: a command that writes rows as they finish, in any order) rewritten from the chunk file's
-    numbering to the whole input's. Rows without them are taken to be in record order."""
+    (`index`, `line`, and `id` where it is the index: a record without its own id) rewritten from the chunk
+    file's numbering to the whole input's. Rows without an index are taken to be in record order."""
     rows = [json.loads(line) for line in lines]
     if not all(isinstance(r, dict) and isinstance(r.get("index"), int) for r in rows):
         return lines
@@ -142,17 +190,20 @@ def _to_global(lines: list[str], chunk: list[int], records: list[Record]) -> lis
         local = row["index"]
         if not 0 <= local < len(chunk) or out[local] is not None:
             raise RuntimeError(f"the command wrote row index {local} for a chunk of {len(chunk)} records")
+        rec = records[chunk[local]]
         row["index"] = chunk[local]
         if "line" in row:
-            row["line"] = records[chunk[local]].line
+            row["line"] = rec.line
+        if "id" in row and not _own_id(rec.text):
+            row["id"] = chunk[local]
         out[local] = json.dumps(row)
     return out  # type: ignore[return-value]
 
 
 def _run_chunks(args: argparse.Namespace, command: Callable[[argparse.Namespace], int], records: list[Record],
-                mine: list[int], part_path: str, rank: int) -> None:
-    """Runs the command over this rank's records chunk by chunk, appending each chunk's lines to the part file."""
-    size = max(1, int(os.environ.get(CHUNK_ENV, "16")))
+                mine: list[list[int]], part_path: str, rank: int) -> None:
+    """Runs the command over this rank's batches, one chunk per batch, appending each as one part line."""
+    from prmkern import jobs
     fault = os.environ.get(FAULT_ENV)
     fault_rank, fault_chunks, fault_kind = (fault.split(":") + ["kill"])[:3] if fault else ("-1", "0", "")
     if os.path.exists(part_path):  # a line cut short when an earlier run was killed: drop it before appending
@@ -160,12 +211,12 @@ def _run_chunks(args: argparse.Namespace, command: Callable[[argparse.Namespace]
             data = f.read()
             f.truncate(data.rfind(b"\n") + 1)
     work = tempfile.mkdtemp(prefix=f"prmkern-dp{rank}-")
+    rejected, undo = _observe_rejected(jobs)
     try:
-        for c, start in enumerate(range(0, len(mine), size)):
-            chunk = mine[start:start + size]
-            lines = _run_chunk(args, command, records, chunk, work)
+        for c, chunk in enumerate(mine):
+            lines, bad = _run_chunk(args, command, records, chunk, work, rejected)
             with open(part_path, "a") as f:
-                f.write("".join(json.dumps({"index": i, "line": line}) + "\n" for i, line in zip(chunk, lines)))
+                f.write(json.dumps({"indices": chunk, "lines": lines, "bad": bad}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
             if rank == int(fault_rank) and c + 1 >= int(fault_chunks):
@@ -173,6 +224,7 @@ def _run_chunks(args: argparse.Namespace, command: Callable[[argparse.Namespace]
                     raise RuntimeError(f"injected fault on rank {rank} after {c + 1} chunks")
                 os.kill(os.getpid(), signal.SIGKILL)
     finally:
+        undo()
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -206,6 +258,8 @@ def _reuse_engine(cli) -> Callable[[], None]:
 
 def run(args: argparse.Namespace, command: Callable[[argparse.Namespace], int]) -> int:
     """The data-parallel form of `command` (a cli command function taking parsed args), run on every rank."""
+    import time
+
     import torch.distributed as dist
 
     from prmkern import cli
@@ -215,6 +269,8 @@ def run(args: argparse.Namespace, command: Callable[[argparse.Namespace], int]) 
     output = getattr(args, "output", "-")
     if output in (None, "-"):
         raise SystemExit("data-parallel runs need -o FILE: the ranks' parts are kept beside it until merged")
+    cli.check_engine_args(args)  # a bad option: UsageError (exit 2) on every rank, before any rendezvous
+    size = batch_size(args)  # verify: builds (checks) the verifier's configuration
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     records = read_records(args.input)
     if getattr(args, "limit", None):
@@ -226,6 +282,7 @@ def run(args: argparse.Namespace, command: Callable[[argparse.Namespace], int]) 
             args.device = f"cuda:{local * (getattr(args, 'tensor_parallel_size', 1) or 1)}"
     parts = parts_dir(output)
     timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 7 * 86400)))
+    start = time.perf_counter()
     dist.init_process_group("gloo", timeout=timeout)
     try:
         plan: list[Any] = [None]
@@ -234,12 +291,13 @@ def run(args: argparse.Namespace, command: Callable[[argparse.Namespace], int]) 
             for name in os.listdir(parts):  # failures of an earlier run are being retried now
                 if name.endswith(".failed.json"):
                     os.remove(os.path.join(parts, name))
-            done = finished(parts)
-            pending = [i for i in range(len(records)) if i not in done]
+            done, _ = finished(parts)
+            pending = [g for g in groups(len(records), size) if any(i not in done for i in g)]
             plan = [pending]
             if done:
-                print(f"resuming: {len(done)} of {len(records)} records done in {parts}, {len(pending)} left over "
-                      f"{world} ranks", file=sys.stderr)
+                left = sum(len(g) for g in pending)
+                print(f"resuming: {len(records) - left} of {len(records)} records done in {parts}, {left} left "
+                      f"over {world} ranks", file=sys.stderr)
         dist.broadcast_object_list(plan, src=0)
         mine = shard(plan[0], rank, world)
         part_path = os.path.join(parts, f"rank{rank}-of{world}.jsonl")
@@ -249,7 +307,8 @@ def run(args: argparse.Namespace, command: Callable[[argparse.Namespace], int]) 
             _run_chunks(args, command, records, mine, part_path, rank)
         except Exception as e:  # noqa: BLE001 - reported per rank below; the other ranks' records are kept
             error = f"{type(e).__name__}: {e}"
-            left = sorted(set(mine) - set(finished(parts)))
+            done, _ = finished(parts)
+            left = sorted(i for g in mine for i in g if i not in done)
             with open(os.path.join(parts, f"rank{rank}-of{world}.failed.json"), "w") as f:
                 json.dump({"rank": rank, "error": error, "records": left}, f)
             print(f"rank {rank} failed: {error}", file=sys.stderr)
@@ -258,13 +317,13 @@ def run(args: argparse.Namespace, command: Callable[[argparse.Namespace], int]) 
         dist.barrier()
         if rank != 0:
             return 1 if error else 0
-        return _finish(output, parts, len(records), world)
+        return _finish(args, output, parts, len(records), world, time.perf_counter() - start)
     finally:
         dist.destroy_process_group()
 
 
-def _finish(output: str, parts: str, total: int, world: int) -> int:
-    done = finished(parts)
+def _finish(args: argparse.Namespace, output: str, parts: str, total: int, world: int, seconds: float) -> int:
+    done, bad = finished(parts)
     missing = [i for i in range(total) if i not in done]
     failures = []
     for name in sorted(os.listdir(parts)):
@@ -280,10 +339,23 @@ def _finish(output: str, parts: str, total: int, world: int) -> int:
               f"Rerun the same command (any number of ranks) to finish; {output} is written when all are done.",
               file=sys.stderr)
         return 1
-    merge(output, total, done)
+    merge(output, total, done, bad)
     for name in os.listdir(parts):
         os.remove(os.path.join(parts, name))
     os.rmdir(parts)
+    if getattr(args, "summary", None):
+        _write_summary(args, output, total, world, seconds)
     print(f"merged {total} records from {world} ranks into {output}", file=sys.stderr)
     return 0
 
+
+def _write_summary(args: argparse.Namespace, output: str, total: int, world: int, seconds: float) -> None:
+    """--summary of the whole job, from the merged file (counts and failures as one process reports them; the
+    engine counters are per rank and are not summed here)."""
+    from prmkern.jobs import JobRunner, write_summary
+    runner = JobRunner(output)
+    with open(output) as f:
+        runner.rows = [json.loads(line) for line in f if line.strip()]
+    runner.seconds = seconds
+    write_summary(args.summary, runner.summary(total, None, command=args.command, input=args.input, output=output,
+                                               data_parallel_ranks=world))

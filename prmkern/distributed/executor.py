@@ -144,6 +144,7 @@ class TensorParallelExecutor:
         without a report (killed, crashed) is the cause, else the earliest report by the ranks' clocks."""
         errors = dict(errors or {})
         open_ = {r for r in range(len(self.conns)) if r not in errors}
+        closed: set[int] = set()  # ranks whose pipe ended without a report: they died
         deadline = time.monotonic() + settle_s
         while open_ and time.monotonic() < deadline:
             ready = wait([self.conns[r] for r in open_], timeout=max(0.0, deadline - time.monotonic()))
@@ -155,16 +156,25 @@ class TensorParallelExecutor:
                     message = recv(conn)
                 except (EOFError, OSError):
                     open_.discard(r)
+                    closed.add(r)
                     continue
                 if message[0] == "error":
                     errors[r] = (message[2], message[1])
                     open_.discard(r)
+        # A dead rank's exit code comes from the fork server, which reaps it when it next runs: on a loaded machine
+        # that can be later than the pipe's end, so a closed pipe alone names the rank; the code is waited for
+        # briefly, only to report it.
+        code_deadline = time.monotonic() + 2.0
+        for r in sorted(closed - set(errors)):
+            self.procs[r].join(max(0.0, code_deadline - time.monotonic()))
         for p in self.procs:
             p.is_alive()  # polls the process, setting exitcode if it has ended
-        silent = [r for r, p in enumerate(self.procs) if p.exitcode is not None and r not in errors]
+        silent = [r for r, p in enumerate(self.procs) if (p.exitcode is not None or r in closed) and r not in errors]
         if silent:
             r = silent[0]
-            message = f"tensor-parallel rank {r} exited with code {self.procs[r].exitcode} (killed or crashed){hint}"
+            code = self.procs[r].exitcode
+            how = f"exited with code {code}" if code is not None else "closed its pipe without a report"
+            message = f"tensor-parallel rank {r} {how} (killed or crashed){hint}"
         elif errors:
             r = min(errors, key=lambda i: errors[i][0])
             message = f"tensor-parallel rank {r} failed: {errors[r][1]}"
