@@ -61,7 +61,7 @@ def engine_args(ap: argparse.ArgumentParser, max_model_len: bool = True) -> None
         g.add_argument("--max-model-len", type=int, default=None,
                        help="longest prompt + generation in tokens (default: the model's max_position_embeddings)")
     g.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
-                   help="bytes for the KV cache, e.g. 4GiB (default: 1 GiB on the CPU, 90%% of free memory on CUDA)")
+                   help="bytes for the KV cache, e.g. 4GiB (default: 40%% of available memory, at least 1 GiB, on the CPU, allocated untouched; 90%% of free memory on CUDA)")
     g.add_argument("--num-kvcache-blocks", type=int, default=None, help="KV pool size in blocks (overrides memory)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     g.add_argument("--max-num-seqs", type=int, default=256, help="chains running at once")
