@@ -25,7 +25,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 from prmkern.models.decoder import DecoderForCausalLM, DecoderSpec
-from prmkern.models.loader import _k_major_weights, _load_tensor, _safetensors_files, model_spec, read_config
+from prmkern.models.loader import _load_tensor, _safetensors_files, model_spec, read_config
 
 
 @dataclass(frozen=True)
@@ -125,8 +125,6 @@ def load_shard(model_dir: str, dtype: torch.dtype, device: torch.device | str, r
     if spec.tie_word_embeddings and rank == 0:
         model.lm_head.weight = model.model.embed_tokens.weight
         loaded.add("lm_head.weight")
-    if torch.device(device).type == "cpu":
-        _k_major_weights(model)
     expected = set()
     for n in params:
         shards = 3 if ".qkv_proj." in n else 2 if ".gate_up_proj." in n else 0
