@@ -172,6 +172,9 @@ class JobRunner:
                 try:
                     process(batch, emit)
                 except Exception as e:  # noqa: BLE001 - a batch that breaks fails alone; the job goes on
+                    from prmkern.engine import FatalEngineError
+                    if isinstance(e, FatalEngineError):  # no later batch can run (a dead tensor-parallel rank):
+                        raise  # stop, rather than write every remaining record as failed; --resume redoes them
                     for it in batch:
                         if it.index not in written:
                             emit(it.index, it.row(error=f"{type(e).__name__} while processing: {e}"))

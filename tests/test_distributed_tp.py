@@ -185,3 +185,30 @@ def _alive(pid: int) -> bool:
 def test_tp_on_missing_gpus_is_refused(qwen2_dir):
     with pytest.raises(ValueError, match="needs 2 GPUs"):
         LLM(qwen2_dir, device="cuda", tensor_parallel_size=2)
+
+
+def test_killed_rank_stops_a_cli_job(tmp_path, qwen2_dir, monkeypatch):
+    """A dead rank ends a JSONL job with WorkerError instead of writing every remaining record as failed (the
+    engine cannot run again); the output keeps only real rows, so `--resume` redoes the rest."""
+    import json
+
+    from prmkern import cli
+    made = []
+    real = cli.make_llm
+
+    def make(args, *a, **kw):
+        llm = real(args, *a, **kw)
+        made.append(llm)
+        os.kill(llm.engine.executor.pids[1], signal.SIGKILL)
+        return llm
+    monkeypatch.setattr(cli, "make_llm", make)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"prompt_token_ids": [3, 4 + i]}) + "\n" for i in range(3)))
+    try:
+        with pytest.raises(WorkerError, match=r"rank 1 (exited|closed)"):
+            cli.main(["generate", str(inp), "-o", str(out), "--model", qwen2_dir, "--device", "cpu", "--temperature",
+                      "0", "--max-tokens", "2", "--batch-size", "1", "--tensor-parallel-size", "2", "--no-progress"])
+        assert out.read_text() == ""
+    finally:
+        for llm in made:
+            llm.close()
