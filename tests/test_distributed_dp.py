@@ -148,3 +148,29 @@ def test_records_are_the_job_runners_items(tmp_path):
     assert [(r.line, r.text) for r in records] == [(it.line, open(inp, newline="").read().splitlines()[it.line - 1])
                                                    for it in items]
     assert len(records) == 6
+
+
+def test_one_engine_per_rank_for_generate_and_verify(monkeypatch):
+    """A rank's chunks share one LLM, also through cli_commands (verify), which binds make_llm by name."""
+    import argparse
+
+    from prmkern import cli_commands
+    from prmkern.distributed.data_parallel import _reuse_engine
+    made, closed = [], []
+
+    class Fake:
+        def close(self):
+            closed.append(self)
+
+    def factory(args, default="random"):
+        made.append(Fake())
+        return made[-1]
+    monkeypatch.setattr(cli, "make_llm", factory)
+    monkeypatch.setattr(cli_commands, "make_llm", factory)
+    undo = _reuse_engine(cli, cli_commands)
+    a = cli_commands.make_llm(argparse.Namespace(model="m", input="chunk0.jsonl"), default="verifier")
+    b = cli_commands.make_llm(argparse.Namespace(model="m", input="chunk1.jsonl"), default="verifier")
+    c = cli.make_llm(argparse.Namespace(model="other", input="chunk0.jsonl"))
+    assert a is b and c is not a and len(made) == 2
+    undo()
+    assert closed == made and cli_commands.make_llm is factory and cli.make_llm is factory

@@ -228,10 +228,10 @@ def _run_chunks(args: argparse.Namespace, command: Callable[[argparse.Namespace]
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _reuse_engine(cli) -> Callable[[], None]:
-    """Chunks of one rank share one LLM: wraps the cli's engine factory in a cache; returns the undo."""
-    names = [n for n in ("_make_llm", "make_llm") if hasattr(cli, n)]
-    saved = {n: getattr(cli, n) for n in names}
+def _reuse_engine(*modules) -> Callable[[], None]:
+    """Chunks of one rank share one LLM: wraps the engine factory of each module (cli, and cli_commands, which
+    imported it by name) in one cache; returns the undo."""
+    saved = [(m, n, getattr(m, n)) for m in modules for n in ("_make_llm", "make_llm") if hasattr(m, n)]
     cache: dict[str, Any] = {}
 
     def cached(factory):
@@ -243,12 +243,12 @@ def _reuse_engine(cli) -> Callable[[], None]:
             return cache[key]
         return make
 
-    for n in names:
-        setattr(cli, n, cached(saved[n]))
+    for m, n, f in saved:
+        setattr(m, n, cached(f))
 
     def undo() -> None:
-        for n, f in saved.items():
-            setattr(cli, n, f)
+        for m, n, f in saved:
+            setattr(m, n, f)
         for llm in cache.values():
             close = getattr(llm, "close", None)
             if close is not None:
@@ -301,7 +301,8 @@ def run(args: argparse.Namespace, command: Callable[[argparse.Namespace], int]) 
         dist.broadcast_object_list(plan, src=0)
         mine = shard(plan[0], rank, world)
         part_path = os.path.join(parts, f"rank{rank}-of{world}.jsonl")
-        undo = _reuse_engine(cli)
+        from prmkern import cli_commands
+        undo = _reuse_engine(cli, cli_commands)
         error = None
         try:
             _run_chunks(args, command, records, mine, part_path, rank)
