@@ -80,9 +80,10 @@ class Prmkern:
     Also times each decode step (model forward + logits) of the run at the full chain count."""
 
     def __init__(self, path: str, dtype: torch.dtype, device: str, chains: int, gen: int, backend: str | None,
-                 enforce_eager: bool, packed_gemm_bytes: int):
+                 enforce_eager: bool, packed_gemm_bytes: int, tensor_parallel_size: int = 1):
         self.llm = LLM(path, dtype=dtype, device=device, attention_backend=backend, max_num_batched_tokens=4096,
-                       enforce_eager=enforce_eager, packed_gemm_bytes=packed_gemm_bytes)
+                       enforce_eager=enforce_eager, packed_gemm_bytes=packed_gemm_bytes,
+                       tensor_parallel_size=tensor_parallel_size)
         self.params = SamplingParams(n=chains, temperature=1.0, max_tokens=gen, ignore_eos=True, seed=0)
         self.llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))  # first-call allocations
         self.chains, self.gen, self.device, self.dtype = chains, gen, device, dtype
@@ -192,6 +193,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the JSON result to this file")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads for both engines")
     ap.add_argument("--enforce-eager", action="store_true", help="prmkern without CUDA graphs")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="prmkern's model split over this many ranks (gloo on CPUs: docs/distributed.md)")
     ap.add_argument("--pairs", type=int, default=1,
                     help="timed runs per engine, interleaved, each on a new prompt; medians are reported")
     ap.add_argument("--no-warmup", action="store_true",
@@ -220,7 +223,7 @@ def main() -> None:
     engines: dict[str, object] = {}
     for backend, dt in variants:
         eng = Prmkern(path, getattr(torch, dt), args.device, args.chains, args.gen_len, backend, args.enforce_eager,
-                      args.packed_gemm_bytes)
+                      args.packed_gemm_bytes, args.tensor_parallel_size)
         engines[f"prmkern[{eng.backend}:{dt}]"] = eng
     names = list(engines)
     if not args.skip_transformers:
@@ -288,6 +291,7 @@ def main() -> None:
                   speedup=round(med(ratios), 3) if ratios else None, prmkern_runs_s=[round(t, 4) for t in ours_s],
                   transformers_runs_s=[round(t, 4) for t in theirs_s], threads=torch.get_num_threads(),
                   enforce_eager=args.enforce_eager, packed_gemm_bytes=args.packed_gemm_bytes,
+                  tensor_parallel_size=args.tensor_parallel_size,
                   warmup="none" if args.no_warmup else "same shape, another prompt, every engine",
                   stats=stats, engines=engines_out, roofline=roofline)
     if args.out:
