@@ -20,7 +20,6 @@ import asyncio
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,23 +29,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_engine import git_commit  # noqa: E402
+from benchmarks.roofline import cpu_model  # noqa: E402
 from prmkern import LLM, SamplingParams  # noqa: E402
 from prmkern.serve.app import ServerConfig, build_app  # noqa: E402
 from prmkern.serve.background import serve_in_thread  # noqa: E402
 from prmkern.tiny import default_model_dir  # noqa: E402
 from prmkern.verify.processbench import load_processbench, sample_path  # noqa: E402
 from prmkern.verify.protocols import Verifier, VerifyConfig  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -135,7 +124,7 @@ def main() -> None:
                 local_ms.append((time.perf_counter() - t) * 1e3)
     n = len(latencies)
     result = dict(
-        bench="server", smoke=args.smoke, device=torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name(),
+        bench="server", smoke=args.smoke, device=torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_model(),
         cpus=os.cpu_count(), commit=git_commit(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), model=model,
         clients=args.clients, requests_per_client=args.requests, prompt_len=args.prompt_len,

@@ -17,9 +17,7 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,28 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from prmkern import LLM, SamplingParams  # noqa: E402
 from prmkern.tiny import build_checkpoint  # noqa: E402
 
-BENCH_MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
-SMOKE_MODEL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=os.path.dirname(os.path.abspath(__file__))).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from benchmarks.bench_engine import BENCH_MODEL, SMOKE_MODEL, git_commit  # noqa: E402  (one model, one stamp)
+from benchmarks.roofline import cpu_model  # noqa: E402
 
 
 def timed(llm: LLM, prompt: list[int], params: SamplingParams) -> tuple[float, list[list[int]]]:
