@@ -169,6 +169,7 @@ def _main(*args: str) -> tuple[int, str, str]:
 
 def test_configuration_errors_name_the_flag_before_the_model_loads(tmp_path, monkeypatch):
     import prmkern.cli
+    import prmkern.cli_commands  # noqa: F401 - first imported under the patch, it would bind no_model for good
 
     def no_model(*a, **k):
         raise AssertionError("the model loaded before the configuration was checked")
