@@ -216,3 +216,17 @@ def test_whatever_the_code_string_holds_comes_back_as_a_result():
             assert r.status == "ok" and r.stdout in ("", "end\n"), r
         else:
             assert r.status == "error" and err in r.error, r
+
+
+def test_an_interpreter_under_tmp_is_not_hidden_by_the_private_tmp(tmp_path):
+    """A venv in a checkout under /tmp (as a CI clone may be): the sandbox's private /tmp must not shadow it."""
+    import subprocess
+    import sys
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    r = run_code("import sys, subprocess\nprint(sys.prefix)\n"
+                 "print(subprocess.run([sys.executable, '-c', 'print(7)'], capture_output=True, text=True).stdout)",
+                 FAST, python=python)
+    assert r.status == "ok", r
+    assert r.stdout.split() == [str(venv), "7"], r.stdout

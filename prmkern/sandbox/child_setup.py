@@ -135,6 +135,12 @@ def build_root(cfg, owner):
     mount(None, "/", None, MS_REC | MS_PRIVATE, None)
     root = cfg["newroot"]
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=8m,mode=0755")
+    # Private /tmp and /dev/shm first: an interpreter installed under /tmp (a venv in a checkout under /tmp, as CI
+    # may have it) is then bound on top of the private tmpfs instead of being hidden by it.
+    tmp_opts = "size=%d,mode=1777" % cfg["tmpfs_bytes"]
+    for d in ("/tmp", "/dev/shm"):
+        os.makedirs(root + d, exist_ok=True)
+        mount("tmpfs", root + d, "tmpfs", MS_NOSUID | MS_NODEV, tmp_opts)
     for kind, src, dst in cfg["fs"]:
         target = root + dst
         if kind == "symlink":
@@ -151,10 +157,6 @@ def build_root(cfg, owner):
             if not os.path.exists(target):
                 os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
         _bind(src, target, readonly=kind != "dev")
-    tmp_opts = "size=%d,mode=1777" % cfg["tmpfs_bytes"]
-    for d in ("/tmp", "/dev/shm"):
-        os.makedirs(root + d, exist_ok=True)
-        mount("tmpfs", root + d, "tmpfs", MS_NOSUID | MS_NODEV, tmp_opts)
     # The code's working directory (its HOME and TMPDIR too): private, owned by the code's uid.
     os.chown(root + "/tmp", owner[0], owner[1])
     os.makedirs(root + "/proc", exist_ok=True)
