@@ -25,7 +25,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 from prmkern.models.decoder import DecoderForCausalLM, DecoderSpec
-from prmkern.models.loader import _load_tensor, _safetensors_files, model_spec, read_config
+from prmkern.models.loader import check_all_loaded, _load_tensor, _safetensors_files, model_spec, read_config
 
 
 @dataclass(frozen=True)
@@ -125,13 +125,7 @@ def load_shard(model_dir: str, dtype: torch.dtype, device: torch.device | str, r
     if spec.tie_word_embeddings and rank == 0:
         model.lm_head.weight = model.model.embed_tokens.weight
         loaded.add("lm_head.weight")
-    expected = set()
-    for n in params:
-        shards = 3 if ".qkv_proj." in n else 2 if ".gate_up_proj." in n else 0
-        expected.update([f"{n}#{i}" for i in range(shards)] if shards else [n])
-    missing = sorted(expected - loaded)
-    if missing:
-        raise ValueError(f"checkpoint {model_dir} lacks weights for: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    check_all_loaded(params, loaded, model_dir)
     if world > 1:
         for layer in model.model.layers:
             layer.self_attn.o_proj.register_forward_hook(_all_reduce_output)

@@ -106,6 +106,12 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str) -
     if spec.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
         loaded.add("lm_head.weight")
+    check_all_loaded(params, loaded, model_dir)
+    return model.eval()
+
+
+def check_all_loaded(params, loaded: set[str], model_dir: str) -> None:
+    """Raises naming the parameters no checkpoint tensor filled (fused q/k/v and gate/up count per part, '#i')."""
     expected = set()
     for n in params:
         shards = 3 if ".qkv_proj." in n else 2 if ".gate_up_proj." in n else 0
@@ -113,7 +119,6 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str) -
     missing = sorted(expected - loaded)
     if missing:
         raise ValueError(f"checkpoint {model_dir} lacks weights for: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    return model.eval()
 
 
 def k_major_weights(model: torch.nn.Module) -> None:
