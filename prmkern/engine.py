@@ -215,10 +215,7 @@ class LLMEngine:
             return False
         request.aborted = True
         self.stats.aborted_requests += 1
-        for seq in request.seqs:
-            if seq.status is not SequenceStatus.FINISHED:
-                self.scheduler.abort(seq)
-                seq.finish_reason = "abort"
+        self._end_chains(request, "abort")
         return True
 
     # -- the step -------------------------------------------------------------------------------------------------
@@ -309,11 +306,16 @@ class LLMEngine:
                 continue
             request.error = error
             self.stats.failed_requests += 1
-            for seq in request.seqs:
-                if seq.status is not SequenceStatus.FINISHED:
-                    self.scheduler.abort(seq)
-                    seq.finish_reason = "error"
-                    ended.append(seq)
+            ended += self._end_chains(request, "error")
+        return ended
+
+    def _end_chains(self, request: Request, reason: str) -> list[Sequence]:
+        """Takes the request's unfinished chains out of the scheduler (their blocks freed) with finish_reason
+        `reason`; returns them."""
+        ended = [seq for seq in request.seqs if seq.status is not SequenceStatus.FINISHED]
+        for seq in ended:
+            self.scheduler.abort(seq)
+            seq.finish_reason = reason
         return ended
 
     def _forget_finished(self, finished: list[Sequence]) -> list[Sequence]:
