@@ -145,7 +145,7 @@ torch::Tensor silu_and_mul(const torch::Tensor& x) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "prmkern's C++ CPU kernels (csrc/)";
-  m.def("cpu_isa", &prmkern::cpu_isa, "the instruction-set path the kernels take on this CPU ('avx2' or 'scalar')");
+  m.def("cpu_isa", &prmkern::cpu_isa, "the instruction-set path the kernels take on this CPU ('avx512', 'avx2' or 'scalar'; PRMKERN_ISA caps it)");
   m.def("decode_linear", &decode_linear, "x [M, K] @ weight [N, K]^T + bias, weight streamed once (decode rows)",
         py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
   m.def("cascade_decode", &cascade_decode, "cascade paged decode attention over the block pool, in place",

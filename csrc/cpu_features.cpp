@@ -1,5 +1,5 @@
-// CPU feature detection for run-time dispatch (see cpu_features.h). PRMKERN_ISA=scalar forces the portable paths
-// (tests run both on an AVX2 machine).
+// CPU feature detection for run-time dispatch (see cpu_features.h). PRMKERN_ISA caps the level: "scalar" forces
+// the portable paths, "avx2" the AVX2 ones on an AVX-512 CPU (tests run every level the machine has).
 #include "cpu_features.h"
 
 #include <cstdlib>
@@ -7,22 +7,39 @@
 
 namespace prmkern {
 
-static bool detect_avx2() {
-  const char* force = std::getenv("PRMKERN_ISA");
-  if (force != nullptr && std::strcmp(force, "scalar") == 0) return false;
+static Isa detect_isa() {
+  Isa cap = Isa::Avx512;
+  if (const char* force = std::getenv("PRMKERN_ISA")) {
+    if (std::strcmp(force, "scalar") == 0) cap = Isa::Scalar;
+    else if (std::strcmp(force, "avx2") == 0) cap = Isa::Avx2;
+  }
 #if PRMKERN_X86 && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  // __builtin_cpu_supports also checks that the OS saves the vector state (XCR0) for AVX / AVX-512.
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const Isa have = avx512 ? Isa::Avx512 : avx2 ? Isa::Avx2 : Isa::Scalar;
+  return static_cast<int>(have) < static_cast<int>(cap) ? have : cap;
 #else
-  return false;
+  (void)cap;
+  return Isa::Scalar;
 #endif
 }
 
-bool cpu_has_avx2() {
-  static const bool has = detect_avx2();
-  return has;
+Isa cpu_isa_level() {
+  static const Isa level = detect_isa();
+  return level;
 }
 
-const char* cpu_isa() { return cpu_has_avx2() ? "avx2" : "scalar"; }
+bool cpu_has_avx2() { return cpu_isa_level() != Isa::Scalar; }
+
+const char* cpu_isa() {
+  switch (cpu_isa_level()) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    default: return "scalar";
+  }
+}
 
 }  // namespace prmkern

@@ -1,7 +1,8 @@
 // Run-time CPU feature dispatch and the scalar types shared by the kernels. Kernels are compiled for a baseline
 // x86-64 target; the AVX2/FMA/F16C code paths are functions carrying `PRMKERN_AVX2` (a GCC/Clang target attribute),
-// entered only when `cpu_has_avx2()` says the running CPU has those instructions. No -march=native anywhere: one
-// build runs on any x86-64 CPU (and compiles elsewhere, taking the portable paths).
+// entered only when `cpu_has_avx2()` says the running CPU has those instructions; likewise `PRMKERN_AVX512`
+// (AVX-512 F/BW/VL/DQ) behind `cpu_isa_level() == Isa::Avx512`. No -march=native anywhere: one build runs on any
+// x86-64 CPU (and compiles elsewhere, taking the portable paths). PRMKERN_ISA=avx2 or =scalar caps the level.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -9,9 +10,11 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #define PRMKERN_X86 1
 #define PRMKERN_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define PRMKERN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 #else
 #define PRMKERN_X86 0
 #define PRMKERN_AVX2
+#define PRMKERN_AVX512
 #endif
 
 namespace prmkern {
@@ -19,8 +22,11 @@ namespace prmkern {
 // Element type of a weight or cache tensor (the activations the kernels compute with are float32).
 enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
-bool cpu_has_avx2();    // AVX2 + FMA + F16C: the vector paths of this library
-const char* cpu_isa();  // "avx2" or "scalar": the path the kernels take on this CPU
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+
+Isa cpu_isa_level();    // the widest path this CPU (capped by PRMKERN_ISA) runs
+bool cpu_has_avx2();    // AVX2 + FMA + F16C: the vector paths of this library (also true at the AVX-512 level)
+const char* cpu_isa();  // "avx512", "avx2" or "scalar": cpu_isa_level() by name
 
 inline float bf16_to_float(uint16_t h) {
   uint32_t bits = static_cast<uint32_t>(h) << 16;

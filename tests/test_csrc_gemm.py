@@ -1,6 +1,7 @@
 """The C++ decode GEMM (csrc/decode_gemm.cpp) against float64 products: fp32 / bf16 / fp16 weights, row counts on
-and off the 3-row tile, K off the 8-lane vector, N off the 4-column tile, bias, strided weights, the portable path
-(PRMKERN_ISA=scalar) in a subprocess, and errors; plus the extension builds wherever a compiler is present."""
+and off the 3-row (AVX2) and 6-row (AVX-512) tiles, K off the 8- and 16-lane vectors, N off the 4-column tile, bias,
+strided weights, every instruction-set level this CPU has (PRMKERN_ISA=scalar / avx2 / avx512, each in a
+subprocess), and errors; plus the extension builds wherever a compiler is present."""
 from __future__ import annotations
 
 import os
@@ -26,7 +27,7 @@ def test_extension_is_built_where_it_can_be():
     if os.environ.get("PRMKERN_DISABLE_CPP") == "1":
         pytest.skip("disabled by PRMKERN_DISABLE_CPP")
     assert OPS is not None, "prmkern._C did not import: run scripts/setup_env.sh (pip install --no-build-isolation)"
-    assert OPS.cpu_isa() in ("avx2", "scalar")
+    assert OPS.cpu_isa() in ("avx512", "avx2", "scalar")
 
 
 def _check(M: int, K: int, N: int, wdtype: torch.dtype, xdtype: torch.dtype, bias: bool, seed: int) -> None:
@@ -76,13 +77,27 @@ def test_errors_name_what_was_given():
         OPS.decode_linear(torch.randn(2, 4), torch.randn(3, 4).double())
 
 
+_LEVEL_SWEEP = """
+import torch
+from prmkern import _C
+print(_C.cpu_isa())
+g = torch.Generator().manual_seed(0)
+for wd in (torch.float32, torch.bfloat16, torch.float16):
+    for M in (1, 2, 3, 4, 5, 6, 7, 12, 13, 16, 19, 64):
+        for K, N in ((77, 13), (16, 4), (512, 9), (33, 8)):
+            x = torch.randn(M, K, generator=g); w = torch.randn(N, K, generator=g).to(wd); b = torch.randn(N, generator=g)
+            torch.testing.assert_close(_C.decode_linear(x, w, b).double(), x.double() @ w.double().T + b.double(),
+                                       atol=1e-4 * K ** 0.5, rtol=1e-5)
+"""
+
+
 @needs_ops
-def test_portable_path_matches():
-    """PRMKERN_ISA=scalar forces the portable code (what a CPU without AVX2 runs)."""
-    code = ("import torch; from prmkern import _C; assert _C.cpu_isa() == 'scalar'; g = torch.Generator().manual_seed(0)\n"
-            "for wd in (torch.float32, torch.bfloat16, torch.float16):\n"
-            "    x = torch.randn(5, 77, generator=g); w = torch.randn(13, 77, generator=g).to(wd); b = torch.randn(13)\n"
-            "    torch.testing.assert_close(_C.decode_linear(x, w, b).double(), x.double() @ w.double().T + b.double(),"
-            " atol=1e-4, rtol=1e-5)\n")
-    env = dict(os.environ, PRMKERN_ISA="scalar", OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT, timeout=120)
+@pytest.mark.parametrize("level", ["scalar", "avx2", "avx512"])
+def test_every_isa_level_matches(level):
+    """PRMKERN_ISA caps the path: scalar is what a CPU without AVX2 runs, avx2 what one without AVX-512 runs. A
+    level this CPU lacks is skipped (the process reports the level it actually ran)."""
+    env = dict(os.environ, PRMKERN_ISA=level, OMP_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", _LEVEL_SWEEP], check=True, env=env, cwd=ROOT, timeout=300,
+                         capture_output=True, text=True).stdout.split()
+    if out[0] != level:
+        pytest.skip(f"this CPU runs {out[0]}, not {level}")
