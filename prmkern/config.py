@@ -13,7 +13,7 @@ class EngineConfig:
     device: torch.device
     block_size: int = 16
     num_kvcache_blocks: int | None = None  # explicit pool size; else derived from kv_cache_memory
-    kv_cache_memory: int | None = None  # bytes for the KV pool (default: 1 GiB on the CPU, 90% of free on CUDA)
+    kv_cache_memory: int | None = None  # bytes for the KV pool (default: CPU 40% of MemAvailable, >= 1 GiB; CUDA 90% of free)
     # vLLM's meaning, CUDA only: the fraction of the device's total memory this process may fill; the KV pool gets
     # what is left of it after the weights (overrides the 90%-of-free default; kv_cache_memory wins over it).
     gpu_memory_utilization: float | None = None

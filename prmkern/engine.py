@@ -31,6 +31,14 @@ CPU_KV_CACHE_BYTES = 1 << 30
 CPU_KV_CACHE_FRACTION = 0.4
 
 
+def cpu_kv_cache_budget(available: int | None) -> int:
+    """Bytes for the CPU KV pool when none is given: CPU_KV_CACHE_FRACTION of `available` (MemAvailable after the
+    weights are loaded), at least CPU_KV_CACHE_BYTES, which is also the budget when it cannot be read."""
+    if not available:
+        return CPU_KV_CACHE_BYTES
+    return max(CPU_KV_CACHE_BYTES, int(available * CPU_KV_CACHE_FRACTION))
+
+
 def available_memory_bytes() -> int | None:
     """MemAvailable of /proc/meminfo (Linux), or None where it cannot be read."""
     try:
@@ -96,8 +104,7 @@ class LLMEngine:
                         raise ValueError(f"gpu_memory_utilization={cfg.gpu_memory_utilization} leaves no memory for "
                                          f"the KV pool: {total - free} of {total} bytes are in use after loading")
             else:
-                avail = available_memory_bytes()
-                budget = max(CPU_KV_CACHE_BYTES, int(avail * CPU_KV_CACHE_FRACTION)) if avail else CPU_KV_CACHE_BYTES
+                budget = cpu_kv_cache_budget(available_memory_bytes())
         num = budget // kv_block_bytes(self.model, cfg.block_size, cfg.dtype)
         if num < 1:
             raise ValueError(f"kv_cache_memory={budget} bytes holds no block of "

@@ -86,7 +86,7 @@ class LLM:
                              f"(0, 1] (vLLM's meaning: the fraction of the GPU's memory this process may use)")
         if gpu_memory_utilization is not None and device.type != "cuda":
             warnings.warn(f"prmkern: gpu_memory_utilization={gpu_memory_utilization!r} is ignored on {device.type}: "
-                          f"the KV pool there is kv_cache_memory bytes (default 1 GiB)", stacklevel=2)
+                          f"the KV pool there is kv_cache_memory bytes (default: 40% of available memory, at least 1 GiB)", stacklevel=2)
             gpu_memory_utilization = None
         self.config = EngineConfig(
             model=model, dtype=resolve_dtype(dtype, hf_config), device=device, block_size=block_size,
