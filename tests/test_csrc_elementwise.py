@@ -55,6 +55,19 @@ def test_silu_and_mul_matches_float64(dtype, rows, inter):
     torch.testing.assert_close(out.double(), want, atol=TOL[dtype] * 4, rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_extremes(dtype):
+    """The vectorised exp clamps its argument: huge |gate| still gives gate (positive) or ~0 (negative), NaN stays
+    NaN, on the vector lanes and the scalar tail alike."""
+    gate = torch.tensor([-1e30, -100., -88.5, -20., -1e-3, 0., 1e-3, 20., 88.5, 100., 1e30, float("nan")] * 2)
+    x = torch.cat([gate, torch.full_like(gate, 1.5)])[None].to(dtype)
+    out = get_backend("cpp").silu_and_mul(x).double()[0]
+    g = x.double()[0, :gate.numel()]
+    want = g * torch.sigmoid(g) * 1.5
+    assert torch.isnan(out[torch.isnan(want)]).all()
+    torch.testing.assert_close(out[~torch.isnan(want)], want[~torch.isnan(want)], atol=1e-30, rtol=TOL[dtype])
+
+
 def test_other_shapes_fall_back_to_the_torch_reference():
     """3-D inputs (Qwen3's per-head q/k norm) and fp16 take the torch path and give its values."""
     b, t = get_backend("cpp"), get_backend("torch")
