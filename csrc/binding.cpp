@@ -56,7 +56,7 @@ torch::Tensor int32_table(const torch::Tensor& t, const char* what, int64_t dims
 torch::Tensor cascade_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                              const torch::Tensor& group_starts, const torch::Tensor& prefix_lens,
                              const torch::Tensor& prefix_tables, const torch::Tensor& suffix_lens,
-                             const torch::Tensor& suffix_tables, double scale) {
+                             const torch::Tensor& suffix_tables, double scale, const std::string& isa) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "cascade_decode: q must be [B, Hq, D] and the caches [num_blocks, block_size, Hkv, D]; got ", q.sizes(),
               ", ", k_cache.sizes(), ", ", v_cache.sizes());
@@ -93,13 +93,17 @@ torch::Tensor cascade_decode(const torch::Tensor& q, const torch::Tensor& k_cach
   const int32_t* g = gs.data_ptr<int32_t>();
   for (int64_t i = 0; i < ng; ++i)
     TORCH_CHECK(g[i] >= 0 && g[i] <= g[i + 1], "cascade_decode: group_starts must be non-decreasing from 0");
+  const std::string have = prmkern::cpu_isa();
+  TORCH_CHECK(isa.empty() || isa == "scalar" || (isa == "avx2" && have != "scalar") || (isa == "avx512" && have == "avx512"),
+              "cascade_decode: isa='", isa, "' is not available; this CPU (and PRMKERN_ISA) allows up to '", have,
+              "' (accepted: '', 'scalar', 'avx2', 'avx512')");
   auto qf = q.to(torch::kFloat32).contiguous();
   auto out = torch::empty({B, Hq, D}, q.options().dtype(torch::kFloat32));
   if (B > 0) {
     prmkern::cascade_decode(qf.data_ptr<float>(), B, Hq, D, k_cache.data_ptr(), v_cache.data_ptr(), ctype, bs, Hkv, ng,
                             gs.data_ptr<int32_t>(), pl.data_ptr<int32_t>(), pt.data_ptr<int32_t>(), pt.size(1),
                             sl.data_ptr<int32_t>(), st.data_ptr<int32_t>(), st.size(1), static_cast<float>(scale),
-                            out.data_ptr<float>());
+                            out.data_ptr<float>(), isa.c_str());
   }
   return q.scalar_type() == torch::kFloat32 ? out : out.to(q.scalar_type());
 }
@@ -145,12 +149,15 @@ torch::Tensor silu_and_mul(const torch::Tensor& x) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "prmkern's C++ CPU kernels (csrc/)";
-  m.def("cpu_isa", &prmkern::cpu_isa, "the instruction-set path the kernels take on this CPU ('avx2' or 'scalar')");
+  m.def("cpu_isa", &prmkern::cpu_isa,
+        "the widest instruction-set path the kernels take on this CPU ('avx512', 'avx2' or 'scalar'; the decode "
+        "attention alone goes past AVX2)");
   m.def("decode_linear", &decode_linear, "x [M, K] @ weight [N, K]^T + bias, weight streamed once (decode rows)",
         py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
   m.def("cascade_decode", &cascade_decode, "cascade paged decode attention over the block pool, in place",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("group_starts"), py::arg("prefix_lens"),
-        py::arg("prefix_tables"), py::arg("suffix_lens"), py::arg("suffix_tables"), py::arg("scale"));
+        py::arg("prefix_tables"), py::arg("suffix_lens"), py::arg("suffix_tables"), py::arg("scale"),
+        py::arg("isa") = "");
   m.def("add_rms_norm", &add_rms_norm, "RMSNorm(x + residual) * weight and x + residual, one pass (fp32 / bf16)",
         py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of x = [gate | up], one pass (fp32 / bf16)", py::arg("x"));

@@ -20,7 +20,8 @@ namespace prmkern {
 enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
 bool cpu_has_avx2();    // AVX2 + FMA + F16C: the vector paths of this library
-const char* cpu_isa();  // "avx2" or "scalar": the path the kernels take on this CPU
+bool cpu_has_avx512();  // AVX-512F besides: the decode attention's widest path (the other kernels stop at AVX2)
+const char* cpu_isa();  // "avx512", "avx2" or "scalar": the widest path the kernels take on this CPU
 
 inline float bf16_to_float(uint16_t h) {
   uint32_t bits = static_cast<uint32_t>(h) << 16;

@@ -26,7 +26,7 @@ def test_extension_is_built_where_it_can_be():
     if os.environ.get("PRMKERN_DISABLE_CPP") == "1":
         pytest.skip("disabled by PRMKERN_DISABLE_CPP")
     assert OPS is not None, "prmkern._C did not import: run scripts/setup_env.sh (pip install --no-build-isolation)"
-    assert OPS.cpu_isa() in ("avx2", "scalar")
+    assert OPS.cpu_isa() in ("avx512", "avx2", "scalar")
 
 
 def _check(M: int, K: int, N: int, wdtype: torch.dtype, xdtype: torch.dtype, bias: bool, seed: int) -> None:
