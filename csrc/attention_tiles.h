@@ -1,90 +1,165 @@
-// AVX2 register tiles of the paged decode attention (csrc/paged_attention.cpp, its only includer): scores of a
-// chunk of CHUNK keys against the queries, and the P @ V accumulation. Functions carry PRMKERN_AVX2 and are only
-// entered after the run-time check.
-#pragma once
-#include "cpu_features.h"
+// The register tiles of the cascade decode attention (csrc/paged_attention.cpp), written once against a vector type
+// `V` (attention_vec.h) and compiled once per instruction set: paged_attention.cpp includes this file several
+// times (no include guard on purpose), each time inside its own namespace, with `V` aliased to VecScalar, Vec8 or
+// Vec16 and, for the vector ones, inside a matching target region.
+//
+// One call of attend_keys() is a small GEMM pair: nq queries (a group's chains x GQA heads of one KV head) against
+// keys [k0, k1) of one block table, online softmax, P @ V. Layouts, chosen so that nothing is transposed per key:
+//   Qt  [D, nqp]     the queries transposed once per task, pre-scaled by scale * log2(e); nqp = nq rounded up to W
+//                    (padding queries are zero: finite scores, ignored)
+//   S   [C, nqp]     scores then probabilities of one chunk of C <= CHUNK keys, query-contiguous, so that the
+//                    scores tile (W-query vectors x keys, each K element broadcast from its cache row), the softmax
+//                    (running max / sum per query lane) and the P @ V tile need no horizontal reduction
+//   acc [nq, D]      unnormalised output, m / l [nqp] running max (log2 units) and sum
+// K and V rows are read in place from the pool for fp32 caches; bf16 / fp16 rows are widened once per chunk.
 
-#if PRMKERN_X86
-#include <immintrin.h>
-
-namespace prmkern {
-namespace {
-
-// S[i, t] = Q[i, :] . K[t, :] for i < nq, t < CHUNK, from the transposed chunk Kt [D, CHUNK] (vectorised over
-// keys: two queries x 32 keys = 8 accumulators per pass over D).
-PRMKERN_AVX2 void qk_avx2(const float* Q, int64_t nq, int64_t D, const float* Kt, float* S) {
-  int64_t i = 0;
-  for (; i + 2 <= nq; i += 2) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-    const float* q0 = Q + i * D;
-    const float* q1 = q0 + D;
-    for (int64_t d = 0; d < D; ++d) {
-      const float* k = Kt + d * CHUNK;
-      const __m256 k0 = _mm256_loadu_ps(k), k1 = _mm256_loadu_ps(k + 8), k2 = _mm256_loadu_ps(k + 16),
-                   k3 = _mm256_loadu_ps(k + 24);
-      const __m256 x = _mm256_broadcast_ss(q0 + d), y = _mm256_broadcast_ss(q1 + d);
-      a0 = _mm256_fmadd_ps(x, k0, a0); a1 = _mm256_fmadd_ps(x, k1, a1);
-      a2 = _mm256_fmadd_ps(x, k2, a2); a3 = _mm256_fmadd_ps(x, k3, a3);
-      b0 = _mm256_fmadd_ps(y, k0, b0); b1 = _mm256_fmadd_ps(y, k1, b1);
-      b2 = _mm256_fmadd_ps(y, k2, b2); b3 = _mm256_fmadd_ps(y, k3, b3);
+// S[t, q] = sum_d K[t, d] Qt[d, q] for NQV query vectors x NK keys, accumulated in NQV * NK registers.
+template <int NQV, int NK>
+PK_INLINE void qk_tile(const float* Qt, int64_t nqp, int64_t D, const float* const* K, int64_t t, int64_t q0,
+                       float* S) {
+  typename V::T a[NK][NQV];
+  for (int k = 0; k < NK; ++k)
+    for (int j = 0; j < NQV; ++j) a[k][j] = V::zero();
+  const float* kr[NK];
+  for (int k = 0; k < NK; ++k) kr[k] = K[t + k];
+  for (int64_t d = 0; d < D; ++d) {
+    typename V::T qv[NQV];
+    for (int j = 0; j < NQV; ++j) qv[j] = V::load(Qt + d * nqp + q0 + j * V::W);
+    for (int k = 0; k < NK; ++k) {
+      const typename V::T kb = V::set1(kr[k][d]);
+      for (int j = 0; j < NQV; ++j) a[k][j] = V::fma(qv[j], kb, a[k][j]);
     }
-    float* s0 = S + i * CHUNK;
-    float* s1 = s0 + CHUNK;
-    _mm256_storeu_ps(s0, a0); _mm256_storeu_ps(s0 + 8, a1); _mm256_storeu_ps(s0 + 16, a2); _mm256_storeu_ps(s0 + 24, a3);
-    _mm256_storeu_ps(s1, b0); _mm256_storeu_ps(s1 + 8, b1); _mm256_storeu_ps(s1 + 16, b2); _mm256_storeu_ps(s1 + 24, b3);
   }
-  for (; i < nq; ++i) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    const float* q0 = Q + i * D;
-    for (int64_t d = 0; d < D; ++d) {
-      const float* k = Kt + d * CHUNK;
-      const __m256 x = _mm256_broadcast_ss(q0 + d);
-      a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k), a0); a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k + 8), a1);
-      a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k + 16), a2); a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k + 24), a3);
+  for (int k = 0; k < NK; ++k)
+    for (int j = 0; j < NQV; ++j) V::store(S + (t + k) * nqp + q0 + j * V::W, a[k][j]);
+}
+
+template <int NQV>
+PK_INLINE void qk_cols(const float* Qt, int64_t nqp, int64_t D, const float* const* K, int64_t C, int64_t q0,
+                       float* S) {
+  constexpr int NK = V::W == 16 ? 6 : 4;  // AVX-512: 2 x 6 of 32 registers; AVX2: 3 x 4 of 16
+  int64_t t = 0;
+  for (; t + NK <= C; t += NK) qk_tile<NQV, NK>(Qt, nqp, D, K, t, q0, S);
+  for (; t < C; ++t) qk_tile<NQV, 1>(Qt, nqp, D, K, t, q0, S);
+}
+
+PK_INLINE void qk(const float* Qt, int64_t nqp, int64_t D, const float* const* K, int64_t C, float* S) {
+  constexpr int NQV = V::W == 16 ? 2 : 3;
+  constexpr int64_t step = NQV * V::W;
+  int64_t q0 = 0;
+  for (; q0 + step <= nqp; q0 += step) qk_cols<NQV>(Qt, nqp, D, K, C, q0, S);
+  for (; q0 + 2 * V::W <= nqp; q0 += 2 * V::W) qk_cols<2>(Qt, nqp, D, K, C, q0, S);
+  for (; q0 < nqp; q0 += V::W) qk_cols<1>(Qt, nqp, D, K, C, q0, S);
+}
+
+// Online softmax over one chunk, every query lane at once: m_new = max(m, max_t S), alpha = 2^(m - m_new),
+// S = 2^(S - m_new) in place, l = l * alpha + sum_t S, m = m_new.
+PK_INLINE void softmax(float* S, int64_t nqp, int64_t C, float* m, float* l, float* alpha) {
+  for (int64_t q0 = 0; q0 < nqp; q0 += V::W) {
+    typename V::T mx = V::load(S + q0);
+    for (int64_t t = 1; t < C; ++t) mx = V::max(mx, V::load(S + t * nqp + q0));
+    const typename V::T mo = V::load(m + q0);
+    const typename V::T mn = V::max(mo, mx);
+    const typename V::T al = V::exp2(V::sub(mo, mn));
+    typename V::T sum = V::zero();
+    for (int64_t t = 0; t < C; ++t) {
+      const typename V::T p = V::exp2(V::sub(V::load(S + t * nqp + q0), mn));
+      V::store(S + t * nqp + q0, p);
+      sum = V::add(sum, p);
     }
-    float* s0 = S + i * CHUNK;
-    _mm256_storeu_ps(s0, a0); _mm256_storeu_ps(s0 + 8, a1); _mm256_storeu_ps(s0 + 16, a2); _mm256_storeu_ps(s0 + 24, a3);
+    V::store(l + q0, V::fma(V::load(l + q0), al, sum));
+    V::store(m + q0, mn);
+    V::store(alpha + q0, al);
   }
 }
 
-// acc[i, d0:d0+8*NV] = acc * alpha[i] + sum_t P[i, t] V[t, d0:...] for two queries at once.
-template <int NV, int NQ>
-PRMKERN_AVX2 inline void pv_tile(const float* P, int64_t C, const float* V, int64_t D, float* acc,
-                                 const float* alpha, int64_t i, int64_t d0) {
-  __m256 a[NQ][NV];
+// acc[i + r, d0 : d0 + NDV W] = acc * alpha[i + r] + sum_t S[t, i + r] V[t, d0 : ...] for NQ queries.
+template <int NQ, int NDV>
+PK_INLINE void pv_tile(const float* S, int64_t nqp, int64_t C, const float* const* Vr, int64_t D, float* acc,
+                       const float* alpha, int64_t i, int64_t d0) {
+  typename V::T a[NQ][NDV];
   for (int r = 0; r < NQ; ++r) {
-    const __m256 al = _mm256_broadcast_ss(alpha + i + r);
-    for (int v = 0; v < NV; ++v) a[r][v] = _mm256_mul_ps(_mm256_loadu_ps(acc + (i + r) * D + d0 + 8 * v), al);
+    const typename V::T al = V::set1(alpha[i + r]);
+    for (int v = 0; v < NDV; ++v) a[r][v] = V::mul(V::load(acc + (i + r) * D + d0 + v * V::W), al);
   }
   for (int64_t t = 0; t < C; ++t) {
-    __m256 vv[NV];
-    for (int v = 0; v < NV; ++v) vv[v] = _mm256_loadu_ps(V + t * D + d0 + 8 * v);
-    for (int r = 0; r < NQ; ++r) {
-      const __m256 p = _mm256_broadcast_ss(P + (i + r) * CHUNK + t);
-      for (int v = 0; v < NV; ++v) a[r][v] = _mm256_fmadd_ps(p, vv[v], a[r][v]);
+    typename V::T p[NQ];
+    for (int r = 0; r < NQ; ++r) p[r] = V::set1(S[t * nqp + i + r]);
+    for (int v = 0; v < NDV; ++v) {
+      const typename V::T vv = V::load(Vr[t] + d0 + v * V::W);
+      for (int r = 0; r < NQ; ++r) a[r][v] = V::fma(p[r], vv, a[r][v]);
     }
   }
   for (int r = 0; r < NQ; ++r)
-    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(acc + (i + r) * D + d0 + 8 * v, a[r][v]);
+    for (int v = 0; v < NDV; ++v) V::store(acc + (i + r) * D + d0 + v * V::W, a[r][v]);
 }
 
-// D a multiple of 8.
-PRMKERN_AVX2 void pv_avx2(const float* P, int64_t nq, int64_t C, const float* V, int64_t D, float* acc,
-                          const float* alpha) {
+template <int NQ>
+PK_INLINE void pv_rows(const float* S, int64_t nqp, int64_t C, const float* const* Vr, int64_t D, float* acc,
+                       const float* alpha, int64_t i) {
+  int64_t d0 = 0;
+  for (; d0 + 4 * V::W <= D; d0 += 4 * V::W) pv_tile<NQ, 4>(S, nqp, C, Vr, D, acc, alpha, i, d0);
+  for (; d0 + V::W <= D; d0 += V::W) pv_tile<NQ, 1>(S, nqp, C, Vr, D, acc, alpha, i, d0);
+  for (int r = 0; r < NQ; ++r)  // head dims past the last full vector
+    for (int64_t d = d0; d < D; ++d) {
+      float x = acc[(i + r) * D + d] * alpha[i + r];
+      for (int64_t t = 0; t < C; ++t) x += S[t * nqp + i + r] * Vr[t][d];
+      acc[(i + r) * D + d] = x;
+    }
+}
+
+PK_INLINE void pv(const float* S, int64_t nqp, int64_t nq, int64_t C, const float* const* Vr, int64_t D,
+                  float* acc, const float* alpha) {
+  constexpr int NQ = V::W == 16 ? 4 : 3;  // AVX-512: 4 x 4 vectors of 32 registers; AVX2: 3 x 4 of 16
   int64_t i = 0;
-  for (; i + 2 <= nq; i += 2) {
-    int64_t d0 = 0;
-    for (; d0 + 32 <= D; d0 += 32) pv_tile<4, 2>(P, C, V, D, acc, alpha, i, d0);
-    for (; d0 < D; d0 += 8) pv_tile<1, 2>(P, C, V, D, acc, alpha, i, d0);
-  }
-  for (; i < nq; ++i) {
-    int64_t d0 = 0;
-    for (; d0 + 32 <= D; d0 += 32) pv_tile<4, 1>(P, C, V, D, acc, alpha, i, d0);
-    for (; d0 < D; d0 += 8) pv_tile<1, 1>(P, C, V, D, acc, alpha, i, d0);
+  for (; i + NQ <= nq; i += NQ) pv_rows<NQ>(S, nqp, C, Vr, D, acc, alpha, i);
+  for (; i + 2 <= nq; i += 2) pv_rows<2>(S, nqp, C, Vr, D, acc, alpha, i);
+  for (; i < nq; ++i) pv_rows<1>(S, nqp, C, Vr, D, acc, alpha, i);
+}
+
+// Attends Qt (nq queries, see above) over keys [k0, k1) of KV head h in `table`, updating acc / m / l.
+template <DType T>
+void attend_keys(const AttnCtx& c, const float* Qt, int64_t nq, int64_t nqp, int64_t h, const int32_t* table,
+                 int64_t k0, int64_t k1, const Scratch& s, float* acc, float* m, float* l) {
+  const int64_t D = c.D, bs = c.block_size;
+  for (int64_t c0 = k0; c0 < k1; c0 += CHUNK) {
+    const int64_t C = std::min<int64_t>(CHUNK, k1 - c0);
+    for (int64_t t = 0; t < C; ++t) {
+      const int64_t pos = c0 + t;
+      const int64_t off = ((static_cast<int64_t>(table[pos / bs]) * bs + pos % bs) * c.Hkv + h) * D;
+      if constexpr (T == DType::F32) {
+        s.krow[t] = static_cast<const float*>(c.k_cache) + off;
+        s.vrow[t] = static_cast<const float*>(c.v_cache) + off;
+      } else {
+        V::convert(s.kbuf + t * D, static_cast<const uint16_t*>(c.k_cache) + off, D, T == DType::BF16);
+        V::convert(s.vbuf + t * D, static_cast<const uint16_t*>(c.v_cache) + off, D, T == DType::BF16);
+        s.krow[t] = s.kbuf + t * D;
+        s.vrow[t] = s.vbuf + t * D;
+      }
+    }
+    qk(Qt, nqp, D, s.krow, C, s.S);
+    softmax(s.S, nqp, C, m, l, s.alpha);
+    pv(s.S, nqp, nq, C, s.vrow, D, acc, s.alpha);
   }
 }
 
-
-}  // namespace
-}  // namespace prmkern
-#endif
+// One work item: the queries of chains r0 .. r0+n x the G query heads of KV head h, over keys [k0, k1) of `table`.
+// Leaves the unnormalised state in acc [n G, D], m / l [nqp] (m in log2 units; -inf and 0 for no key).
+void attend_task(const AttnCtx& c, int64_t r0, int64_t n, int64_t h, const int32_t* table, int64_t k0, int64_t k1,
+                 const Scratch& s, float* acc, float* m, float* l) {
+  const int64_t D = c.D, G = c.G, nq = n * G, nqp = (nq + V::W - 1) / V::W * V::W;
+  for (int64_t i = 0; i < nq; ++i) {
+    const float* src = c.q + ((r0 + i / G) * c.Hq + h * G + i % G) * D;
+    for (int64_t d = 0; d < D; ++d) s.Qt[d * nqp + i] = src[d] * c.qscale;
+  }
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t i = nq; i < nqp; ++i) s.Qt[d * nqp + i] = 0.f;
+  std::fill(acc, acc + nq * D, 0.f);
+  std::fill(m, m + nqp, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + nqp, 0.f);
+  switch (c.ctype) {
+    case DType::F32: attend_keys<DType::F32>(c, s.Qt, nq, nqp, h, table, k0, k1, s, acc, m, l); break;
+    case DType::BF16: attend_keys<DType::BF16>(c, s.Qt, nq, nqp, h, table, k0, k1, s, acc, m, l); break;
+    case DType::F16: attend_keys<DType::F16>(c, s.Qt, nq, nqp, h, table, k0, k1, s, acc, m, l); break;
+  }
+}

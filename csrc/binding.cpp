@@ -7,6 +7,7 @@
 #include "decode_gemm.h"
 #include "elementwise.h"
 #include "paged_attention.h"
+#include "rotary_store.h"
 
 namespace {
 
@@ -56,7 +57,7 @@ torch::Tensor int32_table(const torch::Tensor& t, const char* what, int64_t dims
 torch::Tensor cascade_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                              const torch::Tensor& group_starts, const torch::Tensor& prefix_lens,
                              const torch::Tensor& prefix_tables, const torch::Tensor& suffix_lens,
-                             const torch::Tensor& suffix_tables, double scale) {
+                             const torch::Tensor& suffix_tables, double scale, const std::string& isa) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "cascade_decode: q must be [B, Hq, D] and the caches [num_blocks, block_size, Hkv, D]; got ", q.sizes(),
               ", ", k_cache.sizes(), ", ", v_cache.sizes());
@@ -93,15 +94,80 @@ torch::Tensor cascade_decode(const torch::Tensor& q, const torch::Tensor& k_cach
   const int32_t* g = gs.data_ptr<int32_t>();
   for (int64_t i = 0; i < ng; ++i)
     TORCH_CHECK(g[i] >= 0 && g[i] <= g[i + 1], "cascade_decode: group_starts must be non-decreasing from 0");
+  const std::string have = prmkern::cpu_isa();
+  TORCH_CHECK(isa.empty() || isa == "scalar" || (isa == "avx2" && have != "scalar") || (isa == "avx512" && have == "avx512"),
+              "cascade_decode: isa='", isa, "' is not available; this CPU (and PRMKERN_ISA) allows up to '", have,
+              "' (accepted: '', 'scalar', 'avx2', 'avx512')");
   auto qf = q.to(torch::kFloat32).contiguous();
   auto out = torch::empty({B, Hq, D}, q.options().dtype(torch::kFloat32));
   if (B > 0) {
     prmkern::cascade_decode(qf.data_ptr<float>(), B, Hq, D, k_cache.data_ptr(), v_cache.data_ptr(), ctype, bs, Hkv, ng,
                             gs.data_ptr<int32_t>(), pl.data_ptr<int32_t>(), pt.data_ptr<int32_t>(), pt.size(1),
                             sl.data_ptr<int32_t>(), st.data_ptr<int32_t>(), st.size(1), static_cast<float>(scale),
-                            out.data_ptr<float>());
+                            out.data_ptr<float>(), isa.c_str());
   }
   return q.scalar_type() == torch::kFloat32 ? out : out.to(q.scalar_type());
+}
+
+// Token indices ([T], int32 or int64) as a contiguous int64 tensor.
+torch::Tensor int64_index(const torch::Tensor& t, const char* what, int64_t T) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.size(0) == T &&
+                  (t.scalar_type() == torch::kInt64 || t.scalar_type() == torch::kInt32),
+              "rotary_store_kv: ", what, " must be a CPU int64 or int32 tensor [", T, "]; got ", t.scalar_type(), " ",
+              t.sizes(), " on ", t.device());
+  return t.to(torch::kInt64).contiguous();
+}
+
+// Neox rotary of q [T, Hq, D] and k [T, Hkv, D] by cos_sin_cache[positions] ([max_positions, D] float32 =
+// [cos | sin]); the rotated k and v stored into the caches [num_blocks, block_size, Hkv, D] at slot_mapping (< 0:
+// skipped). Returns the rotated q [T, Hq, D] (contiguous, q's dtype). See rotary_store.h.
+torch::Tensor rotary_store_kv(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                              const torch::Tensor& positions, const torch::Tensor& cos_sin_cache,
+                              const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                              const torch::Tensor& slot_mapping) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && k_cache.device().is_cpu() &&
+                  v_cache.device().is_cpu() && cos_sin_cache.device().is_cpu(),
+              "rotary_store_kv runs on CPU tensors");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
+                  q.size(2) == k.size(2),
+              "rotary_store_kv: q must be [T, Hq, D] and k, v [T, Hkv, D]; got ", q.sizes(), ", ", k.sizes(), ", ",
+              v.sizes());
+  const int64_t T = q.size(0), Hq = q.size(1), Hkv = k.size(1), D = q.size(2);
+  const auto act = kernel_dtype(q, "q");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "rotary_store_kv: q, k, v must share one dtype; got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  for (const auto* t : {&q, &k, &v})
+    TORCH_CHECK((t->stride(2) == 1 || D <= 1) && (t->stride(1) == D || t->size(1) <= 1),
+                "rotary_store_kv: q, k, v must have contiguous heads (strides [any, D, 1]); got strides ",
+                t->strides(), " for shape ", t->sizes());
+  TORCH_CHECK(D % 2 == 0 && cos_sin_cache.scalar_type() == torch::kFloat32 && cos_sin_cache.dim() == 2 &&
+                  cos_sin_cache.size(1) == D && cos_sin_cache.is_contiguous(),
+              "rotary_store_kv: cos_sin_cache must be contiguous float32 [max_positions, head_dim=", D,
+              "] (head_dim even, full-width rotary); got ", cos_sin_cache.scalar_type(), " ", cos_sin_cache.sizes());
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.size(2) == Hkv &&
+                  k_cache.size(3) == D && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  v_cache.scalar_type() == k_cache.scalar_type(),
+              "rotary_store_kv: caches must be contiguous [num_blocks, block_size, ", Hkv, ", ", D,
+              "] of one dtype; got ", k_cache.sizes(), " ", k_cache.scalar_type(), " and ", v_cache.sizes(), " ",
+              v_cache.scalar_type());
+  const auto ctype = kernel_dtype(k_cache, "k_cache");
+  auto pos = int64_index(positions, "positions", T), slots = int64_index(slot_mapping, "slot_mapping", T);
+  const int64_t max_pos = cos_sin_cache.size(0), num_slots = k_cache.size(0) * k_cache.size(1);
+  const int64_t* p = pos.data_ptr<int64_t>();
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {  // a bad index fails here, not as a wild read or write
+    TORCH_CHECK(p[t] >= 0 && p[t] < max_pos, "rotary_store_kv: token ", t, " has position ", p[t],
+                "; the cos/sin cache holds ", max_pos);
+    TORCH_CHECK(sl[t] < num_slots, "rotary_store_kv: token ", t, " has slot ", sl[t], " of a pool of ", num_slots,
+                " slots");
+  }
+  auto q_out = torch::empty({T, Hq, D}, q.options());
+  if (T > 0 && D > 0)
+    prmkern::rotary_store_kv(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), act,
+                             T, Hq, Hkv, D, p, cos_sin_cache.data_ptr<float>(), q_out.data_ptr(),
+                             k_cache.data_ptr(), v_cache.data_ptr(), ctype, sl);
+  return q_out;
 }
 
 prmkern::DType f32_or_bf16(const torch::Tensor& t, const char* what) {
@@ -145,12 +211,19 @@ torch::Tensor silu_and_mul(const torch::Tensor& x) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "prmkern's C++ CPU kernels (csrc/)";
-  m.def("cpu_isa", &prmkern::cpu_isa, "the instruction-set path the kernels take on this CPU ('avx512', 'avx2' or 'scalar'; PRMKERN_ISA caps it)");
+  m.def("cpu_isa", &prmkern::cpu_isa,
+        "the widest instruction-set path the kernels take on this CPU ('avx512', 'avx2' or 'scalar'; PRMKERN_ISA caps "
+        "it; elementwise kernels stop at AVX2)");
   m.def("decode_linear", &decode_linear, "x [M, K] @ weight [N, K]^T + bias, weight streamed once (decode rows)",
         py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
   m.def("cascade_decode", &cascade_decode, "cascade paged decode attention over the block pool, in place",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("group_starts"), py::arg("prefix_lens"),
-        py::arg("prefix_tables"), py::arg("suffix_lens"), py::arg("suffix_tables"), py::arg("scale"));
+        py::arg("prefix_tables"), py::arg("suffix_lens"), py::arg("suffix_tables"), py::arg("scale"),
+        py::arg("isa") = "");
+  m.def("rotary_store_kv", &rotary_store_kv,
+        "neox rotary of q and k, k and v stored into the paged caches at slot_mapping, one pass; returns rotated q",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("positions"), py::arg("cos_sin_cache"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("slot_mapping"));
   m.def("add_rms_norm", &add_rms_norm, "RMSNorm(x + residual) * weight and x + residual, one pass (fp32 / bf16)",
         py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of x = [gate | up], one pass (fp32 / bf16)", py::arg("x"));

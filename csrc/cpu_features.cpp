@@ -34,6 +34,8 @@ Isa cpu_isa_level() {
 
 bool cpu_has_avx2() { return cpu_isa_level() != Isa::Scalar; }
 
+bool cpu_has_avx512() { return cpu_isa_level() == Isa::Avx512; }
+
 const char* cpu_isa() {
   switch (cpu_isa_level()) {
     case Isa::Avx512: return "avx512";

@@ -26,6 +26,7 @@ enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
 
 Isa cpu_isa_level();    // the widest path this CPU (capped by PRMKERN_ISA) runs
 bool cpu_has_avx2();    // AVX2 + FMA + F16C: the vector paths of this library (also true at the AVX-512 level)
+bool cpu_has_avx512();  // AVX-512 F/BW/VL/DQ besides: the GEMM's and the decode attention's widest paths
 const char* cpu_isa();  // "avx512", "avx2" or "scalar": cpu_isa_level() by name
 
 inline float bf16_to_float(uint16_t h) {
@@ -33,6 +34,40 @@ inline float bf16_to_float(uint16_t h) {
   float f;
   std::memcpy(&f, &bits, 4);
   return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even; NaN stays NaN
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// float -> IEEE half, round to nearest even (overflow to inf, subnormals exact, NaN stays NaN), portable; the
+// classic bit-twiddling version (F. Giesen's float_to_half_fast3_rtne).
+inline uint16_t float_to_f16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t sign = u & 0x80000000u;
+  u ^= sign;
+  uint32_t o;
+  if (u >= (127u + 16u) << 23) {  // >= 65536 after rounding, inf or NaN
+    o = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  } else if (u < 113u << 23) {  // below the smallest normal half: let a float addition round the subnormal
+    const uint32_t magic_u = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+    float fu, magic;
+    std::memcpy(&fu, &u, 4);
+    std::memcpy(&magic, &magic_u, 4);
+    fu += magic;
+    std::memcpy(&u, &fu, 4);
+    o = u - magic_u;
+  } else {
+    const uint32_t mant_odd = (u >> 13) & 1u;
+    u += (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu + mant_odd;
+    o = u >> 13;
+  }
+  return static_cast<uint16_t>(o | (sign >> 16));
 }
 
 // IEEE half -> float, portable (the AVX2 paths use F16C instead).

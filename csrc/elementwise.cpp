@@ -16,14 +16,6 @@ namespace prmkern {
 
 namespace {
 
-inline uint16_t float_to_bf16(float f) {  // round to nearest even; NaN stays NaN
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
 template <DType T>
 inline float ld(const void* p, int64_t i) {
   if constexpr (T == DType::F32) return static_cast<const float*>(p)[i];

@@ -69,6 +69,15 @@ class AttentionBackend(ABC):
 
     _rope_rows: tuple | None = None  # (positions, cache, cos, sin) of the last step, held so identity is safe
 
+    def rotary_store_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                        cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor, all_valid: bool = False) -> torch.Tensor:
+        """`apply_rotary` to q [T, Hq, D] and k [T, Hkv, D], then `store_kv` of the rotated k and v; returns the
+        rotated q. One seam for the pair, so that a backend may fuse them into one pass (the C++ backend does)."""
+        q, k = self.apply_rotary(q, k, positions, cos_sin_cache)
+        self.store_kv(k, v, k_cache, v_cache, slot_mapping, all_valid)
+        return q
+
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, 2 * I] = [gate | up] -> silu(gate) * up [T, I]."""
         gate, up = x.chunk(2, dim=-1)

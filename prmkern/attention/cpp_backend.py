@@ -5,8 +5,8 @@
 Decode is the cascade of the torch backend computed without gathering copies: each group's shared prefix is read
 from the block pool once for all its chains, each chain's suffix in place, merged by log-sum-exp. The residual
 add + RMSNorm and SiLU-and-mul of 2-D fp32/bf16 rows are one C++ pass each (csrc/elementwise.cpp: in bf16 the torch
-versions take ~8 and 3 ops, and a decode step's cost is its op count). Prefill attention, the KV store and rotary
-are the torch backend's.
+versions take ~8 and 3 ops, and a decode step's cost is its op count), and so are rotary + the KV store
+(csrc/rotary_store.cpp, `rotary_store_kv`, for prefill and decode). Prefill attention is the torch backend's.
 """
 from __future__ import annotations
 
@@ -42,6 +42,23 @@ def cpp_ops() -> ModuleType | None:
     return _OPS
 
 
+_CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _heads_contiguous(x: torch.Tensor) -> bool:
+    return x.dim() == 3 and x.stride(2) == 1 and (x.stride(1) == x.shape[2] or x.shape[1] <= 1)
+
+
+def _rotary_fusable(q, k, v, cos_sin_cache, k_cache, v_cache) -> bool:
+    """What the C++ rotary + store takes: CPU tensors, q / k / v of one dtype among fp32/bf16/fp16 with contiguous
+    heads (the decoder's views of the fused qkv qualify), a float32 full-width cos/sin cache, contiguous caches."""
+    return (q.device.type == "cpu" and q.dtype in _CACHE_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and all(_heads_contiguous(x) for x in (q, k, v)) and cos_sin_cache.dtype == torch.float32
+            and cos_sin_cache.dim() == 2 and cos_sin_cache.shape[1] == q.shape[2] and cos_sin_cache.is_contiguous()
+            and k_cache.dtype in _CACHE_DTYPES and v_cache.dtype == k_cache.dtype and k_cache.is_contiguous()
+            and v_cache.is_contiguous())
+
+
 @register_backend
 class CppBackend(TorchBackend):
     name = "cpp"
@@ -63,6 +80,14 @@ class CppBackend(TorchBackend):
                 or not x.is_contiguous():
             return super().silu_and_mul(x)
         return self.ops.silu_and_mul(x)
+
+    def rotary_store_kv(self, q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, all_valid=False):
+        """Rotary of q and k and the store of k, v into the caches in one C++ pass (csrc/rotary_store.cpp); the
+        torch pair (~12 ops per layer) for what the kernel does not take."""
+        if self.ops is None or not _rotary_fusable(q, k, v, cos_sin_cache, k_cache, v_cache):
+            return super().rotary_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                                           all_valid)
+        return self.ops.rotary_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
 
     def decode(self, q, k_cache, v_cache, meta: DecodeMetadata, scale):
         if self.ops is None or q.device.type != "cpu":

@@ -99,10 +99,10 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = backend.rms_norm(q, self.q_norm.weight, self.q_norm.eps)[0]
             k = backend.rms_norm(k, self.k_norm.weight, self.k_norm.eps)[0]
-        q, k = backend.apply_rotary(q, k, positions, ctx.cos_sin_cache)
         k_cache, v_cache = ctx.kv_caches[self.layer_index]
         meta = ctx.attn_metadata
-        backend.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, meta.all_slots_valid)
+        q = backend.rotary_store_kv(q, k, v, positions, ctx.cos_sin_cache, k_cache, v_cache, meta.slot_mapping,
+                                    meta.all_slots_valid)
         if meta.prefill is not None:
             out = backend.prefill(q, k_cache, v_cache, meta.prefill, self.scale)
         else:
