@@ -83,12 +83,15 @@ struct Avx512 {
       else return _mm512_cvtph_ps(h);
     }
   }
-  static PK_AVX512_FN __m256 half(reg a) {
-    return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-  }
+  // [sum a, sum b, sum c, sum d] by 128-bit lane shuffles: lane L of `q` ends up holding row L's 4 partial sums.
   static PK_AVX512_FN __m128 reduce4(reg a, reg b, reg c, reg d) {
-    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(half(a), half(b)), _mm256_hadd_ps(half(c), half(d)));
-    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+    __m512 q = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+    q = _mm512_add_ps(q, _mm512_permute_ps(q, 0xB1));  // pairs within each lane
+    q = _mm512_add_ps(q, _mm512_permute_ps(q, 0x4E));  // every element of lane L = row L's sum
+    const __m512i first = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_castps512_ps128(_mm512_permutexvar_ps(first, q));
   }
   static PK_AVX512_FN float reduce1(reg a) { return _mm512_reduce_add_ps(a); }
 };
