@@ -197,6 +197,9 @@ def main() -> None:
                     help="prmkern's model split over this many ranks (gloo on CPUs: docs/distributed.md)")
     ap.add_argument("--pairs", type=int, default=1,
                     help="timed runs per engine, interleaved, each on a new prompt; medians are reported")
+    ap.add_argument("--settle", type=float, default=1.0,
+                    help="seconds of pause before each timed run, so that no engine's spinning idle threads (OpenMP "
+                         "spin-wait, KMP_BLOCKTIME in vLLM's process) overlap another engine's run")
     ap.add_argument("--no-warmup", action="store_true",
                     help="time the first run of the shape (default: both engines run it once untimed on another "
                          "prompt first)")
@@ -237,6 +240,8 @@ def main() -> None:
     info: dict[str, list[dict]] = {k: [] for k in engines}
     for p in prompts[warm:]:  # interleaved, so the machine's drift touches all engines alike
         for key, eng in engines.items():
+            if args.settle > 0:  # let the previous engine's idle threads (OpenMP spin-waits) stop first
+                time.sleep(args.settle)
             r = eng(p)
             t, st = (r, {}) if isinstance(r, float) else r
             times[key].append(t)
@@ -293,6 +298,7 @@ def main() -> None:
                   enforce_eager=args.enforce_eager, packed_gemm_bytes=args.packed_gemm_bytes,
                   tensor_parallel_size=args.tensor_parallel_size,
                   warmup="none" if args.no_warmup else "same shape, another prompt, every engine",
+                  settle_s=args.settle,
                   stats=stats, engines=engines_out, roofline=roofline)
     if args.out:
         with open(args.out, "w") as f:

@@ -33,14 +33,21 @@ torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& weight,
   const auto wtype = kernel_dtype(weight, "weight");
   kernel_dtype(x, "x");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  auto xf = x.to(torch::kFloat32).contiguous();
   torch::Tensor bf;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "decode_linear: bias must be [", N, "]; got ", bias->sizes());
     bf = bias->to(torch::kFloat32).contiguous();
   }
   auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
-  if (M > 0 && N > 0) {
+  if (M > 0 && N > 0 && wtype == prmkern::DType::BF16 && x.scalar_type() == torch::kBFloat16 &&
+      prmkern::cpu_has_bf16_dot()) {  // bf16 x bf16: two products per lane per instruction, x used as it is
+    auto xb = x.contiguous();
+    prmkern::decode_gemm_bf16_dot(reinterpret_cast<const uint16_t*>(xb.data_ptr()), M, K,
+                                  reinterpret_cast<const uint16_t*>(weight.data_ptr()), N,
+                                  std::max<int64_t>(weight.stride(0), K), bf.defined() ? bf.data_ptr<float>() : nullptr,
+                                  y.data_ptr<float>(), N);
+  } else if (M > 0 && N > 0) {
+    auto xf = x.to(torch::kFloat32).contiguous();
     prmkern::decode_gemm(xf.data_ptr<float>(), M, K, weight.data_ptr(), wtype, N, std::max<int64_t>(weight.stride(0), K),
                          bf.defined() ? bf.data_ptr<float>() : nullptr, y.data_ptr<float>(), N);
   }
@@ -214,6 +221,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &prmkern::cpu_isa,
         "the widest instruction-set path the kernels take on this CPU ('avx512', 'avx2' or 'scalar'; PRMKERN_ISA caps "
         "it; elementwise kernels stop at AVX2)");
+  m.def("bf16_dot", &prmkern::cpu_has_bf16_dot,
+        "whether bf16 x bf16 decode GEMMs take the AVX-512 BF16 dot products (PRMKERN_BF16_DOT=0 turns them off)");
   m.def("decode_linear", &decode_linear, "x [M, K] @ weight [N, K]^T + bias, weight streamed once (decode rows)",
         py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
   m.def("cascade_decode", &cascade_decode, "cascade paged decode attention over the block pool, in place",

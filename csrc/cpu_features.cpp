@@ -1,5 +1,6 @@
 // CPU feature detection for run-time dispatch (see cpu_features.h). PRMKERN_ISA caps the level: "scalar" forces
-// the portable paths, "avx2" the AVX2 ones on an AVX-512 CPU (tests run every level the machine has).
+// the portable paths, "avx2" the AVX2 ones on an AVX-512 CPU (tests run every level the machine has);
+// PRMKERN_BF16_DOT=0 keeps an AVX-512 BF16 CPU off the bf16 dot-product GEMM.
 #include "cpu_features.h"
 
 #include <cstdlib>
@@ -35,6 +36,21 @@ Isa cpu_isa_level() {
 bool cpu_has_avx2() { return cpu_isa_level() != Isa::Scalar; }
 
 bool cpu_has_avx512() { return cpu_isa_level() == Isa::Avx512; }
+
+static bool detect_bf16_dot() {
+  const char* off = std::getenv("PRMKERN_BF16_DOT");
+  if (off != nullptr && std::strcmp(off, "0") == 0) return false;
+#if PRMKERN_X86 && (defined(__GNUC__) || defined(__clang__))
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_bf16_dot() {
+  static const bool has = detect_bf16_dot();
+  return has;
+}
 
 const char* cpu_isa() {
   switch (cpu_isa_level()) {

@@ -11,10 +11,12 @@
 #define PRMKERN_X86 1
 #define PRMKERN_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define PRMKERN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define PRMKERN_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
 #else
 #define PRMKERN_X86 0
 #define PRMKERN_AVX2
 #define PRMKERN_AVX512
+#define PRMKERN_AVX512_BF16
 #endif
 
 namespace prmkern {
@@ -28,6 +30,8 @@ Isa cpu_isa_level();    // the widest path this CPU (capped by PRMKERN_ISA) runs
 bool cpu_has_avx2();    // AVX2 + FMA + F16C: the vector paths of this library (also true at the AVX-512 level)
 bool cpu_has_avx512();  // AVX-512 F/BW/VL/DQ besides: the GEMM's and the decode attention's widest paths
 const char* cpu_isa();  // "avx512", "avx2" or "scalar": cpu_isa_level() by name
+// AVX-512 BF16 besides the AVX-512 level (vdpbf16ps: the bf16 x bf16 decode GEMM); PRMKERN_BF16_DOT=0 turns it off.
+bool cpu_has_bf16_dot();
 
 inline float bf16_to_float(uint16_t h) {
   uint32_t bits = static_cast<uint32_t>(h) << 16;

@@ -101,3 +101,33 @@ def test_every_isa_level_matches(level):
                          capture_output=True, text=True).stdout.split()
     if out[0] != level:
         pytest.skip(f"this CPU runs {out[0]}, not {level}")
+
+
+_BF16_SWEEP = """
+import torch
+from prmkern import _C
+print(_C.bf16_dot())
+g = torch.Generator().manual_seed(1)
+for M in (1, 2, 5, 6, 7, 12, 16, 17, 64):
+    for K, N in ((64, 4), (96, 9), (512, 13), (1408, 8), (37, 5)):
+        x = torch.randn(M, K, generator=g).bfloat16(); w = torch.randn(N, K, generator=g).bfloat16()
+        b = torch.randn(N, generator=g)
+        want = x.double() @ w.double().T + b.double()
+        y = _C.decode_linear(x, w, b)
+        assert y.dtype == torch.bfloat16
+        # float32 accumulation of exact bf16 products, then one rounding of the output to bf16
+        torch.testing.assert_close(y.double(), want, atol=1e-4 * K ** 0.5, rtol=2 ** -8)
+"""
+
+
+@needs_ops
+@pytest.mark.parametrize("bf16_dot", ["1", "0"])
+def test_bf16_activations_dot_product_path(bf16_dot):
+    """bf16 x bf16 takes vdpbf16ps on an AVX-512 BF16 CPU (two products per float32 lane); PRMKERN_BF16_DOT=0
+    takes the widening path. Both against float64 products of the same bf16 values."""
+    env = dict(os.environ, PRMKERN_BF16_DOT=bf16_dot, OMP_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", _BF16_SWEEP], check=True, env=env, cwd=ROOT, timeout=300,
+                         capture_output=True, text=True).stdout.split()
+    if bf16_dot == "1" and out[0] != "True":
+        pytest.skip("this CPU has no AVX-512 BF16")
+    assert out[0] == ("True" if bf16_dot == "1" else "False")
