@@ -214,6 +214,42 @@ torch::Tensor silu_and_mul(const torch::Tensor& x) {
   return out;
 }
 
+
+// One decoder layer of a decode step (Qwen2 / Llama: no q/k norm), every op in C++ with no Python between them:
+// (x + residual) -> RMSNorm -> qkv -> rotary + KV store -> cascade attention -> o_proj -> (+ residual) -> RMSNorm
+// -> gate_up -> SiLU-and-mul -> down. x, residual [T, H] (residual None on the first layer: x is the residual);
+// weights [out, in] as the checkpoint's, biases optional; returns (mlp output [T, H], residual [T, H]). The same
+// values as the layer's modules calling these ops one by one (tests/test_csrc_decode_layer.py).
+std::tuple<torch::Tensor, torch::Tensor> decode_layer(
+    const torch::Tensor& x, const c10::optional<torch::Tensor>& residual, const torch::Tensor& ln1, double eps1,
+    const torch::Tensor& w_qkv, const c10::optional<torch::Tensor>& b_qkv, const torch::Tensor& w_o,
+    const c10::optional<torch::Tensor>& b_o, const torch::Tensor& ln2, double eps2, const torch::Tensor& w_gate_up,
+    const c10::optional<torch::Tensor>& b_gate_up, const torch::Tensor& w_down,
+    const c10::optional<torch::Tensor>& b_down, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+    const torch::Tensor& positions, const torch::Tensor& cos_sin_cache, const torch::Tensor& k_cache,
+    const torch::Tensor& v_cache, const torch::Tensor& slot_mapping, const torch::Tensor& group_starts,
+    const torch::Tensor& prefix_lens, const torch::Tensor& prefix_tables, const torch::Tensor& suffix_lens,
+    const torch::Tensor& suffix_tables, double scale) {
+  TORCH_CHECK(x.dim() == 2, "decode_layer: x must be [T, H]; got ", x.sizes());
+  const int64_t T = x.size(0), q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+  TORCH_CHECK(w_qkv.dim() == 2 && w_qkv.size(0) == q_size + 2 * kv_size, "decode_layer: w_qkv must have ",
+              q_size + 2 * kv_size, " rows for ", num_heads, " / ", num_kv_heads, " heads of ", head_dim, "; got ",
+              w_qkv.sizes());
+  auto [h, res] = add_rms_norm(x, residual, ln1, eps1);
+  torch::Tensor resid = res.has_value() ? *res : x;
+  auto qkv = decode_linear(h, w_qkv, b_qkv);  // [T, q + 2 kv]
+  auto q = qkv.narrow(1, 0, q_size).view({T, num_heads, head_dim});
+  auto k = qkv.narrow(1, q_size, kv_size).view({T, num_kv_heads, head_dim});
+  auto v = qkv.narrow(1, q_size + kv_size, kv_size).view({T, num_kv_heads, head_dim});
+  auto q_rot = rotary_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping);
+  auto attn = cascade_decode(q_rot, k_cache, v_cache, group_starts, prefix_lens, prefix_tables, suffix_lens,
+                             suffix_tables, scale, "");
+  auto o = decode_linear(attn.view({T, q_size}), w_o, b_o);
+  auto [h2, res2] = add_rms_norm(o, resid, ln2, eps2);
+  auto out = decode_linear(silu_and_mul(decode_linear(h2, w_gate_up, b_gate_up)), w_down, b_down);
+  return {out, *res2};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -235,5 +271,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v_cache"), py::arg("slot_mapping"));
   m.def("add_rms_norm", &add_rms_norm, "RMSNorm(x + residual) * weight and x + residual, one pass (fp32 / bf16)",
         py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
+  m.def("decode_layer", &decode_layer, "one Qwen2 / Llama decoder layer of a decode step, every op in C++",
+        py::arg("x"), py::arg("residual"), py::arg("ln1"), py::arg("eps1"), py::arg("w_qkv"), py::arg("b_qkv"),
+        py::arg("w_o"), py::arg("b_o"), py::arg("ln2"), py::arg("eps2"), py::arg("w_gate_up"), py::arg("b_gate_up"),
+        py::arg("w_down"), py::arg("b_down"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),
+        py::arg("positions"), py::arg("cos_sin_cache"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("slot_mapping"), py::arg("group_starts"), py::arg("prefix_lens"), py::arg("prefix_tables"),
+        py::arg("suffix_lens"), py::arg("suffix_tables"), py::arg("scale"));
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of x = [gate | up], one pass (fp32 / bf16)", py::arg("x"));
 }

@@ -19,6 +19,7 @@ import torch
 from prmkern.attention.backend import register_backend
 from prmkern.attention.metadata import DecodeMetadata
 from prmkern.attention.torch_backend import TorchBackend
+from prmkern.models.packed_gemm import CPP_MAX_ROWS
 
 _OPS: ModuleType | None = None
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
@@ -89,12 +90,45 @@ class CppBackend(TorchBackend):
                                            all_valid)
         return self.ops.rotary_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
 
-    def decode(self, q, k_cache, v_cache, meta: DecodeMetadata, scale):
-        if self.ops is None or q.device.type != "cpu":
-            return super().decode(q, k_cache, v_cache, meta, scale)
+    def _int32_tables(self, meta: DecodeMetadata) -> tuple:
         if self._tables is None or self._tables[0] is not meta:  # once per step, shared by every layer
             self._tables = (meta, tuple(t.to(torch.int32).contiguous() for t in (
                 meta.group_starts, meta.prefix_lens, meta.prefix_block_tables, meta.suffix_lens,
                 meta.suffix_block_tables)))
-        gs, pl, pt, sl, st = self._tables[1]
+        return self._tables[1]
+
+    def decode(self, q, k_cache, v_cache, meta: DecodeMetadata, scale):
+        if self.ops is None or q.device.type != "cpu":
+            return super().decode(q, k_cache, v_cache, meta, scale)
+        gs, pl, pt, sl, st = self._int32_tables(meta)
         return self.ops.cascade_decode(q, k_cache, v_cache, gs, pl, pt, sl, st, scale)
+
+    def decode_layer(self, layer, x, residual, positions, ctx):
+        """A whole decoder layer of a decode step in one C++ call (`_C.decode_layer`: the same ops as the modules
+        call one by one, without ~10 Python-level calls per layer, which cost ~1 ms of a 12 ms step of the 39M
+        model), or None when this layer / step is not one it takes: Qwen3's q/k norm, more rows than the C++ GEMM
+        takes, fp16, a prefill, forward hooks (tensor parallelism's all-reduce), another device."""
+        attn, mlp = layer.self_attn, layer.mlp
+        meta = ctx.attn_metadata
+        if (self.ops is None or meta.prefill is not None or meta.decode is None or attn.q_norm is not None
+                or x.device.type != "cpu" or x.dim() != 2 or x.shape[0] > CPP_MAX_ROWS
+                or x.dtype not in _FUSED_DTYPES or not x.is_contiguous()
+                or (residual is not None and (residual.dtype != x.dtype or not residual.is_contiguous()))):
+            return None
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        if any(m._forward_hooks or m._forward_pre_hooks or m.cpp is None or m.weight.dtype != x.dtype
+               or m.weight.stride(1) != 1 for m in linears):
+            return None
+        k_cache, v_cache = ctx.kv_caches[attn.layer_index]
+        cs = ctx.cos_sin_cache
+        if (cs.dtype != torch.float32 or cs.dim() != 2 or cs.shape[1] != attn.head_dim or not cs.is_contiguous()
+                or k_cache.dtype not in _CACHE_DTYPES or v_cache.dtype != k_cache.dtype
+                or not k_cache.is_contiguous() or not v_cache.is_contiguous()):
+            return None
+        gs, pl, pt, sl, st = self._int32_tables(meta.decode)
+        ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+        return self.ops.decode_layer(
+            x, residual, ln1.weight, ln1.eps, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
+            attn.o_proj.bias, ln2.weight, ln2.eps, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
+            mlp.down_proj.weight, mlp.down_proj.bias, attn.num_heads, attn.num_kv_heads, attn.head_dim, positions,
+            ctx.cos_sin_cache, k_cache, v_cache, meta.slot_mapping, gs, pl, pt, sl, st, attn.scale)

@@ -131,6 +131,11 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 ctx: "ForwardContext") -> tuple[torch.Tensor, torch.Tensor]:
         b = ctx.backend
+        fused = getattr(b, "decode_layer", None)
+        if fused is not None:  # the C++ backend's one-call decode layer, when it takes this layer and step
+            out = fused(self, x, residual, positions, ctx)
+            if out is not None:
+                return out
         if residual is None:
             residual = x
             h = b.rms_norm(x, self.input_layernorm.weight, self.input_layernorm.eps)[0]
