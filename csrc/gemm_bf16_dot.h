@@ -62,9 +62,9 @@ template <int NR>
 PK_BF16DOT_FN void tile_rows_bf16_dot(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t ldw,
                                       const float* bias, float* y, int64_t ldy, int64_t n, int64_t n_end) {
   constexpr int64_t MB = 6;
-  const int64_t passes = (M + MB - 1) / MB, lines = (K * 2 + 63) / 64;
+  const int64_t passes = (M + MB - 1) / MB;
   const int64_t ahead = std::min<int64_t>(NB, std::max<int64_t>(0, n_end - n - NR));
-  Prefetcher pf(reinterpret_cast<const char*>(w + (n + NR) * ldw), ahead, lines, ldw * 2, passes * (K / 32));
+  Prefetcher pf(reinterpret_cast<const char*>(w + (n + NR) * ldw), ahead, ldw * 2, passes * std::max<int64_t>(1, K / 32));
   int64_t m = 0;
   for (; m + MB <= M; m += MB) tile_bf16_dot<NR, MB>(x, K, w, ldw, bias, y, ldy, n, m, pf);
   switch (M - m) {
