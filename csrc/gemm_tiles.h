@@ -19,21 +19,21 @@ namespace {
 
 constexpr int NB = 4;  // weight rows per tile, both ISAs (the 4-way epilogue reduction)
 
-// Requests the cache lines of a later weight tile, the `rows` rows of `row_bytes` from `base` (one contiguous byte
-// range: a tile's rows are adjacent in the [N, K] weight), `per_step` lines per step(), so that they are spread
-// over the `slots` steps the current tile takes. Lines past the weight's end are harmless (a prefetch never
-// faults). A pointer and a bound: the bookkeeping runs once per 64 weight bytes of the inner loop.
+// Requests the cache lines of a later weight tile (`rows` rows of `row_bytes` from `base`), `per_step` lines per
+// step(), spread over the `slots` steps the current tile takes, in the order the tile's first pass consumes them:
+// line k of every row, then line k + 1 (row by row, the last rows' first lines arrived late; measured 1.0-1.15x on
+// weights streamed from memory). Lines past the weight's end are harmless (a prefetch never faults).
 struct Prefetcher {
-  const char* p;
-  const char* end;
-  int64_t per_step;
-  Prefetcher(const char* base, int64_t rows, int64_t row_bytes, int64_t slots)
-      : p(base), end(base + rows * row_bytes),
-        per_step(std::max<int64_t>(1, ((rows * row_bytes + 63) / 64 + slots - 1) / std::max<int64_t>(slots, 1))) {}
+  const char* base;
+  int64_t rows, lines, row_bytes, per_step, row = 0, line = 0;
+  Prefetcher(const char* b, int64_t r, int64_t rb, int64_t slots)
+      : base(b), rows(r), lines(r > 0 ? (rb + 63) / 64 : 0), row_bytes(rb),
+        per_step(std::max<int64_t>(1, (r * ((rb + 63) / 64) + slots - 1) / std::max<int64_t>(slots, 1))) {}
   inline void step() {
-    for (int64_t i = 0; i < per_step && p < end; ++i, p += 64) {
+    for (int64_t i = 0; i < per_step && line < lines; ++i) {
       // To L2 (T1): an L1 prefetch of the next tile evicts the activation rows the current passes re-read.
-      _mm_prefetch(p, _MM_HINT_T1);
+      _mm_prefetch(base + row * row_bytes + line * 64, _MM_HINT_T1);
+      if (++row == rows) { row = 0; ++line; }
     }
   }
 };
