@@ -21,7 +21,6 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -29,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.bench_engine import git_commit  # noqa: E402  (one commit stamp for every result)
 from benchmarks.roofline import cpu_model  # noqa: E402
 from prmkern import _C  # noqa: E402
 from prmkern.attention.torch_backend import TorchBackend  # noqa: E402
@@ -148,8 +148,7 @@ def main() -> None:
         rows += bench_rotary_store(args)
     for r in rows:
         print("  ".join(f"{k}={v}" for k, v in r.items()))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    commit = git_commit()
     print(json.dumps(dict(bench="cpu_attention", cpu_model=cpu_model(), isa=_C.cpu_isa(), threads=args.threads,
                           suffix=args.suffix, commit=commit, date=datetime.datetime.now().astimezone().isoformat(
                               timespec="seconds"), rows=rows)))

@@ -10,6 +10,7 @@ running it under PRMKERN_ISA=avx2 (or =scalar). Variants of one shape alternate;
 
   python benchmarks/bench_cpu_gemm.py --threads 2
   PRMKERN_ISA=avx2 python benchmarks/bench_cpu_gemm.py --threads 2 --rows 16 --shapes 39M
+  python benchmarks/bench_cpu_gemm.py --smoke      # tiny sizes, for CI
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.bench_engine import git_commit  # noqa: E402  (one commit stamp for every result)
 from benchmarks.roofline import cpu_model  # noqa: E402
 from prmkern import _C  # noqa: E402
 
@@ -42,13 +43,13 @@ def timed(fn, calls: int) -> float:
     return (time.perf_counter() - t) / calls
 
 
-def bench_shape(name: str, N: int, K: int, M: int, rounds: int) -> list[dict]:
+def bench_shape(name: str, N: int, K: int, M: int, rounds: int, ring_bytes: int = STREAM_BYTES) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     rows = []
     for wdtype, xdtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                            (torch.bfloat16, torch.bfloat16)):
         wbytes = N * K * torch.finfo(wdtype).bits // 8
-        ring = [torch.randn(N, K, generator=g).to(wdtype) for _ in range(max(2, STREAM_BYTES // wbytes))]
+        ring = [torch.randn(N, K, generator=g).to(wdtype) for _ in range(max(2, ring_bytes // wbytes))]
         x = torch.randn(M, K, generator=g).to(xdtype)
         it = {"i": 0}
 
@@ -88,19 +89,21 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", help="also write the JSON result here")
+    ap.add_argument("--smoke", action="store_true", help="one tiny shape, one round: keeps the script alive in CI")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"decode GEMM on {cpu_model()}: isa {_C.cpu_isa()}, bf16 dot products {_C.bf16_dot()}, "
           f"{args.threads} threads", flush=True)
     rows = []
-    for shapes in args.shapes:
-        for name, N, K in SHAPES[shapes]:
+    shapes = {"smoke": [("tiny", 68, 96)]} if args.smoke else {k: SHAPES[k] for k in args.shapes}
+    for group, entries in shapes.items():
+        for name, N, K in entries:
             for M in args.rows:
-                rows += bench_shape(f"{shapes}.{name}", N, K, M, args.rounds)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+                rows += bench_shape(f"{group}.{name}", N, K, M, 1 if args.smoke else args.rounds,
+                                    1 << 20 if args.smoke else STREAM_BYTES)
+    commit = git_commit()
     result = dict(bench="cpu_gemm", cpu_model=cpu_model(), isa=_C.cpu_isa(), bf16_dot=_C.bf16_dot(),
-                  threads=args.threads, commit=commit, date=datetime.datetime.now().astimezone().isoformat(
+                  threads=args.threads, smoke=args.smoke, commit=commit, date=datetime.datetime.now().astimezone().isoformat(
                       timespec="seconds"), rows=rows)
     if args.out:
         with open(args.out, "w") as f:

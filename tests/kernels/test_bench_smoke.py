@@ -53,3 +53,18 @@ def test_bench_engine_smoke(tmp_path):
     assert doc == json.loads(out.read_text())
     assert len(doc["prmkern_runs_s"]) == len(doc["transformers_runs_s"]) == 2 and doc["speedup"] > 0
     assert doc["stats"]["prefill_tokens"] == doc["prompt_len"] and doc["stats"]["generated_tokens"] == 4 * 8
+
+
+def test_bench_cpu_gemm_smoke(tmp_path):
+    """bench_cpu_gemm.py end to end at one tiny shape: every variant (C++ / torch, cached / streamed, fp32 / bf16)
+    gives a positive rate, and --out writes the document printed last."""
+    pytest.importorskip("prmkern._C", reason="prmkern._C (csrc/) is not built")
+    out = tmp_path / "gemm.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_cpu_gemm.py"), "--smoke", "--rows", "3",
+                           "--threads", "1", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert doc == json.loads(out.read_text()) and doc["smoke"] is True
+    variants = {(r["weight"], r["x"], r["variant"]) for r in doc["rows"]}
+    assert len(variants) == 10 and all(r["gflops"] > 0 and r["M"] == 3 for r in doc["rows"])
