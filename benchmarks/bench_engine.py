@@ -44,6 +44,13 @@ SMOKE_MODEL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hi
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
 
+def cpu_isa() -> str | None:
+    """The instruction-set level prmkern's C++ kernels run at (PRMKERN_ISA caps it), or None without them."""
+    from prmkern.attention.cpp_backend import cpp_ops
+    ops = cpp_ops()
+    return None if ops is None else ops.cpu_isa() + ("+bf16dot" if ops.bf16_dot() else "")
+
+
 def git_commit() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
@@ -287,7 +294,7 @@ def main() -> None:
             roofline["engines"][key] = floor
             print(f"  {key:28s} decode step {1e3 * measured:.2f} ms, floor {1e3 * floor['floor_s']:.2f} ms "
                   f"({floor['bound']}-bound): {100 * (floor['fraction_of_floor_speed'] or 0):.0f}% of the floor's speed")
-    result = dict(bench="engine", device=cpu, cpu_model=cpu_model(),
+    result = dict(bench="engine", device=cpu, cpu_model=cpu_model(), cpu_isa=cpu_isa(),
                   cpu_count=os.cpu_count(), commit=git_commit(),
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   prompt_len=args.prompt_len, chains=args.chains, gen_len=args.gen_len, dtype=args.dtype,
