@@ -95,4 +95,26 @@ inline float f16_to_float(uint16_t h) {
   return f;
 }
 
+// Element i of a T array as float32, and back (the portable paths and tails of every kernel).
+template <DType T>
+inline float ld(const void* p, int64_t i) {
+  if constexpr (T == DType::F32) return static_cast<const float*>(p)[i];
+  else if constexpr (T == DType::BF16) return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+  else return f16_to_float(static_cast<const uint16_t*>(p)[i]);
+}
+
+template <DType T>
+inline void st(void* p, int64_t i, float v) {
+  if constexpr (T == DType::F32) static_cast<float*>(p)[i] = v;
+  else if constexpr (T == DType::BF16) static_cast<uint16_t*>(p)[i] = float_to_bf16(v);
+  else static_cast<uint16_t*>(p)[i] = float_to_f16(v);
+}
+
+template <DType T>
+inline float round_to(float v) {  // the value after a store in T and a load back
+  if constexpr (T == DType::F32) return v;
+  else if constexpr (T == DType::BF16) return bf16_to_float(float_to_bf16(v));
+  else return f16_to_float(float_to_f16(v));
+}
+
 }  // namespace prmkern

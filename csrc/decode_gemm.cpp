@@ -26,13 +26,6 @@ namespace prmkern {
 
 namespace {
 
-template <DType T>
-inline float load_scalar(const void* base, int64_t i) {
-  if constexpr (T == DType::F32) return static_cast<const float*>(base)[i];
-  else if constexpr (T == DType::BF16) return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
-  else return f16_to_float(static_cast<const uint16_t*>(base)[i]);
-}
-
 // ---- portable path -------------------------------------------------------------------------------------------
 template <DType T>
 void gemm_range_scalar(const float* x, int64_t M, int64_t K, const void* w, int64_t ldw, const float* bias,
@@ -44,7 +37,7 @@ void gemm_range_scalar(const float* x, int64_t M, int64_t K, const void* w, int6
       const float* xr = x + m * K;
       float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t k = 0; k < K; ++k) acc += load_scalar<T>(wrow, k) * xr[k];
+      for (int64_t k = 0; k < K; ++k) acc += ld<T>(wrow, k) * xr[k];
       y[m * ldy + n] = acc + (bias ? bias[n] : 0.f);
     }
   }
@@ -53,7 +46,7 @@ void gemm_range_scalar(const float* x, int64_t M, int64_t K, const void* w, int6
 }  // namespace
 }  // namespace prmkern
 
-#include "gemm_tiles.h"     // the AVX2 / AVX-512 tile loops (use load_scalar)
+#include "gemm_tiles.h"     // the AVX2 / AVX-512 tile loops (use ld)
 #include "gemm_bf16_dot.h"  // the AVX-512 BF16 tiles for bf16 x bf16
 
 namespace prmkern {

@@ -17,24 +17,6 @@ namespace prmkern {
 namespace {
 
 template <DType T>
-inline float ld(const void* p, int64_t i) {
-  if constexpr (T == DType::F32) return static_cast<const float*>(p)[i];
-  else return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
-}
-
-template <DType T>
-inline float round_to(float v) {  // the value after a store in T
-  if constexpr (T == DType::F32) return v;
-  else return bf16_to_float(float_to_bf16(v));
-}
-
-template <DType T>
-inline void st(void* p, int64_t i, float v) {
-  if constexpr (T == DType::F32) static_cast<float*>(p)[i] = v;
-  else static_cast<uint16_t*>(p)[i] = float_to_bf16(v);
-}
-
-template <DType T>
 void add_rms_norm_t(const void* x, const void* residual, const void* weight, int64_t rows, int64_t H, float eps,
                     void* out, void* res_out) {
   for (int64_t r = 0; r < rows; ++r) {

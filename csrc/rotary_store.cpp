@@ -12,27 +12,6 @@
 namespace prmkern {
 namespace {
 
-template <DType T>
-inline float ld(const void* p, int64_t i) {
-  if constexpr (T == DType::F32) return static_cast<const float*>(p)[i];
-  else if constexpr (T == DType::BF16) return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
-  else return f16_to_float(static_cast<const uint16_t*>(p)[i]);
-}
-
-template <DType T>
-inline void st(void* p, int64_t i, float v) {
-  if constexpr (T == DType::F32) static_cast<float*>(p)[i] = v;
-  else if constexpr (T == DType::BF16) static_cast<uint16_t*>(p)[i] = float_to_bf16(v);
-  else static_cast<uint16_t*>(p)[i] = float_to_f16(v);
-}
-
-template <DType T>
-inline float round_to(float v) {  // the value after a store in T (torch's .to(q.dtype) before the cache store)
-  if constexpr (T == DType::F32) return v;
-  else if constexpr (T == DType::BF16) return bf16_to_float(float_to_bf16(v));
-  else return f16_to_float(float_to_f16(v));
-}
-
 // Rotates one head x [D] of dtype A into r [D] (float32, not yet rounded).
 template <DType A>
 inline void rotate(const void* x, const float* cs, int64_t D, float* r) {
