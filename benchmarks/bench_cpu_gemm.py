@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_engine import git_commit  # noqa: E402  (one commit stamp for every result)
+from benchmarks.bench_engine import emit_result, git_commit  # noqa: E402  (one commit stamp for every result)
 from benchmarks.roofline import cpu_model  # noqa: E402
 from prmkern import _C  # noqa: E402
 
@@ -105,10 +104,7 @@ def main() -> None:
     result = dict(bench="cpu_gemm", cpu_model=cpu_model(), isa=_C.cpu_isa(), bf16_dot=_C.bf16_dot(),
                   threads=args.threads, smoke=args.smoke, commit=commit, date=datetime.datetime.now().astimezone().isoformat(
                       timespec="seconds"), rows=rows)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    print(json.dumps(result))
+    emit_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,14 @@ def cpu_isa() -> str | None:
     return None if ops is None else ops.cpu_isa() + ("+bf16dot" if ops.bf16_dot() else "")
 
 
+def emit_result(result: dict, out: str | None) -> None:
+    """Writes the result document to `out` (when given) and prints it as the last stdout line, one JSON line."""
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(json.dumps(result))
+
+
 def git_commit() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
@@ -307,10 +315,7 @@ def main() -> None:
                   warmup="none" if args.no_warmup else "same shape, another prompt, every engine",
                   settle_s=args.settle,
                   stats=stats, engines=engines_out, roofline=roofline)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    print(json.dumps(result))
+    emit_result(result, args.out)
 
 
 if __name__ == "__main__":

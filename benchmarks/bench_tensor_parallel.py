@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from prmkern import LLM, SamplingParams  # noqa: E402
 from prmkern.tiny import build_checkpoint  # noqa: E402
 
-from benchmarks.bench_engine import BENCH_MODEL, SMOKE_MODEL, git_commit  # noqa: E402  (one model, one stamp)
+from benchmarks.bench_engine import BENCH_MODEL, SMOKE_MODEL, emit_result, git_commit  # noqa: E402  (one model, one stamp)
 from benchmarks.roofline import cpu_model  # noqa: E402
 
 
@@ -101,10 +101,7 @@ def main() -> None:
                   tp1_runs_s=[round(x, 4) for x in one_s], tp_runs_s=[round(x, 4) for x in tp_s],
                   same_tokens=same, start_tp1_s=round(start_one, 2), start_tp_s=round(start_tp, 2),
                   threads=torch.get_num_threads())
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    print(json.dumps(result))
+    emit_result(result, args.out)
 
 
 if __name__ == "__main__":
