@@ -40,7 +40,8 @@ def test_pool_size_from_available_memory(model_dir, monkeypatch, available, max_
     llm = LLM(model_dir, dtype="float32", device="cpu", max_num_seqs=max_num_seqs)
     block = kv_block_bytes(llm.engine.model, 16, llm.engine.config.dtype)
     assert block == 2 * 2 * 16 * 2 * 16 * 4
-    want = engine_mod.cpu_kv_cache_budget(available) // block
+    budget = max(GiB, int(0.4 * available)) if available else GiB  # the documented rule, not the engine's code
+    want = budget // block
     want = min(want, max_num_seqs * (1024 // 16))  # never more than every sequence at full context needs
     assert llm.engine.num_blocks == want
     k_cache = llm.engine.runner.kv_caches[0][0]
