@@ -39,8 +39,8 @@ torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& weight,
     bf = bias->to(torch::kFloat32).contiguous();
   }
   auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
-  if (M > 0 && N > 0 && wtype == prmkern::DType::BF16 && x.scalar_type() == torch::kBFloat16 &&
-      prmkern::cpu_has_bf16_dot()) {  // bf16 x bf16: two products per lane per instruction, x used as it is
+  if (M > 0 && N > 0 && wtype == prmkern::DType::BF16 && x.scalar_type() == torch::kBFloat16) {
+    // bf16 x bf16: AVX-512 BF16 dot products where the CPU has them (x used as it is), else x widened in C++
     auto xb = x.contiguous();
     prmkern::decode_gemm_bf16_dot(reinterpret_cast<const uint16_t*>(xb.data_ptr()), M, K,
                                   reinterpret_cast<const uint16_t*>(weight.data_ptr()), N,

@@ -107,7 +107,7 @@ void decode_gemm_bf16_dot(const uint16_t* x, int64_t M, int64_t K, const uint16_
     return;
   }
 #endif
-  // Not reached through the binding (it checks cpu_has_bf16_dot()); correct anyway: widen x and take decode_gemm.
+  // No AVX-512 BF16 (or PRMKERN_BF16_DOT=0): widen x and take the widening GEMM.
   std::vector<float> xf(M * K);
   for (int64_t i = 0; i < M * K; ++i) xf[i] = bf16_to_float(x[i]);
   decode_gemm(xf.data(), M, K, w, DType::BF16, N, ldw, bias, y, ldy);
