@@ -8,6 +8,7 @@
 #include "elementwise.h"
 #include "paged_attention.h"
 #include "rotary_store.h"
+#include "sampling.h"
 
 namespace {
 
@@ -250,6 +251,39 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layer(
   return {out, *res2};
 }
 
+// logits [R, V] float32 (rows contiguous), u [R] float64 in [0, 1), temperature [R] float32 or None -> (tokens [R]
+// int64, ok [R] bool): the sampler's inverse-CDF draw per row; see sampling.h.
+std::tuple<torch::Tensor, torch::Tensor> sample_rows(const torch::Tensor& logits, const torch::Tensor& u,
+                                                     const c10::optional<torch::Tensor>& temperature) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == torch::kFloat32 && logits.dim() == 2 &&
+                  logits.stride(1) == 1,
+              "sample_rows: logits must be a CPU float32 [R, V] tensor with contiguous rows; got ",
+              logits.scalar_type(), " ", logits.sizes(), " strides ", logits.strides(), " on ", logits.device());
+  const int64_t R = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(V > 0, "sample_rows: logits have no vocabulary (V = 0)");
+  TORCH_CHECK(u.device().is_cpu() && u.scalar_type() == torch::kFloat64 && u.dim() == 1 && u.size(0) == R,
+              "sample_rows: u must be a CPU float64 tensor [", R, "]; got ", u.scalar_type(), " ", u.sizes());
+  auto uc = u.contiguous();
+  torch::Tensor tc;
+  if (temperature.has_value() && temperature->defined()) {
+    TORCH_CHECK(temperature->device().is_cpu() && temperature->scalar_type() == torch::kFloat32 &&
+                    temperature->dim() == 1 && temperature->size(0) == R,
+                "sample_rows: temperature must be a CPU float32 tensor [", R, "]; got ", temperature->scalar_type(),
+                " ", temperature->sizes());
+    tc = temperature->contiguous();
+    const float* t = tc.data_ptr<float>();
+    for (int64_t r = 0; r < R; ++r)
+      TORCH_CHECK(t[r] > 0.f && std::isfinite(t[r]), "sample_rows: row ", r, " has temperature ", t[r],
+                  "; a sampled row needs a finite temperature > 0");
+  }
+  auto tokens = torch::empty({R}, torch::kInt64);
+  auto ok = torch::empty({R}, torch::kBool);
+  if (R > 0)
+    prmkern::sample_rows(logits.data_ptr<float>(), R, V, logits.stride(0), tc.defined() ? tc.data_ptr<float>() : nullptr,
+                         uc.data_ptr<double>(), tokens.data_ptr<int64_t>(), reinterpret_cast<uint8_t*>(ok.data_ptr<bool>()));
+  return {tokens, ok};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -278,5 +312,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("positions"), py::arg("cos_sin_cache"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("slot_mapping"), py::arg("group_starts"), py::arg("prefix_lens"), py::arg("prefix_tables"),
         py::arg("suffix_lens"), py::arg("suffix_tables"), py::arg("scale"));
+  m.def("sample_rows", &sample_rows,
+        "the sampler's inverse-CDF draw: per row the first token whose cumulative softmax weight exceeds u x total",
+        py::arg("logits"), py::arg("u"), py::arg("temperature") = py::none());
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of x = [gate | up], one pass (fp32 / bf16)", py::arg("x"));
 }

@@ -11,6 +11,7 @@ import random
 
 import torch
 
+from prmkern.attention.cpp_backend import cpp_ops
 from prmkern.block_manager import BlockManager
 from prmkern.config import EngineConfig
 from prmkern.models import load_model
@@ -75,7 +76,9 @@ class LLMEngine:
         if not eos and tokenizer is not None and tokenizer.eos_token_id is not None:
             eos = (tokenizer.eos_token_id,)
         self.eos_token_ids = tuple(eos)
-        self.sampler = Sampler(self.eos_token_ids)
+        # The C++ backend's CPU kernels also draw the tokens (csrc/sampling.cpp); the torch backend stays all torch.
+        cpu_kernels = cpp_ops() if config.attention_backend == "cpp" and config.device.type == "cpu" else None
+        self.sampler = Sampler(self.eos_token_ids, cpu_kernels)
         self.rng = random.Random(config.seed)
         self.next_seq_id = 0
         self.next_request_id = 0

@@ -9,6 +9,7 @@ failed (its request fails alone) instead of drawing a token id outside the vocab
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 
@@ -92,9 +93,34 @@ def apply_penalties(logits: torch.Tensor, prompt_ids: list[list[int]], output_id
     return logits - torch.tensor(presence, dtype=logits.dtype, device=logits.device)[:, None] * (out_counts > 0)
 
 
+def _draw_torch(scaled: torch.Tensor, u: torch.Tensor, temps: list[float], min_ps: list[float], top_ks: list[int],
+                top_ps: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """scaled [R, V] logits of the sampled rows, u [R] float64 uniforms (one per row, from its own generator) ->
+    (tokens [R], ok [R]: False where the row's softmax total is not finite and positive)."""
+    dev = scaled.device
+    if any(t != 1.0 for t in temps):  # every temperature 1 (the usual verifier setting): no division
+        scaled = scaled / torch.tensor(temps, device=dev)[:, None]
+    if any(m > 0 for m in min_ps):
+        scaled = _apply_min_p(scaled, torch.tensor(min_ps, device=dev, dtype=scaled.dtype))
+    if any(k > 0 for k in top_ks) or any(p < 1 for p in top_ps):
+        scaled = _apply_top_k_top_p(scaled, torch.tensor(top_ks, device=dev), torch.tensor(top_ps, device=dev))
+    # Inverse-CDF draw, one batched search. The draw scales the uniform by each row's total (cdf[:, -1], ~1 after
+    # rounding), so the CDF needs no renorm.
+    cdf = torch.softmax(scaled, dim=-1).cumsum_(dim=-1).cpu()  # [R, V]
+    target = (u * cdf[:, -1].double()).to(cdf.dtype)[:, None]
+    drawn = torch.searchsorted(cdf, target, right=True)
+    # u * total can round up to total in float32: never go past the last token with non-zero probability.
+    last = torch.searchsorted(cdf, cdf[:, -1:].contiguous(), right=False)
+    total = cdf[:, -1]
+    return torch.minimum(drawn, last)[:, 0], torch.isfinite(total) & (total > 0)
+
+
 class Sampler:
-    def __init__(self, eos_token_ids: tuple[int, ...]):
+    def __init__(self, eos_token_ids: tuple[int, ...], cpu_kernels: ModuleType | None = None):
+        """cpu_kernels: prmkern's C++ module (`prmkern._C`, the engine passes it with the `cpp` backend): CPU float32
+        rows then draw in one C++ call (csrc/sampling.cpp) instead of softmax + cumsum + searchsorted in torch."""
         self.eos_token_ids = list(eos_token_ids)
+        self.cpu_kernels = cpu_kernels
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         """logits [R, V] float32, one row per sequence in `seqs`."""
@@ -142,29 +168,25 @@ class Sampler:
             idx = torch.tensor(random_rows, device=logits.device)
             # Every row sampling (the usual decode step): no gather. Every temperature 1: no division.
             scaled = logits if len(random_rows) == len(seqs) else logits[idx]
-            temps = [seqs[r].params.temperature for r in random_rows]
-            if any(t != 1.0 for t in temps):
-                scaled = scaled / torch.tensor(temps, device=logits.device)[:, None]
-            min_ps = [seqs[r].params.min_p for r in random_rows]
-            if any(m > 0 for m in min_ps):
-                scaled = _apply_min_p(scaled, torch.tensor(min_ps, device=logits.device, dtype=scaled.dtype))
-            k_list = [seqs[r].params.top_k for r in random_rows]
-            p_list = [seqs[r].params.top_p for r in random_rows]
-            if any(k > 0 for k in k_list) or any(p < 1 for p in p_list):
-                scaled = _apply_top_k_top_p(scaled, torch.tensor(k_list, device=logits.device),
-                                            torch.tensor(p_list, device=logits.device))
-            # Inverse-CDF draw: one uniform per row from the row's own generator, one batched search. The draw
-            # scales the uniform by each row's total (cdf[:, -1], ~1 after rounding), so the CDF needs no renorm.
-            cdf = torch.softmax(scaled, dim=-1).cumsum_(dim=-1).cpu()  # [R, V]
+            ps = [seqs[r].params for r in random_rows]
+            temps = [p.temperature for p in ps]
             u = torch.cat([torch.rand(1, generator=seqs[r].generator, dtype=torch.float64) for r in random_rows])
-            target = (u * cdf[:, -1].double()).to(cdf.dtype)[:, None]
-            drawn = torch.searchsorted(cdf, target, right=True)
-            # u * total can round up to total in float32: never go past the last token with non-zero probability.
-            last = torch.searchsorted(cdf, cdf[:, -1:].contiguous(), right=False)
-            drawn = torch.minimum(drawn, last)[:, 0]
+            filtered = any(p.min_p > 0 or p.top_k > 0 or p.top_p < 1 for p in ps)
+            if (self.cpu_kernels is not None and scaled.device.type == "cpu" and scaled.dtype == torch.float32
+                    and scaled.stride(-1) == 1 and not filtered):
+                # One C++ call: the same float32 division by the temperature, softmax weights and search.
+                drawn, ok = self.cpu_kernels.sample_rows(
+                    scaled, u, torch.tensor(temps, dtype=torch.float32) if any(t != 1.0 for t in temps) else None)
+            else:
+                drawn, ok = _draw_torch(scaled, u, temps, [p.min_p for p in ps], [p.top_k for p in ps],
+                                        [p.top_p for p in ps])
             tokens[idx] = drawn.to(tokens.device)
-            total = cdf[:, -1]
-            bad[random_rows] = ~(torch.isfinite(total) & (total > 0))
+            bad[random_rows] = ~ok.cpu()
+        return self._finish(logits, logprobs, seqs, tokens, bad)
+
+    def _finish(self, logits: torch.Tensor, logprobs: torch.Tensor | None, seqs: list[Sequence],
+                tokens: torch.Tensor, bad: torch.Tensor) -> SampleResult:
+        """Failed rows (non-finite logits) and the requested log-probabilities of the drawn tokens."""
         failed = {r: f"the model produced non-finite logits (NaN or inf) at position {seqs[r].num_tokens - 1} of "
                      f"this request" for r in bad.nonzero()[:, 0].tolist()}
         if failed:
