@@ -35,7 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from prmkern import LLM, SamplingParams  # noqa: E402
 from prmkern.tiny import build_checkpoint  # noqa: E402
-from benchmarks.roofline import cpu_model, decode_step_floor, read_bandwidth_gbs, sgemm_gflops  # noqa: E402
+from benchmarks.roofline import (cpu_model, decode_step_floor, generation_floor, read_bandwidth_gbs,  # noqa: E402
+                                 sgemm_gflops)
 
 # The reference shape: a Qwen2 config of ~39M parameters.
 BENCH_MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
@@ -302,6 +303,17 @@ def main() -> None:
             roofline["engines"][key] = floor
             print(f"  {key:28s} decode step {1e3 * measured:.2f} ms, floor {1e3 * floor['floor_s']:.2f} ms "
                   f"({floor['bound']}-bound): {100 * (floor['fraction_of_floor_speed'] or 0):.0f}% of the floor's speed")
+        run = generation_floor(engines[names[0]].llm.engine.model.spec, engines[names[0]].dtype, args.prompt_len,
+                               args.chains, args.gen_len, bw, gf)
+        run["fraction_of_floor_speed"] = round(run["floor_s"] / engines_out[names[0]]["seconds"], 3)
+        if "vllm" in engines_out:
+            run["vllm_over_floor"] = round(engines_out["vllm"]["seconds"] / run["floor_s"], 3)
+        roofline["run"] = run
+        bound = (f"; vLLM's time / this floor = {run['vllm_over_floor']:.2f}x, the most any speed-up over it can be"
+                 if "vllm_over_floor" in run else "")
+        print(f"  whole run floor {run['floor_s']:.3f} s (prefill {run['prefill_s']:.3f} s at the sgemm rate + "
+              f"{run['decode_steps']} decode steps {run['decode_s']:.3f} s): {names[0]} at "
+              f"{100 * run['fraction_of_floor_speed']:.0f}% of its speed{bound}")
     result = dict(bench="engine", device=cpu, cpu_model=cpu_model(), cpu_isa=cpu_isa(),
                   cpu_count=os.cpu_count(), commit=git_commit(),
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -61,3 +61,25 @@ def decode_step_floor(spec, dtype: torch.dtype, rows: int, prefix_len: int, mean
     t_bw, t_fl = bytes_read / (bandwidth_gbs * 1e9), flops / (gflops * 1e9)
     return dict(bytes=int(bytes_read), flops=int(flops), bandwidth_s=t_bw, compute_s=t_fl, floor_s=max(t_bw, t_fl),
                 bound="bandwidth" if t_bw >= t_fl else "compute")
+
+
+def generation_floor(spec, dtype: torch.dtype, prompt_len: int, chains: int, gen_len: int, bandwidth_gbs: float,
+                     gflops: float) -> dict:
+    """The floor of a whole verification run: one prefill of the `prompt_len`-token prompt (every projection weight
+    x every prompt token, causal attention, the LM head for its last token) at the sgemm rate, then `gen_len - 1`
+    decode steps of `chains` rows (the first token of every chain is drawn from the prefill's logits), each at
+    decode_step_floor. No engine can run it faster on this machine: `peer seconds / floor_s` bounds any speed-up
+    over a peer (with prompt caching; the peer's own waste is not subtracted)."""
+    h, i, v, L = spec.hidden_size, spec.intermediate_size, spec.vocab_size, spec.num_layers
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    per_layer = h * (q + 2 * kv) + q * h + h * 2 * i + i * h
+    prefill_flops = (2 * prompt_len * L * per_layer + 2 * v * h
+                     + 4 * L * spec.num_heads * spec.head_dim * prompt_len * (prompt_len + 1) / 2)
+    prefill_s = prefill_flops / (gflops * 1e9)
+    # Whole 16-token blocks of the prompt are shared; its last partial block is each chain's own (as bench_engine's
+    # per-step floor counts it).
+    shared, own = prompt_len // 16 * 16, prompt_len % 16
+    steps = [decode_step_floor(spec, dtype, chains, shared, own + s, bandwidth_gbs, gflops) for s in range(1, gen_len)]
+    decode_s = sum(st["floor_s"] for st in steps)
+    return dict(prefill_flops=int(prefill_flops), prefill_s=prefill_s, decode_steps=len(steps), decode_s=decode_s,
+                floor_s=prefill_s + decode_s)

@@ -46,13 +46,37 @@ def test_bench_engine_smoke(tmp_path):
     """bench_engine.py end to end at tiny sizes: both engines, interleaved pairs, prefill computed once."""
     out = tmp_path / "engine.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_engine.py"), "--smoke", "--pairs", "2",
-                           "--threads", "1", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ})
+                           "--threads", "1", "--roofline", "--out", str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ})
     assert proc.returncode == 0, proc.stderr[-4000:]
     doc = json.loads(proc.stdout.strip().splitlines()[-1])
     assert doc == json.loads(out.read_text())
     assert len(doc["prmkern_runs_s"]) == len(doc["transformers_runs_s"]) == 2 and doc["speedup"] > 0
     assert doc["stats"]["prefill_tokens"] == doc["prompt_len"] and doc["stats"]["generated_tokens"] == 4 * 8
+    run = doc["roofline"]["run"]  # the whole-run floor: a prefill plus gen_len - 1 decode steps
+    assert run["decode_steps"] == doc["gen_len"] - 1 and run["floor_s"] == run["prefill_s"] + run["decode_s"] > 0
+    assert 0 < run["fraction_of_floor_speed"] <= 1
+
+
+def test_generation_floor_counts_the_run():
+    """benchmarks/roofline.py's whole-run floor, against the FLOPs written out for a toy shape: hidden 8, 2 layers,
+    2 / 1 heads of 4, intermediate 16, vocabulary 10; prompt 32, 3 chains, 3 tokens (2 decode steps)."""
+    sys.path.insert(0, str(REPO))
+    from types import SimpleNamespace
+
+    import torch
+
+    from benchmarks.roofline import decode_step_floor, generation_floor
+    spec = SimpleNamespace(hidden_size=8, intermediate_size=16, vocab_size=10, num_layers=2, num_heads=2,
+                           num_kv_heads=1, head_dim=4)
+    per_layer = 8 * (8 + 2 * 4) + 8 * 8 + 8 * 32 + 16 * 8  # qkv, o, gate_up, down weights = 576
+    prefill = 2 * 32 * 2 * per_layer + 2 * 10 * 8 + 4 * 2 * 2 * 4 * 32 * 33 / 2  # projections, LM head row, causal
+    r = generation_floor(spec, torch.float32, 32, 3, 3, bandwidth_gbs=10.0, gflops=1.0)
+    assert r["prefill_flops"] == prefill and r["prefill_s"] == pytest.approx(prefill / 1e9)
+    steps = [decode_step_floor(spec, torch.float32, 3, 32, s, 10.0, 1.0)["floor_s"] for s in (1, 2)]
+    assert r["decode_steps"] == 2 and r["decode_s"] == pytest.approx(sum(steps))
+    # a decode step of 3 rows: 2 FLOPs per weight (layers + LM head) per row + attention over 32 + s keys
+    assert steps[0] == pytest.approx((2 * 3 * (2 * per_layer + 80) + 4 * 2 * 2 * 4 * 3 * 33) / 1e9)
 
 
 def test_bench_cpu_gemm_smoke(tmp_path):
