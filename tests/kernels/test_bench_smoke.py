@@ -92,3 +92,17 @@ def test_bench_cpu_gemm_smoke(tmp_path):
     assert doc == json.loads(out.read_text()) and doc["smoke"] is True
     variants = {(r["weight"], r["x"], r["variant"]) for r in doc["rows"]}
     assert len(variants) == 10 and all(r["gflops"] > 0 and r["M"] == 3 for r in doc["rows"])
+
+
+def test_bench_cpu_sampler_smoke(tmp_path):
+    """bench_cpu_sampler.py end to end at one tiny shape: the C++ and torch draws agree and both are timed."""
+    pytest.importorskip("prmkern._C", reason="prmkern._C (csrc/) is not built")
+    out = tmp_path / "sampler.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_cpu_sampler.py"), "--smoke", "--threads",
+                           "1", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert doc == json.loads(out.read_text()) and doc["smoke"] is True
+    assert [(r["rows"], r["vocab"]) for r in doc["rows"]] == [(3, 1000)]
+    assert all(r["cpp_ms"] > 0 and r["torch_ms"] > 0 for r in doc["rows"])
