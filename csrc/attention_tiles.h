@@ -117,10 +117,21 @@ PK_INLINE void pv(const float* S, int64_t nqp, int64_t nq, int64_t C, const floa
   for (; i < nq; ++i) pv_rows<1>(S, nqp, C, Vr, D, acc, alpha, i);
 }
 
-// Attends Qt (nq queries, see above) over keys [k0, k1) of KV head h in `table`, updating acc / m / l.
+// Prefill's causal mask on one chunk of scores S [C, nqp] for keys c0 .. c0+C: query i (token i / G of a tile whose
+// first token sits at position q0) sees keys at positions <= q0 + i / G; the others get -inf (weight 0).
+PK_INLINE void mask_future(float* S, int64_t nqp, int64_t nq, int64_t C, int64_t c0, int64_t q0, int64_t G) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < C; ++t) {
+    const int64_t first = std::min<int64_t>(nq, (c0 + t - q0) * G);  // the first query that sees key c0 + t
+    for (int64_t i = 0; i < first; ++i) S[t * nqp + i] = ninf;
+  }
+}
+
+// Attends Qt (nq queries, see above) over keys [k0, k1) of KV head h in `table`, updating acc / m / l. causal_q0 >= 0:
+// prefill's diagonal, each query sees only the keys up to its own position (mask_future).
 template <DType T>
 void attend_keys(const AttnCtx& c, const float* Qt, int64_t nq, int64_t nqp, int64_t h, const int32_t* table,
-                 int64_t k0, int64_t k1, const Scratch& s, float* acc, float* m, float* l) {
+                 int64_t k0, int64_t k1, const Scratch& s, float* acc, float* m, float* l, int64_t causal_q0 = -1) {
   const int64_t D = c.D, bs = c.block_size;
   constexpr int64_t ES = T == DType::F32 ? 4 : 2;
   const int64_t row_bytes = D * ES;
@@ -155,6 +166,7 @@ void attend_keys(const AttnCtx& c, const float* Qt, int64_t nq, int64_t nqp, int
       }
     }
     qk(Qt, nqp, D, s.krow, C, s.S);
+    if (causal_q0 >= 0) mask_future(s.S, nqp, nq, C, c0, causal_q0, c.G);
     softmax(s.S, nqp, C, m, l, s.alpha);
     pv(s.S, nqp, nq, C, s.vrow, D, acc, s.alpha);
   }
@@ -178,5 +190,21 @@ void attend_task(const AttnCtx& c, int64_t r0, int64_t n, int64_t h, const int32
     case DType::F32: attend_keys<DType::F32>(c, s.Qt, nq, nqp, h, table, k0, k1, s, acc, m, l); break;
     case DType::BF16: attend_keys<DType::BF16>(c, s.Qt, nq, nqp, h, table, k0, k1, s, acc, m, l); break;
     case DType::F16: attend_keys<DType::F16>(c, s.Qt, nq, nqp, h, table, k0, k1, s, acc, m, l); break;
+  }
+}
+
+// Prefill: tokens r0 .. r0+n of one sequence (rows of q; token j at position q0 + j) x the G query heads of KV head
+// h, causally: keys [0, q0] are seen by every query (one unmasked pass, as attend_task), keys q0+1 .. q0+n-1 only
+// by the queries at or after them (masked). Every query sees key 0, so m is finite when the masked part starts.
+// Leaves the unnormalised state like attend_task.
+void attend_causal(const AttnCtx& c, int64_t r0, int64_t n, int64_t h, const int32_t* table, int64_t q0,
+                   const Scratch& s, float* acc, float* m, float* l) {
+  attend_task(c, r0, n, h, table, 0, q0 + 1, s, acc, m, l);
+  if (n <= 1) return;
+  const int64_t nq = n * c.G, nqp = (nq + V::W - 1) / V::W * V::W;
+  switch (c.ctype) {  // s.Qt still holds these queries (attend_task built it)
+    case DType::F32: attend_keys<DType::F32>(c, s.Qt, nq, nqp, h, table, q0 + 1, q0 + n, s, acc, m, l, q0); break;
+    case DType::BF16: attend_keys<DType::BF16>(c, s.Qt, nq, nqp, h, table, q0 + 1, q0 + n, s, acc, m, l, q0); break;
+    case DType::F16: attend_keys<DType::F16>(c, s.Qt, nq, nqp, h, table, q0 + 1, q0 + n, s, acc, m, l, q0); break;
   }
 }

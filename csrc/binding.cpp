@@ -117,6 +117,54 @@ torch::Tensor cascade_decode(const torch::Tensor& q, const torch::Tensor& k_cach
   return q.scalar_type() == torch::kFloat32 ? out : out.to(q.scalar_type());
 }
 
+// q [T, Hq, D] -> out [T, Hq, D] in q's dtype: causal attention of a prefill's new tokens over the paged caches
+// [num_blocks, block_size, Hkv, D]; see paged_attention.h.
+torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                                const torch::Tensor& cu_seqlens_q, const torch::Tensor& seq_lens,
+                                const torch::Tensor& block_tables, double scale, const std::string& isa) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+              "prefill_attention: q must be [T, Hq, D] and the caches [num_blocks, block_size, Hkv, D]; got ",
+              q.sizes(), ", ", k_cache.sizes(), ", ", v_cache.sizes());
+  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
+              "prefill_attention runs on CPU tensors");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type(),
+              "prefill_attention: caches must be contiguous and of one dtype");
+  const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2), bs = k_cache.size(1), Hkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && Hkv > 0 && Hq % Hkv == 0, "prefill_attention: q has ", Hq, " heads of dim ",
+              D, "; the cache has ", Hkv, " heads of dim ", k_cache.size(3));
+  const auto ctype = kernel_dtype(k_cache, "k_cache");
+  auto cu = int32_table(cu_seqlens_q, "cu_seqlens_q", 1), sl = int32_table(seq_lens, "seq_lens", 1);
+  auto bt = int32_table(block_tables, "block_tables", 2);
+  const int64_t S = sl.size(0);
+  TORCH_CHECK(cu.size(0) == S + 1 && bt.size(0) >= S, "prefill_attention: ", S, " sequences need cu_seqlens_q [",
+              S + 1, "] and block_tables [", S, ", blocks]; got ", cu.sizes(), " and ", bt.sizes());
+  const int32_t* c = cu.data_ptr<int32_t>();
+  const int32_t* l = sl.data_ptr<int32_t>();
+  const int32_t* t = bt.data_ptr<int32_t>();
+  TORCH_CHECK(c[0] == 0 && c[S] == T, "prefill_attention: cu_seqlens_q must run from 0 to T=", T, "; got ", c[0],
+              " .. ", c[S]);
+  for (int64_t i = 0; i < S; ++i) {
+    const int64_t qlen = c[i + 1] - c[i], need = (static_cast<int64_t>(l[i]) + bs - 1) / bs;
+    TORCH_CHECK(qlen >= 0 && qlen <= l[i], "prefill_attention: sequence ", i, " has ", qlen, " new tokens but ",
+                "length ", l[i], " (accepted: 0 <= new tokens <= length)");
+    TORCH_CHECK(need <= bt.size(1), "prefill_attention: sequence ", i, " has length ", l[i], " but its table holds ",
+                bt.size(1), " blocks of ", bs);
+    for (int64_t j = 0; j < need; ++j)
+      TORCH_CHECK(t[i * bt.size(1) + j] >= 0 && t[i * bt.size(1) + j] < k_cache.size(0), "prefill_attention: ",
+                  "sequence ", i, " names block ", t[i * bt.size(1) + j], " of a pool of ", k_cache.size(0));
+  }
+  const std::string have = prmkern::cpu_isa();
+  TORCH_CHECK(isa.empty() || isa == "scalar" || (isa == "avx2" && have != "scalar") || (isa == "avx512" && have == "avx512"),
+              "prefill_attention: isa='", isa, "' is not available; this CPU (and PRMKERN_ISA) allows up to '", have,
+              "' (accepted: '', 'scalar', 'avx2', 'avx512')");
+  auto qf = q.to(torch::kFloat32).contiguous();
+  auto out = torch::empty({T, Hq, D}, q.options().dtype(torch::kFloat32));
+  if (T > 0)
+    prmkern::prefill_attention(qf.data_ptr<float>(), T, Hq, D, k_cache.data_ptr(), v_cache.data_ptr(), ctype, bs, Hkv,
+                               S, c, l, t, bt.size(1), static_cast<float>(scale), out.data_ptr<float>(), isa.c_str());
+  return q.scalar_type() == torch::kFloat32 ? out : out.to(q.scalar_type());
+}
+
 // Token indices ([T], int32 or int64) as a contiguous int64 tensor.
 torch::Tensor int64_index(const torch::Tensor& t, const char* what, int64_t T) {
   TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.size(0) == T &&
@@ -299,6 +347,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("group_starts"), py::arg("prefix_lens"),
         py::arg("prefix_tables"), py::arg("suffix_lens"), py::arg("suffix_tables"), py::arg("scale"),
         py::arg("isa") = "");
+  m.def("prefill_attention", &prefill_attention,
+        "causal attention of a prefill's new tokens over the block pool, in place (cached prefixes included)",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cu_seqlens_q"), py::arg("seq_lens"),
+        py::arg("block_tables"), py::arg("scale"), py::arg("isa") = "");
   m.def("rotary_store_kv", &rotary_store_kv,
         "neox rotary of q and k, k and v stored into the paged caches at slot_mapping, one pass; returns rotated q",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("positions"), py::arg("cos_sin_cache"), py::arg("k_cache"),

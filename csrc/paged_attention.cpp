@@ -98,6 +98,9 @@ namespace {
 
 using TaskFn = void (*)(const AttnCtx&, int64_t, int64_t, int64_t, const int32_t*, int64_t, int64_t, const Scratch&,
                         float*, float*, float*);
+using CausalFn = void (*)(const AttnCtx&, int64_t, int64_t, int64_t, const int32_t*, int64_t, const Scratch&, float*,
+                          float*, float*);
+constexpr int64_t PREFILL_QUERIES = 64;  // queries per prefill tile (tokens x GQA heads of one KV head)
 
 int64_t round_up(int64_t x, int64_t w) { return (x + w - 1) / w * w; }
 
@@ -204,6 +207,53 @@ void cascade_decode(const float* q, int64_t B, int64_t Hq, int64_t D, const void
         }
         const float inv = 1.f / total;
         for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+      }
+    }
+  }
+}
+
+void prefill_attention(const float* q, int64_t T, int64_t Hq, int64_t D, const void* k_cache, const void* v_cache,
+                       DType ctype, int64_t block_size, int64_t Hkv, int64_t num_seqs, const int32_t* cu_seqlens_q,
+                       const int32_t* seq_lens, const int32_t* block_tables, int64_t table_stride, float scale,
+                       float* out, const char* isa) {
+  const std::string path = isa != nullptr && *isa ? isa : cpu_isa();
+  CausalFn task = isa_scalar::attend_causal;
+#if PRMKERN_X86
+  if (path == "avx512") task = isa_avx512::attend_causal;
+  if (path == "avx2") task = isa_avx2::attend_causal;
+#endif
+  const int64_t G = Hq / Hkv;
+  const AttnCtx c{q, Hq, D, G, Hkv, k_cache, v_cache, ctype, block_size, scale * LOG2E};
+  // Tiles of BT tokens x G heads (~64 queries, the decode cascade's shape at 16 chains), one item per (sequence,
+  // KV head, tile); causal rows differ in cost (keys up to the tile's end), so the largest go first.
+  const int64_t BT = std::max<int64_t>(1, PREFILL_QUERIES / G);
+  struct Item {
+    int64_t r0, n, h, seq, q0;
+  };
+  std::vector<Item> items;
+  for (int64_t sq = 0; sq < num_seqs; ++sq) {
+    const int64_t b0 = cu_seqlens_q[sq], qlen = cu_seqlens_q[sq + 1] - b0, first_pos = seq_lens[sq] - qlen;
+    for (int64_t t0 = 0; t0 < qlen; t0 += BT)
+      for (int64_t h = 0; h < Hkv; ++h) items.push_back({b0 + t0, std::min(BT, qlen - t0), h, sq, first_pos + t0});
+  }
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.q0 + a.n > b.q0 + b.n; });
+  const int64_t nitems = static_cast<int64_t>(items.size()), nqp_max = round_up(BT * G, MAX_W);
+#pragma omp parallel if (nitems > 1)
+  {
+    std::vector<float> buf(D * nqp_max + CHUNK * nqp_max + 2 * CHUNK * D + nqp_max);
+    std::vector<const float*> rows(2 * CHUNK);
+    const Scratch s{buf.data(), buf.data() + D * nqp_max, buf.data() + (D + CHUNK) * nqp_max,
+                    buf.data() + (D + CHUNK) * nqp_max + CHUNK * D, buf.data() + (D + CHUNK) * nqp_max + 2 * CHUNK * D,
+                    rows.data(), rows.data() + CHUNK};
+    std::vector<float> acc(BT * G * D), m(nqp_max), l(nqp_max);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t ii = 0; ii < nitems; ++ii) {
+      const Item& it = items[ii];
+      task(c, it.r0, it.n, it.h, block_tables + it.seq * table_stride, it.q0, s, acc.data(), m.data(), l.data());
+      for (int64_t i = 0; i < it.n * G; ++i) {  // query i: token r0 + i / G, head h G + i % G; l > 0 (key 0)
+        float* o = out + ((it.r0 + i / G) * Hq + it.h * G + i % G) * D;
+        const float inv = 1.f / l[i];
+        for (int64_t d = 0; d < D; ++d) o[d] = acc[i * D + d] * inv;
       }
     }
   }

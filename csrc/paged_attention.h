@@ -17,4 +17,13 @@ void cascade_decode(const float* q, int64_t B, int64_t Hq, int64_t D, const void
                     const int32_t* suffix_lens, const int32_t* suffix_tables, int64_t suffix_stride, float scale,
                     float* out, const char* isa = nullptr);
 
+// Causal attention of a prefill's new tokens, every key read in place from the pool (the new tokens' K/V already
+// stored). q: float32 [T, Hq, D]; sequence s owns rows cu_seqlens_q[s] .. cu_seqlens_q[s+1] (its new tokens), its
+// KV is seq_lens[s] tokens in block_tables[s, :] (row stride table_stride), and new token i sits at position
+// seq_lens[s] - q_len + i, seeing keys 0 .. that position (a cached prefix included). out: float32 [T, Hq, D].
+void prefill_attention(const float* q, int64_t T, int64_t Hq, int64_t D, const void* k_cache, const void* v_cache,
+                       DType ctype, int64_t block_size, int64_t Hkv, int64_t num_seqs, const int32_t* cu_seqlens_q,
+                       const int32_t* seq_lens, const int32_t* block_tables, int64_t table_stride, float scale,
+                       float* out, const char* isa = nullptr);
+
 }  // namespace prmkern

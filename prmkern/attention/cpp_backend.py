@@ -6,7 +6,8 @@ Decode is the cascade of the torch backend computed without gathering copies: ea
 from the block pool once for all its chains, each chain's suffix in place, merged by log-sum-exp. The residual
 add + RMSNorm and SiLU-and-mul of 2-D fp32/bf16 rows are one C++ pass each (csrc/elementwise.cpp: in bf16 the torch
 versions take ~8 and 3 ops, and a decode step's cost is its op count), and so are rotary + the KV store
-(csrc/rotary_store.cpp, `rotary_store_kv`, for prefill and decode). Prefill attention is the torch backend's.
+(csrc/rotary_store.cpp, `rotary_store_kv`, for prefill and decode). Prefill attention reads the pool in place too
+(`prefill_attention`: causal tiles of ~64 queries, a cached prefix included).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from types import ModuleType
 import torch
 
 from prmkern.attention.backend import register_backend
-from prmkern.attention.metadata import DecodeMetadata
+from prmkern.attention.metadata import DecodeMetadata, PrefillMetadata
 from prmkern.attention.torch_backend import TorchBackend
 from prmkern.models.packed_gemm import CPP_MAX_ROWS
 
@@ -99,6 +100,17 @@ class CppBackend(TorchBackend):
                 meta.group_starts, meta.prefix_lens, meta.prefix_block_tables, meta.suffix_lens,
                 meta.suffix_block_tables)))
         return self._tables[1]
+
+    def prefill(self, q, k_cache, v_cache, meta: PrefillMetadata, scale):
+        """Causal attention of the new tokens read in place from the pool (csrc `prefill_attention`: no per-sequence
+        gather of K/V, no SDPA call per sequence, fp32 softmax for every cache dtype); torch's for what it does not
+        take."""
+        if (self.ops is None or q.device.type != "cpu" or q.dim() != 3 or k_cache.dtype not in _CACHE_DTYPES
+                or v_cache.dtype != k_cache.dtype or not k_cache.is_contiguous() or not v_cache.is_contiguous()):
+            return super().prefill(q, k_cache, v_cache, meta, scale)
+        i32 = torch.int32
+        return self.ops.prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q.to(i32), meta.seq_lens.to(i32),
+                                          meta.block_tables.to(i32), scale)
 
     def decode(self, q, k_cache, v_cache, meta: DecodeMetadata, scale):
         if self.ops is None or q.device.type != "cpu":
