@@ -40,7 +40,15 @@ PK_INLINE void qk_cols(const float* Qt, int64_t nqp, int64_t D, const float* con
   constexpr int NK = V::W == 16 ? 6 : 4;  // AVX-512: 2 x 6 of 32 registers; AVX2: 3 x 4 of 16
   int64_t t = 0;
   for (; t + NK <= C; t += NK) qk_tile<NQV, NK>(Qt, nqp, D, K, t, q0, S);
-  for (; t < C; ++t) qk_tile<NQV, 1>(Qt, nqp, D, K, t, q0, S);
+  // The last C % NK keys as one tile: key by key, each tile would be one FMA chain per register, latency-bound.
+  switch (C - t) {
+    case 5: qk_tile<NQV, 5>(Qt, nqp, D, K, t, q0, S); break;
+    case 4: qk_tile<NQV, 4>(Qt, nqp, D, K, t, q0, S); break;
+    case 3: qk_tile<NQV, 3>(Qt, nqp, D, K, t, q0, S); break;
+    case 2: qk_tile<NQV, 2>(Qt, nqp, D, K, t, q0, S); break;
+    case 1: qk_tile<NQV, 1>(Qt, nqp, D, K, t, q0, S); break;
+    default: break;
+  }
 }
 
 PK_INLINE void qk(const float* Qt, int64_t nqp, int64_t D, const float* const* K, int64_t C, float* S) {
@@ -165,12 +173,12 @@ void attend_keys(const AttnCtx& c, const float* Qt, int64_t nq, int64_t nqp, int
 void attend_task(const AttnCtx& c, int64_t r0, int64_t n, int64_t h, const int32_t* table, int64_t k0, int64_t k1,
                  const Scratch& s, float* acc, float* m, float* l) {
   const int64_t D = c.D, G = c.G, nq = n * G, nqp = (nq + V::W - 1) / V::W * V::W;
+  // Qt [D, nqp]: zero each row's last vector (it holds the padding queries), then the queries over it.
+  for (int64_t d = 0; d < D; ++d) V::store(s.Qt + d * nqp + nqp - V::W, V::zero());
   for (int64_t i = 0; i < nq; ++i) {
     const float* src = c.q + ((r0 + i / G) * c.Hq + h * G + i % G) * D;
     for (int64_t d = 0; d < D; ++d) s.Qt[d * nqp + i] = src[d] * c.qscale;
   }
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t i = nq; i < nqp; ++i) s.Qt[d * nqp + i] = 0.f;
   std::fill(acc, acc + nq * D, 0.f);
   std::fill(m, m + nqp, -std::numeric_limits<float>::infinity());
   std::fill(l, l + nqp, 0.f);

@@ -13,7 +13,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -101,6 +103,17 @@ using TaskFn = void (*)(const AttnCtx&, int64_t, int64_t, int64_t, const int32_t
 
 int64_t round_up(int64_t x, int64_t w) { return (x + w - 1) / w * w; }
 
+// Uninitialised float buffers on 64-byte (cache line) boundaries: every use writes before it reads (zeroing them
+// was a visible share of a short call), and a 16-byte aligned vector buffer splits most AVX-512 loads and stores
+// of the tiles over two cache lines.
+struct FreeFloats {
+  void operator()(float* p) const { std::free(p); }
+};
+using FloatBuf = std::unique_ptr<float[], FreeFloats>;
+FloatBuf alloc_floats(int64_t n) {
+  return FloatBuf(static_cast<float*>(std::aligned_alloc(64, round_up(std::max<int64_t>(n, 1) * 4, 64))));
+}
+
 // A prefix work item: group g, KV head h, prefix keys [k0, k1); its state lives at acc_off (n G x D floats) and
 // ml_off (nqp floats each for m and l).
 struct PrefixItem {
@@ -157,30 +170,32 @@ void cascade_decode(const float* q, int64_t B, int64_t Hq, int64_t D, const void
   std::vector<int64_t> order(items.size());  // largest first, for the dynamic schedule
   for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return items[a].cost > items[b].cost; });
-  std::vector<float> st_acc(acc_size), st_m(ml_size), st_l(ml_size);
+  // the prefix states, written whole by their items before the merge reads them
+  const FloatBuf st_acc = alloc_floats(acc_size), st_m = alloc_floats(ml_size), st_l = alloc_floats(ml_size);
 
   const int64_t nitems = static_cast<int64_t>(items.size()), nsuffix = B * Hkv;
   const int64_t nqp_max = round_up(max_group * G, MAX_W);
 #pragma omp parallel if (nitems + nsuffix > 1)
   {
-    std::vector<float> buf(D * nqp_max + CHUNK * nqp_max + 2 * CHUNK * D + nqp_max);
+    const FloatBuf buf = alloc_floats(D * nqp_max + CHUNK * nqp_max + 2 * CHUNK * D + nqp_max);
     std::vector<const float*> rows(2 * CHUNK);
-    const Scratch s{buf.data(), buf.data() + D * nqp_max, buf.data() + (D + CHUNK) * nqp_max,
-                    buf.data() + (D + CHUNK) * nqp_max + CHUNK * D, buf.data() + (D + CHUNK) * nqp_max + 2 * CHUNK * D,
-                    rows.data(), rows.data() + CHUNK};
+    float* const b = buf.get();
+    const Scratch s{b, b + D * nqp_max, b + (D + CHUNK) * nqp_max, b + (D + CHUNK) * nqp_max + CHUNK * D,
+                    b + (D + CHUNK) * nqp_max + 2 * CHUNK * D, rows.data(), rows.data() + CHUNK};
 #pragma omp for schedule(dynamic, 1)
     for (int64_t oi = 0; oi < nitems; ++oi) {
       const PrefixItem& it = items[order[oi]];
       const int64_t r0 = group_starts[it.g], n = group_starts[it.g + 1] - r0;
-      task(c, r0, n, it.h, prefix_tables + it.g * prefix_stride, it.k0, it.k1, s, st_acc.data() + it.acc_off,
-           st_m.data() + it.ml_off, st_l.data() + it.ml_off);
+      task(c, r0, n, it.h, prefix_tables + it.g * prefix_stride, it.k0, it.k1, s, st_acc.get() + it.acc_off,
+           st_m.get() + it.ml_off, st_l.get() + it.ml_off);
     }
     // (implicit barrier: every prefix state is written)
-    std::vector<float> acc(G * D), m(round_up(G, MAX_W)), l(round_up(G, MAX_W));
+    const FloatBuf acc = alloc_floats(G * D), m = alloc_floats(round_up(G, MAX_W));
+    const FloatBuf l = alloc_floats(round_up(G, MAX_W));
 #pragma omp for schedule(dynamic, 4)
     for (int64_t ti = 0; ti < nsuffix; ++ti) {
       const int64_t b = ti / Hkv, h = ti % Hkv, g = row_group[b], local = b - group_starts[g];
-      task(c, b, 1, h, suffix_tables + b * suffix_stride, 0, suffix_lens[b], s, acc.data(), m.data(), l.data());
+      task(c, b, 1, h, suffix_tables + b * suffix_stride, 0, suffix_lens[b], s, acc.get(), m.get(), l.get());
       const int64_t i0 = first_item[g * Hkv + h], i1 = first_item[g * Hkv + h + 1];
       for (int64_t j = 0; j < G; ++j) {
         const int64_t qi = local * G + j;  // this query's row in the group's prefix states
@@ -199,7 +214,7 @@ void cascade_decode(const float* q, int64_t B, int64_t Hq, int64_t D, const void
           if (mi == ninf) continue;
           const float wi = std::exp2(mi - mx);
           total += st_l[items[i].ml_off + qi] * wi;
-          const float* pa = st_acc.data() + items[i].acc_off + qi * D;
+          const float* pa = st_acc.get() + items[i].acc_off + qi * D;
           for (int64_t d = 0; d < D; ++d) o[d] += pa[d] * wi;
         }
         const float inv = 1.f / total;
