@@ -1,7 +1,8 @@
 """Micro-benchmark of the C++ CPU decode-step attention layers: the cascade decode (`_C.cascade_decode`) and the
 fused rotary + KV store (`_C.rotary_store_kv`), per layer, variants alternating in one process.
 
-Shapes: the bench_engine model (Hq=8, Hkv=2, D=64; 16 chains sharing P=512 tokens) and ThinkPRM-1.5B /
+Shapes: the bench_engine model (Hq=8, Hkv=2, D=64; 16 chains sharing P=512 tokens, and a wider group: 32 chains
+sharing P=2048) and ThinkPRM-1.5B /
 R1-Distill-Qwen-1.5B (Hq=12, Hkv=2, D=128; 8 chains sharing P=1024), each chain with its own --suffix tokens,
 fp32 and bf16 caches. Attention variants: the kernel's own instruction-set paths (avx512 / avx2 / scalar, where
 the CPU has them) and, with --old-module, another build of prmkern._C (e.g. an older commit's csrc/ built by
@@ -34,6 +35,7 @@ from prmkern import _C  # noqa: E402
 from prmkern.attention.torch_backend import TorchBackend  # noqa: E402
 
 SHAPES = {"bench-39M": dict(hq=8, hkv=2, d=64, prefix=512, chains=16),
+          "bench-39M-P2048": dict(hq=8, hkv=2, d=64, prefix=2048, chains=32),
           "1.5B": dict(hq=12, hkv=2, d=128, prefix=1024, chains=8)}
 
 
@@ -81,6 +83,8 @@ def bench_attention(args, old) -> list[dict]:
     isas = [i for i in ("avx512", "avx2", "scalar") if i == "scalar" or _C.cpu_isa() in (i, "avx512")]
     rows = []
     for shape, s in SHAPES.items():
+        if args.shapes and shape not in args.shapes.split(","):
+            continue
         for dtype in (torch.float32, torch.bfloat16):
             q, k, v, m = cascade_batch(s["hq"], s["hkv"], s["d"], s["prefix"], s["chains"], args.suffix, dtype)
             a = (q, k, v, m["group_starts"], m["prefix_lens"], m["prefix_tables"], m["suffix_lens"],
@@ -140,6 +144,7 @@ def main() -> None:
     ap.add_argument("--old-module", default=None, help="path of another prmkern._C build (.so) to compare")
     ap.add_argument("--scalar", action="store_true", help="also time the portable path")
     ap.add_argument("--skip-rotary", action="store_true")
+    ap.add_argument("--shapes", default="", help="comma-separated subset of " + ", ".join(SHAPES))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     old = load_module(args.old_module) if args.old_module else None

@@ -40,7 +40,15 @@ PK_INLINE void qk_cols(const float* Qt, int64_t nqp, int64_t D, const float* con
   constexpr int NK = V::W == 16 ? 6 : 4;  // AVX-512: 2 x 6 of 32 registers; AVX2: 3 x 4 of 16
   int64_t t = 0;
   for (; t + NK <= C; t += NK) qk_tile<NQV, NK>(Qt, nqp, D, K, t, q0, S);
-  for (; t < C; ++t) qk_tile<NQV, 1>(Qt, nqp, D, K, t, q0, S);
+  // The last C % NK keys as one tile: key by key, each tile would be one FMA chain per register, latency-bound.
+  switch (C - t) {
+    case 5: qk_tile<NQV, 5>(Qt, nqp, D, K, t, q0, S); break;
+    case 4: qk_tile<NQV, 4>(Qt, nqp, D, K, t, q0, S); break;
+    case 3: qk_tile<NQV, 3>(Qt, nqp, D, K, t, q0, S); break;
+    case 2: qk_tile<NQV, 2>(Qt, nqp, D, K, t, q0, S); break;
+    case 1: qk_tile<NQV, 1>(Qt, nqp, D, K, t, q0, S); break;
+    default: break;
+  }
 }
 
 PK_INLINE void qk(const float* Qt, int64_t nqp, int64_t D, const float* const* K, int64_t C, float* S) {
@@ -50,6 +58,49 @@ PK_INLINE void qk(const float* Qt, int64_t nqp, int64_t D, const float* const* K
   for (; q0 + step <= nqp; q0 += step) qk_cols<NQV>(Qt, nqp, D, K, C, q0, S);
   for (; q0 + 2 * V::W <= nqp; q0 += 2 * V::W) qk_cols<2>(Qt, nqp, D, K, C, q0, S);
   for (; q0 < nqp; q0 += V::W) qk_cols<1>(Qt, nqp, D, K, C, q0, S);
+}
+
+// Few queries (a chain's own suffix: nq = G): in the [C, nqp] tiles above most lanes would be padding queries
+// (3 / 4 of them at G = 4, W = 16), so each score is a dot product over D instead, the queries kept as rows
+// Q [nq, D]. A tile holds NQ queries x NT = W / NQ keys, one register per pair summed along D, and V::lane_sums
+// turns the W registers into one vector of W scores. Needs D % W == 0 (dots_fit()).
+PK_INLINE bool dots_fit(int64_t nq, int64_t D) { return 2 * nq <= V::W && D % V::W == 0; }
+
+template <int NQ>
+PK_INLINE void qk_dot_tile(const float* Q, int64_t D, const float* const* K, int64_t t, int64_t nt, int64_t q0,
+                           int64_t nqp, float* S) {
+  constexpr int NT = V::W / NQ;
+  typename V::T a[V::W];  // pair (key k, query r) in a[k NQ + r]
+  for (int p = 0; p < V::W; ++p) a[p] = V::zero();
+  const float* kr[NT];
+  for (int k = 0; k < NT; ++k) kr[k] = K[t + std::min<int64_t>(k, nt - 1)];  // keys past nt: computed, dropped
+  for (int64_t d = 0; d < D; d += V::W) {
+    typename V::T kv[NT];
+    for (int k = 0; k < NT; ++k) kv[k] = V::load(kr[k] + d);
+    for (int r = 0; r < NQ; ++r) {
+      const typename V::T qv = V::load(Q + (q0 + r) * D + d);
+      for (int k = 0; k < NT; ++k) a[k * NQ + r] = V::fma(qv, kv[k], a[k * NQ + r]);
+    }
+  }
+  float o[V::W];
+  V::store(o, V::lane_sums(a));
+  for (int64_t k = 0; k < nt; ++k)
+    for (int r = 0; r < NQ; ++r) S[(t + k) * nqp + q0 + r] = o[k * NQ + r];
+}
+
+template <int NQ>
+PK_INLINE void qk_dot_rows(const float* Q, int64_t D, const float* const* K, int64_t C, int64_t q0, int64_t nqp,
+                           float* S) {
+  constexpr int NT = V::W / NQ;
+  for (int64_t t = 0; t < C; t += NT) qk_dot_tile<NQ>(Q, D, K, t, std::min<int64_t>(NT, C - t), q0, nqp, S);
+}
+
+PK_INLINE void qk_dots(const float* Q, int64_t nq, int64_t nqp, int64_t D, const float* const* K, int64_t C,
+                       float* S) {
+  int64_t q0 = 0;
+  for (; q0 + 4 <= nq; q0 += 4) qk_dot_rows<4>(Q, D, K, C, q0, nqp, S);
+  for (; q0 + 2 <= nq; q0 += 2) qk_dot_rows<2>(Q, D, K, C, q0, nqp, S);
+  for (; q0 < nq; ++q0) qk_dot_rows<1>(Q, D, K, C, q0, nqp, S);
 }
 
 // Online softmax over one chunk, every query lane at once: m_new = max(m, max_t S), alpha = 2^(m - m_new),
@@ -165,7 +216,10 @@ void attend_keys(const AttnCtx& c, const float* Qt, int64_t nq, int64_t nqp, int
         s.vrow[t] = s.vbuf + t * D;
       }
     }
-    qk(Qt, nqp, D, s.krow, C, s.S);
+    if (dots_fit(nq, D))
+      qk_dots(Qt, nq, nqp, D, s.krow, C, s.S);
+    else
+      qk(Qt, nqp, D, s.krow, C, s.S);
     if (causal_q0 >= 0) mask_future(s.S, nqp, nq, C, c0, causal_q0, c.G);
     softmax(s.S, nqp, C, m, l, s.alpha);
     pv(s.S, nqp, nq, C, s.vrow, D, acc, s.alpha);
@@ -177,12 +231,18 @@ void attend_keys(const AttnCtx& c, const float* Qt, int64_t nq, int64_t nqp, int
 void attend_task(const AttnCtx& c, int64_t r0, int64_t n, int64_t h, const int32_t* table, int64_t k0, int64_t k1,
                  const Scratch& s, float* acc, float* m, float* l) {
   const int64_t D = c.D, G = c.G, nq = n * G, nqp = (nq + V::W - 1) / V::W * V::W;
-  for (int64_t i = 0; i < nq; ++i) {
-    const float* src = c.q + ((r0 + i / G) * c.Hq + h * G + i % G) * D;
-    for (int64_t d = 0; d < D; ++d) s.Qt[d * nqp + i] = src[d] * c.qscale;
+  if (dots_fit(nq, D)) {  // rows Q [nq, D] for qk_dots, in the Qt buffer
+    for (int64_t i = 0; i < nq; ++i) {
+      const float* src = c.q + ((r0 + i / G) * c.Hq + h * G + i % G) * D;
+      for (int64_t d = 0; d < D; ++d) s.Qt[i * D + d] = src[d] * c.qscale;
+    }
+  } else {  // Qt [D, nqp]: zero each row's last vector (it holds the padding queries), then the queries over it
+    for (int64_t d = 0; d < D; ++d) V::store(s.Qt + d * nqp + nqp - V::W, V::zero());
+    for (int64_t i = 0; i < nq; ++i) {
+      const float* src = c.q + ((r0 + i / G) * c.Hq + h * G + i % G) * D;
+      for (int64_t d = 0; d < D; ++d) s.Qt[d * nqp + i] = src[d] * c.qscale;
+    }
   }
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t i = nq; i < nqp; ++i) s.Qt[d * nqp + i] = 0.f;
   std::fill(acc, acc + nq * D, 0.f);
   std::fill(m, m + nqp, -std::numeric_limits<float>::infinity());
   std::fill(l, l + nqp, 0.f);

@@ -59,6 +59,15 @@ struct VecScalar {
   static PK_INLINE T max(T a, T b) { PK_LANES(std::max(a.x[i], b.x[i])); }
   static PK_INLINE T exp2(T a) { PK_LANES(exp2_nonpos(a.x[i])); }
 #undef PK_LANES
+  static PK_INLINE T lane_sums(const T* a) {  // lane p = sum of a[p]'s lanes, a[0 .. W)
+    T o;
+    for (int p = 0; p < W; ++p) {
+      float x = 0.f;
+      for (int i = 0; i < W; ++i) x += a[p].x[i];
+      o.x[p] = x;
+    }
+    return o;
+  }
   static PK_INLINE void convert(float* dst, const uint16_t* s, int64_t n, bool bf16) {
     for (int64_t i = 0; i < n; ++i) dst[i] = bf16 ? bf16_to_float(s[i]) : f16_to_float(s[i]);
   }
@@ -89,6 +98,18 @@ struct Vec8 {
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
   }
+  // Lane p = sum of a[p]'s lanes, for a[0 .. 8): pairs of vectors interleaved and added (ps, then pd), then the
+  // 128-bit halves, 21 shuffles and adds in all.
+  static PK_AVX2_INLINE T lane_sums(const T* a) {
+    __m256 b[4], c[2];
+    for (int i = 0; i < 4; ++i)
+      b[i] = _mm256_add_ps(_mm256_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm256_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 2; ++i) {
+      const __m256d x = _mm256_castps_pd(b[2 * i]), y = _mm256_castps_pd(b[2 * i + 1]);
+      c[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(x, y)), _mm256_castpd_ps(_mm256_unpackhi_pd(x, y)));
+    }
+    return _mm256_add_ps(_mm256_permute2f128_ps(c[0], c[1], 0x20), _mm256_permute2f128_ps(c[0], c[1], 0x31));
+  }
   static PK_AVX2_INLINE void convert(float* dst, const uint16_t* s, int64_t n, bool bf16) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
@@ -112,14 +133,29 @@ struct Vec16 {
   static PK_AVX512_INLINE T add(T a, T b) { return _mm512_add_ps(a, b); }
   static PK_AVX512_INLINE T sub(T a, T b) { return _mm512_sub_ps(a, b); }
   static PK_AVX512_INLINE T max(T a, T b) { return _mm512_max_ps(a, b); }
-  static PK_AVX512_INLINE T exp2(T x) {  // the same polynomial and exponent-bits trick as Vec8
+  static PK_AVX512_INLINE T exp2(T x) {  // the same polynomial as Vec8; 2^n by vscalefps (one op, not four)
     x = _mm512_max_ps(x, _mm512_set1_ps(-127.0f));
     const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 r = _mm512_sub_ps(x, n);
     __m512 p = _mm512_set1_ps(kExp2C[6]);
     for (int i = 5; i >= 0; --i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2C[i]));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+    return _mm512_scalef_ps(p, n);
+  }
+  // Lane p = sum of a[p]'s lanes, for a[0 .. 16): as Vec8's, with two more levels over the 128-bit quarters (45
+  // shuffles and adds for 16 dot products).
+  static PK_AVX512_INLINE T lane_sums(const T* a) {
+    __m512 b[8], c[4], d[2];
+    for (int i = 0; i < 8; ++i)
+      b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; ++i) {  // c[i], quarter j: the quarter-j sums of a[4i .. 4i+4)
+      const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+      c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    constexpr int EVEN = _MM_SHUFFLE(2, 0, 2, 0), ODD = _MM_SHUFFLE(3, 1, 3, 1);
+    for (int i = 0; i < 2; ++i)
+      d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], EVEN),
+                           _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], ODD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], EVEN), _mm512_shuffle_f32x4(d[0], d[1], ODD));
   }
   static PK_AVX512_INLINE void convert(float* dst, const uint16_t* s, int64_t n, bool bf16) {
     int64_t i = 0;
