@@ -1,5 +1,6 @@
-"""Micro-benchmark of the C++ CPU decode-step attention layers: the cascade decode (`_C.cascade_decode`) and the
-fused rotary + KV store (`_C.rotary_store_kv`), per layer, variants alternating in one process.
+"""Micro-benchmark of the C++ CPU attention layers: the cascade decode (`_C.cascade_decode`), the fused rotary + KV
+store (`_C.rotary_store_kv`) and the causal prefill (`_C.prefill_attention`, against the torch backend's SDPA per
+sequence), per layer, variants alternating in one process.
 
 Shapes: the bench_engine model (Hq=8, Hkv=2, D=64; 16 chains sharing P=512 tokens, and a wider group: 32 chains
 sharing P=2048) and ThinkPRM-1.5B /
@@ -7,7 +8,8 @@ R1-Distill-Qwen-1.5B (Hq=12, Hkv=2, D=128; 8 chains sharing P=1024), each chain 
 fp32 and bf16 caches. Attention variants: the kernel's own instruction-set paths (avx512 / avx2 / scalar, where
 the CPU has them) and, with --old-module, another build of prmkern._C (e.g. an older commit's csrc/ built by
 torch.utils.cpp_extension.load into a .so), whose cascade_decode takes the same arguments. Rotary + store: the
-C++ pass against the torch backend's apply_rotary + store_kv. The machine may be shared: every variant runs
+C++ pass against the torch backend's apply_rotary + store_kv. Prefill: one fresh prompt of each shape's prefix
+length, fp32 / bf16 caches. The machine may be shared: every variant runs
 once per round, rounds alternate, and medians are reported with the ratio to the first variant.
 
   python benchmarks/bench_cpu_attention.py --threads 2
@@ -19,7 +21,6 @@ import argparse
 import datetime
 import importlib.machinery
 import importlib.util
-import json
 import os
 import statistics
 import sys
@@ -29,9 +30,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_engine import git_commit  # noqa: E402  (one commit stamp for every result)
+from benchmarks.bench_engine import emit_result, git_commit  # noqa: E402  (one commit stamp for every result)
 from benchmarks.roofline import cpu_model  # noqa: E402
 from prmkern import _C  # noqa: E402
+from prmkern.attention.metadata import PrefillMetadata  # noqa: E402
 from prmkern.attention.torch_backend import TorchBackend  # noqa: E402
 
 SHAPES = {"bench-39M": dict(hq=8, hkv=2, d=64, prefix=512, chains=16),
@@ -135,6 +137,34 @@ def bench_rotary_store(args) -> list[dict]:
     return rows
 
 
+def bench_prefill(args) -> list[dict]:
+    """One fresh prompt of `prefix` tokens per shape: the C++ causal prefill against the torch backend's path
+    (gather of K/V and a causal SDPA), FLOPs counted for the causal half only."""
+    rows = []
+    tb = TorchBackend()
+    for shape, s in SHAPES.items():
+        if args.shapes and shape not in args.shapes.split(","):
+            continue
+        L, hq, hkv, d, bs = s["prefix"], s["hq"], s["hkv"], s["d"], 16
+        for dtype in (torch.float32, torch.bfloat16):
+            g = torch.Generator().manual_seed(L)
+            kc = torch.randn(L // bs, bs, hkv, d, generator=g).to(dtype)
+            vc = torch.randn(L // bs, bs, hkv, d, generator=g).to(dtype)
+            q = torch.randn(L, hq, d, generator=g).to(dtype)
+            table = torch.randperm(L // bs, generator=g).to(torch.int32)[None]
+            cu, lens = torch.tensor([0, L], dtype=torch.int32), torch.tensor([L], dtype=torch.int32)
+            meta = PrefillMetadata(cu_seqlens_q=cu, seq_lens=lens, block_tables=table, max_q_len=L, max_seq_len=L)
+            fns = {"cpp": lambda: _C.prefill_attention(q, kc, vc, cu, lens, table, d ** -0.5),
+                   "torch": lambda: tb.prefill(q, kc, vc, meta, d ** -0.5)}
+            ms = alternate(fns, max(3, args.rounds // 3), max(1, args.calls // 10))
+            flops = 4 * hq * d * L * (L + 1) / 2
+            for name, t in ms.items():
+                rows.append(dict(op="prefill_attention", shape=shape, dtype=str(dtype).replace("torch.", ""),
+                                 variant=name, ms=round(t, 4), gflops=round(flops / t / 1e6, 1),
+                                 vs_first=round(ms["cpp"] / t, 2)))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -144,6 +174,8 @@ def main() -> None:
     ap.add_argument("--old-module", default=None, help="path of another prmkern._C build (.so) to compare")
     ap.add_argument("--scalar", action="store_true", help="also time the portable path")
     ap.add_argument("--skip-rotary", action="store_true")
+    ap.add_argument("--skip-prefill", action="store_true")
+    ap.add_argument("--out", default=None, help="also write the JSON result here")
     ap.add_argument("--shapes", default="", help="comma-separated subset of " + ", ".join(SHAPES))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -151,12 +183,14 @@ def main() -> None:
     rows = bench_attention(args, old)
     if not args.skip_rotary and hasattr(_C, "rotary_store_kv"):
         rows += bench_rotary_store(args)
+    if not args.skip_prefill and hasattr(_C, "prefill_attention"):
+        rows += bench_prefill(args)
     for r in rows:
         print("  ".join(f"{k}={v}" for k, v in r.items()))
-    commit = git_commit()
-    print(json.dumps(dict(bench="cpu_attention", cpu_model=cpu_model(), isa=_C.cpu_isa(), threads=args.threads,
-                          suffix=args.suffix, commit=commit, date=datetime.datetime.now().astimezone().isoformat(
-                              timespec="seconds"), rows=rows)))
+    emit_result(dict(bench="cpu_attention", cpu_model=cpu_model(), isa=_C.cpu_isa(), threads=args.threads,
+                     suffix=args.suffix, commit=git_commit(),
+                     date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), rows=rows),
+                args.out)
 
 
 if __name__ == "__main__":
