@@ -35,8 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from prmkern import LLM, SamplingParams  # noqa: E402
 from prmkern.tiny import build_checkpoint  # noqa: E402
-from benchmarks.roofline import (cpu_model, decode_step_floor, generation_floor, read_bandwidth_gbs,  # noqa: E402
-                                 sgemm_gflops)
+from benchmarks.roofline import (cpu_model, decode_step_floor, gemm_gflops, generation_floor,  # noqa: E402
+                                 read_bandwidth_gbs, sgemm_gflops)
 
 # The reference shape: a Qwen2 config of ~39M parameters.
 BENCH_MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
@@ -204,7 +204,8 @@ def main() -> None:
     ap.add_argument("--peer", choices=["vllm"], default=None, help="also time vLLM's CPU build (needs --vllm-python)")
     ap.add_argument("--vllm-python", default=None, help="interpreter of the vLLM venv (scripts/setup_vllm_venv.sh)")
     ap.add_argument("--roofline", action="store_true",
-                    help="report each prmkern decode step against max(bytes / read bandwidth, FLOPs / sgemm rate)")
+                    help="report each prmkern decode step against max(bytes / read bandwidth, FLOPs / GEMM rate), "
+                         "and the whole run against its floor")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, to keep the script alive in CI")
     ap.add_argument("--out", default=None, help="also write the JSON result to this file")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads for both engines")
@@ -293,25 +294,29 @@ def main() -> None:
         bw, gf = read_bandwidth_gbs(), sgemm_gflops()
         roofline = dict(read_bandwidth_gbs=round(bw, 2), sgemm_gflops=round(gf, 2), engines={})
         print(f"  roofline: read bandwidth {bw:.1f} GB/s, sgemm {gf:.1f} GFLOP/s")
+        rates = {dt: gemm_gflops(dt, gf) for dt in {engines[k].dtype for k in names}}
+        if torch.bfloat16 in rates:
+            roofline["bf16_gemm_gflops"] = round(rates[torch.bfloat16], 2)
+            print(f"  bf16 models: GEMM rate {rates[torch.bfloat16]:.1f} GFLOP/s (the better of sgemm and a bf16 mm)")
         for key in names:
             eng = engines[key]
             floor = decode_step_floor(eng.llm.engine.model.spec, eng.dtype,
                                       args.chains, args.prompt_len // 16 * 16, args.prompt_len % 16 + args.gen_len / 2,
-                                      bw, gf)
+                                      bw, rates[eng.dtype])
             measured = engines_out[key]["decode_step_ms"] / 1e3
             floor["fraction_of_floor_speed"] = round(floor["floor_s"] / measured, 3) if measured else None
             roofline["engines"][key] = floor
             print(f"  {key:28s} decode step {1e3 * measured:.2f} ms, floor {1e3 * floor['floor_s']:.2f} ms "
                   f"({floor['bound']}-bound): {100 * (floor['fraction_of_floor_speed'] or 0):.0f}% of the floor's speed")
         run = generation_floor(engines[names[0]].llm.engine.model.spec, engines[names[0]].dtype, args.prompt_len,
-                               args.chains, args.gen_len, bw, gf)
+                               args.chains, args.gen_len, bw, rates[engines[names[0]].dtype])
         run["fraction_of_floor_speed"] = round(run["floor_s"] / engines_out[names[0]]["seconds"], 3)
         if "vllm" in engines_out:
             run["vllm_over_floor"] = round(engines_out["vllm"]["seconds"] / run["floor_s"], 3)
         roofline["run"] = run
         bound = (f"; vLLM's time / this floor = {run['vllm_over_floor']:.2f}x, the most any speed-up over it can be"
                  if "vllm_over_floor" in run else "")
-        print(f"  whole run floor {run['floor_s']:.3f} s (prefill {run['prefill_s']:.3f} s at the sgemm rate + "
+        print(f"  whole run floor {run['floor_s']:.3f} s (prefill {run['prefill_s']:.3f} s at the GEMM rate + "
               f"{run['decode_steps']} decode steps {run['decode_s']:.3f} s): {names[0]} at "
               f"{100 * run['fraction_of_floor_speed']:.0f}% of its speed{bound}")
     result = dict(bench="engine", device=cpu, cpu_model=cpu_model(), cpu_isa=cpu_isa(),

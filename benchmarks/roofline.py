@@ -1,10 +1,11 @@
 """The per-step floor of a decode step on this machine, for `bench_engine.py --roofline`.
 
-floor = max(bytes read / measured read bandwidth, FLOPs / measured sgemm rate), where a decode step of `rows`
+floor = max(bytes read / measured read bandwidth, FLOPs / measured GEMM rate), where a decode step of `rows`
 chains reads every projection weight once (the LM head once even when tied) plus the KV it attends (each group's
 shared prefix once, each chain's own tokens), and does 2 FLOPs per weight per row plus 4 * head_dim FLOPs per
 (query head, key) pair. Bandwidth: a threaded sum over a buffer far larger than the caches (best of several);
-sgemm rate: a 1024^3 fp32 matmul (best of several). Both use torch's current thread count.
+GEMM rate: a 1024^3 fp32 matmul (best of several), and for bf16 models the better of that and a bf16 one
+(gemm_gflops). Both use torch's current thread count.
 """
 from __future__ import annotations
 
@@ -41,9 +42,17 @@ def read_bandwidth_gbs(mib: int = 512, repeats: int = 7) -> float:
     return x.numel() * 4 / _best(lambda: x.sum(), repeats) / 1e9
 
 
-def sgemm_gflops(n: int = 1024, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def sgemm_gflops(n: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     return 2 * n ** 3 / _best(lambda: torch.mm(a, b), repeats) / 1e9
+
+
+def gemm_gflops(dtype: torch.dtype, sgemm: float | None = None) -> float:
+    """The compute rate a `dtype` model's GEMMs can reach here: the fp32 sgemm rate, or for bf16 the better of that
+    and a bf16 matmul's (oneDNN on AVX-512 BF16 CPUs does two bf16 products per fp32 lane, as the C++ decode GEMM
+    does; without them bf16 is widened to fp32). fp16 weights are widened to fp32: the fp32 rate."""
+    fp32 = sgemm if sgemm is not None else sgemm_gflops()
+    return max(fp32, sgemm_gflops(dtype=torch.bfloat16)) if dtype == torch.bfloat16 else fp32
 
 
 def decode_step_floor(spec, dtype: torch.dtype, rows: int, prefix_len: int, mean_suffix_len: float,
@@ -66,7 +75,7 @@ def decode_step_floor(spec, dtype: torch.dtype, rows: int, prefix_len: int, mean
 def generation_floor(spec, dtype: torch.dtype, prompt_len: int, chains: int, gen_len: int, bandwidth_gbs: float,
                      gflops: float) -> dict:
     """The floor of a whole verification run: one prefill of the `prompt_len`-token prompt (every projection weight
-    x every prompt token, causal attention, the LM head for its last token) at the sgemm rate, then `gen_len - 1`
+    x every prompt token, causal attention, the LM head for its last token) at the GEMM rate, then `gen_len - 1`
     decode steps of `chains` rows (the first token of every chain is drawn from the prefill's logits), each at
     decode_step_floor. No engine can run it faster on this machine: `peer seconds / floor_s` bounds any speed-up
     over a peer (with prompt caching; the peer's own waste is not subtracted)."""
