@@ -20,7 +20,7 @@ def _ref_norm(x, w, eps, residual):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows, hidden", [(1, 64), (16, 512), (5, 97)])
+@pytest.mark.parametrize("rows, hidden", [(1, 64), (16, 512), (5, 97), (517, 512)])  # 517 x 512: rows over threads
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_add_rms_norm_matches_float64(dtype, rows, hidden, with_residual):
     g = torch.Generator().manual_seed(rows * hidden)
@@ -44,7 +44,7 @@ def test_add_rms_norm_matches_float64(dtype, rows, hidden, with_residual):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows, inter", [(1, 8), (16, 1408), (3, 197)])
+@pytest.mark.parametrize("rows, inter", [(1, 8), (16, 1408), (3, 197), (301, 1409)])  # 301 rows: over threads
 def test_silu_and_mul_matches_float64(dtype, rows, inter):
     g = torch.Generator().manual_seed(inter)
     x = (torch.randn(rows, 2 * inter, generator=g) * 4).to(dtype)
