@@ -178,11 +178,13 @@ PK_INLINE void mask_future(float* S, int64_t nqp, int64_t nq, int64_t C, int64_t
   }
 }
 
-// Attends Qt (nq queries, see above) over keys [k0, k1) of KV head h in `table`, updating acc / m / l. causal_q0 >= 0:
-// prefill's diagonal, each query sees only the keys up to its own position (mask_future).
+// Attends Qt (nq queries, see above) over keys [k0, k1) of KV head h in `table`, updating acc / m / l; `dots`: Qt
+// holds query rows for qk_dots. causal_q0 >= 0: prefill's diagonal, each query sees only the keys up to its own
+// position (mask_future).
 template <DType T>
 void attend_keys(const AttnCtx& c, const float* Qt, int64_t nq, int64_t nqp, int64_t h, const int32_t* table,
-                 int64_t k0, int64_t k1, const Scratch& s, float* acc, float* m, float* l, int64_t causal_q0 = -1) {
+                 int64_t k0, int64_t k1, const Scratch& s, float* acc, float* m, float* l, bool dots,
+                 int64_t causal_q0 = -1) {
   const int64_t D = c.D, bs = c.block_size;
   constexpr int64_t ES = T == DType::F32 ? 4 : 2;
   const int64_t row_bytes = D * ES;
@@ -216,7 +218,7 @@ void attend_keys(const AttnCtx& c, const float* Qt, int64_t nq, int64_t nqp, int
         s.vrow[t] = s.vbuf + t * D;
       }
     }
-    if (dots_fit(nq, D))
+    if (dots)
       qk_dots(Qt, nq, nqp, D, s.krow, C, s.S);
     else
       qk(Qt, nqp, D, s.krow, C, s.S);
@@ -227,11 +229,13 @@ void attend_keys(const AttnCtx& c, const float* Qt, int64_t nq, int64_t nqp, int
 }
 
 // One work item: the queries of chains r0 .. r0+n x the G query heads of KV head h, over keys [k0, k1) of `table`.
-// Leaves the unnormalised state in acc [n G, D], m / l [nqp] (m in log2 units; -inf and 0 for no key).
-void attend_task(const AttnCtx& c, int64_t r0, int64_t n, int64_t h, const int32_t* table, int64_t k0, int64_t k1,
-                 const Scratch& s, float* acc, float* m, float* l) {
+// Leaves the unnormalised state in acc [n G, D], m / l [nqp] (m in log2 units; -inf and 0 for no key). dots_ok:
+// scores of few queries may be dot products (qk_dots) rather than query-vector tiles (another summation order).
+void attend_task_with(const AttnCtx& c, int64_t r0, int64_t n, int64_t h, const int32_t* table, int64_t k0,
+                      int64_t k1, const Scratch& s, float* acc, float* m, float* l, bool dots_ok) {
   const int64_t D = c.D, G = c.G, nq = n * G, nqp = (nq + V::W - 1) / V::W * V::W;
-  if (dots_fit(nq, D)) {  // rows Q [nq, D] for qk_dots, in the Qt buffer
+  const bool dots = dots_ok && dots_fit(nq, D);
+  if (dots) {  // rows Q [nq, D] for qk_dots, in the Qt buffer
     for (int64_t i = 0; i < nq; ++i) {
       const float* src = c.q + ((r0 + i / G) * c.Hq + h * G + i % G) * D;
       for (int64_t d = 0; d < D; ++d) s.Qt[i * D + d] = src[d] * c.qscale;
@@ -247,24 +251,38 @@ void attend_task(const AttnCtx& c, int64_t r0, int64_t n, int64_t h, const int32
   std::fill(m, m + nqp, -std::numeric_limits<float>::infinity());
   std::fill(l, l + nqp, 0.f);
   switch (c.ctype) {
-    case DType::F32: attend_keys<DType::F32>(c, s.Qt, nq, nqp, h, table, k0, k1, s, acc, m, l); break;
-    case DType::BF16: attend_keys<DType::BF16>(c, s.Qt, nq, nqp, h, table, k0, k1, s, acc, m, l); break;
-    case DType::F16: attend_keys<DType::F16>(c, s.Qt, nq, nqp, h, table, k0, k1, s, acc, m, l); break;
+    case DType::F32: attend_keys<DType::F32>(c, s.Qt, nq, nqp, h, table, k0, k1, s, acc, m, l, dots); break;
+    case DType::BF16: attend_keys<DType::BF16>(c, s.Qt, nq, nqp, h, table, k0, k1, s, acc, m, l, dots); break;
+    case DType::F16: attend_keys<DType::F16>(c, s.Qt, nq, nqp, h, table, k0, k1, s, acc, m, l, dots); break;
   }
 }
 
+void attend_task(const AttnCtx& c, int64_t r0, int64_t n, int64_t h, const int32_t* table, int64_t k0, int64_t k1,
+                 const Scratch& s, float* acc, float* m, float* l) {
+  attend_task_with(c, r0, n, h, table, k0, k1, s, acc, m, l, true);
+}
+
 // Prefill: tokens r0 .. r0+n of one sequence (rows of q; token j at position q0 + j) x the G query heads of KV head
-// h, causally: keys [0, q0] are seen by every query (one unmasked pass, as attend_task), keys q0+1 .. q0+n-1 only
-// by the queries at or after them (masked). Every query sees key 0, so m is finite when the masked part starts.
-// Leaves the unnormalised state like attend_task.
+// h, causally: the whole key chunks every query sees (up to the last CHUNK boundary <= q0 + 1) in one unmasked pass,
+// the rest up to q0 + n - 1 with each query's future keys masked. Chunks sit on multiples of CHUNK from key 0 and
+// the scores are always query-vector tiles, so a token's output does not depend on the tile it falls in: a prompt
+// prefilled whole or after a cached prefix gives the same floats (a data-parallel job writes the bytes one process
+// writes). A fully masked chunk leaves a query's state exactly as it was (alpha = 2^0, weights 0). Leaves the
+// unnormalised state like attend_task.
 void attend_causal(const AttnCtx& c, int64_t r0, int64_t n, int64_t h, const int32_t* table, int64_t q0,
                    const Scratch& s, float* acc, float* m, float* l) {
-  attend_task(c, r0, n, h, table, 0, q0 + 1, s, acc, m, l);
-  if (n <= 1) return;
+  const int64_t seen = (q0 + 1) / CHUNK * CHUNK;  // keys [0, seen): whole chunks every query of the tile sees
+  attend_task_with(c, r0, n, h, table, 0, seen, s, acc, m, l, false);
   const int64_t nq = n * c.G, nqp = (nq + V::W - 1) / V::W * V::W;
-  switch (c.ctype) {  // s.Qt still holds these queries (attend_task built it)
-    case DType::F32: attend_keys<DType::F32>(c, s.Qt, nq, nqp, h, table, q0 + 1, q0 + n, s, acc, m, l, q0); break;
-    case DType::BF16: attend_keys<DType::BF16>(c, s.Qt, nq, nqp, h, table, q0 + 1, q0 + n, s, acc, m, l, q0); break;
-    case DType::F16: attend_keys<DType::F16>(c, s.Qt, nq, nqp, h, table, q0 + 1, q0 + n, s, acc, m, l, q0); break;
+  switch (c.ctype) {  // s.Qt still holds these queries (attend_task_with built it)
+    case DType::F32:
+      attend_keys<DType::F32>(c, s.Qt, nq, nqp, h, table, seen, q0 + n, s, acc, m, l, false, q0);
+      break;
+    case DType::BF16:
+      attend_keys<DType::BF16>(c, s.Qt, nq, nqp, h, table, seen, q0 + n, s, acc, m, l, false, q0);
+      break;
+    case DType::F16:
+      attend_keys<DType::F16>(c, s.Qt, nq, nqp, h, table, seen, q0 + n, s, acc, m, l, false, q0);
+      break;
   }
 }

@@ -116,3 +116,22 @@ def test_metadata_errors_say_what_is_accepted():
         OPS.prefill_attention(q, k_cache, v_cache, cu, lens, bad, 0.1)
     with pytest.raises(RuntimeError, match="isa='avx9'"):
         OPS.prefill_attention(q, k_cache, v_cache, cu, lens, tables, 0.1, "avx9")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 4])
+def test_a_tokens_output_does_not_depend_on_its_tile(dtype, group):
+    """The same bytes for a token whether its prompt is prefilled whole or after a cached prefix of any length (its
+    tile, and so the split between unmasked and masked keys, moves): what lets a data-parallel job write the bytes
+    one process writes, whatever its prefix cache held."""
+    k_cache, v_cache, tables = make_paged_kv([150], 16, 2, 64, dtype, seed=11)
+    q = torch.randn(150, 2 * group, 64, generator=torch.Generator().manual_seed(12))
+    lens = torch.tensor([150], dtype=torch.int32)
+
+    def tail(cached: int) -> torch.Tensor:  # outputs of tokens cached .. 149, prefilled after `cached` tokens
+        cu = torch.tensor([0, 150 - cached], dtype=torch.int32)
+        return OPS.prefill_attention(q[cached:].contiguous(), k_cache, v_cache, cu, lens, tables, 0.125)
+
+    whole = tail(0)
+    for cached in (1, 37, 63, 64, 100, 148, 149):
+        assert torch.equal(tail(cached), whole[cached:]), f"cached prefix of {cached} tokens"
