@@ -61,6 +61,29 @@ torch::Tensor int32_table(const torch::Tensor& t, const char* what, int64_t dims
   return t.contiguous();
 }
 
+// Every block that row r's length lens[r] covers must be a pool block: a bad table fails here, not as a wild read.
+void check_table_rows(const torch::Tensor& table, const torch::Tensor& lens, int64_t block_size, int64_t num_blocks,
+                      const char* op, const char* what) {
+  const int32_t* t = table.data_ptr<int32_t>();
+  const int32_t* l = lens.data_ptr<int32_t>();
+  for (int64_t r = 0; r < lens.size(0); ++r) {
+    const int64_t need = (static_cast<int64_t>(l[r]) + block_size - 1) / block_size;
+    TORCH_CHECK(l[r] >= 0 && need <= table.size(1), op, ": ", what, " row ", r, " has length ", l[r],
+                " but its table holds ", table.size(1), " blocks of ", block_size);
+    for (int64_t j = 0; j < need; ++j)
+      TORCH_CHECK(t[r * table.size(1) + j] >= 0 && t[r * table.size(1) + j] < num_blocks, op, ": ", what, " row ",
+                  r, " names block ", t[r * table.size(1) + j], " of a pool of ", num_blocks);
+  }
+}
+
+// An attention op's `isa` argument: '' (this CPU's widest path) or a path this CPU (and PRMKERN_ISA) allows.
+void check_isa(const std::string& isa, const char* op) {
+  const std::string have = prmkern::cpu_isa();
+  TORCH_CHECK(isa.empty() || isa == "scalar" || (isa == "avx2" && have != "scalar") || (isa == "avx512" && have == "avx512"),
+              op, ": isa='", isa, "' is not available; this CPU (and PRMKERN_ISA) allows up to '", have,
+              "' (accepted: '', 'scalar', 'avx2', 'avx512')");
+}
+
 // q [B, Hq, D] -> out [B, Hq, D] in q's dtype; caches [num_blocks, block_size, Hkv, D]; see paged_attention.h.
 torch::Tensor cascade_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                              const torch::Tensor& group_starts, const torch::Tensor& prefix_lens,
@@ -83,29 +106,12 @@ torch::Tensor cascade_decode(const torch::Tensor& q, const torch::Tensor& k_cach
               "cascade_decode: metadata sizes disagree with ", B, " chains in ", ng, " groups");
   TORCH_CHECK(gs.data_ptr<int32_t>()[0] == 0 && gs.data_ptr<int32_t>()[ng] == B,
               "cascade_decode: group_starts must run from 0 to B=", B);
-  // Every block a length covers must be a pool block: a bad table fails here, not as a wild read.
-  const int64_t num_blocks = k_cache.size(0);
-  auto check_rows = [&](const torch::Tensor& table, const torch::Tensor& lens, const char* what) {
-    const int32_t* t = table.data_ptr<int32_t>();
-    const int32_t* l = lens.data_ptr<int32_t>();
-    for (int64_t r = 0; r < lens.size(0); ++r) {
-      const int64_t need = (static_cast<int64_t>(l[r]) + bs - 1) / bs;
-      TORCH_CHECK(l[r] >= 0 && need <= table.size(1), "cascade_decode: ", what, " row ", r, " has length ", l[r],
-                  " but its table holds ", table.size(1), " blocks of ", bs);
-      for (int64_t j = 0; j < need; ++j)
-        TORCH_CHECK(t[r * table.size(1) + j] >= 0 && t[r * table.size(1) + j] < num_blocks, "cascade_decode: ", what,
-                    " row ", r, " names block ", t[r * table.size(1) + j], " of a pool of ", num_blocks);
-    }
-  };
-  check_rows(pt, pl, "prefix");
-  check_rows(st, sl, "suffix");
+  check_table_rows(pt, pl, bs, k_cache.size(0), "cascade_decode", "prefix");
+  check_table_rows(st, sl, bs, k_cache.size(0), "cascade_decode", "suffix");
   const int32_t* g = gs.data_ptr<int32_t>();
   for (int64_t i = 0; i < ng; ++i)
     TORCH_CHECK(g[i] >= 0 && g[i] <= g[i + 1], "cascade_decode: group_starts must be non-decreasing from 0");
-  const std::string have = prmkern::cpu_isa();
-  TORCH_CHECK(isa.empty() || isa == "scalar" || (isa == "avx2" && have != "scalar") || (isa == "avx512" && have == "avx512"),
-              "cascade_decode: isa='", isa, "' is not available; this CPU (and PRMKERN_ISA) allows up to '", have,
-              "' (accepted: '', 'scalar', 'avx2', 'avx512')");
+  check_isa(isa, "cascade_decode");
   auto qf = q.to(torch::kFloat32).contiguous();
   auto out = torch::empty({B, Hq, D}, q.options().dtype(torch::kFloat32));
   if (B > 0) {
@@ -143,20 +149,11 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
   const int32_t* t = bt.data_ptr<int32_t>();
   TORCH_CHECK(c[0] == 0 && c[S] == T, "prefill_attention: cu_seqlens_q must run from 0 to T=", T, "; got ", c[0],
               " .. ", c[S]);
-  for (int64_t i = 0; i < S; ++i) {
-    const int64_t qlen = c[i + 1] - c[i], need = (static_cast<int64_t>(l[i]) + bs - 1) / bs;
-    TORCH_CHECK(qlen >= 0 && qlen <= l[i], "prefill_attention: sequence ", i, " has ", qlen, " new tokens but ",
-                "length ", l[i], " (accepted: 0 <= new tokens <= length)");
-    TORCH_CHECK(need <= bt.size(1), "prefill_attention: sequence ", i, " has length ", l[i], " but its table holds ",
-                bt.size(1), " blocks of ", bs);
-    for (int64_t j = 0; j < need; ++j)
-      TORCH_CHECK(t[i * bt.size(1) + j] >= 0 && t[i * bt.size(1) + j] < k_cache.size(0), "prefill_attention: ",
-                  "sequence ", i, " names block ", t[i * bt.size(1) + j], " of a pool of ", k_cache.size(0));
-  }
-  const std::string have = prmkern::cpu_isa();
-  TORCH_CHECK(isa.empty() || isa == "scalar" || (isa == "avx2" && have != "scalar") || (isa == "avx512" && have == "avx512"),
-              "prefill_attention: isa='", isa, "' is not available; this CPU (and PRMKERN_ISA) allows up to '", have,
-              "' (accepted: '', 'scalar', 'avx2', 'avx512')");
+  for (int64_t i = 0; i < S; ++i)
+    TORCH_CHECK(c[i + 1] - c[i] >= 0 && c[i + 1] - c[i] <= l[i], "prefill_attention: sequence ", i, " has ",
+                c[i + 1] - c[i], " new tokens but length ", l[i], " (accepted: 0 <= new tokens <= length)");
+  check_table_rows(bt.narrow(0, 0, S), sl, bs, k_cache.size(0), "prefill_attention", "sequence");
+  check_isa(isa, "prefill_attention");
   auto qf = q.to(torch::kFloat32).contiguous();
   auto out = torch::empty({T, Hq, D}, q.options().dtype(torch::kFloat32));
   if (T > 0)

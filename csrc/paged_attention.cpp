@@ -108,6 +108,18 @@ constexpr int64_t PREFILL_QUERIES = 64;  // queries per prefill tile (tokens x G
 
 int64_t round_up(int64_t x, int64_t w) { return (x + w - 1) / w * w; }
 
+// The path `isa` names ("" or nullptr: cpu_isa()), as that path's copy of a tile-level function.
+template <typename Fn>
+Fn by_isa(const char* isa, Fn scalar, Fn avx2, Fn avx512) {
+  const std::string path = isa != nullptr && *isa ? isa : cpu_isa();
+  return path == "avx512" ? avx512 : path == "avx2" ? avx2 : scalar;
+}
+#if PRMKERN_X86
+#define ISA_FN(name) isa_avx2::name, isa_avx512::name
+#else
+#define ISA_FN(name) isa_scalar::name, isa_scalar::name
+#endif
+
 // Uninitialised float buffers on 64-byte (cache line) boundaries: every use writes before it reads (zeroing them
 // was a visible share of a short call), and a 16-byte aligned vector buffer splits most AVX-512 loads and stores
 // of the tiles over two cache lines.
@@ -145,12 +157,7 @@ void cascade_decode(const float* q, int64_t B, int64_t Hq, int64_t D, const void
                     const int32_t* prefix_lens, const int32_t* prefix_tables, int64_t prefix_stride,
                     const int32_t* suffix_lens, const int32_t* suffix_tables, int64_t suffix_stride, float scale,
                     float* out, const char* isa) {
-  const std::string path = isa != nullptr && *isa ? isa : cpu_isa();
-  TaskFn task = isa_scalar::attend_task;
-#if PRMKERN_X86
-  if (path == "avx512") task = isa_avx512::attend_task;
-  if (path == "avx2") task = isa_avx2::attend_task;
-#endif
+  const TaskFn task = by_isa<TaskFn>(isa, isa_scalar::attend_task, ISA_FN(attend_task));
   const int64_t G = Hq / Hkv;
   const AttnCtx c{q, Hq, D, G, Hkv, k_cache, v_cache, ctype, block_size, scale * LOG2E};
   const float ninf = -std::numeric_limits<float>::infinity();
@@ -243,12 +250,7 @@ void prefill_attention(const float* q, int64_t T, int64_t Hq, int64_t D, const v
                        DType ctype, int64_t block_size, int64_t Hkv, int64_t num_seqs, const int32_t* cu_seqlens_q,
                        const int32_t* seq_lens, const int32_t* block_tables, int64_t table_stride, float scale,
                        float* out, const char* isa) {
-  const std::string path = isa != nullptr && *isa ? isa : cpu_isa();
-  CausalFn task = isa_scalar::attend_causal;
-#if PRMKERN_X86
-  if (path == "avx512") task = isa_avx512::attend_causal;
-  if (path == "avx2") task = isa_avx2::attend_causal;
-#endif
+  const CausalFn task = by_isa<CausalFn>(isa, isa_scalar::attend_causal, ISA_FN(attend_causal));
   const int64_t G = Hq / Hkv;
   const AttnCtx c{q, Hq, D, G, Hkv, k_cache, v_cache, ctype, block_size, scale * LOG2E};
   // Tiles of BT tokens x G heads (~64 queries, the decode cascade's shape at 16 chains), one item per (sequence,
