@@ -309,6 +309,10 @@ std::tuple<torch::Tensor, torch::Tensor> sample_rows(const torch::Tensor& logits
   TORCH_CHECK(u.device().is_cpu() && u.scalar_type() == torch::kFloat64 && u.dim() == 1 && u.size(0) == R,
               "sample_rows: u must be a CPU float64 tensor [", R, "]; got ", u.scalar_type(), " ", u.sizes());
   auto uc = u.contiguous();
+  for (int64_t r = 0; r < R; ++r) {
+    const double ur = uc.data_ptr<double>()[r];
+    TORCH_CHECK(ur >= 0.0 && ur <= 1.0, "sample_rows: row ", r, " has u = ", ur, "; accepted: 0 <= u <= 1");
+  }
   torch::Tensor tc;
   if (temperature.has_value() && temperature->defined()) {
     TORCH_CHECK(temperature->device().is_cpu() && temperature->scalar_type() == torch::kFloat32 &&

@@ -101,6 +101,8 @@ def test_bad_arguments_say_what_is_accepted():
         OPS.sample_rows(x, u.float())
     with pytest.raises(RuntimeError, match="temperature"):
         OPS.sample_rows(x, u, torch.tensor([1.0, 0.0]))
+    with pytest.raises(RuntimeError, match="accepted: 0 <= u <= 1"):
+        OPS.sample_rows(x, torch.tensor([0.5, float("nan")], dtype=torch.float64))
     with pytest.raises(RuntimeError, match="contiguous rows"):
         OPS.sample_rows(torch.randn(10, 2).T, u)
 
