@@ -4,7 +4,9 @@ vLLM's order: (log-probabilities returned are taken here, from the raw logits) -
 (repetition, frequency, presence) -> greedy rows take the argmax; others are scaled by temperature, filtered by
 min_p, then top-k / top-p when asked (the sort is skipped otherwise) and drawn with the sequence's own generator, so
 a seeded request reproduces its chains whatever else is batched. A row whose logits hold NaN or +inf is reported as
-failed (its request fails alone) instead of drawing a token id outside the vocabulary.
+failed (its request fails alone) instead of drawing a token id outside the vocabulary. With the C++ CPU kernels
+(the `cpp` backend) the draw of rows without top-k / top-p / min-p is one call (csrc/sampling.cpp) on the same
+per-row uniforms.
 """
 from __future__ import annotations
 
@@ -182,10 +184,10 @@ class Sampler:
                                         [p.top_p for p in ps])
             tokens[idx] = drawn.to(tokens.device)
             bad[random_rows] = ~ok.cpu()
-        return self._finish(logits, logprobs, seqs, tokens, bad)
+        return self._finish(logprobs, seqs, tokens, bad)
 
-    def _finish(self, logits: torch.Tensor, logprobs: torch.Tensor | None, seqs: list[Sequence],
-                tokens: torch.Tensor, bad: torch.Tensor) -> SampleResult:
+    def _finish(self, logprobs: torch.Tensor | None, seqs: list[Sequence], tokens: torch.Tensor,
+                bad: torch.Tensor) -> SampleResult:
         """Failed rows (non-finite logits) and the requested log-probabilities of the drawn tokens."""
         failed = {r: f"the model produced non-finite logits (NaN or inf) at position {seqs[r].num_tokens - 1} of "
                      f"this request" for r in bad.nonzero()[:, 0].tolist()}
