@@ -228,6 +228,17 @@ void attend_keys(const AttnCtx& c, const float* Qt, int64_t nq, int64_t nqp, int
   }
 }
 
+// attend_keys for the cache's dtype (c.ctype).
+void attend_keys_any(const AttnCtx& c, const float* Qt, int64_t nq, int64_t nqp, int64_t h, const int32_t* table,
+                     int64_t k0, int64_t k1, const Scratch& s, float* acc, float* m, float* l, bool dots,
+                     int64_t causal_q0 = -1) {
+  switch (c.ctype) {
+    case DType::F32: return attend_keys<DType::F32>(c, Qt, nq, nqp, h, table, k0, k1, s, acc, m, l, dots, causal_q0);
+    case DType::BF16: return attend_keys<DType::BF16>(c, Qt, nq, nqp, h, table, k0, k1, s, acc, m, l, dots, causal_q0);
+    case DType::F16: return attend_keys<DType::F16>(c, Qt, nq, nqp, h, table, k0, k1, s, acc, m, l, dots, causal_q0);
+  }
+}
+
 // One work item: the queries of chains r0 .. r0+n x the G query heads of KV head h, over keys [k0, k1) of `table`.
 // Leaves the unnormalised state in acc [n G, D], m / l [nqp] (m in log2 units; -inf and 0 for no key). dots_ok:
 // scores of few queries may be dot products (qk_dots) rather than query-vector tiles (another summation order).
@@ -250,11 +261,7 @@ void attend_task_with(const AttnCtx& c, int64_t r0, int64_t n, int64_t h, const 
   std::fill(acc, acc + nq * D, 0.f);
   std::fill(m, m + nqp, -std::numeric_limits<float>::infinity());
   std::fill(l, l + nqp, 0.f);
-  switch (c.ctype) {
-    case DType::F32: attend_keys<DType::F32>(c, s.Qt, nq, nqp, h, table, k0, k1, s, acc, m, l, dots); break;
-    case DType::BF16: attend_keys<DType::BF16>(c, s.Qt, nq, nqp, h, table, k0, k1, s, acc, m, l, dots); break;
-    case DType::F16: attend_keys<DType::F16>(c, s.Qt, nq, nqp, h, table, k0, k1, s, acc, m, l, dots); break;
-  }
+  attend_keys_any(c, s.Qt, nq, nqp, h, table, k0, k1, s, acc, m, l, dots);
 }
 
 void attend_task(const AttnCtx& c, int64_t r0, int64_t n, int64_t h, const int32_t* table, int64_t k0, int64_t k1,
@@ -274,15 +281,6 @@ void attend_causal(const AttnCtx& c, int64_t r0, int64_t n, int64_t h, const int
   const int64_t seen = (q0 + 1) / CHUNK * CHUNK;  // keys [0, seen): whole chunks every query of the tile sees
   attend_task_with(c, r0, n, h, table, 0, seen, s, acc, m, l, false);
   const int64_t nq = n * c.G, nqp = (nq + V::W - 1) / V::W * V::W;
-  switch (c.ctype) {  // s.Qt still holds these queries (attend_task_with built it)
-    case DType::F32:
-      attend_keys<DType::F32>(c, s.Qt, nq, nqp, h, table, seen, q0 + n, s, acc, m, l, false, q0);
-      break;
-    case DType::BF16:
-      attend_keys<DType::BF16>(c, s.Qt, nq, nqp, h, table, seen, q0 + n, s, acc, m, l, false, q0);
-      break;
-    case DType::F16:
-      attend_keys<DType::F16>(c, s.Qt, nq, nqp, h, table, seen, q0 + n, s, acc, m, l, false, q0);
-      break;
-  }
+  // s.Qt still holds these queries (attend_task_with built it)
+  attend_keys_any(c, s.Qt, nq, nqp, h, table, seen, q0 + n, s, acc, m, l, false, q0);
 }
