@@ -79,8 +79,9 @@ void check_table_rows(const torch::Tensor& table, const torch::Tensor& lens, int
 // An attention op's `isa` argument: '' (this CPU's widest path) or a path this CPU (and PRMKERN_ISA) allows.
 void check_isa(const std::string& isa, const char* op) {
   const std::string have = prmkern::cpu_isa();
-  TORCH_CHECK(isa.empty() || isa == "scalar" || (isa == "avx2" && have != "scalar") || (isa == "avx512" && have == "avx512"),
-              op, ": isa='", isa, "' is not available; this CPU (and PRMKERN_ISA) allows up to '", have,
+  const bool ok = isa.empty() || isa == "scalar" || (isa == "avx2" && have != "scalar") ||
+                  (isa == "avx512" && have == "avx512");
+  TORCH_CHECK(ok, op, ": isa='", isa, "' is not available; this CPU (and PRMKERN_ISA) allows up to '", have,
               "' (accepted: '', 'scalar', 'avx2', 'avx512')");
 }
 
@@ -328,8 +329,9 @@ std::tuple<torch::Tensor, torch::Tensor> sample_rows(const torch::Tensor& logits
   auto tokens = torch::empty({R}, torch::kInt64);
   auto ok = torch::empty({R}, torch::kBool);
   if (R > 0)
-    prmkern::sample_rows(logits.data_ptr<float>(), R, V, logits.stride(0), tc.defined() ? tc.data_ptr<float>() : nullptr,
-                         uc.data_ptr<double>(), tokens.data_ptr<int64_t>(), reinterpret_cast<uint8_t*>(ok.data_ptr<bool>()));
+    prmkern::sample_rows(logits.data_ptr<float>(), R, V, logits.stride(0),
+                         tc.defined() ? tc.data_ptr<float>() : nullptr, uc.data_ptr<double>(),
+                         tokens.data_ptr<int64_t>(), reinterpret_cast<uint8_t*>(ok.data_ptr<bool>()));
   return {tokens, ok};
 }
 

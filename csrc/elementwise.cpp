@@ -109,7 +109,8 @@ PRMKERN_AVX2 void silu_and_mul_avx2(const void* x, int64_t rows, int64_t I, void
 // 2816 SiLU-and-mul took ~1 ms single-threaded, ~5% of a 39M model's 512-token prefill).
 template <typename Fn>
 void over_rows(int64_t T, int64_t row_elems, const Fn& fn) {
-  const int threads = T * row_elems >= (int64_t{1} << 17) ? static_cast<int>(std::min<int64_t>(omp_get_max_threads(), T)) : 1;
+  const bool big = T * row_elems >= (int64_t{1} << 17);
+  const int threads = big ? static_cast<int>(std::min<int64_t>(omp_get_max_threads(), T)) : 1;
   if (threads <= 1) return fn(int64_t{0}, T);
 #pragma omp parallel for num_threads(threads) schedule(static, 1)
   for (int t = 0; t < threads; ++t) {
