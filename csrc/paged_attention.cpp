@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <limits>
 #include <memory>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -128,7 +129,9 @@ struct FreeFloats {
 };
 using FloatBuf = std::unique_ptr<float[], FreeFloats>;
 FloatBuf alloc_floats(int64_t n) {
-  return FloatBuf(static_cast<float*>(std::aligned_alloc(64, round_up(std::max<int64_t>(n, 1) * 4, 64))));
+  float* p = static_cast<float*>(std::aligned_alloc(64, round_up(std::max<int64_t>(n, 1) * 4, 64)));
+  if (p == nullptr) throw std::bad_alloc();  // as the std::vector it replaces would
+  return FloatBuf(p);
 }
 
 // One thread's Scratch (attention_tiles.h) for items of up to nqp_max queries of head dim D, in one aligned buffer.
