@@ -7,6 +7,7 @@
 #include "decode_gemm.h"
 #include "elementwise.h"
 #include "paged_attention.h"
+#include "panel_gemm.h"
 #include "rotary_store.h"
 #include "sampling.h"
 
@@ -22,9 +23,23 @@ prmkern::DType kernel_dtype(const torch::Tensor& t, const char* what) {
   }
 }
 
+// panels, when given, must be weight's copy in column panels [ceil(N/48), K, 48] (prmkern/models/decode_panels.py).
+void check_panels(const torch::Tensor& panels, const torch::Tensor& weight) {
+  const int64_t N = weight.size(0), K = weight.size(1), P = (N + prmkern::kPanelCols - 1) / prmkern::kPanelCols;
+  TORCH_CHECK(panels.device().is_cpu() && panels.dim() == 3 && panels.size(0) == P && panels.size(1) == K &&
+                  panels.size(2) == prmkern::kPanelCols && panels.is_contiguous() &&
+                  panels.scalar_type() == weight.scalar_type(),
+              "decode_linear: panels must be a contiguous CPU tensor [", P, ", ", K, ", ", prmkern::kPanelCols,
+              "] of the weight's dtype ", weight.scalar_type(), " (the weight [", N, ", ", K,
+              "] packed by pack_panels); got ", panels.scalar_type(), " ", panels.sizes(),
+              panels.is_contiguous() ? "" : " (not contiguous)");
+}
+
 // x [M, K] (any float dtype) @ weight [N, K]^T + bias [N] -> [M, N] in x's dtype. weight rows must be contiguous
-// (stride(1) == 1), the checkpoint's layout.
-torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
+// (stride(1) == 1), the checkpoint's layout. With `panels` (the weight in column panels) the panel GEMM reads them
+// instead of the weight.
+torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
+                            const c10::optional<torch::Tensor>& panels) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "decode_linear runs on CPU tensors");
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "decode_linear: x must be [M, K] and weight [N, K]; got ",
               x.sizes(), " and ", weight.sizes());
@@ -39,8 +54,14 @@ torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& weight,
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "decode_linear: bias must be [", N, "]; got ", bias->sizes());
     bf = bias->to(torch::kFloat32).contiguous();
   }
+  const bool use_panels = panels.has_value() && panels->defined();
+  if (use_panels) check_panels(*panels, weight);
   auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
-  if (M > 0 && N > 0 && wtype == prmkern::DType::BF16 && x.scalar_type() == torch::kBFloat16) {
+  if (M > 0 && N > 0 && use_panels) {
+    auto xf = x.to(torch::kFloat32).contiguous();
+    prmkern::panel_gemm(xf.data_ptr<float>(), M, K, panels->data_ptr(), wtype, N,
+                        bf.defined() ? bf.data_ptr<float>() : nullptr, y.data_ptr<float>(), N);
+  } else if (M > 0 && N > 0 && wtype == prmkern::DType::BF16 && x.scalar_type() == torch::kBFloat16) {
     // bf16 x bf16: AVX-512 BF16 dot products where the CPU has them (x used as it is), else x widened in C++
     auto xb = x.contiguous();
     prmkern::decode_gemm_bf16_dot(reinterpret_cast<const uint16_t*>(xb.data_ptr()), M, K,
@@ -276,7 +297,9 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layer(
     const torch::Tensor& positions, const torch::Tensor& cos_sin_cache, const torch::Tensor& k_cache,
     const torch::Tensor& v_cache, const torch::Tensor& slot_mapping, const torch::Tensor& group_starts,
     const torch::Tensor& prefix_lens, const torch::Tensor& prefix_tables, const torch::Tensor& suffix_lens,
-    const torch::Tensor& suffix_tables, double scale) {
+    const torch::Tensor& suffix_tables, double scale, const c10::optional<torch::Tensor>& p_qkv,
+    const c10::optional<torch::Tensor>& p_o, const c10::optional<torch::Tensor>& p_gate_up,
+    const c10::optional<torch::Tensor>& p_down) {
   TORCH_CHECK(x.dim() == 2, "decode_layer: x must be [T, H]; got ", x.sizes());
   const int64_t T = x.size(0), q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
   TORCH_CHECK(w_qkv.dim() == 2 && w_qkv.size(0) == q_size + 2 * kv_size, "decode_layer: w_qkv must have ",
@@ -284,16 +307,16 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layer(
               w_qkv.sizes());
   auto [h, res] = add_rms_norm(x, residual, ln1, eps1);
   torch::Tensor resid = res.has_value() ? *res : x;
-  auto qkv = decode_linear(h, w_qkv, b_qkv);  // [T, q + 2 kv]
+  auto qkv = decode_linear(h, w_qkv, b_qkv, p_qkv);  // [T, q + 2 kv]
   auto q = qkv.narrow(1, 0, q_size).view({T, num_heads, head_dim});
   auto k = qkv.narrow(1, q_size, kv_size).view({T, num_kv_heads, head_dim});
   auto v = qkv.narrow(1, q_size + kv_size, kv_size).view({T, num_kv_heads, head_dim});
   auto q_rot = rotary_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping);
   auto attn = cascade_decode(q_rot, k_cache, v_cache, group_starts, prefix_lens, prefix_tables, suffix_lens,
                              suffix_tables, scale, "");
-  auto o = decode_linear(attn.view({T, q_size}), w_o, b_o);
+  auto o = decode_linear(attn.view({T, q_size}), w_o, b_o, p_o);
   auto [h2, res2] = add_rms_norm(o, resid, ln2, eps2);
-  auto out = decode_linear(silu_and_mul(decode_linear(h2, w_gate_up, b_gate_up)), w_down, b_down);
+  auto out = decode_linear(silu_and_mul(decode_linear(h2, w_gate_up, b_gate_up, p_gate_up)), w_down, b_down, p_down);
   return {out, *res2};
 }
 
@@ -345,7 +368,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_dot", &prmkern::cpu_has_bf16_dot,
         "whether bf16 x bf16 decode GEMMs take the AVX-512 BF16 dot products (PRMKERN_BF16_DOT=0 turns them off)");
   m.def("decode_linear", &decode_linear, "x [M, K] @ weight [N, K]^T + bias, weight streamed once (decode rows)",
-        py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
+        py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(), py::arg("panels") = py::none());
   m.def("cascade_decode", &cascade_decode, "cascade paged decode attention over the block pool, in place",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("group_starts"), py::arg("prefix_lens"),
         py::arg("prefix_tables"), py::arg("suffix_lens"), py::arg("suffix_tables"), py::arg("scale"),
@@ -366,7 +389,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w_down"), py::arg("b_down"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),
         py::arg("positions"), py::arg("cos_sin_cache"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("slot_mapping"), py::arg("group_starts"), py::arg("prefix_lens"), py::arg("prefix_tables"),
-        py::arg("suffix_lens"), py::arg("suffix_tables"), py::arg("scale"));
+        py::arg("suffix_lens"), py::arg("suffix_tables"), py::arg("scale"), py::arg("p_qkv") = py::none(),
+        py::arg("p_o") = py::none(), py::arg("p_gate_up") = py::none(), py::arg("p_down") = py::none());
   m.def("sample_rows", &sample_rows,
         "the sampler's inverse-CDF draw: per row the first token whose cumulative softmax weight exceeds u x total",
         py::arg("logits"), py::arg("u"), py::arg("temperature") = py::none());

@@ -19,6 +19,7 @@ from prmkern.config import EngineConfig
 from prmkern.cuda_graphs import DecodeGraphs
 from prmkern.models import DecoderForCausalLM, ForwardContext
 from prmkern.models.loader import k_major_weights
+from prmkern.models.decode_panels import attach_panels
 from prmkern.models.packed_gemm import Linear, PackedGemm
 from prmkern.scheduler import ScheduledSeq, SchedulerOutput
 
@@ -59,17 +60,20 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if config.device.type == "cuda" and self.backend.name == "triton" and not config.enforce_eager:
             self.graphs = self.make_graphs("cuda")
+        self.panel_bytes = 0  # memory held by column-panel copies of the weights (the cpp backend)
         self.packed_gemm = self._cpu_weight_path() if config.device.type == "cpu" else None
 
     def _cpu_weight_path(self) -> PackedGemm | None:
-        """CPU GEMMs: with the "cpp" backend every decode GEMM streams the checkpoint's [out, in] weights in C++
-        (any dtype); with the torch backend in fp32 the weights are stored k-major and decode GEMMs read MKL-packed
+        """CPU GEMMs: with the "cpp" backend every decode GEMM runs in C++ (any dtype), on a column-panel copy of the
+        weight where `packed_gemm_bytes` holds one (prmkern/models/decode_panels.py), else on the checkpoint's
+        [out, in] weight; with the torch backend in fp32 the weights are stored k-major and decode GEMMs read MKL-packed
         copies (prmkern/models/packed_gemm.py; inactive with a zero budget)."""
         linears = [m for m in self.model.modules() if isinstance(m, Linear)]
         ops = getattr(self.backend, "ops", None) if self.backend.name == "cpp" else None
         for m in linears:
             m.cpp = ops
         if ops is not None:
+            self.panel_bytes = attach_panels(linears, self.config.packed_gemm_bytes, bool(ops.bf16_dot()))
             return None
         if self.config.dtype == torch.float32:
             k_major_weights(self.model)

@@ -1,7 +1,8 @@
 """The C++ backend's one-call decode layer (`_C.decode_layer`, `CppBackend.decode_layer`) against the same layer
 run op by op through the modules: identical logprobs on Qwen2 (q/k/v bias) and Llama (none), fp32 and bf16, with
-shared prefixes and chains of different lengths; it is really taken on decode steps, and left for what it does not
-take (Qwen3's q/k norm, forward hooks as tensor parallelism registers)."""
+shared prefixes and chains of different lengths, with and without column-panel weight copies; it is really taken on
+decode steps, and left for what it does not take (Qwen3's q/k norm, forward hooks as tensor parallelism
+registers)."""
 from __future__ import annotations
 
 import pytest
@@ -15,7 +16,7 @@ pytestmark = [pytest.mark.skipif(cpp_ops() is None, reason="prmkern._C (csrc/) i
               pytest.mark.filterwarnings("ignore:prmkern. no tokenizer files")]
 
 
-def _run(path: str, dtype: str, fused: bool, monkeypatch) -> tuple[list, int]:
+def _run(path: str, dtype: str, fused: bool, monkeypatch, panel_budget: int = 1 << 30) -> tuple[list, int]:
     calls = {"taken": 0}
     original = CppBackend.decode_layer
 
@@ -25,7 +26,8 @@ def _run(path: str, dtype: str, fused: bool, monkeypatch) -> tuple[list, int]:
         return out
 
     monkeypatch.setattr(CppBackend, "decode_layer", counting)
-    llm = LLM(path, dtype=dtype, device="cpu", attention_backend="cpp", num_kvcache_blocks=64)
+    llm = LLM(path, dtype=dtype, device="cpu", attention_backend="cpp", num_kvcache_blocks=64,
+              packed_gemm_bytes=panel_budget)
     prompts = [list(range(3, 40)), list(range(3, 40)) + [7, 9], [5, 6, 7]]  # a shared prefix, and one alone
     params = SamplingParams(n=3, temperature=0.8, max_tokens=12, seed=3, logprobs=2)
     outs = llm.generate(prompts, params)
@@ -36,12 +38,13 @@ def _run(path: str, dtype: str, fused: bool, monkeypatch) -> tuple[list, int]:
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fused_layer_equals_op_by_op(tmp_path, monkeypatch, arch, dtype):
+@pytest.mark.parametrize("panel_budget", [1 << 30, 0])  # GEMMs on column-panel copies, and on the weights
+def test_fused_layer_equals_op_by_op(tmp_path, monkeypatch, arch, dtype, panel_budget):
     path = build_checkpoint(str(tmp_path / arch), arch, dtype=getattr(torch, dtype), vocab_size=256,
                             hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                             num_key_value_heads=2, tokenizer=False, seed=11)
-    fused, taken = _run(path, dtype, True, monkeypatch)
-    plain, not_taken = _run(path, dtype, False, monkeypatch)
+    fused, taken = _run(path, dtype, True, monkeypatch, panel_budget)
+    plain, not_taken = _run(path, dtype, False, monkeypatch, panel_budget)
     assert taken > 0 and not_taken == 0
     assert fused == plain  # the same ops in the same order: bit-identical
 

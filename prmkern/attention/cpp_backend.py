@@ -147,8 +147,10 @@ class CppBackend(TorchBackend):
             return None
         gs, pl, pt, sl, st = self._int32_tables(meta.decode)
         before, after = static
+        # the weights' column panels, checked against the weights' versions every call (a stale copy is re-packed)
+        panels = tuple(m.decode_panels() for m in linears)
         return self.ops.decode_layer(x, residual, *before, positions, ctx.cos_sin_cache, k_cache, v_cache,
-                                     meta.slot_mapping, gs, pl, pt, sl, st, *after)
+                                     meta.slot_mapping, gs, pl, pt, sl, st, *after, *panels)
 
     @staticmethod
     def _static_layer_args(layer, dtype, k_cache, v_cache, cs) -> tuple[tuple, tuple] | None:

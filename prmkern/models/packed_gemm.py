@@ -55,10 +55,16 @@ class Linear(nn.Linear):
         super().__init__(*args, **kwargs)
         self.packed: dict[int, torch.Tensor] = {}  # bucket rows -> MKL-packed weight (not in the state dict)
         self.cpp = None  # the C++ kernels module when the runner chose them (the "cpp" backend), else None
+        self.panel_copy = None  # the weight in column panels for the C++ panel GEMM (models/decode_panels.py)
+
+    def decode_panels(self) -> torch.Tensor | None:
+        """This weight's column panels (re-packed if the weight changed since), or None (no copy: the output-major
+        C++ GEMM)."""
+        return self.panel_copy.current(self.weight) if self.panel_copy is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cpp is not None and x.dim() == 2 and x.shape[0] <= CPP_MAX_ROWS and self.weight.stride(1) == 1:
-            return self.cpp.decode_linear(x, self.weight, self.bias)
+            return self.cpp.decode_linear(x, self.weight, self.bias, self.decode_panels())
         if self.packed and x.dim() == 2:
             rows = x.shape[0]
             bucket = bucket_rows(rows)
