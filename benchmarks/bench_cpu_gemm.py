@@ -1,5 +1,6 @@
-"""Micro-benchmark of the C++ decode GEMM (`prmkern._C.decode_linear`) against torch's `F.linear` (MKL / oneDNN) at
-decode row counts, with the weights either cached (one weight, called again and again) or streamed from memory (a
+"""Micro-benchmark of the C++ decode GEMMs (`prmkern._C.decode_linear`: on the checkpoint's [N, K] weight, "cpp", and
+on its column-panel copy, "panels", csrc/panel_gemm.cpp) against torch's `F.linear` (MKL / oneDNN) at decode row
+counts (and prefill's, with --rows 512), with the weights either cached (one weight, called again and again) or streamed from memory (a
 ring of copies larger than the last-level cache, as in a decode step, where every weight is read once).
 
 Shapes: the bench_engine model's projections (hidden 512: qkv 768 x 512, gate_up 2816 x 512, down 512 x 1408, LM
@@ -29,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_engine import emit_result, git_commit  # noqa: E402  (one commit stamp for every result)
 from benchmarks.roofline import cpu_model  # noqa: E402
 from prmkern import _C  # noqa: E402
+from prmkern.models.decode_panels import pack_panels  # noqa: E402
 
 SHAPES = {"39M": [("qkv", 768, 512), ("gate_up", 2816, 512), ("down", 512, 1408), ("lm_head", 32000, 512)],
           "1.5B": [("qkv", 2048, 1536), ("gate_up", 17920, 1536), ("down", 1536, 8960)]}
@@ -49,20 +51,23 @@ def bench_shape(name: str, N: int, K: int, M: int, rounds: int, ring_bytes: int 
                            (torch.bfloat16, torch.bfloat16)):
         wbytes = N * K * torch.finfo(wdtype).bits // 8
         ring = [torch.randn(N, K, generator=g).to(wdtype) for _ in range(max(2, ring_bytes // wbytes))]
+        panels = [pack_panels(w) for w in ring]
         x = torch.randn(M, K, generator=g).to(xdtype)
         it = {"i": 0}
 
         def streamed(f):
             def call():
                 it["i"] = (it["i"] + 1) % len(ring)
-                f(ring[it["i"]])
+                f(ring[it["i"]], panels[it["i"]])
             return call
 
         fns = {"cpp cached": lambda: _C.decode_linear(x, ring[0]),
-               "cpp streamed": streamed(lambda w: _C.decode_linear(x, w))}
+               "cpp streamed": streamed(lambda w, p: _C.decode_linear(x, w)),
+               "panels cached": lambda: _C.decode_linear(x, ring[0], None, panels[0]),
+               "panels streamed": streamed(lambda w, p: _C.decode_linear(x, w, None, p))}
         if xdtype == wdtype:  # F.linear needs one dtype
             fns["torch cached"] = lambda: F.linear(x, ring[0])
-            fns["torch streamed"] = streamed(lambda w: F.linear(x, w))
+            fns["torch streamed"] = streamed(lambda w, p: F.linear(x, w))
         calls = max(3, min(200, int(2e8 // (2 * M * N * K)) + 1))
         times = {k: [] for k in fns}
         for f in fns.values():

@@ -73,21 +73,29 @@ void panel_dispatch(const float* x, int64_t M, int64_t K, const void* panels, in
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({omp_get_max_threads(), units, N * K / 65536})));
 #endif
   const Isa isa = cpu_isa_level();
+  // Prefill rows come in blocks of at most ROW_BLOCK_BYTES of activations, which every pass over a panel re-reads
+  // from cache; each block streams the weights once more (decode's few rows are one block).
+  constexpr int64_t ROW_BLOCK_BYTES = 1 << 20;
+  const int64_t rows_per_block = std::max<int64_t>(8, ROW_BLOCK_BYTES / (4 * std::max<int64_t>(K, 1)) / 8 * 8);
 #pragma omp parallel for num_threads(threads) schedule(static, 1) if (threads > 1)
   for (int t = 0; t < threads; ++t) {
     const int64_t n0 = std::min(N, units * t / threads * UNIT), n1 = std::min(N, units * (t + 1) / threads * UNIT);
-    if (n0 >= n1) continue;
+    for (int64_t m0 = 0; m0 < M && n0 < n1; m0 += rows_per_block) {
+      const int64_t rows = std::min(rows_per_block, M - m0);
+      const float* xb = x + m0 * K;
+      float* yb = y + m0 * ldy;
 #if PRMKERN_X86
-    if (isa == Isa::Avx512) {
-      avx512_panels::panel_range<T>(x, M, K, panels, bias, y, ldy, n0, n1);
-      continue;
-    }
-    if (isa == Isa::Avx2) {
-      avx2_panels::panel_range<T>(x, M, K, panels, bias, y, ldy, n0, n1);
-      continue;
-    }
+      if (isa == Isa::Avx512) {
+        avx512_panels::panel_range<T>(xb, rows, K, panels, bias, yb, ldy, n0, n1);
+        continue;
+      }
+      if (isa == Isa::Avx2) {
+        avx2_panels::panel_range<T>(xb, rows, K, panels, bias, yb, ldy, n0, n1);
+        continue;
+      }
 #endif
-    panel_range_scalar<T>(x, M, K, panels, bias, y, ldy, n0, n1);
+      panel_range_scalar<T>(xb, rows, K, panels, bias, yb, ldy, n0, n1);
+    }
   }
 }
 

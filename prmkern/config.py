@@ -27,8 +27,10 @@ class EngineConfig:
     # captured (CUDA device, Triton backend; prmkern/cuda_graphs.py).
     enforce_eager: bool = False
     max_graph_batch: int = 256  # largest decode batch that is captured; larger batches run eagerly
-    # CPU, fp32: memory for MKL-packed copies of the weights that decode GEMMs use (prmkern/models/packed_gemm.py);
-    # one copy per decode row bucket, ~1.4x the weights each; 0 disables. Default 1 GiB.
+    # CPU: memory for packed copies of the weights; 0 disables. Default 1 GiB. With the cpp backend, column-panel
+    # copies for the C++ GEMMs (prmkern/models/decode_panels.py; the size of the weights packed, projection by
+    # projection while it lasts); with the torch backend in fp32, MKL-packed copies for decode GEMMs
+    # (prmkern/models/packed_gemm.py; one copy per decode row bucket, ~1.4x the weights each).
     packed_gemm_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:

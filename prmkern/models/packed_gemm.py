@@ -63,8 +63,12 @@ class Linear(nn.Linear):
         return self.panel_copy.current(self.weight) if self.panel_copy is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpp is not None and x.dim() == 2 and x.shape[0] <= CPP_MAX_ROWS and self.weight.stride(1) == 1:
-            return self.cpp.decode_linear(x, self.weight, self.bias, self.decode_panels())
+        if self.cpp is not None and x.dim() == 2 and self.weight.stride(1) == 1:
+            panels = self.decode_panels()
+            # The panel GEMM leads MKL at prefill sizes too (docs/cpu_kernels.md); the output-major one only up to
+            # CPP_MAX_ROWS.
+            if panels is not None or x.shape[0] <= CPP_MAX_ROWS:
+                return self.cpp.decode_linear(x, self.weight, self.bias, panels)
         if self.packed and x.dim() == 2:
             rows = x.shape[0]
             bucket = bucket_rows(rows)

@@ -80,8 +80,8 @@ def test_generation_floor_counts_the_run():
 
 
 def test_bench_cpu_gemm_smoke(tmp_path):
-    """bench_cpu_gemm.py end to end at one tiny shape: every variant (C++ / torch, cached / streamed, fp32 / bf16)
-    gives a positive rate, and --out writes the document printed last."""
+    """bench_cpu_gemm.py end to end at one tiny shape: every variant (C++ on the weight / on panels / torch, cached /
+    streamed, fp32 / bf16) gives a positive rate, and --out writes the document printed last."""
     pytest.importorskip("prmkern._C", reason="prmkern._C (csrc/) is not built")
     out = tmp_path / "gemm.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_cpu_gemm.py"), "--smoke", "--rows", "3",
@@ -91,7 +91,7 @@ def test_bench_cpu_gemm_smoke(tmp_path):
     doc = json.loads(proc.stdout.strip().splitlines()[-1])
     assert doc == json.loads(out.read_text()) and doc["smoke"] is True
     variants = {(r["weight"], r["x"], r["variant"]) for r in doc["rows"]}
-    assert len(variants) == 10 and all(r["gflops"] > 0 and r["M"] == 3 for r in doc["rows"])
+    assert len(variants) == 16 and all(r["gflops"] > 0 and r["M"] == 3 for r in doc["rows"])
 
 
 def test_bench_cpu_sampler_smoke(tmp_path):
