@@ -1,7 +1,8 @@
-"""Micro-benchmark of the C++ decode GEMMs (`prmkern._C.decode_linear`: on the checkpoint's [N, K] weight, "cpp", and
-on its column-panel copy, "panels", csrc/panel_gemm.cpp) against torch's `F.linear` (MKL / oneDNN) at decode row
-counts (and prefill's, with --rows 512), with the weights either cached (one weight, called again and again) or streamed from memory (a
-ring of copies larger than the last-level cache, as in a decode step, where every weight is read once).
+"""Micro-benchmark of the C++ decode GEMMs (`prmkern._C.decode_linear`: on the checkpoint's [N, K] weight, "cpp",
+and on its column-panel copy, "panels", csrc/panel_gemm.cpp; pair panels for bf16 x bf16 on an AVX-512 BF16 CPU)
+against torch's `F.linear` (MKL / oneDNN) at decode row counts (and prefill's, with --rows 512), with the weights
+either cached (one weight, called again and again) or streamed from memory (a ring of copies larger than the
+last-level cache, as in a decode step, where every weight is read once).
 
 Shapes: the bench_engine model's projections (hidden 512: qkv 768 x 512, gate_up 2816 x 512, down 512 x 1408, LM
 head 32000 x 512) and ThinkPRM-1.5B's (hidden 1536: qkv 2048 x 1536, gate_up 17920 x 1536, down 1536 x 8960).
@@ -30,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_engine import emit_result, git_commit  # noqa: E402  (one commit stamp for every result)
 from benchmarks.roofline import cpu_model  # noqa: E402
 from prmkern import _C  # noqa: E402
-from prmkern.models.decode_panels import pack_panels  # noqa: E402
+from prmkern.models.decode_panels import pack_pair_panels, pack_panels  # noqa: E402
 
 SHAPES = {"39M": [("qkv", 768, 512), ("gate_up", 2816, 512), ("down", 512, 1408), ("lm_head", 32000, 512)],
           "1.5B": [("qkv", 2048, 1536), ("gate_up", 17920, 1536), ("down", 1536, 8960)]}
@@ -51,7 +52,8 @@ def bench_shape(name: str, N: int, K: int, M: int, rounds: int, ring_bytes: int 
                            (torch.bfloat16, torch.bfloat16)):
         wbytes = N * K * torch.finfo(wdtype).bits // 8
         ring = [torch.randn(N, K, generator=g).to(wdtype) for _ in range(max(2, ring_bytes // wbytes))]
-        panels = [pack_panels(w) for w in ring]
+        pairs = wdtype == xdtype == torch.bfloat16 and _C.bf16_dot()  # what the runner packs for bf16 models
+        panels = [pack_pair_panels(w) if pairs else pack_panels(w) for w in ring]
         x = torch.randn(M, K, generator=g).to(xdtype)
         it = {"i": 0}
 

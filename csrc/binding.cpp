@@ -23,21 +23,26 @@ prmkern::DType kernel_dtype(const torch::Tensor& t, const char* what) {
   }
 }
 
-// panels, when given, must be weight's copy in column panels [ceil(N/48), K, 48] (prmkern/models/decode_panels.py).
+// panels, when given, must be weight's copy in column panels [ceil(N/48), K, 48], or for a bf16 weight in pair
+// panels [ceil(N/48), ceil(K/2), 48, 2] (prmkern/models/decode_panels.py).
 void check_panels(const torch::Tensor& panels, const torch::Tensor& weight) {
   const int64_t N = weight.size(0), K = weight.size(1), P = (N + prmkern::kPanelCols - 1) / prmkern::kPanelCols;
-  TORCH_CHECK(panels.device().is_cpu() && panels.dim() == 3 && panels.size(0) == P && panels.size(1) == K &&
-                  panels.size(2) == prmkern::kPanelCols && panels.is_contiguous() &&
-                  panels.scalar_type() == weight.scalar_type(),
+  const bool pairs = panels.dim() == 4;
+  const bool shape_ok = pairs ? panels.size(0) == P && panels.size(1) == (K + 1) / 2 &&
+                                    panels.size(2) == prmkern::kPanelCols && panels.size(3) == 2
+                              : panels.dim() == 3 && panels.size(0) == P && panels.size(1) == K &&
+                                    panels.size(2) == prmkern::kPanelCols;
+  TORCH_CHECK(panels.device().is_cpu() && shape_ok && panels.is_contiguous() &&
+                  panels.scalar_type() == weight.scalar_type() && (!pairs || weight.scalar_type() == torch::kBFloat16),
               "decode_linear: panels must be a contiguous CPU tensor [", P, ", ", K, ", ", prmkern::kPanelCols,
-              "] of the weight's dtype ", weight.scalar_type(), " (the weight [", N, ", ", K,
-              "] packed by pack_panels); got ", panels.scalar_type(), " ", panels.sizes(),
-              panels.is_contiguous() ? "" : " (not contiguous)");
+              "] (pack_panels) or, for a bf16 weight, [", P, ", ", (K + 1) / 2, ", ", prmkern::kPanelCols,
+              ", 2] (pack_pair_panels), of the weight's dtype ", weight.scalar_type(), " (the weight is [", N, ", ", K,
+              "]); got ", panels.scalar_type(), " ", panels.sizes(), panels.is_contiguous() ? "" : " (not contiguous)");
 }
 
 // x [M, K] (any float dtype) @ weight [N, K]^T + bias [N] -> [M, N] in x's dtype. weight rows must be contiguous
-// (stride(1) == 1), the checkpoint's layout. With `panels` (the weight in column panels) the panel GEMM reads them
-// instead of the weight.
+// (stride(1) == 1), the checkpoint's layout. With `panels` (the weight in column panels, or bf16 pair panels with
+// bf16 x on an AVX-512 BF16 CPU) the panel GEMM reads them instead of the weight.
 torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
                             const c10::optional<torch::Tensor>& panels) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "decode_linear runs on CPU tensors");
@@ -57,21 +62,32 @@ torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& weight,
   const bool use_panels = panels.has_value() && panels->defined();
   if (use_panels) check_panels(*panels, weight);
   auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
-  if (M > 0 && N > 0 && use_panels) {
+  const float* bptr = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  if (M > 0 && N > 0 && use_panels && panels->dim() == 4) {
+    // bf16 pair panels: AVX-512 BF16 dot products on bf16 x; otherwise (fp32 x, a CPU without them) the weight's
+    // own paths below
+    if (x.scalar_type() == torch::kBFloat16) {
+      auto xb = x.contiguous();
+      if (prmkern::panel_gemm_bf16_dot(reinterpret_cast<const uint16_t*>(xb.data_ptr()), M, K,
+                                       reinterpret_cast<const uint16_t*>(panels->data_ptr()), N, bptr,
+                                       y.data_ptr<float>(), N))
+        return y.to(x.scalar_type());
+    }
+  } else if (M > 0 && N > 0 && use_panels) {
     auto xf = x.to(torch::kFloat32).contiguous();
-    prmkern::panel_gemm(xf.data_ptr<float>(), M, K, panels->data_ptr(), wtype, N,
-                        bf.defined() ? bf.data_ptr<float>() : nullptr, y.data_ptr<float>(), N);
-  } else if (M > 0 && N > 0 && wtype == prmkern::DType::BF16 && x.scalar_type() == torch::kBFloat16) {
+    prmkern::panel_gemm(xf.data_ptr<float>(), M, K, panels->data_ptr(), wtype, N, bptr, y.data_ptr<float>(), N);
+    return x.scalar_type() == torch::kFloat32 ? y : y.to(x.scalar_type());
+  }
+  if (M > 0 && N > 0 && wtype == prmkern::DType::BF16 && x.scalar_type() == torch::kBFloat16) {
     // bf16 x bf16: AVX-512 BF16 dot products where the CPU has them (x used as it is), else x widened in C++
     auto xb = x.contiguous();
     prmkern::decode_gemm_bf16_dot(reinterpret_cast<const uint16_t*>(xb.data_ptr()), M, K,
                                   reinterpret_cast<const uint16_t*>(weight.data_ptr()), N,
-                                  std::max<int64_t>(weight.stride(0), K), bf.defined() ? bf.data_ptr<float>() : nullptr,
-                                  y.data_ptr<float>(), N);
+                                  std::max<int64_t>(weight.stride(0), K), bptr, y.data_ptr<float>(), N);
   } else if (M > 0 && N > 0) {
     auto xf = x.to(torch::kFloat32).contiguous();
     prmkern::decode_gemm(xf.data_ptr<float>(), M, K, weight.data_ptr(), wtype, N, std::max<int64_t>(weight.stride(0), K),
-                         bf.defined() ? bf.data_ptr<float>() : nullptr, y.data_ptr<float>(), N);
+                         bptr, y.data_ptr<float>(), N);
   }
   return x.scalar_type() == torch::kFloat32 ? y : y.to(x.scalar_type());
 }

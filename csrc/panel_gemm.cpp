@@ -16,6 +16,7 @@
 #include <algorithm>
 
 #include "gemm_vectors.h"
+#include "panel_bf16_dot.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -60,43 +61,42 @@ using V = Avx512;
 
 namespace {
 
-template <DType T>
-void panel_dispatch(const float* x, int64_t M, int64_t K, const void* panels, int64_t N, const float* bias, float* y,
-                    int64_t ldy) {
-  // Threads split the columns in units of 16 (a vector of either ISA), not whole panels: the 512 outputs of a
-  // down projection are 10 2/3 panels, 6 : 5 between 2 threads, 12% idle.
-  constexpr int64_t UNIT = 16;
+// Splits the N columns over threads in units of 16 (a vector of either ISA), not whole panels (the 512 outputs of a
+// down projection are 10 2/3 panels, 6 : 5 between 2 threads, 12% idle), and each thread's columns into row blocks
+// of at most ROW_BLOCK_BYTES of activations, which every pass over a panel re-reads from cache (each block streams
+// the weights once more; decode's few rows are one block). Calls range(n0, n1, m0, rows).
+template <class Range>
+void split_work(int64_t M, int64_t K, int64_t N, int64_t x_elem_bytes, const Range& range) {
+  constexpr int64_t UNIT = 16, ROW_BLOCK_BYTES = 1 << 20;
   const int64_t units = (N + UNIT - 1) / UNIT;
+  const int64_t rows_per_block =
+      std::max<int64_t>(8, ROW_BLOCK_BYTES / (x_elem_bytes * std::max<int64_t>(K, 1)) / 8 * 8);
   int threads = 1;
 #ifdef _OPENMP
   // Work per thread must cover the fork/join (a few us): below ~64K weights per thread, fewer threads.
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({omp_get_max_threads(), units, N * K / 65536})));
 #endif
-  const Isa isa = cpu_isa_level();
-  // Prefill rows come in blocks of at most ROW_BLOCK_BYTES of activations, which every pass over a panel re-reads
-  // from cache; each block streams the weights once more (decode's few rows are one block).
-  constexpr int64_t ROW_BLOCK_BYTES = 1 << 20;
-  const int64_t rows_per_block = std::max<int64_t>(8, ROW_BLOCK_BYTES / (4 * std::max<int64_t>(K, 1)) / 8 * 8);
 #pragma omp parallel for num_threads(threads) schedule(static, 1) if (threads > 1)
   for (int t = 0; t < threads; ++t) {
     const int64_t n0 = std::min(N, units * t / threads * UNIT), n1 = std::min(N, units * (t + 1) / threads * UNIT);
-    for (int64_t m0 = 0; m0 < M && n0 < n1; m0 += rows_per_block) {
-      const int64_t rows = std::min(rows_per_block, M - m0);
-      const float* xb = x + m0 * K;
-      float* yb = y + m0 * ldy;
-#if PRMKERN_X86
-      if (isa == Isa::Avx512) {
-        avx512_panels::panel_range<T>(xb, rows, K, panels, bias, yb, ldy, n0, n1);
-        continue;
-      }
-      if (isa == Isa::Avx2) {
-        avx2_panels::panel_range<T>(xb, rows, K, panels, bias, yb, ldy, n0, n1);
-        continue;
-      }
-#endif
-      panel_range_scalar<T>(xb, rows, K, panels, bias, yb, ldy, n0, n1);
-    }
+    for (int64_t m0 = 0; m0 < M && n0 < n1; m0 += rows_per_block) range(n0, n1, m0, std::min(rows_per_block, M - m0));
   }
+}
+
+template <DType T>
+void panel_dispatch(const float* x, int64_t M, int64_t K, const void* panels, int64_t N, const float* bias, float* y,
+                    int64_t ldy) {
+  const Isa isa = cpu_isa_level();
+  split_work(M, K, N, 4, [&](int64_t n0, int64_t n1, int64_t m0, int64_t rows) {
+    const float* xb = x + m0 * K;
+    float* yb = y + m0 * ldy;
+#if PRMKERN_X86
+    if (isa == Isa::Avx512) return avx512_panels::panel_range<T>(xb, rows, K, panels, bias, yb, ldy, n0, n1);
+    if (isa == Isa::Avx2) return avx2_panels::panel_range<T>(xb, rows, K, panels, bias, yb, ldy, n0, n1);
+#endif
+    (void)isa;
+    panel_range_scalar<T>(xb, rows, K, panels, bias, yb, ldy, n0, n1);
+  });
 }
 
 }  // namespace
@@ -108,6 +108,20 @@ void panel_gemm(const float* x, int64_t M, int64_t K, const void* panels, DType 
     case DType::BF16: panel_dispatch<DType::BF16>(x, M, K, panels, N, bias, y, ldy); break;
     case DType::F16: panel_dispatch<DType::F16>(x, M, K, panels, N, bias, y, ldy); break;
   }
+}
+
+bool panel_gemm_bf16_dot(const uint16_t* x, int64_t M, int64_t K, const uint16_t* pair_panels, int64_t N,
+                         const float* bias, float* y, int64_t ldy) {
+#if PRMKERN_X86
+  if (!cpu_has_bf16_dot()) return false;
+  split_work(M, K, N, 2, [&](int64_t n0, int64_t n1, int64_t m0, int64_t rows) {
+    pair_panel_range(x + m0 * K, rows, K, pair_panels, bias, y + m0 * ldy, ldy, n0, n1);
+  });
+  return true;
+#else
+  (void)x, (void)M, (void)K, (void)pair_panels, (void)N, (void)bias, (void)y, (void)ldy;
+  return false;
+#endif
 }
 
 }  // namespace prmkern

@@ -1,7 +1,8 @@
 """The C++ panel GEMM (csrc/panel_gemm.cpp, `decode_linear(..., panels=)`) and its weight copies
 (prmkern/models/decode_panels.py): against float64 products for fp32 / bf16 / fp16 weights, row counts on and off
-the 8-row (AVX-512) and 4-row (AVX2) passes, N off the 48-column panel and the 16-column thread unit, K odd; every
-instruction-set level (PRMKERN_ISA, in subprocesses); a row's result independent of the row count and the thread
+the 8-row (AVX-512) and 4-row (AVX2) passes, N off the 48-column panel and the 16-column thread unit, K odd; bf16
+pair panels with AVX-512 BF16 dot products and their fallbacks; every instruction-set level (PRMKERN_ISA, in
+subprocesses); a row's result independent of the row count and the thread
 count (one FMA chain per output); bad panels rejected with what was given; copies re-packed when the weight changes;
 the budget; and the engine's tokens with and without panels."""
 from __future__ import annotations
@@ -14,7 +15,8 @@ import pytest
 import torch
 
 from prmkern.attention.cpp_backend import cpp_ops
-from prmkern.models.decode_panels import PANEL_COLS, attach_panels, pack_panels, panel_bytes, wants_panels
+from prmkern.models.decode_panels import (PANEL_COLS, attach_panels, pack_pair_panels, pack_panels, panel_bytes,
+                                          wants_panels)
 from prmkern.models.packed_gemm import Linear
 
 OPS = cpp_ops()
@@ -92,6 +94,10 @@ def test_bad_panels_fail_with_what_was_given():
         OPS.decode_linear(x, w, None, pack_panels(w).half())
     with pytest.raises(RuntimeError, match="not contiguous"):
         OPS.decode_linear(x, w, None, torch.zeros(2, 48, 8).transpose(1, 2))
+    with pytest.raises(RuntimeError, match=r"for a bf16 weight, \[2, 4, 48, 2\]"):  # pair panels of a float32 weight
+        OPS.decode_linear(x, w, None, torch.zeros(2, 4, 48, 2))
+    with pytest.raises(RuntimeError, match=r"got BFloat16 \[2, 3, 48, 2\]"):
+        OPS.decode_linear(x.bfloat16(), w.bfloat16(), None, torch.zeros(2, 3, 48, 2, dtype=torch.bfloat16))
 
 
 _LEVEL_SWEEP = """
@@ -144,8 +150,59 @@ def test_budget_and_dtypes():
     assert [m.panel_copy is not None for m in lins] == [True, True, False]
     assert attach_panels(lins, 0, bf16_dot=False) == 0 and all(m.panel_copy is None for m in lins)
     bf16 = torch.zeros(96, 64, dtype=torch.bfloat16)
-    assert wants_panels(bf16, bf16_dot=False) and not wants_panels(bf16, bf16_dot=True)
-    assert wants_panels(bf16.half(), bf16_dot=True) and not wants_panels(bf16.double(), bf16_dot=False)
+    assert wants_panels(bf16) and wants_panels(bf16.half()) and not wants_panels(bf16.double())
+    lin = Linear(63, 50).bfloat16()
+    attach_panels([lin], 1 << 20, bf16_dot=True)
+    assert lin.panel_copy.panels.shape == (2, 32, PANEL_COLS, 2) and lin.panel_copy.panels.numel() * 2 == \
+        panel_bytes(lin.weight, pairs=True)
+    attach_panels([lin], 1 << 20, bf16_dot=False)
+    assert lin.panel_copy.panels.shape == (2, 63, PANEL_COLS)
+
+
+def test_pair_panel_layout():
+    w = torch.arange(50 * 5, dtype=torch.float32).view(50, 5).bfloat16()
+    p = pack_pair_panels(w)
+    assert p.shape == (2, 3, PANEL_COLS, 2) and p.is_contiguous()
+    assert torch.equal(p[0, 1, 7], w[7, 2:4]) and torch.equal(p[1, 2, 1, 0], w[49, 4])
+    assert p[1, 2, 1, 1] == 0 and torch.count_nonzero(p[1, :, 2:]) == 0  # past K and past N: zeros
+    with pytest.raises(ValueError, match="bf16"):
+        pack_pair_panels(torch.zeros(4, 4))
+
+
+_PAIR_SWEEP = """
+import torch
+from prmkern import _C
+from prmkern.models.decode_panels import pack_pair_panels
+print(_C.bf16_dot())
+g = torch.Generator().manual_seed(1)
+for M in (1, 2, 5, 7, 8, 9, 16, 17, 64):
+    for K, N in ((64, 4), (95, 49), (512, 13), (1408, 100), (1, 50), (37, 2000)):
+        x = torch.randn(M, K, generator=g).bfloat16(); w = torch.randn(N, K, generator=g).bfloat16()
+        b = torch.randn(N, generator=g)
+        want = x.double() @ w.double().T + b.double()
+        y = _C.decode_linear(x, w, b, pack_pair_panels(w))
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.double(), want, atol=1e-4 * K ** 0.5, rtol=2 ** -8)
+        # float32 activations with pair panels take the weight's own path
+        xf = x.float()
+        torch.testing.assert_close(_C.decode_linear(xf, w, b, pack_pair_panels(w)), _C.decode_linear(xf, w, b))
+# one chain of pair products per output: a row's bits do not depend on the rows batched with it
+w = torch.randn(1000, 301, generator=g).bfloat16(); p = pack_pair_panels(w); x = torch.randn(40, 301, generator=g).bfloat16()
+full = _C.decode_linear(x, w, None, p)
+for r in (1, 9, 16):
+    assert torch.equal(_C.decode_linear(x[:r].contiguous(), w, None, p), full[:r])
+"""
+
+
+@pytest.mark.parametrize("bf16_dot", ["1", "0"])
+def test_pair_panels_match_float64(bf16_dot):
+    """bf16 x bf16 on pair panels: vdpbf16ps where the CPU has it; PRMKERN_BF16_DOT=0 (or a CPU without it) takes
+    the weight's widening path. Both against float64 products of the same bf16 values, output rounded to bf16."""
+    env = dict(os.environ, PRMKERN_BF16_DOT=bf16_dot, OMP_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", _PAIR_SWEEP], check=True, env=env, cwd=ROOT, timeout=300,
+                         capture_output=True, text=True).stdout.split()
+    if bf16_dot == "1" and out[0] != "True":
+        pytest.skip("this CPU has no AVX-512 BF16")
 
 
 @pytest.mark.filterwarnings("ignore:prmkern. no tokenizer files")

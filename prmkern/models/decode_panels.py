@@ -8,10 +8,11 @@ reading the checkpoint's tensor, so a panel copy is memory on top of the weights
 `packed_gemm_bytes` budget (the same knob as the torch backend's MKL-packed copies), layer by layer in module
 order until the budget is spent; a projection without a copy keeps the output-major GEMM.
 
-Panels are made for fp32 and fp16 weights, and for bf16 weights only where the CPU lacks AVX-512 BF16 (there the
-bf16 x bf16 dot-product GEMM reads half the bytes per product and is kept). A weight changed after packing (an
-in-place update bumps its version counter; a replaced Parameter is another object) is re-packed on its next call,
-so a panel copy is never stale.
+Panels are made for fp32, fp16 and bf16 weights. On a CPU with AVX-512 BF16, bf16 weights are packed in pair
+panels [ceil(N/48), ceil(K/2), 48, 2] instead (two k side by side per output), the layout `vdpbf16ps` multiplies
+against a broadcast pair of bf16 activations: two products per float32 lane per instruction. A weight changed after
+packing (an in-place update bumps its version counter; a replaced Parameter is another object) is re-packed on its
+next call, so a panel copy is never stale.
 """
 from __future__ import annotations
 
@@ -32,47 +33,65 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(p, PANEL_COLS, k).transpose(1, 2).contiguous()
 
 
-def panel_bytes(weight: torch.Tensor) -> int:
+def pack_pair_panels(weight: torch.Tensor) -> torch.Tensor:
+    """bf16 w [N, K] -> pair panels [ceil(N/48), ceil(K/2), 48, 2]: panels[p, kk, c, j] = w[48 p + c, 2 kk + j], zero
+    past N and past K."""
+    if weight.dim() != 2 or weight.dtype != torch.bfloat16:
+        raise ValueError(f"pack_pair_panels takes a 2-D bf16 weight [N, K]; got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
     n, k = weight.shape
-    return -(-n // PANEL_COLS) * PANEL_COLS * k * weight.element_size()
+    p, k2 = -(-n // PANEL_COLS), -(-k // 2)
+    padded = F.pad(weight.detach(), (0, 2 * k2 - k, 0, p * PANEL_COLS - n))  # [p * 48, 2 * k2]
+    return padded.view(p, PANEL_COLS, k2, 2).permute(0, 2, 1, 3).contiguous()
 
 
-def wants_panels(weight: torch.Tensor, bf16_dot: bool) -> bool:
-    """Whether the panel GEMM serves this weight better than the output-major one: a 2-D CPU weight of fp32 or fp16
-    (or bf16 on a CPU without AVX-512 BF16)."""
+def panel_bytes(weight: torch.Tensor, pairs: bool = False) -> int:
+    """Bytes of the panel copy of `weight` (pairs: the pair panels, K rounded up to even)."""
+    n, k = weight.shape
+    return -(-n // PANEL_COLS) * PANEL_COLS * (k + k % 2 if pairs else k) * weight.element_size()
+
+
+def wants_panels(weight: torch.Tensor) -> bool:
+    """Whether the panel GEMMs take this weight: a 2-D CPU weight of fp32, bf16 or fp16."""
     return (weight.dim() == 2 and weight.device.type == "cpu"
-            and (weight.dtype in (torch.float32, torch.float16) or (weight.dtype == torch.bfloat16 and not bf16_dot)))
+            and weight.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 
 class PanelCopy:
-    """A weight's panel copy and what it was made from (the weight object and its version counter)."""
+    """A weight's panel copy (pair panels for bf16 on an AVX-512 BF16 CPU) and what it was made from (the weight
+    object and its version counter)."""
 
-    __slots__ = ("panels", "source", "version")
+    __slots__ = ("panels", "source", "version", "pairs")
 
-    def __init__(self, weight: torch.Tensor):
-        self.panels = pack_panels(weight)
-        self.source = weight
-        self.version = weight._version
+    def __init__(self, weight: torch.Tensor, bf16_dot: bool):
+        self.pairs = bf16_dot and weight.dtype == torch.bfloat16
+        self._pack(weight)
+
+    def _pack(self, weight: torch.Tensor) -> None:
+        self.panels = pack_pair_panels(weight) if self.pairs else pack_panels(weight)
+        self.source, self.version = weight, weight._version
 
     def current(self, weight: torch.Tensor) -> torch.Tensor:
         """The panels of `weight`, re-packed first when the weight changed since they were made."""
         if weight is not self.source or weight._version != self.version:
-            self.panels = pack_panels(weight)
-            self.source, self.version = weight, weight._version
+            if self.pairs and weight.dtype != torch.bfloat16:
+                self.pairs = False
+            self._pack(weight)
         return self.panels
 
 
 def attach_panels(linears: list, max_bytes: int, bf16_dot: bool) -> int:
-    """Gives each `Linear` in `linears` (module order) a panel copy while `max_bytes` lasts; returns bytes used."""
+    """Gives each `Linear` in `linears` (module order) a panel copy while `max_bytes` lasts (pair panels for bf16
+    weights when `bf16_dot`: the CPU has AVX-512 BF16); returns the bytes used."""
     used = 0
     for m in linears:
         m.panel_copy = None
-        if not wants_panels(m.weight, bf16_dot):
+        if not wants_panels(m.weight):
             continue
-        size = panel_bytes(m.weight)
+        size = panel_bytes(m.weight, pairs=bf16_dot and m.weight.dtype == torch.bfloat16)
         if used + size > max_bytes:
             continue
         with torch.no_grad():
-            m.panel_copy = PanelCopy(m.weight)
+            m.panel_copy = PanelCopy(m.weight, bf16_dot)
         used += size
     return used
