@@ -3,8 +3,10 @@
 A checkpoint stores a projection as w [N, K] (output-major). Decode multiplies a few activation rows by it, and the
 C++ GEMM on that layout takes dot products (csrc/decode_gemm.cpp). The panel layout [ceil(N/48), K, 48] puts 48
 outputs' weights for one k side by side, so the GEMM broadcasts each activation and needs no per-output
-reduction: 1.1-1.5x on the decode shapes measured (docs/cpu_kernels.md). Prefill (hundreds of rows, MKL) keeps
-reading the checkpoint's tensor, so a panel copy is memory on top of the weights. It is made under the runner's
+reduction: 1.1-1.5x on most decode shapes measured, 0.87-1.05x on the 39M model's 512 x 1408 down projection, and
+ahead of MKL at prefill sizes, so a projection with panels runs every GEMM on them (docs/cpu_kernels.md). The
+checkpoint's tensor stays (the torch path, tensor-parallel sharding and anything reading the module's weight use
+it), so a panel copy is memory on top of the weights. It is made under the runner's
 `packed_gemm_bytes` budget (the same knob as the torch backend's MKL-packed copies), layer by layer in module
 order until the budget is spent; a projection without a copy keeps the output-major GEMM.
 

@@ -1,10 +1,12 @@
 """Decode GEMMs on the CPU: prmkern's C++ weight-streaming GEMM when built, else MKL's packed sgemm.
 
-With the "cpp" backend (prmkern/runner.py sets `Linear.cpp`), every CPU GEMM of up to `CPP_MAX_ROWS` rows (decode) runs there,
-in fp32, bf16 and fp16 alike, against the checkpoint's output-major weight [out, in]: each weight byte is read once
-per step. Measured here (AMD EPYC, 2 threads, fp32, 16 rows, alternating): 2816 x 512 0.27 ms against MKL-packed
-0.44 ms; the 32000 x 512 LM head 15.7 ms against 31.3 ms. So the runner makes no PackedGemm then. Larger
-products (prefill) run F.linear. With the torch backend, fp32 decode GEMMs take MKL's packed path below:
+With the "cpp" backend (prmkern/runner.py sets `Linear.cpp`), a Linear with a column-panel copy of its weight
+(`Linear.panel_copy`, prmkern/models/decode_panels.py) runs every GEMM on it in C++, prefill included; one without
+runs every CPU GEMM of up to `CPP_MAX_ROWS` rows (decode) in C++, in fp32, bf16 and fp16 alike, against the
+checkpoint's output-major weight [out, in]: each weight byte is read once per step. Measured here (AMD EPYC, 2
+threads, fp32, 16 rows, alternating): 2816 x 512 0.27 ms against MKL-packed 0.44 ms; the 32000 x 512 LM head 15.7
+ms against 31.3 ms. So the runner makes no PackedGemm then; larger products without panels run F.linear. With the
+torch backend, fp32 decode GEMMs take MKL's packed path below:
 
 A decode step multiplies a few rows (one per running chain) by every projection weight. MKL's ordinary sgemm
 re-packs the weight into its blocked layout on every call, so at a few rows it reads the weight twice and writes
