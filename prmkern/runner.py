@@ -73,7 +73,8 @@ class ModelRunner:
         for m in linears:
             m.cpp = ops
         if ops is not None:
-            self.panel_bytes = attach_panels(linears, self.config.packed_gemm_bytes, bool(ops.bf16_dot()))
+            self.panel_bytes = attach_panels(linears, self.config.packed_gemm_bytes, bool(ops.bf16_dot()),
+                                             ops.cpu_isa())
             return None
         if self.config.dtype == torch.float32:
             k_major_weights(self.model)

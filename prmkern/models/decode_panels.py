@@ -10,7 +10,7 @@ it), so a panel copy is memory on top of the weights. It is made under the runne
 `packed_gemm_bytes` budget (the same knob as the torch backend's MKL-packed copies), layer by layer in module
 order until the budget is spent; a projection without a copy keeps the output-major GEMM.
 
-Panels are made for fp32, fp16 and bf16 weights. On a CPU with AVX-512 BF16, bf16 weights are packed in pair
+Panels are made on CPUs that run the AVX-512 path, for fp32, fp16 and bf16 weights. On a CPU with AVX-512 BF16, bf16 weights are packed in pair
 panels [ceil(N/48), ceil(K/2), 48, 2] instead (two k side by side per output), the layout `vdpbf16ps` multiplies
 against a broadcast pair of bf16 activations: two products per float32 lane per instruction. A weight changed after
 packing (an in-place update bumps its version counter; a replaced Parameter is another object) is re-packed on its
@@ -82,13 +82,16 @@ class PanelCopy:
         return self.panels
 
 
-def attach_panels(linears: list, max_bytes: int, bf16_dot: bool) -> int:
+def attach_panels(linears: list, max_bytes: int, bf16_dot: bool, isa: str = "avx512") -> int:
     """Gives each `Linear` in `linears` (module order) a panel copy while `max_bytes` lasts (pair panels for bf16
-    weights when `bf16_dot`: the CPU has AVX-512 BF16); returns the bytes used."""
+    weights when `bf16_dot`: the CPU has AVX-512 BF16); returns the bytes used. Only on the AVX-512 path (`isa`,
+    `prmkern._C.cpu_isa()`): on the AVX2 path the panel tiles (3 x 4 accumulators in 16 registers) ran at 0.88-0.97x
+    of the output-major GEMM and below MKL at prefill sizes (measured on Zen 4 with PRMKERN_ISA=avx2), so AVX2 and
+    portable CPUs get no copies."""
     used = 0
     for m in linears:
         m.panel_copy = None
-        if not wants_panels(m.weight):
+        if isa != "avx512" or not wants_panels(m.weight):
             continue
         size = panel_bytes(m.weight, pairs=bf16_dot and m.weight.dtype == torch.bfloat16)
         if used + size > max_bytes:
