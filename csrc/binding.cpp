@@ -43,8 +43,8 @@ void check_panels(const torch::Tensor& panels, const torch::Tensor& weight) {
 // x [M, K] (any float dtype) @ weight [N, K]^T + bias [N] -> [M, N] in x's dtype. weight rows must be contiguous
 // (stride(1) == 1), the checkpoint's layout. With `panels` (the weight in column panels, or bf16 pair panels with
 // bf16 x on an AVX-512 BF16 CPU) the panel GEMM reads them instead of the weight.
-torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
-                            const c10::optional<torch::Tensor>& panels) {
+torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& weight,
+                            const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& panels) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "decode_linear runs on CPU tensors");
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "decode_linear: x must be [M, K] and weight [N, K]; got ",
               x.sizes(), " and ", weight.sizes());

@@ -1,13 +1,13 @@
-// The panel GEMM for bf16 activations x bf16 weights on CPUs with AVX-512 BF16 (included by csrc/panel_gemm.cpp,
-// after gemm_vectors.h). The weights are packed in pair panels [ceil(N/48), ceil(K/2), 48, 2]: for each pair of k,
-// 48 outputs' two weights side by side (zero past N and past K), so one 64-byte load holds 16 outputs x 2 k, the
-// layout `vdpbf16ps` multiplies against a broadcast pair of activations: two products per float32 lane per
-// instruction, twice an fp32 FMA's. Tiles: 3 vectors (48 outputs) x 8 activation rows = 24 accumulators + 3
-// weights + 1 broadcast of 32 registers. Each output is one chain of pair products over k in order (float32,
-// round-to-nearest-even, denormals flushed as the instruction does), the same at any row or thread count.
+// The panel GEMM for bf16 activations x bf16 weights on CPUs with AVX-512 BF16 (included by csrc/panel_gemm.cpp
+// after its AVX-512 panel tiles, whose store_tile it shares). The weights are packed in pair panels
+// [ceil(N/48), ceil(K/2), 48, 2]: for each pair of k, 48 outputs' two weights side by side (zero past N and past K),
+// so one 64-byte load holds 16 outputs x 2 k, the layout `vdpbf16ps` multiplies against a broadcast pair of
+// activations: two products per float32 lane per instruction, twice an fp32 FMA's. Tiles: 3 vectors (48 outputs) x
+// 8 activation rows = 24 accumulators + 3 weights + 1 broadcast of 32 registers. Each output is one chain of pair
+// products over k in order (float32, round-to-nearest-even, denormals flushed as the instruction does), the same at
+// any row or thread count.
 // Shapes: x [M, K] bf16 bits (K odd: the last pair's second activation is taken as zero), y [M, ldy] float32.
 #pragma once
-#include "gemm_vectors.h"
 
 #if PRMKERN_X86
 #include <immintrin.h>
@@ -56,22 +56,7 @@ PK_PBF16_FN void pair_tile(const uint16_t* x, int64_t K, const uint16_t* panel, 
       for (int j = 0; j < NV; ++j) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], wv[j], b);
     }
   }
-  for (int i = 0; i < MR; ++i) {
-    float* yr = y + (m + i) * ldy + n + c0;
-    const float* br = bias != nullptr ? bias + n + c0 : nullptr;
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) {
-      const int64_t col = j * 16;
-      if (col + 16 <= valid) {
-        const __m512 v = br != nullptr ? _mm512_add_ps(acc[j][i], _mm512_loadu_ps(br + col)) : acc[j][i];
-        _mm512_storeu_ps(yr + col, v);
-      } else if (col < valid) {
-        alignas(64) float t[16];
-        _mm512_store_ps(t, acc[j][i]);
-        for (int64_t c = col; c < valid; ++c) yr[c] = t[c - col] + (br != nullptr ? br[c] : 0.f);
-      }
-    }
-  }
+  avx512_panels::store_tile<NV, MR>(acc, y, ldy, bias, n + c0, valid, m);
 }
 
 template <int NV>

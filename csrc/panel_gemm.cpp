@@ -4,10 +4,12 @@
 // of a vector and reduced at the end, which costs shuffles per output and keeps the activation rows in registers
 // (6 of 32 on AVX-512). A panel puts 48 outputs' weights for one k side by side instead, so each k is 3 vector
 // loads of weights and one broadcast per activation row, feeding 3 x 8 accumulators of 16 outputs: no reduction,
-// and one more FMA per register. Measured against the output-major GEMM on the 39M model's decode shapes (AMD EPYC
-// Zen 4, 2 threads, fp32, 16 rows, weights streamed from memory): 1.10-1.20x (docs/cpu_kernels.md). The cost is
-// a packed copy of each weight the runner packs (prefill keeps reading the checkpoint's layout), so packing is
-// under the packed-weight budget.
+// and one more FMA per register. Measured against the output-major GEMM (AMD EPYC Zen 4, 2 threads, fp32, weights
+// streamed from memory): 1.1-1.5x on the 39M model's LM head, gate_up and qkv at 16 rows, 0.87-1.05x on its
+// 512 x 1408 down projection, and ~196-205 GFLOP/s at 512-2048 rows against MKL's 142-198 (docs/cpu_kernels.md).
+// The cost is a copy of each weight the runner packs (the checkpoint's tensor stays), so packing is under the
+// packed-weight budget, and only for the AVX-512 path: the AVX2 tiles (3 x 4 in 16 registers) did not beat the
+// output-major GEMM.
 //
 // Every output is one chain of FMAs over k in order, so a row's float32 result is the same at any row count,
 // thread count or vector width: decode through panels is batch-invariant.
@@ -16,7 +18,6 @@
 #include <algorithm>
 
 #include "gemm_vectors.h"
-#include "panel_bf16_dot.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -29,7 +30,8 @@ template <DType T>
 void panel_range_scalar(const float* x, int64_t M, int64_t K, const void* panels, const float* bias, float* y,
                         int64_t ldy, int64_t n0, int64_t n1) {
   for (int64_t col = n0; col < n1; ++col) {
-    const void* panel = static_cast<const char*>(panels) + col / kPanelCols * K * kPanelCols * (T == DType::F32 ? 4 : 2);
+    const int64_t panel_bytes = K * kPanelCols * (T == DType::F32 ? 4 : 2);
+    const void* panel = static_cast<const char*>(panels) + col / kPanelCols * panel_bytes;
     const int64_t c = col % kPanelCols;
     for (int64_t m = 0; m < M; ++m) {
       const float* xr = x + m * K;
@@ -57,6 +59,7 @@ using V = Avx512;
 }  // namespace avx512_panels
 #undef PK_FN
 }  // namespace
+#include "panel_bf16_dot.h"  // the bf16 pair-panel tiles (use avx512_panels::store_tile)
 #endif
 
 namespace {

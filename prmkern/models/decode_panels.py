@@ -7,8 +7,8 @@ reduction: 1.1-1.5x on most decode shapes measured, 0.87-1.05x on the 39M model'
 ahead of MKL at prefill sizes, so a projection with panels runs every GEMM on them (docs/cpu_kernels.md). The
 checkpoint's tensor stays (the torch path, tensor-parallel sharding and anything reading the module's weight use
 it), so a panel copy is memory on top of the weights. It is made under the runner's
-`packed_gemm_bytes` budget (the same knob as the torch backend's MKL-packed copies), layer by layer in module
-order until the budget is spent; a projection without a copy keeps the output-major GEMM.
+`packed_gemm_bytes` budget (the same knob as the torch backend's MKL-packed copies), in module order, each
+projection that still fits; a projection without a copy keeps the output-major GEMM.
 
 Panels are made on CPUs that run the AVX-512 path, for fp32, fp16 and bf16 weights. On a CPU with AVX-512 BF16, bf16 weights are packed in pair
 panels [ceil(N/48), ceil(K/2), 48, 2] instead (two k side by side per output), the layout `vdpbf16ps` multiplies
