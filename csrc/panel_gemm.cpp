@@ -58,8 +58,8 @@ using V = Avx512;
 #include "panel_tile_loops.inc"
 }  // namespace avx512_panels
 #undef PK_FN
+#include "panel_bf16_dot.inc"  // the bf16 pair-panel tiles (use avx512_panels::store_tile)
 }  // namespace
-#include "panel_bf16_dot.h"  // the bf16 pair-panel tiles (use avx512_panels::store_tile)
 #endif
 
 namespace {

@@ -18,7 +18,7 @@ void panel_gemm(const float* x, int64_t M, int64_t K, const void* panels, DType 
                 float* y, int64_t ldy);
 
 // bf16 x [M, K] (raw bits) against bf16 weights in pair panels [ceil(N/48), ceil(K/2), 48, 2] (pair_panels[p][kk][c][j]
-// = w[48 p + c][2 kk + j], zero past N and K), with AVX-512 BF16 dot products (csrc/panel_bf16_dot.h). Returns false,
+// = w[48 p + c][2 kk + j], zero past N and K), with AVX-512 BF16 dot products (csrc/panel_bf16_dot.inc). Returns false,
 // doing nothing, when the CPU lacks them (cpu_has_bf16_dot()).
 bool panel_gemm_bf16_dot(const uint16_t* x, int64_t M, int64_t K, const uint16_t* pair_panels, int64_t N,
                          const float* bias, float* y, int64_t ldy);
