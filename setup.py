@@ -20,6 +20,8 @@ def _csrc_extension() -> dict:
         print("prmkern: torch is not importable at build time; the C++ CPU kernels (csrc/) are not built")
         return {}
 
+    here = os.path.dirname(os.path.abspath(__file__))
+
     class OptionalBuildExtension(BuildExtension):
         """Builds prmkern._C, or reports why not and carries on (the torch path needs no extension)."""
 
@@ -28,6 +30,10 @@ def _csrc_extension() -> dict:
                 super().build_extension(ext)
             except Exception as e:  # a missing compiler, an unsupported platform: the package still installs
                 print(f"prmkern: the C++ CPU kernels (csrc/) failed to build ({e}); the torch path will be used")
+                # an editable install keeps the last build's prmkern/_C*.so: remove it, or it would run kernels
+                # that no longer match csrc/
+                for stale in glob.glob(os.path.join(here, "prmkern", "_C*.so")):
+                    os.remove(stale)
 
         def copy_extensions_to_source(self):  # editable installs: skip an extension that did not build
             try:
@@ -35,7 +41,6 @@ def _csrc_extension() -> dict:
             except Exception as e:
                 print(f"prmkern: C++ CPU kernels not installed ({e})")
 
-    here = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "*.cpp")))
     ext = CppExtension("prmkern._C", sources, extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"])
     return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExtension}}

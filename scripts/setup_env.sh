@@ -19,5 +19,8 @@ stamp=".venv/.prmkern-installed${extras:+-$extras}"
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ -n "$(find csrc -newer "$stamp" -print -quit 2>/dev/null)" ]; then
   # --no-build-isolation: the C++ extension (csrc/) builds against this venv's torch, not a freshly downloaded one
   "$py" -m pip install -q --no-build-isolation -e ".${extras:+[$extras]}"
+  # pip -q hides setup.py's own line when the optional C++ build fails: say it here
+  "$py" -c "import prmkern._C" 2>/dev/null || echo "prmkern: the C++ CPU kernels (csrc/) did not build; the torch" \
+    "path will be used (see why: $py -m pip install --no-build-isolation -e .)" >&2
   touch "$stamp"
 fi
