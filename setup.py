@@ -1,14 +1,36 @@
-"""One distribution, `prmkern`: the engine in prmkern/ and the Triton kernels in kernels/ (as prmkern.kernels).
+"""Build steps that pyproject.toml cannot declare: the C++ CPU kernels and the files placed into the package.
 
-When torch is importable at build time (install with `--no-build-isolation`, as scripts/setup_env.sh does: an
-isolated build environment would download another torch), the C++ CPU kernels of csrc/ are built as the optional
-extension `prmkern._C` (OpenMP, no -march=native: the kernels pick their instruction set at run time). A failed
-build is reported and skipped; prmkern then runs its torch path. PRMKERN_NO_CSRC=1 skips the build.
+- The Triton kernels live in the checkout's top-level `kernels/` (no `__init__.py`, so that the checkout never
+  shadows the PyPI package `kernels`); a wheel gets them copied into `prmkern/kernels/` beside its `__init__.py`.
+- The C++ sources of `csrc/` are copied into `prmkern/_csrc/`, so that an install whose build could not compile
+  them (no torch in an isolated build environment) builds them on first use (prmkern/ops/extension.py).
+- When torch is importable at build time (`--no-build-isolation`, as scripts/setup_env.sh installs: an isolated
+  build environment would download another torch), `csrc/` is built here as the extension `prmkern._C` (OpenMP, no
+  -march=native: the kernels pick their instruction set at run time, so one build serves AVX2 and AVX-512). A
+  failed build is reported and skipped. PRMKERN_NO_CSRC=1 skips it.
 """
 import glob
 import os
+import shutil
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC_PATTERNS = ("*.cpp", "*.h", "*.inc")
+
+
+class BuildPyWithKernels(build_py):
+    """The regular build, plus kernels/*.py -> prmkern/kernels/ and csrc/ -> prmkern/_csrc/ in the build tree."""
+
+    def run(self):
+        super().run()
+        for pattern, dest in [("kernels/*.py", "prmkern/kernels")] + [(f"csrc/{p}", "prmkern/_csrc")
+                                                                         for p in CSRC_PATTERNS]:
+            target = os.path.join(self.build_lib, dest)
+            os.makedirs(target, exist_ok=True)
+            for src in sorted(glob.glob(os.path.join(HERE, pattern))):
+                shutil.copy2(src, os.path.join(target, os.path.basename(src)))
 
 
 def _csrc_extension() -> dict:
@@ -17,10 +39,9 @@ def _csrc_extension() -> dict:
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
-        print("prmkern: torch is not importable at build time; the C++ CPU kernels (csrc/) are not built")
+        print("prmkern: torch is not importable at build time (an isolated build environment); the C++ CPU kernels "
+              "will be built on first use instead (or install with --no-build-isolation)")
         return {}
-
-    here = os.path.dirname(os.path.abspath(__file__))
 
     class OptionalBuildExtension(BuildExtension):
         """Builds prmkern._C, or reports why not and carries on (the torch path needs no extension)."""
@@ -32,7 +53,7 @@ def _csrc_extension() -> dict:
                 print(f"prmkern: the C++ CPU kernels (csrc/) failed to build ({e}); the torch path will be used")
                 # an editable install keeps the last build's prmkern/_C*.so: remove it, or it would run kernels
                 # that no longer match csrc/
-                for stale in glob.glob(os.path.join(here, "prmkern", "_C*.so")):
+                for stale in glob.glob(os.path.join(HERE, "prmkern", "_C*.so")):
                     os.remove(stale)
 
         def copy_extensions_to_source(self):  # editable installs: skip an extension that did not build
@@ -41,42 +62,10 @@ def _csrc_extension() -> dict:
             except Exception as e:
                 print(f"prmkern: C++ CPU kernels not installed ({e})")
 
-    sources = sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "*.cpp")))
+    sources = sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
     ext = CppExtension("prmkern._C", sources, extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"])
     return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExtension}}
 
-setup(
-    name="prmkern",
-    version="0.1.0",
-    description="Inference engine with Triton kernels for generative process reward models",
-    python_requires=">=3.10",
-    packages=[
-        "prmkern",
-        "prmkern.attention",
-        "prmkern.models",
-        "prmkern.sandbox",
-        "prmkern.verify",
-        "prmkern.serve",
-        "prmkern.distributed",
-        "prmkern.kernels",
-    ],
-    package_dir={"prmkern.kernels": "kernels"},
-    package_data={"prmkern": ["data/*.jsonl", "data/*.md", "data/verifier/*.json", "data/verifier/*.jsonl",
-                               "data/verifier/*.safetensors", "data/verifier/*.jinja"]},
-    include_package_data=True,
-    # Ranges satisfied by torch 2.13.0 (CPU machines) and torch 2.11 / triton 3.6 / transformers 5.17 (GPU image).
-    install_requires=[
-        "torch>=2.4",
-        "triton>=3.0",
-        "transformers>=4.51",
-        "safetensors>=0.4",
-        "numpy>=1.24",
-        "sympy>=1.12",
-        "tqdm>=4.60",
-    ],
-    extras_require={"dev": ["pytest>=7", "pytest-benchmark>=4", "httpx>=0.27", "openai>=1.0",
-                            "fastapi>=0.110", "uvicorn>=0.29"],  # the server tests run in CI
-                    "serve": ["fastapi>=0.110", "uvicorn>=0.29"]},
-    entry_points={"console_scripts": ["prmkern=prmkern.cli:main"]},
-    **_csrc_extension(),
-)
+
+_ext = _csrc_extension()
+setup(cmdclass={"build_py": BuildPyWithKernels, **_ext.pop("cmdclass", {})}, **_ext)

@@ -55,10 +55,8 @@ def import_kernels(smoke: bool):
         if not smoke:
             sys.exit("no CUDA device: the full benchmark needs a GPU; run with --smoke to check the harness on CPU")
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    import kernels
-    return kernels
+    import prmkern.kernels
+    return prmkern.kernels
 
 
 def device() -> torch.device:

@@ -13,9 +13,9 @@ pytestmark = pytest.mark.skipif(not mkl_packing_available(), reason="this torch 
 @pytest.fixture(autouse=True)
 def without_cpp_kernels(monkeypatch):
     """MKL packing is the path taken when prmkern's C++ kernels are absent: test it as if they were."""
-    from prmkern.attention import cpp_backend
-    monkeypatch.setattr(cpp_backend, "_LOADED", True)
-    monkeypatch.setattr(cpp_backend, "_OPS", None)
+    from prmkern.ops import extension
+    monkeypatch.setattr(extension, "_tried", True)
+    monkeypatch.setattr(extension, "_loaded", None)
 
 
 def test_bucket_rows():

@@ -11,8 +11,6 @@ versions take ~8 and 3 ops, and a decode step's cost is its op count), and so ar
 """
 from __future__ import annotations
 
-import os
-import sys
 import weakref
 from types import ModuleType
 
@@ -21,28 +19,16 @@ import torch
 from prmkern.attention.backend import register_backend
 from prmkern.attention.metadata import DecodeMetadata, PrefillMetadata
 from prmkern.attention.torch_backend import TorchBackend
+from prmkern.ops import extension
 from prmkern.models.packed_gemm import CPP_MAX_ROWS
 
-_OPS: ModuleType | None = None
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
-_LOADED = False
 
 
 def cpp_ops() -> ModuleType | None:
-    """The C++ kernels module, or None (with a one-line notice on stderr the first time) when it cannot load.
-    PRMKERN_DISABLE_CPP=1 disables it (for A/B runs)."""
-    global _OPS, _LOADED
-    if not _LOADED:
-        _LOADED = True
-        if os.environ.get("PRMKERN_DISABLE_CPP") == "1":
-            return None
-        try:
-            from prmkern import _C  # type: ignore[attr-defined]
-            _OPS = _C
-        except ImportError as e:
-            print(f"prmkern: C++ CPU kernels unavailable ({e}); using the torch path "
-                  f"(build them with scripts/setup_env.sh)", file=sys.stderr)
-    return _OPS
+    """The C++ kernels module, or None (with a one-line notice on stderr the first time) when it cannot load; see
+    prmkern/ops/extension.py (PRMKERN_DISABLE_CPP=1 disables it, for A/B runs)."""
+    return extension.load()
 
 
 _CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -12,42 +12,11 @@ holds no per-step state.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import torch
 
+import prmkern.kernels as K
 from prmkern.attention.backend import AttentionBackend, register_backend
 from prmkern.attention.metadata import DecodeMetadata, PrefillMetadata
-
-
-def _import_kernels() -> ModuleType:
-    """prmkern.kernels when installed (setup.py maps kernels/ there); from a source checkout that is not installed,
-    the same mapping done by hand, so that one module object serves both."""
-    try:
-        return importlib.import_module("prmkern.kernels")
-    except ModuleNotFoundError as e:
-        if e.name != "prmkern.kernels":
-            raise
-    init = Path(__file__).resolve().parents[2] / "kernels" / "__init__.py"
-    spec = importlib.util.spec_from_file_location("prmkern.kernels", init,
-                                                  submodule_search_locations=[str(init.parent)])
-    if spec is None or spec.loader is None or not init.exists():
-        raise ModuleNotFoundError(f"prmkern.kernels is not installed and {init} does not exist", name="prmkern.kernels")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["prmkern.kernels"] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules["prmkern.kernels"]
-        raise
-    return module
-
-
-K = _import_kernels()
 
 
 class TritonUnavailableError(RuntimeError):

@@ -5,18 +5,12 @@ table, then softmax(Q K^T) V in float64). The references know nothing of the ker
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import torch
 
 if not torch.cuda.is_available():
     # Must happen before triton is imported anywhere: the interpreter is chosen at import / decoration time.
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # `import kernels` from a source checkout (installed, it is prmkern.kernels)
 
 import pytest  # noqa: E402
 

@@ -82,7 +82,7 @@ def test_occupancy_arithmetic():
 
 def test_resident_ctas_data_matches_the_compiled_kernels(aot_table):
     """The split rules' occupancy data (kernels/paged_decode.py RESIDENT_CTAS) is what the compiled kernels give."""
-    from kernels.paged_decode import RESIDENT_CTAS
+    from prmkern.kernels.paged_decode import RESIDENT_CTAS
     checked = 0
     for r in aot_table["rows"]:
         name = {"_paged_decode_kernel": "paged_decode", "_cascade_decode_kernel": "cascade_decode"}.get(r["kernel"])

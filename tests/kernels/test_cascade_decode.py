@@ -8,7 +8,7 @@ import torch
 from tests.kernels.conftest import (DEVICE, assert_close, assert_lse_close, dtype_params, make_cascade, nan_like,
                                     ref_paged_decode)
 
-from kernels.cascade_decode import STATE_BUDGET, cascade_decode, cascade_splits
+from prmkern.kernels.cascade_decode import STATE_BUDGET, cascade_decode, cascade_splits
 
 # (groups [(prefix_blocks, suffix lens per chain)], block_size, num_heads, num_kv_heads, head_dim, splits (P, S))
 CASES = [

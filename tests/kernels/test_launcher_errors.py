@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import (merge_states, paged_decode, paged_prefill, reduce_states, rms_norm, rotary, shared_prefix_decode,
+from prmkern.kernels import (merge_states, paged_decode, paged_prefill, reduce_states, rms_norm, rotary, shared_prefix_decode,
                      silu_and_mul, store_kv)
 
 I32 = torch.int32

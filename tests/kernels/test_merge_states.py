@@ -6,7 +6,7 @@ import pytest
 import torch
 from tests.kernels.conftest import DEVICE, assert_close, assert_lse_close, nan_like
 
-from kernels import merge_states, reduce_states
+from prmkern.kernels import merge_states, reduce_states
 
 
 def _ref_merge(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ import torch
 from tests.kernels.conftest import (DEVICE, assert_close, assert_lse_close, dtype_params, make_paged_kv, nan_like,
                                     ref_paged_decode)
 
-from kernels import paged_decode
+from prmkern.kernels import paged_decode
 
 # (lens, block_size, num_heads, num_kv_heads, head_dim, num_splits): a covering set, not the Cartesian product.
 CASES = [

@@ -7,7 +7,7 @@ import torch
 from tests.kernels.conftest import (DEVICE, assert_close, contiguous_kv, dtype_params, make_paged_kv, nan_like,
                                     ref_attention)
 
-from kernels import paged_prefill
+from prmkern.kernels import paged_prefill
 
 # (seq_lens, q_lens, block_size, num_heads, num_kv_heads, head_dim): q_len <= seq_len; seq_len - q_len is cached.
 CASES = [

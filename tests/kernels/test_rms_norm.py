@@ -6,7 +6,7 @@ import pytest
 import torch
 from tests.kernels.conftest import DEVICE, assert_close, dtype_params, nan_like
 
-from kernels import rms_norm
+from prmkern.kernels import rms_norm
 
 
 def _reference(x, weight, eps, residual):

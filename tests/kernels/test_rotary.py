@@ -6,7 +6,7 @@ import pytest
 import torch
 from tests.kernels.conftest import DEVICE, assert_close, dtype_params
 
-from kernels import rotary
+from prmkern.kernels import rotary
 
 
 def _cos_sin_cache(max_pos: int, head_dim: int, base: float = 10000.0) -> torch.Tensor:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from tests.kernels.conftest import DEVICE, assert_close, dtype_params, nan_like
 
-from kernels import silu_and_mul
+from prmkern.kernels import silu_and_mul
 
 
 @pytest.mark.parametrize("dtype", dtype_params())

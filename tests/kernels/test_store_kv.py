@@ -5,7 +5,7 @@ import pytest
 import torch
 from tests.kernels.conftest import DEVICE, dtype_params
 
-from kernels import store_kv
+from prmkern.kernels import store_kv
 
 
 @pytest.mark.parametrize("dtype", dtype_params())
