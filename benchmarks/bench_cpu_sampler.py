@@ -1,5 +1,5 @@
 """Micro-benchmark of the CPU sampler's draw: the C++ `_C.sample_rows` (csrc/sampling.cpp) against the torch path
-(prmkern.sampler._draw_torch: softmax, cumsum, two searchsorted), alternating in one process, on a decode step's
+(prmkern.engine.sampler._draw_torch: softmax, cumsum, two searchsorted), alternating in one process, on a decode step's
 logit rows (R chains x a vocabulary: bench_engine's 32,000 and Qwen2's 151,936).
 
   python benchmarks/bench_cpu_sampler.py --threads 2
@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_engine import cpu_isa, emit_result, git_commit  # noqa: E402
 from benchmarks.roofline import cpu_model  # noqa: E402
 from prmkern.attention.cpp_backend import cpp_ops  # noqa: E402
-from prmkern.sampler import _draw_torch  # noqa: E402
+from prmkern.engine.sampler import _draw_torch  # noqa: E402
 
 
 def main() -> None:

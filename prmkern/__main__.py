@@ -1,6 +1,6 @@
-"""`python -m prmkern ...` and `torchrun ... -m prmkern ...`: the command line (prmkern/cli.py)."""
+"""`python -m prmkern ...` and `torchrun ... -m prmkern ...`: the command line (prmkern/cli/entry.py)."""
 import sys
 
-from prmkern.cli import main
+from prmkern.cli.entry import main
 
 sys.exit(main())

@@ -24,7 +24,7 @@ class EngineConfig:
     attention_backend: str | None = None  # None: "triton" on CUDA, "cpp" on the CPU when built, else "torch"
     seed: int = 0
     # vLLM's name: True runs decode steps eagerly; False (default) replays them from CUDA graphs where they can be
-    # captured (CUDA device, Triton backend; prmkern/cuda_graphs.py).
+    # captured (CUDA device, Triton backend; prmkern/engine/cuda_graphs.py).
     enforce_eager: bool = False
     max_graph_batch: int = 256  # largest decode batch that is captured; larger batches run eagerly
     # CPU: memory for packed copies of the weights; 0 disables. Default 1 GiB. With the cpp backend, column-panel

@@ -17,10 +17,10 @@ from typing import Any, Sequence as Seq
 import torch
 
 from prmkern.config import EngineConfig
-from prmkern.engine import FatalEngineError, LLMEngine
+from prmkern.engine.engine import FatalEngineError, LLMEngine
 from prmkern.models.loader import read_config, resolve_dtype
 from prmkern.outputs import RequestOutput
-from prmkern.sampling import SamplingParams
+from prmkern.sampling_params import SamplingParams
 from prmkern.stats import EngineStats
 from prmkern.vllm_args import check_vllm_args
 

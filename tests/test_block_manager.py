@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from prmkern.block_manager import BlockManager
-from prmkern.sampling import SamplingParams
-from prmkern.sequence import Request, Sequence
+from prmkern.engine.block_manager import BlockManager
+from prmkern.sampling_params import SamplingParams
+from prmkern.engine.sequence import Request, Sequence
 
 
 def make_seq(seq_id: int, tokens: list[int]) -> Sequence:

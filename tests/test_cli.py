@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from prmkern.cli_verify import predict_earliest_error
-from prmkern.jobs import JobRunner, read_items
+from prmkern.cli.verify import predict_earliest_error
+from prmkern.cli.jobs import JobRunner, read_items
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
@@ -168,13 +168,13 @@ def _main(*args: str) -> tuple[int, str, str]:
 
 
 def test_configuration_errors_name_the_flag_before_the_model_loads(tmp_path, monkeypatch):
-    import prmkern.cli
-    import prmkern.cli_commands  # noqa: F401 - first imported under the patch, it would bind no_model for good
+    import prmkern.cli.entry
+    import prmkern.cli.commands  # noqa: F401 - first imported under the patch, it would bind no_model for good
 
     def no_model(*a, **k):
         raise AssertionError("the model loaded before the configuration was checked")
-    monkeypatch.setattr(prmkern.cli, "make_llm", no_model)
-    monkeypatch.setattr("prmkern.cli_commands.make_llm", no_model)
+    monkeypatch.setattr(prmkern.cli.entry, "make_llm", no_model)
+    monkeypatch.setattr("prmkern.cli.commands.make_llm", no_model)
     src = write_lines(tmp_path / "in.jsonl", [SOLUTION])
     code, _, err = _main("verify", src, "--budget-tokens", "2048", "--max-tokens", "1024", "--device", "cpu")
     assert code == 2 and "--max-tokens 1024" in err and "--budget-tokens 2048" in err, err

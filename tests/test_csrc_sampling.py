@@ -136,9 +136,9 @@ def test_scalar_path_draws_the_same_tokens():
 def test_sampler_draws_the_same_tokens_with_and_without_the_kernel():
     """The engine's Sampler: the C++ draw and the torch draw, the same per-row generators, the same tokens (the
     seeds here put no u within float32 rounding of a bracket edge); filtered rows (top-k) keep the torch path."""
-    from prmkern.sampler import Sampler
-    from prmkern.sampling import SamplingParams
-    from prmkern.sequence import Request, Sequence
+    from prmkern.engine.sampler import Sampler
+    from prmkern.sampling_params import SamplingParams
+    from prmkern.engine.sequence import Request, Sequence
 
     def seqs(params):
         return [Sequence(i, Request(str(i), None, [1, 2, 3], p), 0, torch.Generator().manual_seed(100 + i))

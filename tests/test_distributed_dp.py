@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from prmkern import cli
+from prmkern.cli import entry as cli
 
 
 def _port() -> int:
@@ -141,7 +141,7 @@ def test_rows_with_positions_are_renumbered_and_reordered(tmp_path):
 def test_records_are_the_job_runners_items(tmp_path):
     """Record i of a rank is item i of the single-process JobRunner, whatever line breaks the input holds."""
     from prmkern.distributed.data_parallel import read_records
-    from prmkern.jobs import read_items
+    from prmkern.cli.jobs import read_items
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"a": 1}\r\n\n{"a": "x\u2028y"}\x0c{"b": 2}\r{"c": NaN}\n  \nnot json\n', newline="")
     records, items = read_records(str(inp)), read_items(str(inp))
@@ -154,7 +154,7 @@ def test_one_engine_per_rank_for_generate_and_verify(monkeypatch):
     """A rank's chunks share one LLM, also through cli_commands (verify), which binds make_llm by name."""
     import argparse
 
-    from prmkern import cli_commands
+    from prmkern.cli import commands as cli_commands
     from prmkern.distributed.data_parallel import _reuse_engine
     made, closed = [], []
 

@@ -192,7 +192,7 @@ def test_killed_rank_stops_a_cli_job(tmp_path, qwen2_dir, monkeypatch):
     engine cannot run again); the output keeps only real rows, so `--resume` redoes the rest."""
     import json
 
-    from prmkern import cli, cli_commands  # noqa: F401 - imported before the patch: it binds make_llm by name
+    from prmkern.cli import commands as cli_commands, entry as cli  # noqa: F401 - imported before the patch: it binds make_llm by name
     made = []
     real = cli.make_llm
 

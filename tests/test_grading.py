@@ -1,4 +1,4 @@
-"""prmkern.grading against rewrites of MATH-500 reference answers (../shared/data/math500).
+"""prmkern.verify.grading against rewrites of MATH-500 reference answers (../shared/data/math500).
 
 Equivalent rewrites (must be accepted) are generated mechanically from each reference: `$...$`, a sentence with
 `\\boxed{}`, `\\dfrac`, `a/b`, decimals of terminating fractions, reordered two-term sums, `x^{1/2}` for
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from prmkern.grading import extract_answer, grade, is_equivalent, latex_to_sympy, normalize
+from prmkern.verify.grading import extract_answer, grade, is_equivalent, latex_to_sympy, normalize
 
 MATH500 = Path(__file__).resolve().parents[2] / "shared" / "data" / "math500" / "test.jsonl"
 if not MATH500.exists():

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from prmkern import LLM
-from prmkern import engine as engine_mod
-from prmkern.runner import kv_block_bytes
+from prmkern.engine import engine as engine_mod
+from prmkern.engine.runner import kv_block_bytes
 from prmkern.tiny import build_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:prmkern. no tokenizer files")

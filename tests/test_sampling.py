@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prmkern import LLM, SamplingParams
-from prmkern.sampler import _apply_top_k_top_p
+from prmkern.engine.sampler import _apply_top_k_top_p
 from tests.conftest import hf_model, random_prompts
 
 

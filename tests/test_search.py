@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from prmkern import LLM, SamplingParams
-from prmkern.search import Candidate, beam_search, best_of_n, split_steps, weighted_vote
+from prmkern.verify.search import Candidate, beam_search, best_of_n, split_steps, weighted_vote
 from prmkern.verify.protocols import Verifier, VerifyConfig
 
 

@@ -160,7 +160,7 @@ def test_resume_matches_uninterrupted(work, tiny_ckpt):
 def test_checkpoint_greedy_same_in_prmkern_and_transformers(work, tiny_ckpt):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from prmkern.llm import LLM
-    from prmkern.sampling import SamplingParams
+    from prmkern.sampling_params import SamplingParams
     rec = data.read_records(str(work / "eval.jsonl"))[0]
     tok = AutoTokenizer.from_pretrained(str(tiny_ckpt))
     prompt = data.render_prompt(tok, rec["problem"], rec["steps"])

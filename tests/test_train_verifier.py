@@ -32,7 +32,7 @@ def test_shipped_verifier_verdicts_mostly_right():
     from evaluate import verdict_agreement
     from data import read_records, render_prompt
     from prmkern.llm import LLM
-    from prmkern.sampling import SamplingParams
+    from prmkern.sampling_params import SamplingParams
     from prmkern.verify import PRMKERN, parse_output, score_chain
 
     torch.set_num_threads(1)

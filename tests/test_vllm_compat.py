@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from prmkern import LLM, Logprob, SamplingParams
-from prmkern.sampler import _apply_min_p, apply_penalties
+from prmkern.engine.sampler import _apply_min_p, apply_penalties
 from tests.conftest import hf_model, random_prompts
 
 TOL = 1e-4  # float32 engine vs float64 reference, log-probability units

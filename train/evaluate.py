@@ -49,7 +49,7 @@ def generative_chains(model_dir: str, records: list[dict], k: int, temperature: 
                       seed: int, threads: int, device: str | None = None) -> tuple[list[list], dict]:
     """Per record, K ChainScores; plus the engine's counters (prompt tokens, prefix-cache hits, generated)."""
     from prmkern.llm import LLM
-    from prmkern.sampling import SamplingParams
+    from prmkern.sampling_params import SamplingParams
     from prmkern.verify import PRMKERN, Generated, parse_output, score_chain
 
     if threads:

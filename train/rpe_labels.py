@@ -3,7 +3,7 @@
     python train/rpe_labels.py --policy some-checkpoint/ --data solutions.jsonl --out labelled.jsonl
 
 For a solution with steps a_0..a_{n-1}, state s_t is the problem plus the first t steps. MC(s_t) is the share of
-rollouts from s_t (the policy continues the solution to a final answer) whose answer prmkern.grading judges equal
+rollouts from s_t (the policy continues the solution to a final answer) whose answer prmkern.verify.grading judges equal
 to the record's `answer`; MC(s_t, a_t) = MC(s_{t+1}), and MC(s_n) is whether the solution's own final answer is right
 (no rollout needed). As GenPRM defines it:
 * MC of the first state (the problem alone: the policy's Pass@1) comes from a large sample (`--n-pass`, 256);
@@ -100,8 +100,8 @@ def label_records(llm, records: list[dict], *, n_pass: int = 256, bands=DEFAULT_
     """RPE labels for every record (needs `problem`, `steps`, `answer`) -> (kept records, dropped records).
 
     Dropped: the problem's n_pass rollouts were all correct or all wrong (each dropped record gets `rpe_dropped`)."""
-    from prmkern.grading import grade
-    from prmkern.sampling import SamplingParams
+    from prmkern.verify.grading import grade
+    from prmkern.sampling_params import SamplingParams
 
     if n_pass < 2:
         raise ValueError(f"n_pass={n_pass}: Pass@1 needs a sample of at least 2 rollouts")

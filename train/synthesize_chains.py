@@ -77,7 +77,7 @@ def balance(records: list[dict], seed: int) -> list[dict]:
 def synthesize(llm, records: list[dict], *, k: int, temperature: float, max_tokens: int, max_chain_tokens: int,
                per_solution: int, seed: int) -> tuple[list[dict], dict]:
     """Kept (unbalanced) chain records and counts of why chains were dropped."""
-    from prmkern.sampling import SamplingParams
+    from prmkern.sampling_params import SamplingParams
     from prmkern.verify import PRMKERN, parse_output
 
     prompts = [render_prompt(llm.tokenizer, r["problem"], r["steps"]) for r in records]

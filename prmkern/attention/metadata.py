@@ -54,7 +54,7 @@ class DecodeMetadata:
     # Host copies of group boundaries, so a backend can pick a path per group without a device sync.
     group_starts_list: list[int]
     prefix_lens_list: list[int]
-    # Set only for a decode step captured in a CUDA graph (prmkern/cuda_graphs.py), where nothing may depend on this
+    # Set only for a decode step captured in a CUDA graph (prmkern/engine/cuda_graphs.py), where nothing may depend on this
     # step's values: `cascade` fixes the path for every row (True: suffix + shared-prefix states merged, a group with
     # prefix length 0 contributing an empty state; False: plain paged decode), `max_group_size` sizes the
     # shared-prefix grid, and the split counts are fixed (plain: num_splits; cascade: prefix_num_splits = P and

@@ -7,7 +7,7 @@ every row runs plain paged_decode over its full block table. Everything else map
 
 Importing this module needs triton but no GPU. On a CPU the kernels only run when TRITON_INTERPRET=1 was set before
 triton was imported (tests do that); otherwise calls raise `TritonUnavailableError`. Does not capture CUDA graphs
-(prmkern/cuda_graphs.py does; a captured step's metadata fixes the path and launch sizes, see `_decode_fixed`) and
+(prmkern/engine/cuda_graphs.py does; a captured step's metadata fixes the path and launch sizes, see `_decode_fixed`) and
 holds no per-step state.
 """
 from __future__ import annotations

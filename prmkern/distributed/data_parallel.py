@@ -69,7 +69,7 @@ def batch_size(args: argparse.Namespace) -> int:
     A rank runs whole batches, so each record is computed in the same engine batch as in one process: the
     floats of a row (scores, log-probabilities) depend on what shares its engine steps."""
     if args.command == "verify":  # cli_commands._verify_job's rule
-        from prmkern.cli_verify import build_config
+        from prmkern.cli.verify import build_config
         return max(1, args.batch_size or 64 // build_config(args).num_chains)
     return max(1, args.batch_size or 1)
 
@@ -173,7 +173,7 @@ def _run_chunk(args: argparse.Namespace, command: Callable[[argparse.Namespace],
 
 
 def _own_id(text: str) -> bool:
-    from prmkern.jobs import _parse_line
+    from prmkern.cli.jobs import _parse_line
     rec, _ = _parse_line(text)
     return isinstance(rec, dict) and "id" in rec
 
@@ -203,7 +203,7 @@ def _to_global(lines: list[str], chunk: list[int], records: list[Record]) -> lis
 def _run_chunks(args: argparse.Namespace, command: Callable[[argparse.Namespace], int], records: list[Record],
                 mine: list[list[int]], part_path: str, rank: int) -> None:
     """Runs the command over this rank's batches, one chunk per batch, appending each as one part line."""
-    from prmkern import jobs
+    from prmkern.cli import jobs
     fault = os.environ.get(FAULT_ENV)
     fault_rank, fault_chunks, fault_kind = (fault.split(":") + ["kill"])[:3] if fault else ("-1", "0", "")
     if os.path.exists(part_path):  # a line cut short when an earlier run was killed: drop it before appending
@@ -262,7 +262,7 @@ def run(args: argparse.Namespace, command: Callable[[argparse.Namespace], int]) 
 
     import torch.distributed as dist
 
-    from prmkern import cli
+    from prmkern.cli import entry as cli
 
     if args.command not in SUPPORTED:
         raise SystemExit(f"`prmkern {args.command}` does not run data-parallel; supported: {', '.join(SUPPORTED)}")
@@ -301,7 +301,7 @@ def run(args: argparse.Namespace, command: Callable[[argparse.Namespace], int]) 
         dist.broadcast_object_list(plan, src=0)
         mine = shard(plan[0], rank, world)
         part_path = os.path.join(parts, f"rank{rank}-of{world}.jsonl")
-        from prmkern import cli_commands
+        from prmkern.cli import commands as cli_commands
         undo = _reuse_engine(cli, cli_commands)
         error = None
         try:
@@ -353,7 +353,7 @@ def _finish(args: argparse.Namespace, output: str, parts: str, total: int, world
 def _write_summary(args: argparse.Namespace, output: str, total: int, world: int, seconds: float) -> None:
     """--summary of the whole job, from the merged file (counts and failures as one process reports them; the
     engine counters are per rank and are not summed here)."""
-    from prmkern.jobs import JobRunner, write_summary
+    from prmkern.cli.jobs import JobRunner, write_summary
     runner = JobRunner(output)
     with open(output) as f:
         runner.rows = [json.loads(line) for line in f if line.strip()]

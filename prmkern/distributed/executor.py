@@ -21,7 +21,7 @@ from multiprocessing.connection import wait
 import torch
 import torch.multiprocessing as mp
 
-from prmkern.engine import FatalEngineError
+from prmkern.engine.engine import FatalEngineError
 from prmkern.config import EngineConfig
 from prmkern.distributed.worker import recv, send, worker_main
 

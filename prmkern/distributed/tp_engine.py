@@ -11,15 +11,15 @@ import dataclasses
 
 import torch
 
-from prmkern.block_manager import BlockManager
+from prmkern.engine.block_manager import BlockManager
 from prmkern.config import EngineConfig
 from prmkern.distributed.executor import TensorParallelExecutor
 from prmkern.distributed.sharding import check_divisible
-from prmkern.engine import LLMEngine
+from prmkern.engine.engine import LLMEngine
 from prmkern.models.decoder import DecoderSpec
 from prmkern.models.loader import model_spec, read_config
-from prmkern.runner import ModelRunner
-from prmkern.scheduler import SchedulerOutput
+from prmkern.engine.runner import ModelRunner
+from prmkern.engine.scheduler import SchedulerOutput
 
 
 class _SpecOnly:

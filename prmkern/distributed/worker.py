@@ -55,8 +55,8 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
 class _Worker:
     def __init__(self, rank: int, world: int, config: EngineConfig, conn):
         from prmkern.distributed.sharding import load_shard
-        from prmkern.engine import CPU_KV_CACHE_BYTES
-        from prmkern.runner import kv_block_bytes
+        from prmkern.engine.engine import CPU_KV_CACHE_BYTES
+        from prmkern.engine.runner import kv_block_bytes
 
         self.rank, self.world, self.conn = rank, world, conn
         self.config = config
@@ -79,7 +79,7 @@ class _Worker:
         self.fail_at: int | None = None  # test hook: raise at this step (see TensorParallelExecutor.inject_fault)
 
     def init_cache(self, num_blocks: int) -> None:
-        from prmkern.runner import ModelRunner
+        from prmkern.engine.runner import ModelRunner
         # the driver owns the block manager; a worker only needs the caches, backend and GEMM dispatch
         self.runner = ModelRunner(self.config, self.model, num_blocks, None, None)
 

@@ -1,6 +1,6 @@
 """Decode GEMMs on the CPU: prmkern's C++ weight-streaming GEMM when built, else MKL's packed sgemm.
 
-With the "cpp" backend (prmkern/runner.py sets `Linear.cpp`), a Linear with a column-panel copy of its weight
+With the "cpp" backend (prmkern/engine/runner.py sets `Linear.cpp`), a Linear with a column-panel copy of its weight
 (`Linear.panel_copy`, prmkern/models/decode_panels.py) runs every GEMM on it in C++, prefill included; one without
 runs every CPU GEMM of up to `CPP_MAX_ROWS` rows (decode) in C++, in fp32, bf16 and fp16 alike, against the
 checkpoint's output-major weight [out, in]: each weight byte is read once per step. Measured here (AMD EPYC, 2

@@ -1,7 +1,7 @@
 """The FastAPI application: routes, errors in OpenAI's shape, the API key and body-size guard, and the lifespan
 that starts the engine loop and, on shutdown, answers whatever is still unfinished.
 
-`build_app(llm, ServerConfig(...))` serves a prmkern.LLM's engine; `prmkern serve` (cli.py) builds both.
+`build_app(llm, ServerConfig(...))` serves a prmkern.LLM's engine; `prmkern serve` (prmkern/cli/serve.py) builds both.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable
 
-from prmkern.sampling import SamplingParams
+from prmkern.sampling_params import SamplingParams
 from prmkern.serve.engine_loop import EngineLoop, Event, Overloaded, Stream
 
 

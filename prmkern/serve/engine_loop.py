@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from prmkern.outputs import CompletionOutput, RequestOutput
-from prmkern.sampling import SamplingParams
+from prmkern.sampling_params import SamplingParams
 
 log = logging.getLogger("prmkern.serve")
 

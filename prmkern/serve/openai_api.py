@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from prmkern.outputs import RequestOutput
 from prmkern.prompts import encode_bounded
-from prmkern.sampling import SamplingParams
+from prmkern.sampling_params import SamplingParams
 from prmkern.serve.calls import ChainText, EngineCall
 from prmkern.serve.engine_loop import ChainDelta, ChainDone, Overloaded, RequestDone, RequestFailed
 from prmkern.serve.logprobs import chat_logprobs, choice_extras, completion_logprobs, logprob_dicts, lp_entries

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
-from prmkern.sampling import SamplingParams
+from prmkern.sampling_params import SamplingParams
 
 Number = StrictFloat  # JSON ints are accepted as floats; booleans and strings are not
 

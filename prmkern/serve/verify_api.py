@@ -20,7 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from prmkern.outputs import RequestOutput
-from prmkern.sampling import SamplingParams
+from prmkern.sampling_params import SamplingParams
 from prmkern.serve.engine_loop import EngineLoop, Overloaded, RequestDone
 from prmkern.serve.protocol import ApiError, BadRequest, VerifyRequest
 from prmkern.verify.protocols import Verifier, VerifyConfig

@@ -14,14 +14,14 @@
 
 Settings a field leaves None take the format's published defaults (formats.format_defaults). Verdicts are parsed
 (parsing.py) and scored from the engine's chosen-token log-probabilities (scoring.py).
-It does not load models, render data sets or write files; see cli.py.
+It does not load models, render data sets or write files; see prmkern/cli/.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from prmkern.sampling import SamplingParams
+from prmkern.sampling_params import SamplingParams
 from prmkern.sandbox import SandboxLimits
 from prmkern.verify.formats import VerifierFormat, format_defaults, get_format
 from prmkern.verify.parsing import parse_output

@@ -1,4 +1,4 @@
-"""Decode graphs (prmkern/cuda_graphs.py) without a GPU: mode 'eager' re-runs the captured function on the static
+"""Decode graphs (prmkern/engine/cuda_graphs.py) without a GPU: mode 'eager' re-runs the captured function on the static
 buffers, so the padding, bucketing, fixed launch sizes and buffer refills are checked here under the Triton
 interpreter against the torch backend; only torch.cuda.graph itself is left to a GPU."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 from prmkern.attention.backend import BACKENDS
 from prmkern.attention.triton_backend import TritonBackend
-from prmkern.cuda_graphs import DecodeGraphs, batch_buckets
+from prmkern.engine.cuda_graphs import DecodeGraphs, batch_buckets
 
 
 def test_batch_buckets():

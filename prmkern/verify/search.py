@@ -3,7 +3,7 @@
 The generator and the verifier are prmkern LLMs; they may be one object (one checkpoint serving both roles, one KV
 pool, one prefix cache). Best-of-N samples N solutions per problem in one request (the problem's prompt is
 prefilled once), verifies all of them in one batch, and picks by verifier score or by a verifier-weighted majority
-vote over equivalent final answers (prmkern.grading decides equivalence). Beam search grows solutions one step at a
+vote over equivalent final answers (prmkern.verify.grading decides equivalence). Beam search grows solutions one step at a
 time, keeping the `beam_width` partial solutions the verifier scores highest.
 It does not train or grade against references beyond reporting `correct` when a reference answer is given.
 """
@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from prmkern.grading import extract_answer, is_equivalent
-from prmkern.sampling import SamplingParams
+from prmkern.verify.grading import extract_answer, is_equivalent
+from prmkern.sampling_params import SamplingParams
 from prmkern.verify.formats import render_messages
 from prmkern.verify.protocols import Verifier
 

@@ -15,7 +15,7 @@ from types import ModuleType
 
 import torch
 
-from prmkern.sequence import Sequence
+from prmkern.engine.sequence import Sequence
 
 
 @dataclass

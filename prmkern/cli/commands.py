@@ -1,4 +1,4 @@
-"""What `prmkern verify`, `prmkern eval processbench` and `prmkern bon` run (their options: cli_verify.py).
+"""What `prmkern verify`, `prmkern eval processbench` and `prmkern bon` run (their options: verify.py).
 
 Each: read the input into Items (bad lines fail alone), check the configuration and every record, load the model,
 then hand batches to a JobRunner that writes one row per record as it finishes. Metrics against labels are computed
@@ -12,10 +12,10 @@ import os
 import sys
 from typing import Any
 
-from prmkern.cli import check_engine_args, make_llm, progress_bar, report_failures, resume_hint, summary_line
-from prmkern.cli_verify import ChainProgress, build_config, check_verify_record, default_input, label_metrics, \
+from prmkern.cli.entry import check_engine_args, make_llm, progress_bar, report_failures, resume_hint, summary_line
+from prmkern.cli.verify import ChainProgress, build_config, check_verify_record, default_input, label_metrics, \
     print_metrics, verify_rows
-from prmkern.jobs import Item, JobRunner, json_safe, read_items, write_summary
+from prmkern.cli.jobs import Item, JobRunner, json_safe, read_items, write_summary
 
 
 def _all_rows(runner: JobRunner, output: str) -> list[dict[str, Any]]:
@@ -121,7 +121,7 @@ def cmd_eval_processbench(args: argparse.Namespace) -> int:
     if fails:
         from collections import Counter
 
-        from prmkern.jobs import failure_reason
+        from prmkern.cli.jobs import failure_reason
         reasons = dict(Counter(failure_reason(r["error"]) for r in fails))
         print(f"{len(fails)} of {len(rows)} records failed ({reasons}); the official F1 below counts them as wrong "
               f"(the benchmark scores every record)", file=sys.stderr)
@@ -144,12 +144,12 @@ def _problem_id(it: Item) -> Any:
 
 
 def cmd_bon(args: argparse.Namespace) -> int:
-    from prmkern.sampling import SamplingParams
-    from prmkern.search import best_of_n
+    from prmkern.sampling_params import SamplingParams
+    from prmkern.verify.search import best_of_n
     from prmkern.verify.protocols import Verifier
     check_engine_args(args)
     if args.n < 1 or args.gen_max_tokens < 1:
-        from prmkern.cli import UsageError
+        from prmkern.cli.entry import UsageError
         raise UsageError(f"--n {args.n} / --gen-max-tokens {args.gen_max_tokens}: accepted: ints >= 1")
     items = read_items(args.input)[:args.limit or None]
     for it in items:

@@ -1,4 +1,4 @@
-"""`prmkern serve [MODEL]`: the command line of the HTTP server (registered by prmkern/cli.py).
+"""`prmkern serve [MODEL]`: the command line of the HTTP server (registered by prmkern/cli/entry.py).
 
 `add_serve_parser` needs only argparse, so `prmkern --help` works without the server's extras installed;
 `run_serve` imports FastAPI and uvicorn and says how to install them when they are missing.
@@ -12,7 +12,7 @@ import sys
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from prmkern.cli import _engine_args, _verify_args
+    from prmkern.cli.entry import _engine_args, _verify_args
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, verify) on one engine")
     s.add_argument("model_dir", nargs="?", default=None, metavar="MODEL",
                    help="Hugging Face checkpoint directory (default: --model, else the shipped verifier)")
@@ -45,7 +45,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise SystemExit(f"prmkern serve needs FastAPI and uvicorn ({e}); install them with "
                          f"`pip install 'prmkern[serve]'`")
-    from prmkern.cli import _make_verifier, shipped_verifier_dir
+    from prmkern.cli.entry import _make_verifier, shipped_verifier_dir
     from prmkern.llm import LLM
     from prmkern.tiny import default_model_dir
     model = args.model_dir or args.model or shipped_verifier_dir() or default_model_dir()

@@ -172,7 +172,7 @@ class JobRunner:
                 try:
                     process(batch, emit)
                 except Exception as e:  # noqa: BLE001 - a batch that breaks fails alone; the job goes on
-                    from prmkern.engine import FatalEngineError
+                    from prmkern.engine.engine import FatalEngineError
                     if isinstance(e, FatalEngineError):  # no later batch can run (a dead tensor-parallel rank):
                         raise  # stop, rather than write every remaining record as failed; --resume redoes them
                     for it in batch:

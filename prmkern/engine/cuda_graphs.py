@@ -19,7 +19,7 @@ short rows leave splits empty. Padded rows are each a group of their own, so eve
 Graphs are captured lazily, on the first step of each key (after one eager warm-up run that compiles the Triton
 kernels), and share one memory pool. `mode="eager"` replays by re-running the captured function on the static
 buffers instead of a CUDA graph: the same padding and buffer logic, testable on a CPU under the Triton interpreter
-(tests/test_cuda_graphs.py). Only the Triton backend is captured: the torch backend loops on host lists.
+(tests/kernels/test_cuda_graphs.py). Only the Triton backend is captured: the torch backend loops on host lists.
 
 It does not: capture prefill steps (their token counts vary; their launches are few per token), or capture during
 `__init__` (vLLM captures every bucket at start-up; here the first step of a new shape pays the capture).

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-from prmkern.jobs import Item
+from prmkern.cli.jobs import Item
 
 # flag <- VerifyConfig field, for messages that name what to change
 FLAGS = {"num_chains": "--chains", "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
@@ -77,7 +77,7 @@ def add_verify_args(ap: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace):
     """VerifyConfig from the options the user gave; errors name the flag. Runs before the model loads."""
-    from prmkern.cli import UsageError
+    from prmkern.cli.entry import UsageError
     from prmkern.verify.formats import load_formats
     from prmkern.verify.protocols import VerifyConfig
     if args.formats_file:
@@ -240,7 +240,7 @@ def print_metrics(m: dict, what: str) -> None:
 
 
 def default_input(args: argparse.Namespace) -> str:
-    from prmkern.cli import shipped_verifier_dir
+    from prmkern.cli.entry import shipped_verifier_dir
     from prmkern.verify.processbench import sample_path
     examples = shipped_verifier_dir() and os.path.join(shipped_verifier_dir(), "examples.jsonl")
     if args.input is None:  # synthetic held-out examples for the shipped verifier, else ProcessBench
@@ -249,7 +249,7 @@ def default_input(args: argparse.Namespace) -> str:
 
 
 def add_parsers(sub: Any, fmt: Any, engine_args: Callable, job_args: Callable) -> None:
-    from prmkern import cli_commands
+    from prmkern.cli import commands as cli_commands
     v = sub.add_parser("verify", help="score every step of solutions (labels optional)", formatter_class=fmt)
     v.add_argument("input", nargs="?", default=None,
                    help="JSON array or JSONL of {problem, steps[, id, label, subset]}; 'processbench' for the "

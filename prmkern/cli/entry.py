@@ -1,9 +1,9 @@
 """The `prmkern` command line: generate, verify, eval processbench, bon, demo.
 
-Every command that reads a JSONL writes one row per record as it finishes (prmkern/jobs.py: flushed, a bad line
+Every command that reads a JSONL writes one row per record as it finishes (prmkern/cli/jobs.py: flushed, a bad line
 fails alone with its line number, `--resume`, `--summary FILE`). Configuration is checked before the model loads
 and an error names the flag to change. Progress goes to stderr; results to -o (default stdout).
-The verification commands live in cli_verify.py; this file holds the parser, the engine options, generate and demo.
+The verification commands live in verify.py and commands.py; this file holds the parser, the engine options, generate and demo.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import time
 from typing import Any
 
 from prmkern import __version__
-from prmkern.jobs import Item, JobRunner, read_items, write_summary
-from prmkern.sampling import SamplingParams
+from prmkern.cli.jobs import Item, JobRunner, read_items, write_summary
+from prmkern.sampling_params import SamplingParams
 
 SAMPLING_KEYS = ("n", "temperature", "top_k", "top_p", "min_tokens", "max_tokens", "ignore_eos", "stop",
                  "stop_token_ids", "include_stop_str_in_output", "seed", "logprobs", "logprob_token_ids",
@@ -74,19 +74,19 @@ def engine_args(ap: argparse.ArgumentParser, max_model_len: bool = True) -> None
 
 
 def _engine_args(ap: argparse.ArgumentParser) -> None:
-    """The engine options for `prmkern serve` (prmkern/serve/cli.py), which adds its own --max-model-len."""
+    """The engine options for `prmkern serve` (prmkern/cli/serve.py), which adds its own --max-model-len."""
     engine_args(ap, max_model_len=False)
 
 
 def _verify_args(ap: argparse.ArgumentParser) -> None:
     """The verifier options (for `prmkern serve`)."""
-    from prmkern.cli_verify import add_verify_args
+    from prmkern.cli.verify import add_verify_args
     add_verify_args(ap)
 
 
 def _make_verifier(args: argparse.Namespace, llm: Any):
     """A Verifier on `llm` from the verifier options (for `prmkern serve`); a bad option raises UsageError."""
-    from prmkern.cli_verify import build_config
+    from prmkern.cli.verify import build_config
     from prmkern.verify.protocols import Verifier
     return Verifier(llm, build_config(args))
 
@@ -261,7 +261,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- the parser ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from prmkern import cli_verify
+    from prmkern.cli import verify as cli_verify
     fmt = argparse.ArgumentDefaultsHelpFormatter
     ap = argparse.ArgumentParser(prog="prmkern", formatter_class=fmt,
                                  description="Inference engine for generative process reward models")
@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine_args(d)
     d.set_defaults(func=cmd_demo)
 
-    from prmkern.serve.cli import add_serve_parser  # the HTTP server (docs/server.md)
+    from prmkern.cli.serve import add_serve_parser  # the HTTP server (docs/server.md)
     add_serve_parser(sub)
     return ap
 
@@ -311,9 +311,3 @@ def main(argv: list[str] | None = None) -> int:
         ap.exit(2, f"prmkern {args.command}: error: {e.message}\n")
     return 0
 
-
-if __name__ == "__main__":
-    # `python -m prmkern.cli` runs this file as __main__; the commands import prmkern.cli, so run that module's
-    # main, or its UsageError would be a different class from the one raised
-    from prmkern.cli import main as _main
-    sys.exit(_main())

@@ -12,21 +12,21 @@ import random
 import torch
 
 from prmkern.attention.cpp_backend import cpp_ops
-from prmkern.block_manager import BlockManager
+from prmkern.engine.block_manager import BlockManager
 from prmkern.config import EngineConfig
 from prmkern.models import load_model
 from prmkern.outputs import CompletionOutput, Logprob, RequestOutput
 from prmkern.prompts import MissingTokenizerError, encode_bounded, max_token_chars, split_prompt
-from prmkern.runner import ModelRunner, kv_block_bytes
-from prmkern.sampler import PositionLogprobs, Sampler, position_logprobs
-from prmkern.sampling import SamplingParams
-from prmkern.scheduler import Scheduler
-from prmkern.sequence import Request, Sequence, SequenceStatus
+from prmkern.engine.runner import ModelRunner, kv_block_bytes
+from prmkern.engine.sampler import PositionLogprobs, Sampler, position_logprobs
+from prmkern.sampling_params import SamplingParams
+from prmkern.engine.scheduler import Scheduler
+from prmkern.engine.sequence import Request, Sequence, SequenceStatus
 from prmkern.stats import EngineStats
 
 # CPU KV pool: this fraction of the memory available when the engine starts (after loading the weights), at least
 # CPU_KV_CACHE_BYTES (also the size when the available memory cannot be read). The pool is allocated uninitialised
-# on the CPU (prmkern/runner.py): pages are committed as blocks are first written, and since freed blocks are
+# on the CPU (prmkern/engine/runner.py): pages are committed as blocks are first written, and since freed blocks are
 # reused least-recently-freed first (prefix caching), the resident size grows towards the pool size with use.
 CPU_KV_CACHE_BYTES = 1 << 30
 CPU_KV_CACHE_FRACTION = 0.4

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from prmkern.sequence import Sequence
+from prmkern.engine.sequence import Sequence
 
 
 class Block:

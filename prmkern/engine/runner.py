@@ -3,7 +3,7 @@ runs the model and returns the logits of the rows that sample.
 
 Decode steps group sequences by the leading blocks they share (the blocks with more than one reference, i.e. a
 prompt prefilled once and forked into chains); the backend reads each group's shared prefix once for all its chains.
-On CUDA with the Triton backend, decode steps replay captured CUDA graphs (prmkern/cuda_graphs.py) unless
+On CUDA with the Triton backend, decode steps replay captured CUDA graphs (prmkern/engine/cuda_graphs.py) unless
 `enforce_eager`. On the CPU, decode GEMMs run prmkern's C++ kernels with the "cpp" backend (any dtype), or read
 MKL-packed weights with the torch backend in fp32 (prmkern/models/packed_gemm.py). Knows
 nothing of sampling or stopping.
@@ -14,14 +14,14 @@ import numpy as np
 import torch
 
 from prmkern.attention import AttentionMetadata, DecodeMetadata, PrefillMetadata, get_backend
-from prmkern.block_manager import BlockManager
+from prmkern.engine.block_manager import BlockManager
 from prmkern.config import EngineConfig
-from prmkern.cuda_graphs import DecodeGraphs
+from prmkern.engine.cuda_graphs import DecodeGraphs
 from prmkern.models import DecoderForCausalLM, ForwardContext
 from prmkern.models.loader import k_major_weights
 from prmkern.models.decode_panels import attach_panels
 from prmkern.models.packed_gemm import Linear, PackedGemm
-from prmkern.scheduler import ScheduledSeq, SchedulerOutput
+from prmkern.engine.scheduler import ScheduledSeq, SchedulerOutput
 
 
 def kv_block_bytes(model: DecoderForCausalLM, block_size: int, dtype: torch.dtype) -> int:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prmkern.sampling import SamplingParams
+from prmkern.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

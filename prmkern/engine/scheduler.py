@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from prmkern.block_manager import BlockManager
+from prmkern.engine.block_manager import BlockManager
 from prmkern.config import EngineConfig
-from prmkern.sequence import Sequence, SequenceStatus
+from prmkern.engine.sequence import Sequence, SequenceStatus
 from prmkern.stats import EngineStats
 
 
