@@ -103,7 +103,7 @@ def _job_args(ap: argparse.ArgumentParser, unit: str, limit_help: str | None = N
 
 def shipped_verifier_dir() -> str | None:
     """The small generative verifier trained on the synthetic task (train/make_default_verifier.sh), if shipped."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "verifier")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "verifier")
     return path if os.path.isfile(os.path.join(path, "model.safetensors")) else None
 
 
