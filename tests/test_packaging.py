@@ -70,6 +70,19 @@ def test_console_script_version_from_another_directory(tmp_path):
     assert out.stdout.strip() == f"prmkern {prmkern.__version__}"
 
 
+def test_console_script_verify_from_another_directory(tmp_path):
+    """`prmkern verify` on the shipped verifier, started outside the checkout: its data comes from the package."""
+    script = Path(sys.executable).with_name("prmkern")
+    if not script.exists():
+        pytest.skip(f"no console script next to {sys.executable} (prmkern is not pip-installed here)")
+    out = subprocess.run([str(script), "verify", "--limit", "1", "--chains", "1", "--device", "cpu", "--threads", "1",
+                          "--no-progress", "--no-chains", "-o", "rows.jsonl"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (row,) = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert row["error"] is None and len(row["step_scores"]) == 3, row
+
+
 def test_greedy_tokens_equal_transformers_from_root_and_elsewhere(qwen2_dir, tmp_path):
     """The engine (through whatever `import prmkern` resolves to from cwd) against transformers' generate on the same
     random Qwen2, in a fresh interpreter started in the checkout's root and in an unrelated directory."""
