@@ -14,6 +14,7 @@ time (AVX2 / AVX-512 / AVX-512 BF16), so one build serves every x86 machine.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import glob
 import hashlib
@@ -84,6 +85,26 @@ def _compile(src: Path, out: Path) -> None:
     dist.run_command("build_ext")
 
 
+@contextlib.contextmanager
+def _output_to(path: Path):
+    """Points file descriptors 1 and 2 (so the compiler subprocesses' output too) at path while the block runs."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "w") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
 def _build_on_first_use() -> ModuleType | None:
     global why_unavailable
     src = source_dir()
@@ -100,18 +121,21 @@ def _build_on_first_use() -> ModuleType | None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         built = glob.glob(str(out / "prmkern" / "_C*.so"))
         if not built and not failed.exists():
-            print(f"prmkern: building the C++ CPU kernels for this torch (once, about a minute; cached in {out})",
+            print(f"prmkern: building the C++ CPU kernels for this torch (once: a few minutes; cached in {out})",
                   file=sys.stderr)
             t0 = time.perf_counter()
+            log = out / "build.log"
             try:
-                _compile(src, out)
+                with _output_to(log):  # the compiler's warnings go to the log, not to the user's terminal
+                    _compile(src, out)
             except BaseException as e:  # a missing compiler or headers: remember it, use the torch path
-                failed.write_text(f"{type(e).__name__}: {e}\n")
+                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                failed.write_text(f"{type(e).__name__}: {e} (compiler output: {log})\n{tail}")
             else:
                 print(f"prmkern: C++ CPU kernels built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             built = glob.glob(str(out / "prmkern" / "_C*.so"))
     if not built:
-        reason = failed.read_text().strip() if failed.exists() else "no library was produced"
+        reason = failed.read_text().splitlines()[0] if failed.exists() else "no library was produced"
         why_unavailable = (f"building csrc/ failed ({reason}); remove {out} to retry, after installing a C++ "
                            f"compiler with OpenMP (g++)")
         return None
