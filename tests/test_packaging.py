@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
@@ -105,21 +106,28 @@ print(json.dumps([ref, list(out[0].outputs[0].token_ids)]))
         assert len(ref) == 12 and ours == ref, (cwd, ours, ref)
 
 
-def test_wheel_carries_kernels_csrc_data_and_license(tmp_path):
-    """`pip wheel .` (the extension skipped to keep the test fast: PRMKERN_NO_CSRC=1) holds the Triton kernels next
-    to prmkern/kernels/__init__.py, every C++ source and header for a build on first use, the shipped verifier,
-    and the license, with no top-level `kernels` package."""
+@pytest.fixture(scope="module")
+def tracked_tree(tmp_path_factory) -> Path:
+    """A copy of the files git tracks (what a clone or an sdist starts from), without build outputs."""
     if shutil.which("git") is None:
-        pytest.skip("git is needed to copy the tracked tree")
-    src = tmp_path / "src"
+        pytest.skip("git is needed to list the tracked tree")
+    src = tmp_path_factory.mktemp("tracked") / "prmkern-src"
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
     for rel in filter(None, tracked.decode().split("\0")):
         if (REPO / rel).is_file():
             (src / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, src / rel)
+    return src
+
+
+def test_wheel_carries_kernels_csrc_data_and_license(tracked_tree, tmp_path):
+    """`pip wheel .` (the extension skipped to keep the test fast: PRMKERN_NO_CSRC=1) holds the Triton kernels next
+    to prmkern/kernels/__init__.py, every C++ source and header for a build on first use, the shipped verifier,
+    and the license, with no top-level `kernels` package."""
     env = dict(os.environ, PRMKERN_NO_CSRC="1")
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                          str(tmp_path / "dist"), str(src)], env=env, capture_output=True, text=True, timeout=600)
+                          str(tmp_path / "dist"), str(tracked_tree)], env=env, capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("prmkern-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -131,3 +139,19 @@ def test_wheel_carries_kernels_csrc_data_and_license(tmp_path):
     assert {f"prmkern/_csrc/{c}" for c in csrc} <= names, sorted(csrc - {n.split("/")[-1] for n in names})
     assert "prmkern/data/verifier/model.safetensors" in names
     assert any(n.endswith(".dist-info/LICENSE") or "/licenses/LICENSE" in n for n in names), sorted(names)[-8:]
+
+
+def test_sdist_carries_every_source_a_build_needs(tracked_tree, tmp_path):
+    """The sdist (PEP 517 build_sdist) holds kernels/, all of csrc/ (headers and .inc fragments too), the lock and
+    the license: a wheel built from it is the same as one built from the clone."""
+    code = f"from setuptools import build_meta; print(build_meta.build_sdist({str(tmp_path)!r}))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tracked_tree, capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, PRMKERN_NO_CSRC="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    with tarfile.open(tmp_path / out.stdout.strip().splitlines()[-1]) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    wanted = {f"csrc/{p.name}" for pat in ("*.cpp", "*.h", "*.inc") for p in (REPO / "csrc").glob(pat)}
+    wanted |= {f"kernels/{p.name}" for p in (REPO / "kernels").glob("*.py")}
+    wanted |= {"LICENSE", "pyproject.toml", "setup.py", "prmkern/kernels/__init__.py"}
+    wanted |= {f"constraints/{p.name}" for p in (REPO / "constraints").glob("*.txt")}
+    assert wanted <= names, sorted(wanted - names)
