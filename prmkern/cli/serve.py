@@ -48,7 +48,11 @@ def run_serve(args: argparse.Namespace) -> int:
     from prmkern.cli.entry import _make_verifier, shipped_verifier_dir
     from prmkern.llm import LLM
     from prmkern.tiny import default_model_dir
-    model = args.model_dir or args.model or shipped_verifier_dir() or default_model_dir()
+    if args.model_dir and args.model and os.path.realpath(args.model_dir) != os.path.realpath(args.model):
+        raise SystemExit(f"prmkern serve: error: two models given: {args.model_dir} and --model {args.model}; "
+                         f"give one (`prmkern serve MODEL` and `prmkern serve --model MODEL` are the same)")
+    args.model = args.model_dir or args.model  # one name from here on: the verifier's defaults follow it
+    model = args.model or shipped_verifier_dir() or default_model_dir()
     llm = LLM(model, dtype=args.dtype, device=args.device, block_size=args.block_size,
               num_kvcache_blocks=args.num_kvcache_blocks, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
@@ -56,11 +60,13 @@ def run_serve(args: argparse.Namespace) -> int:
     if llm.tokenizer is None:
         print("warning: the checkpoint has no tokenizer; only token-id prompts on /v1/completions will work",
               file=sys.stderr)
+    from prmkern.cli.verify import given_options
     verify_config = _make_verifier(args, llm).config if llm.tokenizer is not None else None
     name = args.served_model_name or os.path.basename(os.path.normpath(llm.config.model))
     config = ServerConfig(model_name=name, api_key=args.api_key, max_pending=args.max_pending,
                           max_request_bytes=args.max_request_bytes, max_n=args.max_n, max_prompts=args.max_prompts,
-                          max_verify=args.max_verify, **({"verify": verify_config} if verify_config else {}))
+                          max_verify=args.max_verify, verify_options=given_options(args),
+                          **({"verify": verify_config} if verify_config else {}))
     app = build_app(llm, config)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     print(f"serving {llm.config.model} as {name!r} on http://{args.host}:{args.port} "

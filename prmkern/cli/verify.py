@@ -32,11 +32,18 @@ def predict_earliest_error(step_scores: Sequence[float | None], threshold: float
 
 
 def default_format(args: argparse.Namespace) -> str:
-    """--format, else the shipped verifier's own format when no model is given, else thinkprm."""
+    """--format, else the format the model was trained on: `prmkern` for the shipped verifier (also when no model is
+    named, since the commands then load it), `thinkprm` for any other checkpoint. One rule for every command, so
+    `prmkern serve DIR` and `prmkern serve --model DIR` verify alike."""
     if args.format:
         return args.format
-    # `prmkern serve DIR` (model_dir) keeps the server's own choice, made on --model alone
-    return "thinkprm" if getattr(args, "model", None) else "prmkern"
+    model = getattr(args, "model", None)
+    if model is None:
+        return "prmkern"
+    from prmkern.cli.entry import shipped_verifier_dir
+    shipped = shipped_verifier_dir()
+    same = shipped is not None and os.path.realpath(model) == os.path.realpath(shipped)
+    return "prmkern" if same else "thinkprm"
 
 
 def format_default(field_name: str, fmt: str) -> Any:
@@ -56,8 +63,8 @@ def add_verify_args(ap: argparse.ArgumentParser) -> None:
     def d(name: str) -> str:
         return f"defaults: prmkern {format_default(name, 'prmkern')}, thinkprm {format_default(name, 'thinkprm')}"
     g.add_argument("--format", default=None,
-                   help="thinkprm | genprm | critic | prmkern | a name from --formats-file (None: prmkern, the "
-                        "shipped verifier's format, without --model; thinkprm with --model)")
+                   help="thinkprm | genprm | critic | prmkern | a name from --formats-file (None: prmkern for the "
+                        "shipped verifier, which is also the default model; thinkprm for any other model)")
     g.add_argument("--formats-file", default=None, help="JSON file of user-defined verifier formats")
     g.add_argument("--chains", type=int, default=None, help=f"K: parallel chains per solution ({d('num_chains')})")
     g.add_argument("--temperature", type=float, default=None, help=f"({d('temperature')})")
@@ -86,11 +93,7 @@ def build_config(args: argparse.Namespace):
         except (OSError, ValueError, TypeError, KeyError) as e:
             raise UsageError(f"--formats-file {args.formats_file}: {e}") from e
     fmt = default_format(args)
-    given = {"format": fmt, "num_chains": args.chains, "temperature": args.temperature, "top_p": args.top_p,
-             "top_k": getattr(args, "verify_top_k", None), "max_tokens": args.max_tokens,
-             "budget_tokens": args.budget_tokens, "method": args.method, "threshold": args.threshold,
-             "seed": args.verify_seed}
-    given = {k: v for k, v in given.items() if v is not None}
+    given = {"format": fmt, **given_options(args)}
     if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: accepted: an int >= 1")
     try:
@@ -107,6 +110,16 @@ def build_config(args: argparse.Namespace):
         return VerifyConfig(**given)
     except (ValueError, KeyError, TypeError) as e:
         raise UsageError(_name_flags(str(e))) from e
+
+
+def given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The verifier options the user set (VerifyConfig field -> value), format excluded: what a server keeps when a
+    request names another format (the rest come from that format's defaults)."""
+    given = {"num_chains": args.chains, "temperature": args.temperature, "top_p": args.top_p,
+             "top_k": getattr(args, "verify_top_k", None), "max_tokens": args.max_tokens,
+             "budget_tokens": args.budget_tokens, "method": args.method, "threshold": args.threshold,
+             "seed": args.verify_seed}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _name_flags(message: str) -> str:

@@ -44,6 +44,9 @@ class ServerConfig:
     max_steps: int = 256  # steps in one /v1/verify call
     max_verify: int = 4  # verify calls running at once (each in a worker thread)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
+    # The verifier options the operator set explicitly (VerifyConfig field -> value, format excluded): a request that
+    # names another format gets that format's defaults with these on top, then its own fields.
+    verify_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("max_pending", "max_request_bytes", "max_n", "max_prompts", "max_messages", "max_steps",
@@ -68,6 +71,7 @@ class ServerState:
         self.max_n, self.max_prompts = config.max_n, config.max_prompts
         self.max_messages, self.max_steps, self.max_verify = config.max_messages, config.max_steps, config.max_verify
         self.verify_defaults = config.verify
+        self.verify_options = dict(config.verify_options)
         self.loop = EngineLoop(engine, config.max_pending)
         self.metrics = ServerMetrics()
         self.verify_slots = threading.Semaphore(config.max_verify)

@@ -130,7 +130,7 @@ class VerifyRequest(_Body):
     top_p: Number | None = None
     max_tokens: StrictInt | None = None
     budget_tokens: StrictInt | None = None
-    method: Literal["min", "last", "mean", "product"] | None = None
+    method: Literal["min", "last", "mean", "product", "final", "vote"] | None = None  # scoring.METHODS
     threshold: Number | None = None
     seed: StrictInt | None = None
     include_chains: StrictBool = True

@@ -25,6 +25,8 @@ from prmkern.serve.engine_loop import EngineLoop, Overloaded, RequestDone
 from prmkern.serve.protocol import ApiError, BadRequest, VerifyRequest
 from prmkern.verify.protocols import Verifier, VerifyConfig
 
+# VerifyConfig fields that a format's published defaults set (formats.format_defaults and protocols._GENERIC).
+FORMAT_DERIVED = ("num_chains", "temperature", "top_p", "top_k", "max_tokens", "method", "max_code_rounds")
 VERIFY_OVERRIDES = ("format", "num_chains", "temperature", "top_p", "max_tokens", "budget_tokens", "method",
                     "threshold", "seed")
 
@@ -76,9 +78,21 @@ class LoopLLM:
                     self.loop.abort(stream)
 
 
-def verify_config(defaults: VerifyConfig, req: VerifyRequest, max_n: int, max_tokens: int) -> VerifyConfig:
-    """The server's verification config with this request's overrides, validated (BadRequest says what is accepted)."""
+def verify_config(defaults: VerifyConfig, req: VerifyRequest, max_n: int, max_tokens: int,
+                  server_options: dict[str, Any] | None = None) -> VerifyConfig:
+    """The server's verification config with this request's overrides, validated (BadRequest says what is accepted).
+
+    A request that names a format other than the server's gets that format's published defaults (K, method,
+    sampling: formats.format_defaults), then the options the operator set explicitly (`server_options`), then its
+    own fields; the format-independent settings (code limits, runner) stay the server's."""
     overrides = {k: getattr(req, k) for k in VERIFY_OVERRIDES if getattr(req, k) is not None}
+    if "format" in overrides and overrides["format"] != defaults.format.name:
+        kept = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults)
+                if f.name not in FORMAT_DERIVED and f.name != "format"}
+        try:
+            defaults = VerifyConfig(**{**kept, **(server_options or {}), "format": overrides["format"]})
+        except (TypeError, ValueError, KeyError) as e:
+            raise BadRequest(str(e).strip("'\""), "format") from e
     if "num_chains" in overrides and not 1 <= overrides["num_chains"] <= max_n:
         raise BadRequest(f"num_chains={overrides['num_chains']} is invalid; accepted: an int in [1, {max_n}]",
                          "num_chains")
@@ -102,7 +116,8 @@ async def verify(state: Any, req: VerifyRequest, http: Request) -> Response:
                        "model", "not_found_error")
     if len(req.steps) > state.max_steps:
         raise BadRequest(f"{len(req.steps)} steps; accepted: at most {state.max_steps}", "steps")
-    config = verify_config(state.verify_defaults, req, state.max_n, state.max_model_len - 1)
+    config = verify_config(state.verify_defaults, req, state.max_n, state.max_model_len - 1,
+                           state.verify_options)
     if not state.verify_slots.acquire(blocking=False):
         state.metrics.overloaded += 1
         raise ApiError(503, f"server overloaded: {state.max_verify} verify calls running (--max-verify); retry "
