@@ -28,7 +28,8 @@ def test_serve_cli_end_to_end_and_sigterm(qwen2_dir, tmp_path):
     port = free_port()
     log = open(tmp_path / "serve.log", "w+")
     cmd = [sys.executable, "-m", "prmkern.cli", "serve", qwen2_dir, "--port", str(port), "--device", "cpu",
-           "--api-key", "k3y", "--served-model-name", "tiny", "--chains", "2", "--max-tokens", "24",
+           "--api-key", "k3y", "--served-model-name", "tiny", "--format", "prmkern", "--chains", "2",
+           "--max-tokens", "24",
            "--max-n", "4", "--shutdown-timeout", "30", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -55,7 +56,8 @@ def test_serve_cli_end_to_end_and_sigterm(qwen2_dir, tmp_path):
         # /v1/verify takes its defaults from the verification flags (--chains 2, --max-tokens 24).
         v = httpx.post(url + "/v1/verify", headers={"Authorization": "Bearer k3y"}, timeout=60,
                        json={"problem": "Compute 1 + 1.", "steps": ["1 + 1 = 2.", "The answer is 2."]}).json()
-        assert v["num_chains"] == 2 and len(v["chains"]) == 2 and v["usage"]["completion_tokens"] <= 2 * 24
+        assert v["format"] == "prmkern" and v["num_chains"] == 2 and len(v["chains"]) == 2
+        assert v["usage"]["completion_tokens"] <= 2 * 24
         # SIGTERM during a stream: the stream runs to its end, then the process exits.
         body = {"prompt": "x", "max_tokens": 1000, "temperature": 0, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60,
