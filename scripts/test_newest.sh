@@ -23,8 +23,9 @@ for line in open(sys.argv[1]) if __import__("os").path.exists(sys.argv[1]) else 
         name, ver = line.split("==", 1)
         locked[norm(name)] = ver
 now = {norm(d.metadata["Name"]): d.version for d in distributions() if norm(d.metadata["Name"]) != "prmkern"}
+same = lambda a, b: a == b or (a is not None and b is not None and b.split("+")[0] == a)  # 2.13.0 == 2.13.0+cpu
 changed = [(n, locked.get(n, "-"), now.get(n, "-")) for n in sorted(set(locked) | set(now))
-           if locked.get(n) != now.get(n) and n not in ("pip",)]
+           if not same(locked.get(n), now.get(n)) and n not in ("pip",)]
 for n, a, b in changed:
     print(f"  {n}: {a} -> {b}")
 print(f"  ({len(changed)} differ)" if changed else "  (none)")
