@@ -124,10 +124,11 @@ def test_verify_unlabelled_and_bad_records(tmp_path):
         SOLUTION, {**SOLUTION, "id": "b"}, {"problem": "p", "steps": []}, {"problem": "p"},
         {**SOLUTION, "label": 7}, '{"problem": "p", "steps": ["a"], "label": Infinity}'])
     out, summ = tmp_path / "out.jsonl", tmp_path / "summary.json"
-    proc = run_cli("verify", src, *FAST, "-o", str(out), "--summary", str(summ), "--no-chains")
+    proc = run_cli("verify", src, *FAST, "-o", str(out), "--summary", str(summ), "--no-chains", "--scoring", "exact")
     assert proc.returncode == 0, proc.stderr
     rows = {r["line"]: r for r in rows_of(out)}
     assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    assert rows[1]["scoring"] == rows[2]["scoring"] == "exact" and json.loads(summ.read_text())["scoring"] == "exact"
     for line in (1, 2):  # unlabelled records are verified
         assert rows[line]["error"] is None and len(rows[line]["step_scores"]) == 2
         assert rows[line]["prediction"] == predict_earliest_error(rows[line]["step_scores"], 0.5)
@@ -273,6 +274,7 @@ def test_eval_processbench_reports_failures_with_their_reason(tmp_path):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["official"]["gsm8k"]["n_err"] + report["official"]["gsm8k"]["n_ok"] == 3
     assert report["failed"] == 1 + too_long
+    assert s["scoring"] == "exact"  # the format FAST picks (the shipped verifier's) has no released engine
 
 
 def test_bon_writes_candidates_and_reads_math500_ids(tmp_path):
@@ -291,6 +293,7 @@ def test_bon_writes_candidates_and_reads_math500_ids(tmp_path):
             assert r["score"] == max(x for x in scores if x is not None)
     s = json.loads(summ.read_text())
     assert s["records"] == 3 and s["failed"] == 1 and s["graded"] == 2
+    assert s["scoring"] == rows[1]["scoring"] == "exact"
 
 
 def test_demo_on_embedded_default(tmp_path):

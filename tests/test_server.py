@@ -266,6 +266,7 @@ BAD = [  # (path, body, what the message must say)
     ("/v1/verify", {"problem": "p", "steps": ["a"], "format": "nope"}, "unknown verifier format 'nope'; known:"),
     ("/v1/verify", {"problem": "p", "steps": ["a"], "num_chains": 0}, "accepted: an int in [1, 8]"),
     ("/v1/verify", {"problem": "p", "steps": ["a"], "method": "max"}, "method"),
+    ("/v1/verify", {"problem": "p", "steps": ["a"], "scoring": "fast"}, "scoring"),
     ("/v1/verify", {"problem": "p", "steps": ["a"], "temperature": -2}, "accepted: a float >= 0"),
     ("/v1/verify", {"problem": "p", "steps": ["  "]}, "non-empty strings"),
 ]
@@ -355,6 +356,7 @@ def test_verify_matches_in_process_verifier():
         short = c.post("/v1/verify", json={"problem": rec["problem"], "steps": rec["steps"], "num_chains": 1,
                                            "include_chains": False}).json()
     assert got["id"] == "a" and got["num_chains"] == 3 and len(got["chains"]) == 3
+    assert got["scoring"] == short["scoring"] == "exact"  # the prmkern format's default, recorded per response
     assert ref.scores.score is not None  # the shipped verifier writes verdicts: real scores to compare
     assert got["step_scores"] == pytest.approx([s.score for s in ref.scores.steps], abs=1e-6)
     assert got["solution_score"] == pytest.approx(ref.scores.score, abs=1e-6)

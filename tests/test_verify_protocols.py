@@ -124,7 +124,8 @@ def test_thinkprm_final_verdict_matches_transformers(qwen2_dir, records):
 
     from tests.conftest import hf_model
     llm = LLM(qwen2_dir, device="cpu")
-    res = Verifier(llm, VerifyConfig(format="thinkprm", num_chains=2, temperature=1.0, max_tokens=12)).verify(
+    res = Verifier(llm, VerifyConfig(format="thinkprm", num_chains=2, temperature=1.0, max_tokens=12,
+                                     scoring="exact")).verify(
         records[:2])
     tok = llm.tokenizer
     yes, no = tok.encode("yes", add_special_tokens=False)[0], tok.encode("no", add_special_tokens=False)[0]

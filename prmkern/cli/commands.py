@@ -79,7 +79,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if metrics is not None:
         print_metrics(metrics, f"labelled records, failed ones left out; subsets by '{field}'")
     write_summary(args.summary, runner.summary(len(items), stats, chains, command="verify", input=path,
-                                               output=args.output, labels=metrics))
+                                               output=args.output, labels=metrics,
+                                               scoring=verifier.config.scoring))
     return 130 if runner.interrupted else 0
 
 
@@ -133,7 +134,8 @@ def cmd_eval_processbench(args: argparse.Namespace) -> int:
               "failed": len(fails), "records": len(rows)}
     print(json.dumps(json_safe(report)))  # an F1 of NaN (both accuracies 0) is null: the line stays valid JSON
     write_summary(args.summary, runner.summary(len(items), stats, chains, command="eval processbench",
-                                               input=args.files, output=args.output, **report))
+                                               input=args.files, output=args.output,
+                                               scoring=verifier.config.scoring, **report))
     return 130 if runner.interrupted else 0
 
 
@@ -170,7 +172,7 @@ def cmd_bon(args: argparse.Namespace) -> int:
                             params=params)
         for it, r in zip(batch, results):
             c = r.chosen
-            emit(it.index, {**it.row(error=None), "id": _problem_id(it),
+            emit(it.index, {**it.row(error=None), "id": _problem_id(it), "scoring": config.scoring,
                             "answer": c.answer if c else None, "score": c.score if c else None,
                             "reference": it.record.get("answer"), "correct": r.correct,
                             "chosen": r.candidates.index(c) if c in r.candidates else None,
@@ -190,5 +192,6 @@ def cmd_bon(args: argparse.Namespace) -> int:
     stats = llm.stats.as_dict()
     print(summary_line(stats, runner.seconds, 0), file=sys.stderr)
     write_summary(args.summary, runner.summary(len(items), stats, command="bon", input=args.input,
-                                               output=args.output, accuracy=acc, graded=len(graded)))
+                                               output=args.output, accuracy=acc, graded=len(graded),
+                                               scoring=config.scoring))
     return 130 if runner.interrupted else 0

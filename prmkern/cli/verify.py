@@ -20,7 +20,7 @@ from prmkern.cli.jobs import Item
 FLAGS = {"num_chains": "--chains", "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
          "max_tokens": "--max-tokens",
          "budget_tokens": "--budget-tokens", "method": "--method", "threshold": "--threshold", "seed": "--verify-seed",
-         "format": "--format"}
+         "format": "--format", "scoring": "--scoring"}
 
 
 def predict_earliest_error(step_scores: Sequence[float | None], threshold: float) -> int | None:
@@ -78,6 +78,11 @@ def add_verify_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--threshold", type=float, default=None,
                    help=f"earliest error: first step scored below this ({d('threshold')})")
     g.add_argument("--verify-seed", type=int, default=None, help=f"({d('seed')})")
+    g.add_argument("--scoring", default=None, choices=("released", "exact"),
+                   help="released: scores as the engine each release ran on computed them (SGLang's select for "
+                        "thinkprm, vLLM 0.7.1's processed log-probabilities for genprm); exact: prmkern's exact "
+                        "probabilities (None: released for thinkprm, genprm and critic, exact otherwise; "
+                        "docs/verifiers.md lists the differences)")
     g.add_argument("--batch-size", type=int, default=None,
                    help="records per engine batch, rows written per batch (None: verify/eval 64 // K, bon 1)")
 
@@ -118,7 +123,7 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
     given = {"num_chains": args.chains, "temperature": args.temperature, "top_p": args.top_p,
              "top_k": getattr(args, "verify_top_k", None), "max_tokens": args.max_tokens,
              "budget_tokens": args.budget_tokens, "method": args.method, "threshold": args.threshold,
-             "seed": args.verify_seed}
+             "seed": args.verify_seed, "scoring": getattr(args, "scoring", None)}
     return {k: v for k, v in given.items() if v is not None}
 
 

@@ -133,6 +133,7 @@ class VerifyRequest(_Body):
     method: Literal["min", "last", "mean", "product", "final", "vote"] | None = None  # scoring.METHODS
     threshold: Number | None = None
     seed: StrictInt | None = None
+    scoring: Literal["released", "exact"] | None = None  # None: the server's (--scoring, else the format's default)
     include_chains: StrictBool = True
 
 

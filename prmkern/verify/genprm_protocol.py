@@ -31,11 +31,20 @@ from typing import Any
 
 from prmkern.verify import released_prompts as R
 from prmkern.verify.parsing import parse_output
+from prmkern.verify.released_scoring import GENPRM_TOP_LOGPROBS, genprm_released_probability, vllm_v0_processed
 from prmkern.verify.scoring import ChainScores, VerdictScore, aggregate, genprm_paragraph_score
 
 __all__ = ["run_paragraphs", "code_output_text"]
 
 DEGRADED_TOKENS = 20  # genprm_inference.py: the verdict-only round
+# Released: the release repeats the verdict-only round until it ends with "</output>\n" (genprm_inference.py
+# L281-319), without a bound; prmkern gives up after this many tries and drops the record, as the release drops a
+# sample whose scoring raises.
+RELEASED_DEGRADED_TRIES = 8
+
+
+class _Dropped(Exception):
+    """Released scoring: the release raises here (ValueError in get_reward_score) and drops the sample."""
 
 
 def code_output_text(result: Any) -> str:
@@ -81,6 +90,10 @@ class _Judgement:
         self.rounds = 0
         self.final_ids: list[int] = []
         self.final_logprobs: list[dict[int, float]] = []
+        self.final_top: list[dict[int, float]] = []  # released: the raw top log-probabilities of the final round
+        self.pending: str | None = None  # released: code waiting for the earlier judgements of its record
+        self.degraded = 0  # verdict-only rounds run
+        self.gave_up = False  # released: no "</output>\n" after RELEASED_DEGRADED_TRIES verdict-only rounds
         self.done = False
         self.error: str | None = None
         self.finish_reason: str | None = None
@@ -90,7 +103,11 @@ def run_paragraphs(v: Any, jobs: list, results: list) -> None:
     """v: the Verifier (engine, tokenizer, format, config); fills results[i].chains and .scores."""
     from prmkern.verify.protocols import Chain, Turn
     c, fmt, tok = v.config, v.fmt, v.tok
-    n = c.num_chains
+    n, released = c.num_chains, v.released
+    # Released: one namespace per solution, the N judgements run one after another in it (the release's one
+    # CodeExecutor per sample, prm_evaluate.py); exact: one per judgement.
+    key_of = (lambda i, k: i) if released else (lambda i, k: (i, k))
+    top_n = max(GENPRM_TOP_LOGPROBS, c.top_k) if released else None
     runner, pool = c.code_runner, None
     if runner is None:
         from prmkern.sandbox import SessionPool
@@ -110,7 +127,7 @@ def run_paragraphs(v: Any, jobs: list, results: list) -> None:
             base = {i: t[:len(t) - len(opener)] if opener else t for i, t in prompt_text.items()}
             judged: dict[int, list[_Judgement]] = {i: [_Judgement(opener) for _ in range(n)] for i, _, _ in live}
             # Stage 1: the N analyses of each record in one request.
-            outs = v.llm.generate([tok.encode(prompt_text[i], add_special_tokens=False) for i, _, _ in live],
+            outs = v.llm.generate([v.encode(prompt_text[i]) for i, _, _ in live],
                                   [v.params(n, c.max_tokens, v.seed(i, p, 0), stop=fmt.analyze_stop,
                                             include_stop=True) for i, _, _ in live], use_tqdm=False)
             for (i, _, _), out in zip(live, outs):
@@ -122,7 +139,18 @@ def run_paragraphs(v: Any, jobs: list, results: list) -> None:
                     j.text += j.analysis + fmt.verify_prefix
             # Stage 2: verify / output rounds with code execution, all open judgements batched per round.
             while True:
-                active = [(i, k, j) for i, _, _ in live for k, j in enumerate(judged[i]) if not j.done]
+                while released:  # the pending code of each record's first open judgement, in judgement order
+                    ready = []
+                    for i, _, _ in live:
+                        k, j = next(((k, j) for k, j in enumerate(judged[i]) if not j.done), (None, None))
+                        if j is not None and j.pending is not None:
+                            ready.append((i, (i, k), j.pending, j))
+                            j.pending = None
+                    if not ready:
+                        break
+                    _run_code(runner, ready, fmt, results, p)
+                active = [(i, k, j) for i, _, _ in live for k, j in enumerate(judged[i])
+                          if not j.done and j.pending is None]
                 if not active:
                     break
                 prompts, params, degraded = [], [], []
@@ -132,13 +160,15 @@ def run_paragraphs(v: Any, jobs: list, results: list) -> None:
                     if deg:
                         j.text = (opener + j.analysis.split("</analyze>")[0] + "</analyze>\n" + fmt.output_prefix)
                         j.masks = []
+                        j.degraded += 1
                     degraded.append(deg)
                     stop = fmt.stop if deg else fmt.code_stop
-                    prompts.append(tok.encode(base[i] + j.text, add_special_tokens=False))
+                    prompts.append(v.encode(base[i] + j.text))
                     params.append(v.params(1, DEGRADED_TOKENS if deg else left, v.seed(i, k, p, j.rounds + 1),
-                                           stop=stop, include_stop=True, logprob_ids=v.verdict_ids))
+                                           stop=stop, include_stop=True, logprob_ids=v.verdict_ids,
+                                           top_logprobs=top_n))
                 outs = v.llm.generate(prompts, params, use_tqdm=False)
-                to_run: list[tuple[tuple[int, int], str, _Judgement]] = []
+                to_run: list = []
                 for (i, k, j), deg, out in zip(active, degraded, outs):
                     j.rounds += 1
                     if out.error is not None:
@@ -147,15 +177,25 @@ def run_paragraphs(v: Any, jobs: list, results: list) -> None:
                     o = out.outputs[0]
                     j.text += o.text
                     j.final_ids, j.final_logprobs = list(o.token_ids), list(o.token_logprobs or [])
+                    j.final_top = [{t: lp.logprob for t, lp in d.items()} for d in (o.logprobs or [])]
                     j.finish_reason = o.finish_reason
-                    if o.text.endswith(fmt.stop[0]) or deg:
+                    if o.text.endswith(fmt.stop[0]):
                         j.done = True
                         continue
+                    if deg and not released:  # exact: one verdict-only round
+                        j.done = True
+                        continue
+                    if deg and j.degraded >= RELEASED_DEGRADED_TRIES:
+                        j.done, j.gave_up = True, True
+                        continue
+                    # Released, after a verdict-only round too: the code runs and the loop goes on, as released.
                     code = _last_code(j.text, fmt.code_regex)
                     if code is None:
                         _append_output(j, R.GENPRM_NO_CODE, fmt)
+                    elif released:
+                        j.pending = code
                     else:
-                        to_run.append(((i, k), code, j))
+                        to_run.append((key_of(i, k), (i, k), code, j))
                 if to_run:
                     _run_code(runner, to_run, fmt, results, p)
             # Scores and the conversation's next assistant turn.
@@ -167,9 +207,14 @@ def run_paragraphs(v: Any, jobs: list, results: list) -> None:
                 history[i].append(src.text)
                 for k, j in enumerate(judged[i]):
                     ch = results[i].chains[k]
+                    try:
+                        score, source = _paragraph_score(v, j)
+                    except _Dropped as e:
+                        results[i].error = f"paragraph {p + 1}, judgement {k + 1}: {e}"
+                        score, source = None, str(e)
                     ch.turns.append(Turn(prompt_ids=[], token_ids=j.final_ids, token_logprobs=j.final_logprobs,
                                          finish_reason="error" if j.error else j.finish_reason, done=True,
-                                         text=j.text, masks=list(j.masks)))
+                                         text=j.text, masks=list(j.masks), score=score, score_source=source))
                     if j.error and ch.error is None:
                         ch.error = j.error
         for i, _, steps in jobs:
@@ -178,6 +223,38 @@ def run_paragraphs(v: Any, jobs: list, results: list) -> None:
     finally:
         if pool is not None:
             pool.close_all()
+
+
+def _paragraph_score(v: Any, j: _Judgement) -> tuple[float | None, str]:
+    """(score, source) of one judgement. Released: the release's get_reward_score on vLLM 0.7.1's processed
+    log-probabilities, 0.5 without a decision, _Dropped where it raises; exact: the exact P(Yes) / (P(Yes) + P(No))
+    with printed code output masked, and no score (None) without a decision."""
+    if j.error:
+        return None, "judgement failed"
+    c, fmt = v.config, v.fmt
+    yes_id, no_id = v.verdict_ids
+    regex = fmt.decision_regex or R.GENPRM_DECISION_REGEX
+    if not v.released:
+        score, source = genprm_paragraph_score(_masked(j.text, j.masks), j.final_ids, j.final_logprobs, yes_id,
+                                               no_id, regex)
+        if source == "no_decision":
+            return None, "no decision: the judgement did not reach its verdict"
+        return score, source
+    if j.gave_up:
+        raise _Dropped(f"the verdict round did not end with {fmt.stop[0]!r} after {RELEASED_DEGRADED_TRIES} tries "
+                       f"(the release retries it without end)")
+    m = re.search(regex, j.text, re.IGNORECASE)  # the release searches the whole turn, code output included
+    if m is None:
+        return 0.5, "no_decision"
+    target = yes_id if m.group(1).capitalize() == "Yes" else no_id
+    if target not in j.final_ids:
+        raise _Dropped("the decision token is not in the final round: the release raises ValueError there and "
+                       "drops the sample")
+    idx = len(j.final_ids) - 1 - j.final_ids[::-1].index(target)
+    top, chosen = j.final_top[idx], j.final_logprobs[idx]
+    processed = vllm_v0_processed(top, chosen, c.temperature, c.top_k, c.top_p)
+    listed = sorted(top, key=lambda t: -top[t])[:GENPRM_TOP_LOGPROBS]
+    return genprm_released_probability(processed, listed, target, yes_id, no_id), "released"
 
 
 def _append_output(j: _Judgement, output: str, fmt: Any) -> None:
@@ -189,19 +266,20 @@ def _append_output(j: _Judgement, output: str, fmt: Any) -> None:
 
 
 def _run_code(runner: Any, to_run: list, fmt: Any, results: list, p: int) -> None:
-    """Runs the code of every judgement of the round; any exception fails that judgement alone."""
+    """Runs the code of every judgement of the round; any exception fails that judgement alone.
+    to_run: (session key, (record, judgement), code, judgement)."""
     try:
-        res = list(runner([(key, code) for key, code, _ in to_run]))
+        res = list(runner([(key, code) for key, _, code, _ in to_run]))
         if len(res) != len(to_run):
             raise RuntimeError(f"the code runner returned {len(res)} results for {len(to_run)} snippets")
     except Exception:  # a batch failure: retry one by one so only the failing snippets fail
         res = []
-        for key, code, _ in to_run:
+        for key, _, code, _ in to_run:
             try:
                 res.append(list(runner([(key, code)]))[0])
             except Exception as e:  # noqa: BLE001: any sandbox failure is this judgement's failure
                 res.append(e)
-    for ((i, k), code, j), r in zip(to_run, res):
+    for (_, (i, k), code, j), r in zip(to_run, res):
         entry = {"paragraph": p, "code": code}
         if isinstance(r, BaseException):
             j.error, j.done = f"paragraph {p + 1}: code execution failed: {type(r).__name__}: {r}", True
@@ -221,10 +299,9 @@ def _run_code(runner: Any, to_run: list, fmt: Any, results: list, p: int) -> Non
 
 def _score(v: Any, res: Any, n: int) -> None:
     fmt = v.fmt
-    yes_id, no_id = v.verdict_ids
     per_chain = []
     for ch in res.chains:
-        texts = [_masked(t.text, t.masks) for t in ch.turns]
+        texts = [t.text if v.released else _masked(t.text, t.masks) for t in ch.turns]
         finished = [t.finish_reason not in ("length", "error") for t in ch.turns]
         parsed = parse_output(fmt, texts, n, finished=finished)
         steps = []
@@ -233,10 +310,8 @@ def _score(v: Any, res: Any, n: int) -> None:
                 steps.append(VerdictScore(p, sv.status, None, "none", note="judgement failed or not reached"))
                 continue
             t = ch.turns[p]
-            score, source = genprm_paragraph_score(texts[p], t.token_ids, t.token_logprobs, yes_id, no_id,
-                                                   fmt.decision_regex or R.GENPRM_DECISION_REGEX)
-            steps.append(VerdictScore(p, sv.status, score, source if score is not None else "none",
-                                      note=None if score is not None else source))
+            steps.append(VerdictScore(p, sv.status, t.score, t.score_source if t.score is not None else "none",
+                                      note=None if t.score is not None else t.score_source))
         ch.scores = ChainScores(steps, parsed)
         per_chain.append(ch.scores)
     res.scores = aggregate(per_chain, n, method=v.config.method, threshold=v.config.threshold)

@@ -18,6 +18,7 @@ It does not load models, render data sets or write files; see prmkern/cli/.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -25,6 +26,8 @@ from prmkern.sampling_params import SamplingParams
 from prmkern.sandbox import SandboxLimits
 from prmkern.verify.formats import VerifierFormat, format_defaults, get_format
 from prmkern.verify.parsing import parse_output
+from prmkern.verify.released_scoring import (SGLANG_FAILED_SCORE, check_scoring, default_scoring,
+                                             sglang_select_score)
 from prmkern.verify.scoring import (METHODS, ChainScores, Generated, SolutionScores, aggregate, score_chain,
                                     token_char_offsets, verdict_probability)
 
@@ -53,9 +56,14 @@ class VerifyConfig:
     code_limits: SandboxLimits = field(default_factory=lambda: SandboxLimits(wall_time_s=10, cpu_time_s=5))
     # GenPRM code execution: items [(chain key, code)] -> one sandbox result per item (default: a SessionPool).
     code_runner: Callable[[list[tuple[Any, str]]], list[Any]] | None = None
+    # "released": the arithmetic and text handling of the engine the format's release ran on (SGLang's select for
+    # ThinkPRM, vLLM 0.7.1 V0's processed log-probabilities for GenPRM; released_scoring.py); "exact": prmkern's
+    # exact probabilities. None: "released" for the released formats, "exact" for the others.
+    scoring: str | None = None
 
     def __post_init__(self) -> None:
         self.format = get_format(self.format)
+        self.scoring = default_scoring(self.format.name) if self.scoring is None else check_scoring(self.scoring)
         defaults = {**_GENERIC, **format_defaults(self.format)}
         for name, value in defaults.items():
             if getattr(self, name) is None:
@@ -74,6 +82,11 @@ class VerifyConfig:
                        max_tokens=self.max_tokens)
         if not isinstance(self.threshold, (int, float)) or not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold={self.threshold!r} is invalid; accepted: a float in [0, 1]")
+        if (self.scoring == "released" and self.format.kind == "per_paragraph" and self.temperature >= 1e-5
+                and self.top_k <= 0):
+            raise ValueError(f"scoring='released' with format {self.format.name!r} needs top_k >= 1 (vLLM 0.7.1's "
+                             f"returned log-probabilities come after top-k; the release ran top_k=20) or "
+                             f"temperature 0, got top_k={self.top_k}; accepted: a top_k >= 1, or scoring='exact'")
         if self.budget_tokens is not None and not 0 < self.budget_tokens <= self.max_tokens:
             raise ValueError(f"budget_tokens={self.budget_tokens!r} is invalid; accepted: None or an int in "
                              f"(0, max_tokens={self.max_tokens}]")
@@ -109,6 +122,8 @@ class Turn:
     done: bool = False
     text: str = ""  # GenPRM: the whole assistant turn as released code keeps it (openers, rounds, code outputs)
     masks: list[tuple[int, int]] = field(default_factory=list)  # GenPRM: spans of `text` that code printed
+    score: float | None = None  # GenPRM: this paragraph judgement's score (None: unscored)
+    score_source: str | None = None  # GenPRM: how it was scored, or why not
 
 
 @dataclass
@@ -118,6 +133,7 @@ class VerificationResult:
     scores: SolutionScores | None
     chains: list[Chain]
     error: str | None = None
+    scoring: str | None = None  # the VerifyConfig.scoring that produced the scores
 
     @property
     def prediction(self) -> int | None:
@@ -127,7 +143,8 @@ class VerificationResult:
         return self.scores.earliest_error
 
     def to_json(self, tokenizer: Any, include_chains: bool = True) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": self.record_id, "error": self.error, "prediction": self.prediction}
+        out: dict[str, Any] = {"id": self.record_id, "error": self.error, "prediction": self.prediction,
+                               "scoring": self.scoring}
         if self.scores is not None:
             s = self.scores
             out.update(step_scores=[st.score for st in s.steps], step_coverage=[st.coverage for st in s.steps],
@@ -173,6 +190,25 @@ class Verifier:
             # GenPRM reads tokenizer.encode(word)[-1] for "Yes" and "No".
             self.verdict_ids = self._word_ids((self.fmt.correct_text, self.fmt.incorrect_text), first=False)
 
+    @property
+    def released(self) -> bool:
+        return self.config.scoring == "released"
+
+    def encode(self, text: str) -> list[int]:
+        """Prompt text -> ids. Released: as the release's server tokenised text prompts, with the tokenizer's special
+        tokens added (R1-Distill's BOS comes a second time after the chat template's); exact: the text alone."""
+        return self.tok.encode(text, add_special_tokens=self.released)
+
+    def stops(self, prompt_text: str, num_steps: int) -> tuple[str, ...]:
+        """The chain's stop strings. Released ThinkPRM (thinkprm_api.py, cot_eval): "Step {m + 1}:" with m the
+        lexicographic maximum of the "Step (\\d+):" numbers of the whole prompt (1 when there is none), so a
+        10-step solution stops at "Step 10:"; exact: "Step {n + 1}:"."""
+        if not (self.released and self.fmt.step_stop_template and self.fmt.name == "thinkprm"):
+            return self.fmt.stops(num_steps)
+        found = re.findall(r"Step (\d+):", prompt_text)
+        m = int(max(found)) if found else 1
+        return tuple(self.fmt.stop) + (self.fmt.step_stop_template.format(n=m + 1),)
+
     def _word_ids(self, words: Sequence[str], first: bool) -> tuple[int, int]:
         ids = []
         for w in words:
@@ -195,9 +231,9 @@ class Verifier:
             try:
                 problem, steps = _validate_record(rec)
                 jobs.append((i, problem, steps))
-                results.append(VerificationResult(rid, len(steps), None, []))
+                results.append(VerificationResult(rid, len(steps), None, [], scoring=self.config.scoring))
             except ValueError as e:
-                results.append(VerificationResult(rid, 0, None, [], str(e)))
+                results.append(VerificationResult(rid, 0, None, [], str(e), scoring=self.config.scoring))
         if self.fmt.kind == "per_paragraph":
             from prmkern.verify.genprm_protocol import run_paragraphs
             run_paragraphs(self, jobs, results)
@@ -214,11 +250,11 @@ class Verifier:
     # -- single-turn formats (ThinkPRM, critic): K chains + budget forcing + the forced final verdict -------------
     def params(self, n: int, max_tokens: int, seed: int | None, stop: Sequence[str] = (),
                include_stop: bool = False, logprob_ids: Sequence[int] | None = None,
-               greedy: bool = False) -> SamplingParams:
+               greedy: bool = False, top_logprobs: int | None = None) -> SamplingParams:
         c = self.config
         return SamplingParams(n=n, temperature=0.0 if greedy else c.temperature, top_p=c.top_p, top_k=c.top_k,
                               max_tokens=max(1, max_tokens), seed=seed, stop=list(stop) or None,
-                              include_stop_str_in_output=include_stop,
+                              include_stop_str_in_output=include_stop, logprobs=top_logprobs,
                               logprob_token_ids=list(logprob_ids) if logprob_ids else None)
 
     def seed(self, *parts: Any) -> int | None:
@@ -227,10 +263,13 @@ class Verifier:
     def _run_single_turn(self, jobs, results) -> None:
         c = self.config
         prompts, params = [], []
+        self._texts: dict[int, str] = {}
+        self._stops: dict[int, tuple[str, ...]] = {}
         for i, problem, steps in jobs:
             text = self.fmt.render(problem, steps, self.tok)
-            prompts.append(self.tok.encode(text, add_special_tokens=False))
-            params.append(self.params(c.num_chains, c.max_tokens, self.seed(i), stop=self.fmt.stops(len(steps)),
+            self._texts[i], self._stops[i] = text, self.stops(text, len(steps))
+            prompts.append(self.encode(text))
+            params.append(self.params(c.num_chains, c.max_tokens, self.seed(i), stop=self._stops[i],
                                       logprob_ids=self.verdict_ids))
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         for (i, _, _), prompt, out in zip(jobs, prompts, outs):
@@ -261,7 +300,7 @@ class Verifier:
                 ch.forced_rounds += 1
                 prompts.append(turn.prompt_ids + turn.token_ids)
                 params.append(self.params(1, c.max_tokens - len(turn.token_ids), self.seed(i, k, round_ + 1),
-                                          stop=self.fmt.stops(len(steps_of[i])), logprob_ids=self.verdict_ids))
+                                          stop=self._stops[i], logprob_ids=self.verdict_ids))
             for (i, k, ch), out in zip(pending, self.llm.generate(prompts, params, use_tqdm=False)):
                 if out.error is not None:
                     ch.error = f"forcing round {round_ + 1}: {out.error}"
@@ -275,12 +314,22 @@ class Verifier:
                 and len(turn.token_ids) + 8 < c.max_tokens)  # room for the continuation and some more text
 
     def _final_verdicts(self, jobs, results) -> None:
-        """ThinkPRM: cut the stop, append the final question, read P(yes) at the next position (one token)."""
+        """ThinkPRM: cut the stop, append the final question, read P(yes). Exact: P(yes) / (P(yes) + P(no)) at the
+        next position (one token). Released: SGLang's select() over the re-tokenised text (_select_verdicts)."""
         pending = [(i, k, ch) for i, _, _ in jobs for k, ch in enumerate(results[i].chains) if ch.error is None]
-        prompts, params = [], []
         for i, k, ch in pending:
             turn = ch.turns[0]
             self._append_text(turn, self.fmt.final_prefix, drop_stop=turn.finish_reason == "stop")
+        if self.released:
+            self._select_verdicts(pending)
+            for i, _, _ in jobs:  # thinkprm_api.py scores a chain whose request raised softmax([0, 1])[0]
+                for ch in results[i].chains:
+                    if ch.error is not None and ch.final is None:
+                        ch.final = SGLANG_FAILED_SCORE
+            return
+        prompts, params = [], []
+        for i, k, ch in pending:
+            turn = ch.turns[0]
             prompts.append(turn.prompt_ids + turn.token_ids)
             params.append(self.params(1, 1, None, logprob_ids=self.final_ids, greedy=True))
         for (i, k, ch), out in zip(pending, self.llm.generate(prompts, params, use_tqdm=False)):
@@ -294,6 +343,40 @@ class Verifier:
             lps = o.token_logprobs[0] if o.token_logprobs else None
             if lps and all(t in lps for t in self.final_ids):
                 ch.final = verdict_probability(lps, *self.final_ids)
+
+    def _select_verdicts(self, pending: list) -> None:
+        """SGLang's RuntimeEndpoint.select as thinkprm_api.py ran it (released_scoring.sglang_select_score): the
+        state text s = prompt + chain + final question is tokenised as text, P = len(tokens(s)), and each label c
+        is scored by the prompt log-probabilities of tokens(s + c) from max(P - 2, 0) on."""
+        labels = self.fmt.final_labels
+        prompts, params, meta = [], [], []
+        for i, k, ch in pending:
+            turn = ch.turns[0]
+            state = self._texts[i] + self.tok.decode(turn.token_ids, skip_special_tokens=True)
+            start = max(len(self.encode(state)) - 2, 0)
+            for c in labels:
+                ids = self.encode(state + c)
+                prompts.append(ids)
+                params.append(SamplingParams(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=0,
+                                             prompt_logprobs_start=max(start, 1)))
+            meta.append((ch, state, start))
+        outs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        for n, (ch, state, start) in enumerate(meta):
+            choice_outs = outs[n * len(labels):(n + 1) * len(labels)]
+            if any(o.error is not None for o in choice_outs):
+                ch.error = "final verdict: " + next(o.error for o in choice_outs if o.error is not None)
+                ch.final = SGLANG_FAILED_SCORE
+                continue
+            choices = []
+            for ids, o in zip(prompts[n * len(labels):(n + 1) * len(labels)], choice_outs):
+                pl = o.prompt_logprobs or []
+                entries = []
+                for j in range(start, len(ids)):
+                    d = pl[j] if j < len(pl) else None
+                    lp = d[ids[j]].logprob if d is not None and ids[j] in d else None
+                    entries.append((lp, self.tok.decode([ids[j]])))
+                choices.append(entries)
+            ch.final = sglang_select_score(choices, state)
 
     def _absorb(self, turn: Turn, out: Any) -> None:
         """Adds one generation round's output to the turn."""
