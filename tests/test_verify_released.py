@@ -160,7 +160,7 @@ def test_thinkprm_forced_final_verdict_averaged_over_chains(r1tok):
         return [("yes" if k == 0 else "no", "length", None, {0: finals[k]})]
 
     llm = ScriptedLLM(r1tok, script)
-    res = Verifier(llm, VerifyConfig(num_chains=2)).verify([{"problem": PROBLEM, "steps": STEPS}])[0]
+    res = Verifier(llm, VerifyConfig(num_chains=2, scoring="exact")).verify([{"problem": PROBLEM, "steps": STEPS}])[0]
     assert res.error is None and len(llm.calls) == 3
     expected = [_softmax_label([finals[k][yes], finals[k][no]]) for k in (0, 1)]
     assert res.scores.final_scores == pytest.approx(expected, abs=1e-12)
@@ -184,7 +184,7 @@ def test_thinkprm_budget_forcing_continues_inside_the_thinking(r1tok):
             return [("\nStep 1: short \\boxed{correct}\n", "stop", "</think>", None)]
         return [("Step 2: more \\boxed{correct}", "eos", None, None)]
 
-    cfg = VerifyConfig(num_chains=1, max_tokens=200, budget_tokens=100, max_forcing_rounds=1)
+    cfg = VerifyConfig(num_chains=1, max_tokens=200, budget_tokens=100, max_forcing_rounds=1, scoring="exact")
     res = Verifier(ScriptedLLM(r1tok, script), cfg).verify([{"problem": "P", "steps": ["a", "b"]}])[0]
     assert seen[1].endswith("\nStep 1: short \\boxed{correct}\n" + R.THINKPRM_TRIGGER_PHRASES[0])
     assert "</think>" not in seen[1].split("Let's verify step by step:")[-1]
@@ -241,7 +241,7 @@ def test_genprm_protocol_transcripts(r1tok):
         return out
 
     llm = ScriptedLLM(r1tok, script)
-    cfg = VerifyConfig(format="genprm", num_chains=2, code_runner=runner)
+    cfg = VerifyConfig(format="genprm", num_chains=2, code_runner=runner, scoring="exact")
     res = Verifier(llm, cfg).verify([{"problem": PROBLEM, "steps": STEPS[:2]}])[0]
     assert res.error is None
     c0, c1 = res.chains
@@ -255,14 +255,14 @@ def test_genprm_protocol_transcripts(r1tok):
     assert "<｜Assistant｜>" + t00 + EOS + "<｜User｜>" + STEPS[1] in p2
     assert c0.turns[1].text.count("Code execute time out: Code execution timed out") == 1
     assert c1.error and "sandbox exploded" in c1.error and c1.code_runs[-1]["status"] == "exception"
-    # Scores as released: paragraph 1 reads the Yes token (the printed "No}" is masked out), paragraph 2 has no
-    # decision and scores 0.5 for judgement 0; judgement 1 failed there and is not scored.
+    # Scores (exact): paragraph 1 reads the Yes token (the printed "No}" is masked out), paragraph 2 has no
+    # decision: unscored under exact (the release's 0.5 is scoring "released"); judgement 1 failed there.
     s00 = _released_genprm_reward(verdict, c0.turns[0].token_ids, c0.turns[0].token_logprobs, yes_id, no_id)
     s10 = _released_genprm_reward(verdict, c1.turns[0].token_ids, c1.turns[0].token_logprobs, yes_id, no_id)
-    assert [v.p_correct for v in c0.scores.steps] == pytest.approx([s00, 0.5], abs=1e-12)
+    assert c0.scores.steps[0].p_correct == pytest.approx(s00, abs=1e-12) and c0.scores.steps[1].p_correct is None
     assert c1.scores.steps[0].p_correct == pytest.approx(s10, abs=1e-12) and c1.scores.steps[1].p_correct is None
     assert res.scores.steps[0].score == pytest.approx((s00 + s10) / 2, abs=1e-12)  # Maj@2
-    assert res.scores.steps[1].score == 0.5 and res.prediction == -1
+    assert res.scores.steps[1].score is None and res.prediction is None  # never judged: not "no error"
 
 
 def test_critic_plurality_vote_over_chains(r1tok):

@@ -45,6 +45,7 @@ def child_config(limits: SandboxLimits, mode: str, *, uid: int, newroot: str, wo
     return {
         "mode": mode, "uid": uid, "gid": SANDBOX_GID, "newroot": newroot, "workdir": workdir, "fs": fs,
         "tmpfs_bytes": limits.max_file_bytes, "limits": rl, "cpu_per_snippet": cpu,
+        "interrupt_s": limits.interrupt_after_s,
         "setup_msg": SETUP_MSG, "exit_setup": EXIT_SETUP, "exit_memory": EXIT_MEMORY, "exit_nproc": EXIT_NPROC,
         "exit_channel": EXIT_CHANNEL, "req_fd": req_fd, "rep_fd": rep_fd, "life_fd": life_fd,
     }

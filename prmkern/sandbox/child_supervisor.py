@@ -14,7 +14,8 @@ engine reads the reply, nothing the snippet started is running. In mode "none" S
 starts, a child subreaper, so processes that double-fork stay its descendants.
 """
 
-_DONE_STATUSES = ("ok", "error", "memory_limit", "process_limit")
+_DONE_STATUSES = ("ok", "error", "timeout", "memory_limit", "process_limit")
+_EXC_KINDS = ("timeout", "exception", "base")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -134,8 +135,12 @@ class Supervisor:
             msg = json.loads(buf[4:].decode("utf-8"))
         except ValueError:
             return None, "the snippet's report is not valid JSON"
-        if not isinstance(msg, dict) or set(msg) != {"token", "status", "exit_code"}:
+        if not isinstance(msg, dict) or set(msg) != {"token", "status", "exit_code", "exc"}:
             return None, "the snippet's report has the wrong fields"
+        exc = msg["exc"]
+        if exc is not None and not (isinstance(exc, list) and len(exc) == 3 and all(isinstance(x, str) for x in exc)
+                                    and exc[0] in _EXC_KINDS):
+            return None, "the snippet's report has an invalid exception field"
         if msg["token"] != token:
             return None, "the snippet's report does not carry this snippet's token (forged)"
         if msg["status"] not in _DONE_STATUSES or type(msg["exit_code"]) is not int:
@@ -201,7 +206,7 @@ class Supervisor:
             threads = len(os.listdir("/proc/%d/task" % self.worker))
         except OSError:
             threads = 1
-        reply = {"event": "done", "status": msg["status"], "exit_code": msg["exit_code"],
+        reply = {"event": "done", "status": msg["status"], "exit_code": msg["exit_code"], "exc": msg["exc"],
                  "cpu": self.cpu_total() - base, "killed_processes": killed, "threads_left": threads - 1,
                  "state_lost": threads > 1}
         if threads > 1:

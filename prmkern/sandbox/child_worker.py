@@ -8,10 +8,24 @@ supervisor checks that it is stopped, alone and single-threaded before it answer
 The worker never holds the engine's pipes (the supervisor closes them in it before any code runs), so
 everything the code can touch here is its own snippet's report: a forged or garbled report, a closed pipe or a
 stop without a report fails that snippet alone (the supervisor validates every field).
+Exec semantics are those of GenPRM's released CodeExecutor (genprm_inference.py L35-64, RyanLiu112/GenPRM 590bc94),
+which the checkpoints were trained on: ``exec(code, namespace)`` of the code string (file name "<string>", so a
+SyntaxError reads "... (<string>, line N)"), in one dict per session that starts empty (so ``__name__`` is the
+builtins module's, "builtins"); stdout captured as ``redirect_stdout`` does (``sys.stdout`` is replaced for the
+snippet; writes to file descriptor 1, ``sys.__stdout__`` and subprocesses' stdout go to stderr instead); a
+``TimeoutError("Code execution timed out")`` raised inside the snippet by a wall-clock timer, as the release's
+``signal.alarm`` does, so the namespace survives (the supervisor's kill stays the backstop). The escaped
+exception, verbatim (its type name and ``str()``), travels in the report.
 Uses the helpers of child_setup.py, with which it is concatenated.
 """
+import fcntl
+import io
 
 _forks = [0]
+_armed, _fired = [False], [False]  # the interruption timer: armed while the snippet runs; fired
+INTERRUPT_MESSAGE = "Code execution timed out"  # genprm_inference.py, timeout.handle_timeout
+EXC_TEXT_MAX = 8000  # characters of an exception's str() carried in the report (the frame is <= 64 KiB)
+_dumps = json.dumps  # bound before any code runs
 
 
 def _count_forks(event, args):
@@ -30,29 +44,62 @@ def _classify(cfg, exc):
     return "error", 1
 
 
-def _run_snippet(cfg, code, ns, main_pid):
+def _on_alarm(signum, frame):
+    if _armed[0]:
+        _armed[0], _fired[0] = False, True
+        raise TimeoutError(INTERRUPT_MESSAGE)
+
+
+def _exc_info(e):
+    """[kind, type name, str(e)]: kind "timeout" (any TimeoutError, as the release's `except TimeoutError`),
+    "exception" (an Exception) or "base" (SystemExit and the other BaseExceptions the release lets escape)."""
     try:
-        exec(compile(code, "<sandbox>", "exec"), ns)
+        text = str(e)
+    except BaseException:  # the code's own __str__ failed
+        text = "<str() of the exception failed>"
+    kind = "timeout" if isinstance(e, TimeoutError) else ("exception" if isinstance(e, Exception) else "base")
+    return [kind, type(e).__name__, text[:EXC_TEXT_MAX]]
+
+
+def _run_snippet(cfg, code, ns, main_pid, capture):
+    """(status, exit code, exception info or None) of one snippet."""
+    exc = None
+    signal.signal(signal.SIGALRM, _on_alarm)
+    _fired[0] = False
+    sys.stdout = capture  # redirect_stdout
+    try:
+        _armed[0] = True
+        signal.setitimer(signal.ITIMER_REAL, cfg["interrupt_s"])
+        try:
+            exec(code, ns)
+        finally:
+            _armed[0] = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
         status, rc = "ok", 0
     except SystemExit as e:
+        exc = _exc_info(e)
         rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if not isinstance(e.code, (int, type(None))):
             print(e.code, file=sys.stderr)
         status = "ok" if rc == 0 else "error"
     except BaseException as e:  # the code's exception, whatever it is, ends its snippet only
         status, rc = _classify(cfg, e)
+        if status == "error" and _fired[0] and isinstance(e, TimeoutError):
+            status = "timeout"  # interrupted in-process: the namespace is kept
+        exc = _exc_info(e)
         try:  # the traceback starts at the code, not at this bootstrap
             traceback.print_exception(type(e), e, e.__traceback__.tb_next)
         except BaseException:
             os.write(2, ("%s\n" % type(e).__name__).encode(errors="replace"))
     if _getpid() != main_pid:  # a child forked by the code must not continue into the worker loop
         os._exit(rc & 0xFF)
-    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+    for stream in (capture, sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:
             stream.flush()
         except BaseException:
             pass
-    return status, rc
+    sys.stdout = sys.__stdout__
+    return status, rc, exc
 
 
 def _settle_threads():
@@ -97,7 +144,15 @@ def worker_main(cfg, code_r, done_w):
     del sys.argv[1:]  # the configuration is not the code's business
     main_pid = os.getpid()
     sys.addaudithook(_count_forks)
-    ns = {"__name__": "__main__"}
+    # redirect_stdout: the snippet's sys.stdout writes to the stdout pipe through a descriptor of its own; fd 1
+    # (and with it sys.__stdout__ and subprocesses) goes to stderr, as the release's fd 1 went to its console.
+    # The descriptor sits at the top of RLIMIT_NOFILE, above the reply pipe: code scribbling over every
+    # descriptor in order breaks its report (protocol_error) before it floods its own output.
+    top = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    out_fd = fcntl.fcntl(1, fcntl.F_DUPFD, max(3, top - 1 if 0 < top < 4096 else 1023))
+    os.dup2(2, 1)
+    capture = io.TextIOWrapper(io.FileIO(out_fd, "w", closefd=False), encoding="utf-8", write_through=True)
+    ns = {}  # the release's CodeExecutor.namespace: __name__ resolves to the builtins module's
     cpu_step = cfg["cpu_per_snippet"]
     while True:
         frame = read_frame(code_r)
@@ -115,11 +170,16 @@ def worker_main(cfg, code_r, done_w):
         except (OSError, ValueError):
             pass
         _forks[0] = 0
-        status, rc = _run_snippet(cfg, code, ns, main_pid)
+        status, rc, exc = _run_snippet(cfg, code, ns, main_pid, capture)
         _disarm_timers()
         _settle_threads()
         # Formatted by hand: the code may have replaced json.dumps (it would only garble its own report).
-        msg = '{"token": "%s", "status": "%s", "exit_code": %d}' % (token.decode("ascii"), status, int(rc))
+        try:
+            exc_json = _dumps(exc)
+        except BaseException:  # the code broke json's machinery: its own report suffers, nothing else
+            exc_json = "null"
+        msg = '{"token": "%s", "status": "%s", "exit_code": %d, "exc": %s}' % (token.decode("ascii"), status,
+                                                                            int(rc), exc_json)
         if not write_frame(done_w, msg.encode()):
             os._exit(cfg["exit_channel"])  # the code closed or broke the reply pipe
         _kill(main_pid, signal.SIGSTOP)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 STATUSES = (
     "ok",  # the snippet ran to its end (exit status 0)
     "error",  # the code raised or exited non-zero
-    "timeout",  # wall-clock limit: killed by us
+    "timeout",  # wall clock: interrupted in-process (TimeoutError, state kept) or, as the backstop, killed by us
     "cpu_limit",  # CPU seconds of all its processes over the per-snippet limit (or RLIMIT_CPU)
     "memory_limit",  # RLIMIT_AS: MemoryError (or a crash while allocating)
     "output_limit",  # stdout+stderr passed the cap: killed by us
@@ -60,6 +60,10 @@ class SandboxLimits:
     max_output_bytes: int = 1 << 20
     max_file_bytes: int = 64 << 20  # RLIMIT_FSIZE, and the size of each private tmpfs
     max_open_files: int = 256
+    # Wall-clock seconds after which TimeoutError("Code execution timed out") is raised inside the snippet (GenPRM's
+    # signal.alarm): the session's namespace survives. None: wall_time_s minus min(1 s, 20%), so the interruption
+    # comes before the kill at wall_time_s (the backstop, which loses the state).
+    interrupt_s: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("wall_time_s", "cpu_time_s", "memory_bytes", "max_processes", "max_output_bytes",
@@ -67,8 +71,19 @@ class SandboxLimits:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"SandboxLimits.{name} must be a positive number, got {value!r}")
+        if self.interrupt_s is not None and (isinstance(self.interrupt_s, bool) or not isinstance(
+                self.interrupt_s, (int, float)) or not 0 < self.interrupt_s):
+            raise ValueError(f"SandboxLimits.interrupt_s must be None or a positive number, got {self.interrupt_s!r}")
         if not isinstance(self.cpu_time_s, int):
             raise TypeError(f"SandboxLimits.cpu_time_s must be an int (whole seconds), got {self.cpu_time_s!r}")
+
+
+    @property
+    def interrupt_after_s(self) -> float:
+        """When the snippet is interrupted in-process (see interrupt_s)."""
+        if self.interrupt_s is not None:
+            return float(self.interrupt_s)
+        return self.wall_time_s - min(1.0, 0.2 * self.wall_time_s)
 
 
 @dataclass
@@ -89,6 +104,10 @@ class SandboxResult:
     error: str | None = None  # what happened, for every status but "ok"
     killed_processes: int = 0  # processes the snippet left running, killed before this result was returned
     not_isolated: tuple[str, ...] = ()  # what this run's isolation mode does not isolate (NOT_ISOLATED)
+    # What escaped the snippet, verbatim: (kind, type name, str(exception)[:8000]); kind "timeout" (a TimeoutError,
+    # the in-process interruption's included), "exception" or "base" (SystemExit and other BaseExceptions). None
+    # when nothing escaped or the snippet was killed.
+    exception: tuple[str, str, str] | None = None
 
     @property
     def ok(self) -> bool:

@@ -21,7 +21,7 @@ from prmkern.sandbox.process import SandboxProcess
 _REPLY_MAX = 1 << 16
 _REPLY_FIELDS = {"event": str, "exit_code": (int, type(None)), "cpu": (int, float), "state_lost": bool}
 _EVENTS = ("done", "exited", "cpu_limit", "protocol_error")
-_DONE_STATUSES = ("ok", "error", "memory_limit", "process_limit")
+_DONE_STATUSES = ("ok", "error", "timeout", "memory_limit", "process_limit")
 
 
 class _Output:
@@ -133,6 +133,9 @@ def _parse_reply(raw: bytes) -> dict | None:
     if msg["event"] == "done" and (msg.get("status") not in _DONE_STATUSES or not isinstance(
             msg.get("killed_processes"), int)):
         return None
+    exc = msg.get("exc")
+    if exc is not None and not (isinstance(exc, list) and len(exc) == 3 and all(isinstance(x, str) for x in exc)):
+        return None
     return msg
 
 
@@ -211,10 +214,17 @@ def execute(proc: SandboxProcess, code: str, limits: SandboxLimits, res: Sandbox
         event = msg["event"]
         if event == "done":
             res.status, res.killed_processes = msg["status"], msg["killed_processes"]
-            res.error = None if res.status == "ok" else (
-                _error_line(stderr, res.exit_code) if res.status == "error" else _from_exit(
-                    {"memory_limit": bootstrap.EXIT_MEMORY, "process_limit": bootstrap.EXIT_NPROC}[res.status],
-                    None, limits, stderr)[1])
+            res.exception = tuple(msg["exc"]) if msg.get("exc") else None
+            if res.status == "error" and res.exception is not None and res.exception[0] != "base":
+                res.error = f"the code raised {res.exception[1]}: {res.exception[2][:200]}"
+            elif res.status == "timeout":
+                res.error = (f"interrupted after {limits.interrupt_after_s:g}s of wall clock (TimeoutError raised "
+                             f"in the snippet; the session's state is kept)")
+            else:
+                res.error = None if res.status == "ok" else (
+                    _error_line(stderr, res.exit_code) if res.status == "error" else _from_exit(
+                        {"memory_limit": bootstrap.EXIT_MEMORY, "process_limit": bootstrap.EXIT_NPROC}[res.status],
+                        None, limits, stderr)[1])
             if msg.get("threads_left"):
                 res.error = (res.error + "; " if res.error else "") + (
                     f"{msg['threads_left']} thread(s) of the snippet were still running: the worker was "

@@ -48,8 +48,18 @@ class _Dropped(Exception):
 
 
 def code_output_text(result: Any) -> str:
-    """The string GenPRM's CodeExecutor would have produced for this sandbox result."""
+    """The string GenPRM's CodeExecutor (genprm_inference.py L35-64) would have produced for this sandbox result:
+    the stripped stdout; "Code execute time out: {str(e)}" for a TimeoutError (the in-process interruption's
+    included); "Code execute Error: {type(e).__name__}: {str(e)}" for any other exception, verbatim (multi-line
+    messages and SyntaxError's "(<string>, line N)" kept), whatever was printed before it dropped. A snippet the
+    sandbox had to kill reads as the release's time-out (wall clock, CPU) or MemoryError."""
     status = getattr(result, "status", None)
+    exc = getattr(result, "exception", None)
+    if exc:
+        kind, name, text = exc
+        if kind == "timeout":
+            return R.GENPRM_TIMEOUT_TEMPLATE.format(error=text)
+        return R.GENPRM_ERROR_TEMPLATE.format(type=name, error=text)
     if status == "ok":
         return (result.stdout or "").strip()
     if status in ("timeout", "cpu_limit"):

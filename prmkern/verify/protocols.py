@@ -53,7 +53,9 @@ class VerifyConfig:
     continuation: str | None = None  # None: the format's continuations, by round
     max_forcing_rounds: int = 4
     max_code_rounds: int | None = None  # GenPRM: generation rounds after the analysis (its time_limit, 3)
-    code_limits: SandboxLimits = field(default_factory=lambda: SandboxLimits(wall_time_s=10, cpu_time_s=5))
+    # GenPRM: interrupted in-process at 5 s (the release's signal.alarm(5)); killed at 10 s wall or 8 s CPU (backstops)
+    code_limits: SandboxLimits = field(
+        default_factory=lambda: SandboxLimits(wall_time_s=10, cpu_time_s=8, interrupt_s=5))
     # GenPRM code execution: items [(chain key, code)] -> one sandbox result per item (default: a SessionPool).
     code_runner: Callable[[list[tuple[Any, str]]], list[Any]] | None = None
     # "released": the arithmetic and text handling of the engine the format's release ran on (SGLang's select for
