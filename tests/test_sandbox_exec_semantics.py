@@ -60,9 +60,7 @@ SNIPPETS = [
     ("multi-line exception", "raise ValueError('first line\\nsecond line')"),
     ("printed then raised", "print('before')\n1 / 0"),
     ("stderr", "import sys\nprint('to stderr', file=sys.stderr)\nprint('to stdout')"),
-    ("fd 1", "import os\nos.write(1, b'raw fd one\\n')\nprint('printed')"),
-    ("__stdout__", "import sys\nsys.__stdout__.write('dunder\\n')\nsys.stdout.write('w')\n"
-                   "print(sys.__stdout__ is sys.stdout)"),
+    ("__stdout__ is not sys.stdout", "import sys\nsys.stdout.write('w')\nprint(sys.__stdout__ is sys.stdout)"),
     ("stripped", "print('  padded  ')\nprint()"),
     ("key error", "def g():\n    raise KeyError('k')\ng()"),
     ("own timeout error", "raise TimeoutError('mine')"),
@@ -84,6 +82,17 @@ def test_snippets_read_as_the_released_executor_wrote_them(capfd):
                 assert r.status == "timeout" and not r.state_lost, r  # interrupted in-process, state kept
     for (name, _), g, e in zip(SNIPPETS, got, expected):
         assert g == e, name
+
+
+def test_known_difference_fd_one_writes_are_captured():
+    """The release's fd 1 was its console: os.write(1, ...) never reached the code output. Here fd 1 is the
+    sandbox's stdout pipe, so such writes are captured (docs/verifiers.md lists this difference)."""
+    ns: dict = {}
+    code = "import os\nos.write(1, b'raw\\n')\nprint('printed')"
+    assert released_execute(ns, code) == "printed"
+    with SessionPool(LIMITS) as pool:
+        (r,) = pool.run_many([("s", code)])
+    assert code_output_text(r) == "raw\nprinted"
 
 
 def test_sessions_of_different_keys_do_not_share_a_namespace():
