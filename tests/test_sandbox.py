@@ -5,6 +5,7 @@ modes and venv detection are tests/test_sandbox_modes.py; quote_output is tests/
 Tests that need the private-uid mode run only where the sandbox gets isolation="root" (skipped with the reason
 elsewhere). CPU-limit tests give the wall clock a wide margin: CI machines are shared and loaded.
 """
+import dataclasses
 import os
 import signal
 import time
@@ -66,7 +67,9 @@ def test_cpu_limit_holds_when_sigxcpu_is_ignored():
 
 
 def test_memory_hog_stopped_by_memory_limit():
-    r = run_code("blocks = []\nwhile True:\n    blocks.append(bytearray(64 << 20))", FAST)
+    # 64 MiB blocks take ~0.3 s each on a loaded machine: a wall clock that cannot interrupt the eight of them
+    r = run_code("blocks = []\nwhile True:\n    blocks.append(bytearray(64 << 20))",
+                 dataclasses.replace(FAST, wall_time_s=10.0))
     assert r.status == "memory_limit", r
     assert "MemoryError" in r.stderr and "memory over" in r.error
 

@@ -208,3 +208,22 @@ def test_genprm_released_no_decision_scores_half_and_missing_token_drops():
         G._paragraph_score(V, j)
     V.released = False
     assert G._paragraph_score(V, G._Judgement("no decision"))[0] is None
+
+
+def test_thinkprm_best_of_n_wording_follows_the_release(llm):
+    """test_time_compute.py L59 runs best-of-N with process_verifier=False: thinkprm_api.py then writes the steps
+    without "Step i:" (step_string "") and adds no step stop; its score() splits a candidate on "Step \\d+:"."""
+    released = Verifier(llm, VerifyConfig(format="thinkprm")).for_best_of_n()
+    steps = released.best_of_n_steps("## Step 1: Add 2 and 3.\n\n## Step 2: That is 5.\n")
+    assert steps == ["Add 2 and 3.", "That is 5."]
+    text = released.fmt.render("What is 2 + 3?", steps, llm.tokenizer)
+    assert "Add 2 and 3.\nThat is 5." in text and "Step 1:" not in text
+    assert released.stops(text, 2) == released.fmt.stops(2) == tuple(THINKPRM.stop)
+    exact = Verifier(llm, VerifyConfig(format="thinkprm", scoring="exact"))
+    assert exact.for_best_of_n() is exact and exact.best_of_n_steps("Step 1: a") is None
+    assert "Step 1: Add 2 and 3." in exact.fmt.render("What is 2 + 3?", steps, llm.tokenizer)
+    # The release's stop for process verification: the lexicographic maximum of the prompt's step numbers + 1.
+    ten = [f"s{i}" for i in range(10)]
+    prompt = THINKPRM.render("p", ten, llm.tokenizer)
+    assert Verifier(llm, VerifyConfig(format="thinkprm")).stops(prompt, 10)[-1] == "Step 10:"
+    assert exact.stops(prompt, 10)[-1] == "Step 11:"

@@ -33,8 +33,11 @@ def _verify_job(args: argparse.Namespace, items: list[Item], desc: str) -> tuple
     llm = make_llm(args, default="verifier")
     bar = progress_bar(args, len(items), desc, "solution")
     verifier = Verifier(ChainProgress(llm, bar), config)
+    for it in items:  # every row records the scoring mode, the rows of records that failed before the engine too
+        it.extra = {**it.extra, "scoring": config.scoring}
     print(f"{desc}: {len(items)} solutions with {llm.config.model} ({config.format.name}, K={config.num_chains}, "
-          f"T={config.temperature}, max tokens {config.max_tokens}, budget {config.budget_tokens})", file=sys.stderr)
+          f"T={config.temperature}, max tokens {config.max_tokens}, budget {config.budget_tokens}, scoring "
+          f"{config.scoring})", file=sys.stderr)
     chains = 0
 
     def process(batch: list[Item], emit) -> None:

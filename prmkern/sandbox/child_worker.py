@@ -12,12 +12,13 @@ Exec semantics are those of GenPRM's released CodeExecutor (genprm_inference.py 
 which the checkpoints were trained on: ``exec(code, namespace)`` of the code string (file name "<string>", so a
 SyntaxError reads "... (<string>, line N)"), in one dict per session that starts empty (so ``__name__`` is the
 builtins module's, "builtins"); stdout captured as ``redirect_stdout`` does (``sys.stdout`` is replaced for the
-snippet; unlike the release, writes to file descriptor 1, ``sys.__stdout__`` and subprocesses are captured too); a
+snippet; writes to file descriptor 1, ``sys.__stdout__`` and subprocesses' stdout go to stderr instead); a
 ``TimeoutError("Code execution timed out")`` raised inside the snippet by a wall-clock timer, as the release's
 ``signal.alarm`` does, so the namespace survives (the supervisor's kill stays the backstop). The escaped
 exception, verbatim (its type name and ``str()``), travels in the report.
 Uses the helpers of child_setup.py, with which it is concatenated.
 """
+import fcntl
 import io
 
 _forks = [0]
@@ -143,11 +144,13 @@ def worker_main(cfg, code_r, done_w):
     del sys.argv[1:]  # the configuration is not the code's business
     main_pid = os.getpid()
     sys.addaudithook(_count_forks)
-    # redirect_stdout: sys.stdout is replaced for each snippet. It writes to file descriptor 1, the stdout pipe;
-    # so do sys.__stdout__, os.write(1, ...) and subprocesses (the release's went to its console). A descriptor of
-    # its own for sys.stdout would let code scribbling over every descriptor flood its output before it breaks
-    # its report (the hostile suite's protocol_error), so fd 1 stays the one channel.
-    capture = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", write_through=True)
+    # redirect_stdout: the snippet's sys.stdout writes to the stdout pipe through a descriptor of its own, at the
+    # top of RLIMIT_NOFILE (above the reply pipe); fd 1, and with it sys.__stdout__, os.write(1, ...) and
+    # subprocesses, goes to stderr, as the release's fd 1 went to its console and not into the code output.
+    top = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    out_fd = fcntl.fcntl(1, fcntl.F_DUPFD, top - 1 if 4 < top <= 4096 else 1023)
+    os.dup2(2, 1)
+    capture = io.TextIOWrapper(io.FileIO(out_fd, "w", closefd=False), encoding="utf-8", write_through=True)
     ns = {}  # the release's CodeExecutor.namespace: __name__ resolves to the builtins module's
     cpu_step = cfg["cpu_per_snippet"]
     while True:

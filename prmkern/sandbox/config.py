@@ -61,7 +61,7 @@ class SandboxLimits:
     max_file_bytes: int = 64 << 20  # RLIMIT_FSIZE, and the size of each private tmpfs
     max_open_files: int = 256
     # Wall-clock seconds after which TimeoutError("Code execution timed out") is raised inside the snippet (GenPRM's
-    # signal.alarm): the session's namespace survives. None: wall_time_s minus min(1 s, 20%), so the interruption
+    # signal.alarm): the session's namespace survives. None: wall_time_s minus min(0.5 s, 10%), so the interruption
     # comes before the kill at wall_time_s (the backstop, which loses the state).
     interrupt_s: float | None = None
 
@@ -83,7 +83,7 @@ class SandboxLimits:
         """When the snippet is interrupted in-process (see interrupt_s)."""
         if self.interrupt_s is not None:
             return float(self.interrupt_s)
-        return self.wall_time_s - min(1.0, 0.2 * self.wall_time_s)
+        return self.wall_time_s - min(0.5, 0.1 * self.wall_time_s)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from prmkern.sandbox.config import SandboxLimits, SandboxResult
 from prmkern.sandbox.process import SandboxProcess
 
 _REPLY_MAX = 1 << 16
+_REPLY_GRACE_S = 0.5  # past the output cap: how long a reply may still arrive (see _pump)
 _REPLY_FIELDS = {"event": str, "exit_code": (int, type(None)), "cpu": (int, float), "state_lost": bool}
 _EVENTS = ("done", "exited", "cpu_limit", "protocol_error")
 _DONE_STATUSES = ("ok", "error", "timeout", "memory_limit", "process_limit")
@@ -72,14 +73,21 @@ def _send(proc: SandboxProcess, data: bytes, deadline: float) -> bool:
 
 
 def _pump(proc: SandboxProcess, deadline: float, out: _Output, reply: bytearray) -> str:
-    """Until the snippet ends: 'reply' | 'exited' | 'timeout' | 'output_limit' | 'bad_reply'."""
+    """Until the snippet ends: 'reply' | 'exited' | 'timeout' | 'output_limit' | 'bad_reply' | 'reply_over_limit'.
+
+    Past the output cap the output is no longer read, and the supervisor's reply is awaited for _REPLY_GRACE_S: a
+    snippet that broke its report channel and flooded its output (in that order, as code writing over every
+    descriptor does) is a protocol error ('reply_over_limit' carries the reply), not only an output limit."""
     sel = selectors.DefaultSelector()
     sel.register(proc.proc.stdout.fileno(), selectors.EVENT_READ, "stdout")
     sel.register(proc.proc.stderr.fileno(), selectors.EVENT_READ, "stderr")
     sel.register(proc.rep_r, selectors.EVENT_READ, "reply")
+    over_at: float | None = None
     try:
         while True:
             now = time.monotonic()
+            if over_at is not None and now >= min(deadline, over_at + _REPLY_GRACE_S):
+                return "output_limit"
             if now >= deadline:
                 return "timeout"
             for key, _ in sel.select(timeout=min(0.05, deadline - now)):
@@ -96,14 +104,24 @@ def _pump(proc: SandboxProcess, deadline: float, out: _Output, reply: bytearray)
                         return "bad_reply"
                     if len(reply) >= 4 and len(reply) >= 4 + struct.unpack("<I", reply[:4])[0]:
                         # Nothing of the snippet runs any more: what it wrote is all in the pipes.
-                        _drain(proc.proc.stdout.fileno(), "stdout", out)
-                        _drain(proc.proc.stderr.fileno(), "stderr", out)
-                        return "output_limit" if out.over else "reply"
-                elif not _drain(key.fd, key.data, out):
+                        if over_at is None:
+                            _drain(proc.proc.stdout.fileno(), "stdout", out)
+                            _drain(proc.proc.stderr.fileno(), "stderr", out)
+                        if out.over:
+                            return "reply_over_limit" if over_at is not None else "output_limit"
+                        return "reply"
+                elif over_at is None and not _drain(key.fd, key.data, out):
                     sel.unregister(key.fd)
-                if out.over:
-                    return "output_limit"
+            if out.over and over_at is None:
+                over_at = time.monotonic()
+                for f in (proc.proc.stdout, proc.proc.stderr):
+                    try:
+                        sel.unregister(f.fileno())
+                    except (KeyError, ValueError):
+                        pass
             if proc.poll():
+                if over_at is not None:
+                    return "output_limit"
                 _drain(proc.proc.stdout.fileno(), "stdout", out)
                 _drain(proc.proc.stderr.fileno(), "stderr", out)
                 try:
@@ -189,6 +207,9 @@ def execute(proc: SandboxProcess, code: str, limits: SandboxLimits, res: Sandbox
             _drain(proc.proc.stdout.fileno(), "stdout", out)
             _drain(proc.proc.stderr.fileno(), "stderr", out)
     stderr = out.text("stderr")
+    if outcome == "reply_over_limit":
+        over = _parse_reply(bytes(reply))
+        outcome = "reply" if over is not None and over["event"] == "protocol_error" else "output_limit"
     msg = _parse_reply(bytes(reply)) if outcome == "reply" else None
     res.state_lost = True
     if outcome == "timeout":

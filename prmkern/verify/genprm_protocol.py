@@ -11,15 +11,21 @@ Per paragraph p (from 1), for N judgements (Maj@N: `num_chains`) sharing one con
    "Code execute Error: {Type}: {message}", "Code execute time out: Code execution timed out", or "Code format
    error: No code found.", as GenPRM's CodeExecutor writes them.
 3. Out of rounds or tokens: the turn degrades to the analysis + "</analyze>\\n<output>\\n**Judgement**: $\\boxed" and
-   20 more tokens (the release's OpenAI-client variant stops there; its vLLM variant could loop).
-4. The score: scoring.genprm_paragraph_score over the turn, with what code printed masked out (so printed text can
-   never be read as the verdict; the release searched it too), on the final round's tokens. The paragraph's score
-   is the mean over the N judgements (Maj@N); the first judgement that did not fail becomes the conversation's
-   assistant turn for the next paragraphs, as the release appends outputs[0].
+   20 more tokens. Scoring "released": a round that does not end with "</output>\\n" runs the code executor and the
+   loop goes on, as genprm_inference.py L281-319 does (prmkern gives up after RELEASED_DEGRADED_TRIES verdict-only
+   rounds and fails the record); "exact": the turn ends after one verdict-only round.
+4. The score (_paragraph_score). Released: the release's get_reward_score on vLLM 0.7.1 V0's processed
+   log-probabilities (released_scoring.py), the decision searched in the whole turn, 0.5 without a decision, the
+   record failed where the release raises (decision token not in the final round). Exact:
+   scoring.genprm_paragraph_score on the exact log-probabilities with what code printed masked out, a judgement
+   without a decision unscored. The paragraph's score is the mean over the N judgements (Maj@N); the first
+   judgement that did not fail becomes the conversation's assistant turn for the next paragraphs, as the release
+   appends outputs[0].
 
 Every round is submitted as the re-encoded text (as the release's text prompts are), so prefix caching serves
-all but the new tail. Each judgement k runs its code in its own persistent session (the release runs the N
-judgements one after another in one namespace). Any exception from code execution fails that judgement alone,
+all but the new tail. Released: the N judgements of a solution share one session and run their code in judgement
+order (judgement k's code waits until judgements 0..k-1 are done), as the release's one CodeExecutor per sample;
+exact: each judgement k has its own persistent session. Any exception from code execution fails that judgement alone,
 recorded on its chain (`Chain.error`, and the code run's entry); the job goes on.
 
 It does not: parse formats other than GenPRM's kind (per_paragraph), or score other protocols.

@@ -18,6 +18,7 @@ It does not load models, render data sets or write files; see prmkern/cli/.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -191,6 +192,23 @@ class Verifier:
         elif self.fmt.kind == "per_paragraph":
             # GenPRM reads tokenizer.encode(word)[-1] for "Yes" and "No".
             self.verdict_ids = self._word_ids((self.fmt.correct_text, self.fmt.incorrect_text), first=False)
+
+    def for_best_of_n(self) -> "Verifier":
+        """The verifier that scores best-of-N candidates. Released ThinkPRM (search-and-learn/scripts/
+        test_time_compute.py L59: process_verifier only for beam search; prm/thinkprm_api.py: step_string "") shows
+        the steps without "Step i:" labels and stops at no step number; every other case is this verifier."""
+        if not (self.released and self.fmt.name == "thinkprm"):
+            return self
+        fmt = dataclasses.replace(self.fmt, step_template="{text}", step_stop_template=None)
+        return Verifier(self.llm, dataclasses.replace(self.config, format=fmt))
+
+    def best_of_n_steps(self, text: str) -> list[str] | None:
+        """Released ThinkPRM splits a candidate as its score() does: "## Step" -> "Step", then on "Step \\d+:", the
+        pieces stripped, empty ones dropped; None: the caller's own splitting."""
+        if not (self.released and self.fmt.name == "thinkprm"):
+            return None
+        pieces = re.split(r"Step \d+:", text.replace("## Step", "Step").strip())
+        return [p.strip() for p in pieces if p.strip()]
 
     @property
     def released(self) -> bool:

@@ -81,10 +81,11 @@ def best_of_n(generator: Any, verifier: Verifier, problems: Sequence[dict[str, A
     gen_params = SamplingParams(**{**{k: getattr(base, k) for k in ("temperature", "top_p", "top_k", "max_tokens",
                                                                     "seed", "stop", "min_tokens")}, "n": n})
     outs = generator.generate([solver_prompt(tok, p["problem"]) for p in problems], gen_params, use_tqdm=False)
+    verifier = verifier.for_best_of_n()  # released ThinkPRM: its best-of-N wording (no "Step i:" labels)
     records, owners = [], []
     for i, (prob, out) in enumerate(zip(problems, outs)):
         for c in out.outputs:
-            steps = split_steps(c.text) or [c.text.strip() or "(empty)"]
+            steps = verifier.best_of_n_steps(c.text) or split_steps(c.text) or [c.text.strip() or "(empty)"]
             records.append({"id": f"{i}:{c.index}", "problem": prob["problem"], "steps": steps})
             owners.append((i, c.text))
     verdicts = verifier.verify(records)
