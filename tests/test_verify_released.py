@@ -290,3 +290,33 @@ def test_user_format_from_a_base_keeps_released_strings_and_defaults(tmp_path, r
     assert fmt.analyze_stop == ("</analyze>\n",) and fmt.code_stop == R.GENPRM_CODE_STOPS
     assert fmt.render("P", ["a"], r1tok, paragraph=0) == BOS + "Judge.<｜User｜>P\na" + GENPRM.prefix(0)
     assert format_defaults("genprm-mine") == format_defaults("genprm")
+
+
+@pytest.mark.parametrize("scoring", ["released", "exact"])
+def test_genprm_maj_n_namespaces(r1tok, scoring):
+    """Released (prm_evaluate.py: one CodeExecutor per sample; genprm_inference.py: the N judgements one after
+    another): one session per solution and judgement k's code after every round of judgements 0..k-1. Exact: one
+    session per judgement, rounds interleaved."""
+    def script(text, p, call):
+        if text.endswith("step by step: "):
+            return [(f"analysis {k}.\n</analyze>\n", "stop", "</analyze>\n", None) for k in range(2)]
+        k = 0 if "analysis 0." in text else 1
+        r = text.count("[Code Output]") + 1
+        if r <= 2:
+            opener = "" if r == 1 else "Again:\n```python\n"  # the forced opener starts round 1's block
+            return [(f"{opener}v{k}_{r} = {r}\n```\n", "stop", "\n```\n", None)]
+        return [("ok\n</verify>\n<output>\n**Judgement**: $\\boxed{Yes}$\n</output>\n", "stop", "</output>\n", None)]
+
+    calls = []
+
+    def runner(items):
+        calls.extend(items)
+        return [SimpleNamespace(status="ok", stdout="", stderr="", exception=None) for _ in items]
+
+    cfg = VerifyConfig(format="genprm", num_chains=2, code_runner=runner, scoring=scoring)
+    res = Verifier(ScriptedLLM(r1tok, script), cfg).verify([{"problem": PROBLEM, "steps": STEPS[:1]}])[0]
+    assert all(len(ch.code_runs) == 2 for ch in res.chains)
+    if scoring == "released":
+        assert calls == [(0, "v0_1 = 1"), (0, "v0_2 = 2"), (0, "v1_1 = 1"), (0, "v1_2 = 2")]
+    else:
+        assert calls == [((0, 0), "v0_1 = 1"), ((0, 1), "v1_1 = 1"), ((0, 0), "v0_2 = 2"), ((0, 1), "v1_2 = 2")]

@@ -267,6 +267,9 @@ def _paragraph_score(v: Any, j: _Judgement) -> tuple[float | None, str]:
         raise _Dropped("the decision token is not in the final round: the release raises ValueError there and "
                        "drops the sample")
     idx = len(j.final_ids) - 1 - j.final_ids[::-1].index(target)
+    if idx >= len(j.final_top) or idx >= len(j.final_logprobs) or not all(
+            t in j.final_logprobs[idx] for t in (yes_id, no_id)):
+        return None, "no log-probabilities at the decision token"
     top, chosen = j.final_top[idx], j.final_logprobs[idx]
     processed = vllm_v0_processed(top, chosen, c.temperature, c.top_k, c.top_p)
     listed = sorted(top, key=lambda t: -top[t])[:GENPRM_TOP_LOGPROBS]
