@@ -26,7 +26,8 @@ from prmkern.serve.protocol import ApiError, BadRequest, VerifyRequest
 from prmkern.verify.protocols import Verifier, VerifyConfig
 
 # VerifyConfig fields that a format's published defaults set (formats.format_defaults and protocols._GENERIC).
-FORMAT_DERIVED = ("num_chains", "temperature", "top_p", "top_k", "max_tokens", "method", "max_code_rounds")
+FORMAT_DERIVED = ("num_chains", "temperature", "top_p", "top_k", "max_tokens", "method", "max_code_rounds",
+                  "scoring")
 VERIFY_OVERRIDES = ("format", "num_chains", "temperature", "top_p", "max_tokens", "budget_tokens", "method",
                     "threshold", "seed", "scoring")
 
@@ -101,8 +102,6 @@ def verify_config(defaults: VerifyConfig, req: VerifyRequest, max_n: int, max_to
                          "max_tokens")
     try:
         fields = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults)}
-        if "format" in overrides and "scoring" not in overrides:
-            fields["scoring"] = None  # the requested format's own default (released formats: released)
         config = VerifyConfig(**{**fields, **overrides})
         # Sampling values are checked where the engine checks them, before any chain runs.
         SamplingParams(temperature=config.temperature, top_p=config.top_p, max_tokens=max(1, config.max_tokens))
