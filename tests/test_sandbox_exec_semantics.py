@@ -119,7 +119,8 @@ def test_a_snippet_that_ignores_the_interruption_is_killed_and_loses_the_state()
 def test_interrupt_s_is_validated(value, ok):
     if ok:
         lim = SandboxLimits(wall_time_s=10, interrupt_s=value)
-        assert lim.interrupt_after_s == (9.5 if value is None else value)
+        assert lim.interrupt_after_s == (5.0 if value is None else value)  # the release's alarm(5)
+        assert SandboxLimits(wall_time_s=3).interrupt_after_s == pytest.approx(2.7)  # before the kill
     else:
         with pytest.raises(ValueError, match="interrupt_s must be None or a positive number"):
             SandboxLimits(interrupt_s=value)

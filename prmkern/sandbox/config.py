@@ -45,6 +45,9 @@ NOT_ISOLATED: dict[str, tuple[str, ...]] = {
 ROOT_CODE_GAP = ("uid: the code runs as root (the interpreter's directories are not readable by other users, "
                  "so it cannot run under a private uid without a mount namespace)")
 
+# GenPRM's CodeExecutor (genprm_inference.py L52): `with timeout(seconds=5)`, a signal.alarm(5).
+RELEASED_ALARM_S = 5.0
+
 # Where child_setup.install_seccomp knows the syscall numbers; elsewhere the missing filter is reported.
 SECCOMP_MACHINES = ("x86_64", "aarch64")
 
@@ -61,8 +64,8 @@ class SandboxLimits:
     max_file_bytes: int = 64 << 20  # RLIMIT_FSIZE, and the size of each private tmpfs
     max_open_files: int = 256
     # Wall-clock seconds after which TimeoutError("Code execution timed out") is raised inside the snippet (GenPRM's
-    # signal.alarm): the session's namespace survives. None: wall_time_s minus min(0.5 s, 10%), so the interruption
-    # comes before the kill at wall_time_s (the backstop, which loses the state).
+    # signal.alarm): the session's namespace survives. None: the release's 5 s, or wall_time_s minus min(0.5 s, 10%)
+    # when that is sooner, so the interruption comes before the kill at wall_time_s (the backstop, losing the state).
     interrupt_s: float | None = None
 
     def __post_init__(self) -> None:
@@ -83,7 +86,7 @@ class SandboxLimits:
         """When the snippet is interrupted in-process (see interrupt_s)."""
         if self.interrupt_s is not None:
             return float(self.interrupt_s)
-        return self.wall_time_s - min(0.5, 0.1 * self.wall_time_s)
+        return min(RELEASED_ALARM_S, self.wall_time_s - min(0.5, 0.1 * self.wall_time_s))
 
 
 @dataclass
