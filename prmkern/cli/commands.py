@@ -26,7 +26,8 @@ def _all_rows(runner: JobRunner, output: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _verify_job(args: argparse.Namespace, items: list[Item], desc: str) -> tuple[JobRunner, Any, Any, int]:
+def _verify_job(args: argparse.Namespace, items: list[Item], desc: str,
+                inputs: list[str]) -> tuple[JobRunner, Any, Any, int]:
     """Loads the model and verifies every good item; returns the runner, the llm, the verifier and the chains."""
     from prmkern.verify.protocols import Verifier
     config = build_config(args)  # before the model: a bad option fails in a second, naming the flag
@@ -44,7 +45,7 @@ def _verify_job(args: argparse.Namespace, items: list[Item], desc: str) -> tuple
         nonlocal chains
         chains += verify_rows(verifier, batch, emit, llm.tokenizer, args.no_chains, size)
 
-    runner = JobRunner(args.output, args.resume, resume_hint(args.argv))
+    runner = JobRunner(args.output, args.resume, resume_hint(args.argv), inputs=inputs)
     size = args.batch_size or max(1, 64 // config.num_chains)
     runner.run(items, process, batch_size=size, progress=bar.update if bar else None, align=True)
     if bar is not None:
@@ -71,7 +72,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             except ValueError as e:
                 it.error = str(e)
     build_config(args)
-    runner, llm, verifier, chains = _verify_job(args, items, "verify")
+    runner, llm, verifier, chains = _verify_job(args, items, "verify", [path])
     report_failures(runner, path)
     stats = llm.stats.as_dict()
     print(f"{len(runner.rows)} solutions ({len(runner.failures())} failed), verdicts {_verdict_counts(runner.rows)}\n"
@@ -113,7 +114,7 @@ def cmd_eval_processbench(args: argparse.Namespace) -> int:
             it.extra = {"subset": name, "label": it.record.get("label") if isinstance(it.record, dict) else None}
             items.append(it)
     build_config(args)
-    runner, llm, verifier, chains = _verify_job(args, items, "eval processbench")
+    runner, llm, verifier, chains = _verify_job(args, items, "eval processbench", list(args.files))
     report_failures(runner, "eval processbench")
     stats = llm.stats.as_dict()
     print(summary_line(stats, runner.seconds, chains), file=sys.stderr)
@@ -182,7 +183,7 @@ def cmd_bon(args: argparse.Namespace) -> int:
                             "candidates": [{"answer": x.answer, "score": x.score, "step_scores": x.step_scores,
                                             "text": x.text} for x in r.candidates]})
 
-    runner = JobRunner(args.output, args.resume, resume_hint(args.argv))
+    runner = JobRunner(args.output, args.resume, resume_hint(args.argv), inputs=[args.input])
     runner.run(items, process, batch_size=args.batch_size or 1, progress=bar.update if bar else None)
     if bar is not None:
         bar.close()

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from prmkern import __version__
-from prmkern.cli.jobs import Item, JobRunner, read_items, write_summary
+from prmkern.cli.jobs import Item, JobRunner, check_output_paths, read_items, write_summary
 from prmkern.sampling_params import SamplingParams
 
 SAMPLING_KEYS = ("n", "temperature", "top_k", "top_p", "min_tokens", "max_tokens", "ignore_eos", "stop",
@@ -225,7 +225,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                  **({"token_logprobs": c.token_logprobs} if c.token_logprobs is not None else {})}
                 for c in r.outputs]))
 
-    runner = JobRunner(args.output, args.resume, resume_hint(args.argv))
+    runner = JobRunner(args.output, args.resume, resume_hint(args.argv), inputs=[args.input])
     bar = progress_bar(args, len(items), "generate", "prompt")
     runner.run(items, process, batch_size=args.batch_size, progress=bar.update if bar else None, align=True)
     if bar is not None:
@@ -297,11 +297,24 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _check_job_paths(args: argparse.Namespace) -> None:
+    """Before anything loads or is written: no output (-o, --summary) may be one of the command's inputs."""
+    if not hasattr(args, "output"):
+        return
+    if args.command == "verify":
+        from prmkern.cli.verify import default_input
+        inputs = [default_input(args)]
+    else:
+        inputs = [p for p in [getattr(args, "input", None), *(getattr(args, "files", None) or [])] if p]
+    check_output_paths(inputs, {"-o": args.output, "--summary": getattr(args, "summary", None)})
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        _check_job_paths(args)
         if args.command in ("generate", "verify"):
             from prmkern.distributed import data_parallel
             if data_parallel.active():  # under torchrun: this rank's share, merged by rank 0

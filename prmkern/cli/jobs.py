@@ -2,17 +2,23 @@
 
 The input is a JSONL file (or a JSON array, as ProcessBench ships). Every line becomes an `Item`: its 0-based
 `index` among the non-blank lines, its 1-based `line` number, and the parsed record or the reason it cannot be one
-(malformed JSON, not an object, a NaN/Infinity constant). A command checks the fields it needs; a bad record fails
-alone: its output row carries `"error"` and its line number, and the summary counts it by reason.
+(malformed JSON, nested deeper than the parser's recursion allows, not an object, a NaN/Infinity constant, a
+string holding a lone UTF-16 surrogate that no tokenizer can encode). A command checks the fields it needs; a bad
+record fails alone: its output row carries `"error"` and its line number, and the summary counts it by reason. A
+batch whose processing raises is retried one record at a time, so the record that broke it fails alone.
 
 `JobRunner.run(items, process)` is the seam: `process(batch, emit)` gets a list of Items and calls
 `emit(index, row)` once per item as soon as its result exists; the runner writes that row, flushed, so a crash or
 Ctrl-C loses at most the batch in flight. Data-parallel sharding is `items[rank::world]` with one output per rank.
 `--resume` reads an existing output, skips the indices it already holds (a truncated last line is dropped) and
-appends. It does not load models or know any command's schema.
+appends. The output file is locked (flock, exclusive) for the whole run, so a second run on the same output stops
+at once instead of interleaving duplicate rows; an output or summary path that is an input file (same file after
+realpath) is refused before anything is written (`check_output_paths`). It does not load models or know any
+command's schema.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -22,7 +28,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable
 
-__all__ = ["Item", "read_items", "JobRunner", "failure_reason", "write_summary"]
+from prmkern.textcheck import find_lone_surrogate
+
+__all__ = ["Item", "read_items", "JobRunner", "failure_reason", "write_summary", "check_output_paths"]
 
 
 @dataclass
@@ -43,6 +51,20 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON (non-finite numbers are not accepted)")
 
 
+_TOO_DEEP = ("malformed JSON: nested too deeply for the parser (arrays/objects inside each other beyond Python's "
+             "recursion limit); accepted: records nested a few hundred levels at most")
+
+
+def _check_record(rec: Any) -> tuple[Any, str | None]:
+    if not isinstance(rec, dict):
+        return None, f"not a JSON object: got a {type(rec).__name__}"
+    found = find_lone_surrogate(rec)
+    if found is not None:
+        return None, (f"invalid text: {found[0] or 'the record'} holds a lone surrogate {found[1]} (half of a UTF-16 "
+                      f"pair); accepted: Unicode text that UTF-8 can encode")
+    return rec, None
+
+
 def _parse_line(text: str) -> tuple[Any, str | None]:
     try:
         rec = json.loads(text, parse_constant=_reject_constant)
@@ -50,9 +72,9 @@ def _parse_line(text: str) -> tuple[Any, str | None]:
         return None, f"malformed JSON: {e}"
     except ValueError as e:  # raised by _reject_constant
         return None, str(e)
-    if not isinstance(rec, dict):
-        return None, f"not a JSON object: got a {type(rec).__name__}"
-    return rec, None
+    except RecursionError:
+        return None, _TOO_DEEP
+    return _check_record(rec)
 
 
 def read_items(path: str) -> list[Item]:
@@ -65,13 +87,14 @@ def read_items(path: str) -> list[Item]:
     if text.lstrip().startswith("["):
         try:
             array = json.loads(text, parse_constant=_reject_constant)
-        except ValueError as e:
-            raise SystemExit(f"{path}: starts with '[' but is not a valid JSON array ({e}); give a JSON array or "
+        except (ValueError, RecursionError) as e:
+            why = _TOO_DEEP if isinstance(e, RecursionError) else e
+            raise SystemExit(f"{path}: starts with '[' but is not a valid JSON array ({why}); give a JSON array or "
                              f"JSONL (one object per line)")
         items = []
         for i, rec in enumerate(array):
-            bad = None if isinstance(rec, dict) else f"not a JSON object: got a {type(rec).__name__}"
-            items.append(Item(i, i + 1, rec if bad is None else None, bad))
+            rec, bad = _check_record(rec)
+            items.append(Item(i, i + 1, rec, bad))
         return items
     items = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -81,10 +104,42 @@ def read_items(path: str) -> list[Item]:
     return items
 
 
+def check_output_paths(inputs: list[str], outputs: dict[str, str | None]) -> None:
+    """Refuses (SystemExit) an output that is one of the inputs: the same file after realpath, or the same inode
+    through a hard link. outputs: flag -> path ('-' and None are stdout / not written). Call before writing."""
+    real_in = {os.path.realpath(p): p for p in inputs if p and p != "-"}
+    for flag, out in outputs.items():
+        if not out or out == "-":
+            continue
+        real = os.path.realpath(out)
+        same = real_in.get(real)
+        if same is None and os.path.exists(out):
+            same = next((p for p in real_in.values() if os.path.exists(p) and os.path.samefile(p, out)), None)
+        if same is not None:
+            raise SystemExit(f"{flag} {out} is the input file {same} (same file: {real}); writing it would destroy "
+                             f"the input. Give {flag} a different path")
+
+
+def _open_locked(path: str, resume: bool) -> IO[str]:
+    """The output, opened for appending and flock'ed (exclusive, not waiting); truncated after the lock unless
+    resuming, so a run that finds the file locked has changed nothing."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(f"{path} is being written by another run (it holds the file's lock); wait for it to end "
+                         f"or give -o another path") from None
+    if not resume:
+        os.ftruncate(fd, 0)
+    return os.fdopen(fd, "a")
+
+
 def failure_reason(error: str) -> str:
     """A short reason for the summary's failure counts, from an error message."""
     e = error.lower()
-    for key, reason in (("malformed json", "malformed JSON"), ("not a json object", "not a JSON object"),
+    for key, reason in (("nested too deeply", "nested too deeply"), ("lone surrogate", "invalid text"),
+                        ("malformed json", "malformed JSON"), ("not a json object", "not a JSON object"),
                         ("non-finite", "non-finite number"), ("max_model_len", "prompt exceeds the context"),
                         ("exceeds the context", "prompt exceeds the context"), ("needs", "missing or invalid field"),
                         ("unknown keys", "unknown keys"), ("accepted", "invalid value")):
@@ -122,6 +177,7 @@ class JobRunner:
     output: str = "-"
     resume: bool = False
     resume_hint: str = ""  # the command line that continues this job, printed on Ctrl-C
+    inputs: list[str] = field(default_factory=list)  # input files the output must not be (check_output_paths)
     rows: list[dict[str, Any]] = field(default_factory=list)  # this run's rows, in the order written
     earlier: list[dict[str, Any]] = field(default_factory=list)  # rows of the run(s) this one resumes
     skipped: int = 0  # finished in an earlier run (--resume)
@@ -135,12 +191,18 @@ class JobRunner:
         record's batch, and whatever depends on it, is the same in a resumed run as in an uninterrupted one."""
         if self.resume and self.output == "-":
             raise SystemExit("--resume needs -o FILE (the output of the run to continue), not stdout")
-        if self.resume and os.path.exists(self.output):
-            self.earlier = _finished_rows(self.output)
+        check_output_paths(self.inputs, {"-o": self.output})
+        # Locked before the earlier rows are read: a second run on this output stops here, having read nothing.
+        out: IO[str] = sys.stdout if self.output == "-" else _open_locked(self.output, self.resume)
+        try:
+            if self.resume:
+                self.earlier = _finished_rows(self.output)
+        except BaseException:
+            out.close()
+            raise
         done = {int(r["index"]) for r in self.earlier}
         pending = [it for it in items if it.index not in done]
         self.skipped = len(items) - len(pending)
-        out: IO[str] = sys.stdout if self.output == "-" else open(self.output, "a" if self.resume else "w")
         by_index = {it.index: it for it in pending}
         written: set[int] = set()
 
@@ -172,12 +234,18 @@ class JobRunner:
                 try:
                     process(batch, emit)
                 except Exception as e:  # noqa: BLE001 - a batch that breaks fails alone; the job goes on
-                    from prmkern.engine.engine import FatalEngineError
-                    if isinstance(e, FatalEngineError):  # no later batch can run (a dead tensor-parallel rank):
-                        raise  # stop, rather than write every remaining record as failed; --resume redoes them
-                    for it in batch:
+                    _reraise_fatal(e)
+                    left = [it for it in batch if it.index not in written]
+                    for it in left:  # one at a time: the record that broke the batch fails alone
+                        err: Exception = e
+                        if len(left) > 1:
+                            try:
+                                process([it], emit)
+                            except Exception as e1:  # noqa: BLE001
+                                _reraise_fatal(e1)
+                                err = e1
                         if it.index not in written:
-                            emit(it.index, it.row(error=f"{type(e).__name__} while processing: {e}"))
+                            emit(it.index, it.row(error=f"{type(err).__name__} while processing: {err}"))
         except KeyboardInterrupt:
             self.interrupted = True
         finally:
@@ -215,6 +283,12 @@ class JobRunner:
             out["engine"] = engine
         out.update(extra)
         return out
+
+
+def _reraise_fatal(e: Exception) -> None:
+    from prmkern.engine.engine import FatalEngineError
+    if isinstance(e, FatalEngineError):  # no later batch can run (a dead tensor-parallel rank): stop, rather
+        raise e  # than write every remaining record as failed; --resume redoes them
 
 
 def _json_default(o: Any) -> Any:
