@@ -212,3 +212,35 @@ def test_killed_rank_stops_a_cli_job(tmp_path, qwen2_dir, monkeypatch):
     finally:
         for llm in made:
             llm.close()
+
+
+def _listening(pid: int) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp* writes them) of the TCP sockets process `pid` listens on."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    out = []
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            for line in f.read().splitlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # state LISTEN, owned by this process
+                    out.append(cols[1])
+    return out
+
+
+def test_rendezvous_store_listens_on_loopback_only(qwen2_dir):
+    # Before: rank 0's TCPStore listened on every interface ([::]:port) for a one-node run.
+    llm = LLM(qwen2_dir, device="cpu", tensor_parallel_size=2)
+    try:
+        addrs = [a for pid in llm.engine.executor.pids for a in _listening(pid)]
+        assert addrs, "rank 0 hosts the rendezvous store: it must listen somewhere"
+        loopback = ("0100007F:", "0000000000000000FFFF00000100007F:", "00000000000000000000000001000000:")
+        assert all(a.startswith(loopback) for a in addrs), addrs
+    finally:
+        del llm

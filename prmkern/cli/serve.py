@@ -30,6 +30,17 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     s.add_argument("--max-n", type=int, default=64, help="most chains per prompt (n, num_chains)")
     s.add_argument("--max-prompts", type=int, default=64, help="most prompts in one /v1/completions call")
     s.add_argument("--max-verify", type=int, default=4, help="verify calls running at once")
+    s.add_argument("--max-logprobs", type=int, default=20,
+                   help="most logprobs / top_logprobs / prompt_logprobs per position (vLLM's max_logprobs)")
+    s.add_argument("--max-token-ids", type=int, default=256,
+                   help="longest stop_token_ids / logprob_token_ids list (and logit_bias dict) in one request")
+    s.add_argument("--allow-code-execution", action="store_true",
+                   help="let /v1/verify run model-written Python in the sandbox (format genprm); off by default")
+    s.add_argument("--max-connections", type=int, default=None,
+                   help="open connections held at once (default: half the file descriptors above a reserve); "
+                        "beyond it the oldest idle connection is closed, or the newcomer gets 503")
+    s.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection has to send its request headers (and a request its body)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGINT/SIGTERM, seconds to let in-flight requests finish before answering them 503")
     s.add_argument("--log-level", default="info")
@@ -62,16 +73,26 @@ def run_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
     from prmkern.cli.verify import given_options
     verify_config = _make_verifier(args, llm).config if llm.tokenizer is not None else None
+    if verify_config is not None and verify_config.format.code_regex is not None and not args.allow_code_execution:
+        raise SystemExit(f"prmkern serve: --format {verify_config.format.name} runs the model's Python code for "
+                         f"every /v1/verify call; add --allow-code-execution to allow it")
     name = args.served_model_name or os.path.basename(os.path.normpath(llm.config.model))
     config = ServerConfig(model_name=name, api_key=args.api_key, max_pending=args.max_pending,
                           max_request_bytes=args.max_request_bytes, max_n=args.max_n, max_prompts=args.max_prompts,
                           max_verify=args.max_verify, verify_options=given_options(args),
+                          max_logprobs=args.max_logprobs, max_token_ids=args.max_token_ids,
+                          allow_code_execution=args.allow_code_execution, request_timeout_s=args.header_timeout,
                           **({"verify": verify_config} if verify_config else {}))
     app = build_app(llm, config)
+    from prmkern.serve.connections import uvicorn_kwargs
+    try:
+        limits = uvicorn_kwargs(args.max_connections, args.header_timeout)
+    except ValueError as e:
+        raise SystemExit(f"prmkern serve: {e}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     print(f"serving {llm.config.model} as {name!r} on http://{args.host}:{args.port} "
           f"(KV pool {llm.engine.num_blocks} blocks of {llm.config.block_size}, context {llm.engine.max_model_len})",
           file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.shutdown_timeout)
+                timeout_graceful_shutdown=args.shutdown_timeout, **limits)
     return 0

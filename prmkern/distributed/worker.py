@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import socket
 import time
 import traceback
 from datetime import timedelta
@@ -103,6 +104,18 @@ class _Worker:
         return self.model.compute_logits(hidden if rows is None else hidden[rows]).cpu()
 
 
+def _loopback_listener(rank: int, port: int) -> socket.socket | None:
+    """Rank 0's rendezvous socket, bound to 127.0.0.1 only: TCPStore binds its own to every interface, and the ranks
+    of a one-node run never need more than loopback (the store would otherwise take connections from the network)."""
+    if rank != 0:
+        return None
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(128)
+    return sock
+
+
 def worker_main(rank: int, world: int, config: EngineConfig, port: int, timeout_s: float, threads: int,
                 conn) -> None:
     """Entry point of a spawned rank. Exits on a 'stop' message, on the driver closing its pipe, or on an error."""
@@ -117,7 +130,9 @@ def worker_main(rank: int, world: int, config: EngineConfig, port: int, timeout_
         backend = "nccl" if config.device.type == "cuda" else "gloo"
         # An explicit store, not an init_method URL: under torchrun (a data-parallel rank hosting this engine) the
         # URL rendezvous would obey TORCHELASTIC_USE_AGENT_STORE and wait for a store nobody hosts.
-        store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timedelta(seconds=timeout_s))
+        listener = _loopback_listener(rank, port)  # kept referenced: the store serves on its descriptor
+        store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timedelta(seconds=timeout_s),
+                              master_listen_fd=None if listener is None else listener.fileno())
         dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))
         worker = _Worker(rank, world, config, conn)

@@ -5,6 +5,7 @@ that starts the engine loop and, on shutdown, answers whatever is still unfinish
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -43,6 +44,10 @@ class ServerConfig:
     max_messages: int = 256
     max_steps: int = 256  # steps in one /v1/verify call
     max_verify: int = 4  # verify calls running at once (each in a worker thread)
+    max_logprobs: int = 20  # vLLM's max_logprobs: the most logprobs / top_logprobs / prompt_logprobs per position
+    max_token_ids: int = 256  # the longest stop_token_ids / logprob_token_ids list (and logit_bias dict)
+    allow_code_execution: bool = False  # /v1/verify may run model-written code (format genprm) in the sandbox
+    request_timeout_s: float = 10.0  # a request's body must arrive within this (its headers: connections.py)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     # The verifier options the operator set explicitly (VerifyConfig field -> value, format excluded): a request that
     # names another format gets that format's defaults with these on top, then its own fields.
@@ -50,7 +55,7 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_pending", "max_request_bytes", "max_n", "max_prompts", "max_messages", "max_steps",
-                     "max_verify"):
+                     "max_verify", "max_logprobs", "max_token_ids"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ServerConfig.{name}={value!r} is invalid; accepted: an int >= 1")
@@ -72,6 +77,8 @@ class ServerState:
         self.max_messages, self.max_steps, self.max_verify = config.max_messages, config.max_steps, config.max_verify
         self.verify_defaults = config.verify
         self.verify_options = dict(config.verify_options)
+        self.max_logprobs, self.max_token_ids = config.max_logprobs, config.max_token_ids
+        self.allow_code_execution = config.allow_code_execution
         self.loop = EngineLoop(engine, config.max_pending)
         self.metrics = ServerMetrics()
         self.verify_slots = threading.Semaphore(config.max_verify)
@@ -114,7 +121,7 @@ class Guard:
         try:
             key = self.state.config.api_key
             headers = dict(scope["headers"])
-            if key and path.startswith("/v1/"):
+            if key and (path.startswith("/v1/") or path in KEYED_PATHS):
                 given = headers.get(b"authorization", b"").decode("latin-1")
                 if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
                     return await _error(counting_send, ApiError(401, "missing or wrong API key; send the header "
@@ -125,8 +132,15 @@ class Guard:
             if declared is not None and declared.isdigit() and int(declared) > limit:
                 return await _error(counting_send, _too_large(int(declared), limit))
             body, more = b"", True
-            while more:  # read the whole body up front (bounded) so that a chunked upload cannot exceed the limit
-                message = await receive()
+            deadline = time.monotonic() + self.state.config.request_timeout_s
+            while more:  # read the whole body up front (bounded in size and time): a chunked upload cannot exceed
+                # the limit, and a client sending a byte at a time cannot hold its connection
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    return await _error(counting_send, ApiError(
+                        408, f"the request body did not arrive within {self.state.config.request_timeout_s:g} s "
+                             f"(--header-timeout)", None, "timeout_error"))
                 if message["type"] != "http.request":
                     return  # the client left before sending its body
                 body += message.get("body", b"")
@@ -147,6 +161,9 @@ class Guard:
             self.state.metrics.count_http(path if path in KNOWN_PATHS else "other", status_seen[0])
 
 
+# With --api-key: /v1/* and the OpenAPI schema need the key; /health (probes) and /metrics (scrapers; counters
+# only, no request content, as vLLM leaves it) stay open. docs/server.md says so.
+KEYED_PATHS = {"/openapi.json"}
 KNOWN_PATHS = {"/v1/completions", "/v1/chat/completions", "/v1/verify", "/v1/models", "/health", "/metrics"}
 # /v1/models/{id} is counted under "other" in /metrics: one label value per path we serve, never client-chosen.
 
@@ -168,7 +185,11 @@ def _validation_message(exc: RequestValidationError, path: str) -> tuple[str, st
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         param = param or (loc[0] if loc else None)
         where = ".".join(loc) or "body"
-        if err.get("type") == "extra_forbidden":
+        if err.get("type") == "value_error" and "lone surrogate" in str(err.get("msg")):
+            text = str(err.get("msg")).removeprefix("Value error, ")
+            parts.append(text)
+            param = param or text.split(" ", 1)[0].split(".", 1)[0].split("[", 1)[0]
+        elif err.get("type") == "extra_forbidden":
             parts.append(f"unknown field {where!r}")
         elif err.get("type") in ("json_invalid", "model_attributes_type", "dict_type") or not loc:
             parts.append(f"the body is not a JSON object ({err.get('msg')})")

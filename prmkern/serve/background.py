@@ -2,7 +2,8 @@
 
 `serve_in_thread(app)` binds a socket first (port 0: a free port chosen by the OS, so no race with other
 processes), runs uvicorn on it in a thread, waits until it answers, yields its base URL, and on exit shuts it down
-gracefully (in-flight requests finish, then the engine loop stops).
+gracefully (in-flight requests finish, then the engine loop stops). It runs with the same connection limits as
+`prmkern serve` (connections.py).
 """
 from __future__ import annotations
 
@@ -16,13 +17,17 @@ from typing import Any, Iterator
 
 @contextlib.contextmanager
 def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0, graceful_s: float = 10.0,
-                    startup_timeout_s: float = 30.0) -> Iterator[str]:
+                    startup_timeout_s: float = 30.0, max_connections: int | None = None,
+                    header_timeout_s: float = 10.0) -> Iterator[str]:
     import uvicorn
+
+    from prmkern.serve.connections import uvicorn_kwargs
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=graceful_s, lifespan="on")
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=graceful_s, lifespan="on",
+                            **uvicorn_kwargs(max_connections, header_timeout_s))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), name="prmkern-uvicorn",
                               daemon=True)

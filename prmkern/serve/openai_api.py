@@ -14,7 +14,7 @@ import uuid
 from typing import Any, AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from prmkern.outputs import RequestOutput
 from prmkern.prompts import encode_bounded
@@ -22,10 +22,10 @@ from prmkern.sampling_params import SamplingParams
 from prmkern.serve.calls import ChainText, EngineCall
 from prmkern.serve.engine_loop import ChainDelta, ChainDone, Overloaded, RequestDone, RequestFailed
 from prmkern.serve.logprobs import chat_logprobs, choice_extras, completion_logprobs, logprob_dicts, lp_entries
+from prmkern.serve.responses import json_response
 from prmkern.serve.protocol import (ApiError, BadRequest, ChatCompletionRequest, CompletionRequest,
                                     sampling_params)
 
-MAX_TOP_LOGPROBS = 20  # OpenAI's bound on logprobs / top_logprobs
 CLIENT_CLOSED = 499  # nginx's code for "client closed request": logged in /metrics, never seen by the client
 
 
@@ -98,16 +98,24 @@ def _max_tokens(state: Any, requested: int | None, prompt_len: int) -> int:
     return requested
 
 
-def _logprobs_arg(k: int | None, name: str) -> int | None:
-    if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
-        raise BadRequest(f"{name}={k} is invalid; accepted: an int in [0, {MAX_TOP_LOGPROBS}] (0: the sampled "
-                         f"token's log-probability only)", name)
+def _logprobs_arg(state: Any, k: int | None, name: str) -> int | None:
+    """logprobs / top_logprobs / prompt_logprobs: capped like vLLM's max_logprobs (the response, and the work of
+    building it, grows with k at every position; uncapped, prompt_logprobs reached the vocabulary)."""
+    if k is not None and not 0 <= k <= state.max_logprobs:
+        raise BadRequest(f"{name}={k} is invalid; accepted: an int in [0, {state.max_logprobs}] (0: the sampled "
+                         f"token's log-probability only; the server's --max-logprobs raises the limit)", name)
     return k
 
 
 def _params(state: Any, req: Any, max_tokens: int, logprobs: int | None) -> SamplingParams:
-    for name in ("stop_token_ids", "logprob_token_ids"):
-        _check_ids(state, getattr(req, name) or [], name)
+    _logprobs_arg(state, req.prompt_logprobs, "prompt_logprobs")
+    for name in ("stop_token_ids", "logprob_token_ids", "logit_bias"):
+        ids = getattr(req, name) or []
+        if len(ids) > state.max_token_ids:  # each id costs work at every position of every chain, in the engine
+            raise BadRequest(f"{name} has {len(ids)} entries; accepted: at most {state.max_token_ids} (the server's "
+                             f"--max-token-ids)", name)
+        if name != "logit_bias":
+            _check_ids(state, ids, name)
     return sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, max_n=state.max_n)
 
 
@@ -163,7 +171,7 @@ async def _respond(state: Any, call: EngineCall, endpoint: str, start: float, pr
     if outs is None:
         return Response(status_code=CLIENT_CLOSED)
     state.metrics.observe_latency(endpoint, time.perf_counter() - start)
-    return JSONResponse(build(outs))
+    return await json_response(build, outs)
 
 
 async def _events(state: Any, call: EngineCall, endpoint: str, start: float, prompts: list[list[int]],
@@ -215,7 +223,7 @@ async def create_completion(state: Any, req: CompletionRequest, http: Request) -
     if req.best_of is not None and req.best_of != req.n:
         raise BadRequest(f"best_of={req.best_of} is not supported; accepted: null or best_of == n", "best_of")
     prompts, texts = _completion_prompts(state, req.prompt)
-    lp_arg = _logprobs_arg(req.logprobs, "logprobs")
+    lp_arg = _logprobs_arg(state, req.logprobs, "logprobs")
     echo_lps = req.echo and req.logprobs is not None  # the prompt's tokens get log-probabilities too
     if req.stream and (echo_lps or req.prompt_logprobs is not None):
         raise BadRequest("prompt log-probabilities (echo with logprobs, prompt_logprobs) are returned without "
@@ -315,7 +323,7 @@ async def create_chat_completion(state: Any, req: ChatCompletionRequest, http: R
     if req.stream and req.prompt_logprobs is not None:
         raise BadRequest("prompt_logprobs are returned without streaming; accepted: stream=false", "stream")
     prompt = _chat_prompt(state, req)
-    lp_arg = _logprobs_arg(req.top_logprobs or 0, "top_logprobs") if req.logprobs else None
+    lp_arg = _logprobs_arg(state, req.top_logprobs or 0, "top_logprobs") if req.logprobs else None
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = _params(state, req, _max_tokens(state, requested, len(prompt)), lp_arg)
     k = req.top_logprobs or 0

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 from prmkern.sampling_params import SamplingParams
+from prmkern.textcheck import find_lone_surrogate
 
 Number = StrictFloat  # JSON ints are accepted as floats; booleans and strings are not
 
@@ -48,11 +49,25 @@ class _Body(BaseModel):
         return data
 
 
+class _Request(_Body):
+    """A whole request body: its text must be encodable (a lone surrogate such as "\\ud800" is a 400 naming the
+    field, not a tokenizer's TypeError and a 500)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _encodable_text(cls, data: Any) -> Any:
+        found = find_lone_surrogate(data)
+        if found is not None:
+            raise ValueError(f"{found[0] or 'the body'} holds a lone surrogate {found[1]} (half of a UTF-16 pair); "
+                             f"accepted: Unicode text that UTF-8 can encode")
+        return data
+
+
 class StreamOptions(_Body):
     include_usage: StrictBool = False
 
 
-class _SamplingFields(_Body):
+class _SamplingFields(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: StrictStr | None = None
@@ -116,7 +131,7 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: StrictBool | None = None
 
 
-class VerifyRequest(_Body):
+class VerifyRequest(_Request):
     """prmkern's /v1/verify: one solution (a problem and its steps) scored step by step by the verifier. Every other
     field overrides the server's verification config (the `prmkern serve` flags) for this request only."""
 

@@ -17,12 +17,14 @@ import time
 from typing import Any, Sequence
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from prmkern.outputs import RequestOutput
 from prmkern.sampling_params import SamplingParams
 from prmkern.serve.engine_loop import EngineLoop, Overloaded, RequestDone
 from prmkern.serve.protocol import ApiError, BadRequest, VerifyRequest
+from prmkern.serve.responses import json_response
+from prmkern.verify.formats import get_format
 from prmkern.verify.protocols import Verifier, VerifyConfig
 
 # VerifyConfig fields that a format's published defaults set (formats.format_defaults and protocols._GENERIC).
@@ -110,6 +112,21 @@ def verify_config(defaults: VerifyConfig, req: VerifyRequest, max_n: int, max_to
     return config
 
 
+def _check_code_execution(state: Any, req: VerifyRequest) -> None:
+    """A format that runs the model's code (GenPRM's) is the server operator's choice (--allow-code-execution),
+    never a client's: refused before anything else is looked at."""
+    if state.allow_code_execution:
+        return
+    try:
+        fmt = get_format(req.format if req.format is not None else state.verify_defaults.format)
+    except (KeyError, ValueError, TypeError):
+        return  # an unknown format: verify_config says what is accepted
+    if fmt.code_regex is not None:
+        raise BadRequest(f"format {fmt.name!r} runs the model's Python code, and this server does not allow code "
+                         f"execution; accepted: a format without code (the server's operator may start it with "
+                         f"--allow-code-execution)", "format")
+
+
 async def verify(state: Any, req: VerifyRequest, http: Request) -> Response:
     start = time.perf_counter()
     if req.model is not None and req.model not in state.model_names:
@@ -117,6 +134,7 @@ async def verify(state: Any, req: VerifyRequest, http: Request) -> Response:
                        "model", "not_found_error")
     if len(req.steps) > state.max_steps:
         raise BadRequest(f"{len(req.steps)} steps; accepted: at most {state.max_steps}", "steps")
+    _check_code_execution(state, req)
     config = verify_config(state.verify_defaults, req, state.max_n, state.max_model_len - 1,
                            state.verify_options)
     if not state.verify_slots.acquire(blocking=False):
@@ -151,13 +169,16 @@ async def verify(state: Any, req: VerifyRequest, http: Request) -> Response:
         state.verify_slots.release()
     if result.error is not None:
         raise BadRequest(result.error)
-    body = result.to_json(state.tokenizer, include_chains=req.include_chains)
-    body["id"] = req.id  # the client's id, or null (not the record's index within this call)
-    body.update(model=state.model_name, format=config.format.name, num_chains=config.num_chains,
-                usage={"chains": len(result.chains),
-                       "completion_tokens": sum(len(t.token_ids) for c in result.chains for t in c.turns)})
+
+    def build() -> dict[str, Any]:  # in a worker thread: decoding every chain's text is not the event loop's work
+        body = result.to_json(state.tokenizer, include_chains=req.include_chains)
+        body["id"] = req.id  # the client's id, or null (not the record's index within this call)
+        body.update(model=state.model_name, format=config.format.name, num_chains=config.num_chains,
+                    usage={"chains": len(result.chains),
+                           "completion_tokens": sum(len(t.token_ids) for c in result.chains for t in c.turns)})
+        return body
     state.metrics.observe_latency("verify", time.perf_counter() - start)
-    return JSONResponse(body)
+    return await json_response(build)
 
 
 async def _disconnected(http: Request) -> None:
