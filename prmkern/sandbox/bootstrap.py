@@ -28,9 +28,12 @@ def program() -> str:
 
 
 def child_config(limits: SandboxLimits, mode: str, *, uid: int, newroot: str, workdir: str, fs: list,
-                 nproc: int, req_fd: int, rep_fd: int, life_fd: int | None) -> dict:
+                 nproc: int, req_fd: int, rep_fd: int, life_fd: int | None, cgroup_procs: list[str],
+                 cgroup_code_procs: list[str]) -> dict:
     """The JSON the child reads. ``nproc``: RLIMIT_NPROC (the allowance plus, outside root mode, the
-    processes the engine's user already has)."""
+    processes the engine's user already has). ``cgroup_procs``: the session's cgroup.procs files, joined first;
+    without them, memfds and SysV shared memory are refused (seccomp) since nothing would bound them.
+    ``cgroup_code_procs``: opened first too, written by the worker alone (its CPU group)."""
     cpu = limits.cpu_time_s
     rl = {
         "RLIMIT_AS": limits.memory_bytes,
@@ -44,8 +47,12 @@ def child_config(limits: SandboxLimits, mode: str, *, uid: int, newroot: str, wo
     }
     return {
         "mode": mode, "uid": uid, "gid": SANDBOX_GID, "newroot": newroot, "workdir": workdir, "fs": fs,
-        "tmpfs_bytes": limits.max_file_bytes, "limits": rl, "cpu_per_snippet": cpu,
-        "interrupt_s": limits.interrupt_after_s,
+        "tmpfs_bytes": limits.max_file_bytes, "tmpfs_inodes": limits.max_tmpfs_files, "limits": rl,
+        "cpu_per_snippet": cpu, "interrupt_s": limits.interrupt_after_s,
+        "wall_per_snippet": float(limits.wall_time_s), "memory_bytes": limits.memory_bytes,
+        "max_processes": limits.max_processes, "cgroup_procs": list(cgroup_procs),
+        "cgroup_code_procs": list(cgroup_code_procs),
+        "deny_shared_memory": not cgroup_procs, "shm_bytes": limits.max_file_bytes,
         "setup_msg": SETUP_MSG, "exit_setup": EXIT_SETUP, "exit_memory": EXIT_MEMORY, "exit_nproc": EXIT_NPROC,
         "exit_channel": EXIT_CHANNEL, "req_fd": req_fd, "rep_fd": rep_fd, "life_fd": life_fd,
     }

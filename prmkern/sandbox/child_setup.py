@@ -8,8 +8,9 @@ What this part does, in the process that becomes the sandbox's supervisor:
 * ``enter_namespaces``: new user (userns mode), mount, network, PID, IPC and UTS namespaces.
 * ``build_root``: a new root on a tmpfs holding read-only binds of exactly the directories the interpreter
   reads (its prefixes, sys.path, the system library directories), a few device nodes, private /tmp and
-  /dev/shm, a fresh /proc for the PID namespace; then pivot_root and detach the old root, so nothing else of
-  the host (project, home, model files, UNIX sockets under /run or /tmp) has a path in the sandbox.
+  /dev/shm (bounded in bytes and inodes), a fresh /proc for the PID namespace; then pivot_root and detach the old
+  root, so nothing else of the host (project, home, model files, UNIX sockets under /run or /tmp) has a path in
+  the sandbox; then ``limit_ipc`` bounds the namespace's SysV shared memory.
 * ``drop_privileges`` (in the worker): limits, then the private uid (root mode, and mode none as root) or a
   nested user namespace (userns mode, so the code cannot undo the mounts), then no_new_privs and a seccomp
   filter that allows sockets of the UNIX / IPv4 / IPv6 families only.
@@ -24,6 +25,7 @@ import signal
 import struct
 import sys
 import threading
+import time
 import traceback
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -137,7 +139,7 @@ def build_root(cfg, owner):
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=8m,mode=0755")
     # Private /tmp and /dev/shm first: an interpreter installed under /tmp (a venv in a checkout under /tmp, as CI
     # may have it) is then bound on top of the private tmpfs instead of being hidden by it.
-    tmp_opts = "size=%d,mode=1777" % cfg["tmpfs_bytes"]
+    tmp_opts = "size=%d,nr_inodes=%d,mode=1777" % (cfg["tmpfs_bytes"], cfg["tmpfs_inodes"])
     for d in ("/tmp", "/dev/shm"):
         os.makedirs(root + d, exist_ok=True)
         mount("tmpfs", root + d, "tmpfs", MS_NOSUID | MS_NODEV, tmp_opts)
@@ -170,6 +172,21 @@ def build_root(cfg, owner):
     c_call("umount2", b".", MNT_DETACH)  # the old root, stacked on top by pivot_root(".", ".")
     os.chdir("/")
     mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+    limit_ipc(cfg)
+
+
+def limit_ipc(cfg):
+    """SysV shared memory of the sandbox's own IPC namespace: at most shm_bytes in all, 64 segments. Best effort
+    (a user namespace may not own these sysctls): where a memory cgroup exists it bounds shm pages anyway, and
+    where none does the seccomp filter refuses shmget."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    for name, value in (("shmmax", cfg["shm_bytes"]), ("shmall", max(1, cfg["shm_bytes"] // page)),
+                        ("shmmni", 64)):
+        try:
+            with open("/proc/sys/kernel/" + name, "w") as f:
+                f.write(str(value))
+        except OSError:
+            pass
 
 
 # Seccomp (classic BPF): sockets only of the families the network namespace confines (UNIX, IPv4, IPv6). Others
@@ -180,6 +197,9 @@ _SECCOMP_ARCH = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}  # AU
 # Kernel interfaces no snippet needs and that widen the attack surface: keyrings (add_key, request_key,
 # keyctl), bpf, perf_event_open, userfaultfd. Refused with EPERM.
 _DENIED = {"x86_64": (248, 249, 250, 321, 298, 323), "aarch64": (217, 218, 219, 280, 241, 282)}
+# Without a memory cgroup nothing bounds what memfds and SysV segments hold after their processes exit (RLIMIT_AS
+# does not count them): memfd_create and shmget are then refused too (EPERM). /dev/shm, a bounded tmpfs, stays.
+_SHARED_MEMORY = {"x86_64": (319, 29), "aarch64": (279, 194)}
 _NR_IO_URING_SETUP = 425
 _RET_ALLOW, _RET_ERRNO = 0x7FFF0000, 0x00050000
 _LD_ABS, _JEQ, _JGE, _RET = 0x20, 0x15, 0x35, 0x06
@@ -193,11 +213,12 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
 
 
-def install_seccomp():
+def install_seccomp(deny_shared_memory=False):
     """Applies the filter to this process and all it starts; False where the architecture is not known."""
     if platform.machine() not in _SECCOMP_ARCH:
         return False
     arch, nr_socket = _SECCOMP_ARCH[platform.machine()]
+    denied = _DENIED[platform.machine()] + (_SHARED_MEMORY[platform.machine()] if deny_shared_memory else ())
     prog = [
         (_LD_ABS, 0, 0, 4),  # seccomp_data.arch
         (_JEQ, 1, 0, arch),
@@ -207,7 +228,7 @@ def install_seccomp():
         (_RET, 0, 0, _RET_ERRNO | 38),  # ENOSYS
         (_JEQ, 0, 1, _NR_IO_URING_SETUP),
         (_RET, 0, 0, _RET_ERRNO | 38),
-        *[ins for nr in _DENIED[platform.machine()] for ins in ((_JEQ, 0, 1, nr), (_RET, 0, 0, _RET_ERRNO | 1))],
+        *[ins for nr in denied for ins in ((_JEQ, 0, 1, nr), (_RET, 0, 0, _RET_ERRNO | 1))],
         (_JEQ, 1, 0, nr_socket),
         (_RET, 0, 0, _RET_ALLOW),
         (_LD_ABS, 0, 0, 16),  # seccomp_data.args[0], low 32 bits: the address family
@@ -230,6 +251,11 @@ def drop_privileges(cfg):
         # A nested user namespace owns neither the mounts nor the network: the code cannot undo them.
         c_call("unshare", CLONE_NEWUSER)
     os.chdir(cfg["workdir"])
+    try:  # under memory pressure the kernel's OOM killer takes the code's processes first, not the supervisor
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
     for name, value in cfg["limits"].items():
         soft, hard = value if isinstance(value, list) else (value, value)
         resource.setrlimit(getattr(resource, name), (soft, hard))
@@ -238,7 +264,7 @@ def drop_privileges(cfg):
         os.setresgid(cfg["gid"], cfg["gid"], cfg["gid"])
         os.setresuid(cfg["uid"], cfg["uid"], cfg["uid"])
     c_call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-    install_seccomp()
+    install_seccomp(cfg["deny_shared_memory"])
     if mode == "none":
         def _no_network(event, args):
             if event.startswith("socket.") and event != "socket.gethostname":

@@ -8,7 +8,10 @@ Process tree in the namespace modes (engine -> B -> S -> W):
   reply pipes: the code, in W under another uid (or a nested user namespace), can neither reach them (they are
   closed in W, and /proc/1/fd is not its to open) nor write what S sends.
 Per snippet S sends W a fresh token and the code, then watches: the CPU time of every process of the sandbox
-(the per-snippet CPU limit), W's "done" report (validated field by field) and W's stop. Before it replies it
+(the per-snippet CPU limit), the wall clock less the time the snippet's processes waited for a CPU (the
+per-snippet wall limit, which a busy neighbour cannot use up), W's "done" report (validated field by field) and
+W's stop. A limit the report claims (memory_limit, process_limit) comes with what the kernel saw (W's VmPeak, the
+most tasks alive), so a report forged by the code cannot claim one it did not reach. Before it replies it
 kills every other process, and if W has a thread left, W itself (the session is then replaced): when the
 engine reads the reply, nothing the snippet started is running. In mode "none" S is the process the engine
 starts, a child subreaper, so processes that double-fork stay its descendants.
@@ -17,6 +20,15 @@ starts, a child subreaper, so processes that double-fork stay its descendants.
 _DONE_STATUSES = ("ok", "error", "timeout", "memory_limit", "process_limit")
 _EXC_KINDS = ("timeout", "exception", "base")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _run_delay(pid):
+    """Nanoseconds process `pid` (its main thread) has spent runnable but waiting for a CPU, or None."""
+    try:
+        with open("/proc/%d/schedstat" % pid, "rb") as f:
+            return int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _stat_fields(pid):
@@ -62,11 +74,37 @@ class Supervisor:
                     frontier.append(pid)
         return mine
 
-    def cpu_total(self):
+    def cpu_total(self, table=None):
         """Seconds of CPU used by the sandbox's processes, alive or reaped (not by this supervisor)."""
-        ticks = sum(int(f[11]) + int(f[12]) + int(f[13]) + int(f[14]) for f in self.processes().values())
+        table = self.processes() if table is None else table
+        ticks = sum(int(f[11]) + int(f[12]) + int(f[13]) + int(f[14]) for f in table.values())
         ru = resource.getrusage(resource.RUSAGE_CHILDREN)
         return ticks / _CLK_TCK + ru.ru_utime + ru.ru_stime
+
+    def sample(self, waits):
+        """(CPU seconds so far, seconds the snippet's most-delayed process has waited for a CPU since it was first
+        seen, tasks alive now). ``waits``: pid -> [first, last] run-queue delay in ns (/proc/<pid>/schedstat),
+        kept across samples so that processes that have ended still count."""
+        table = self.processes()
+        for pid in table:
+            delay = _run_delay(pid)
+            if delay is not None:
+                seen = waits.setdefault(pid, [delay, delay])
+                seen[1] = delay
+        starved = max((last - first for first, last in waits.values()), default=0) / 1e9
+        tasks = sum(int(f[17]) for f in table.values() if f[0] != b"Z")
+        return self.cpu_total(table), starved, tasks
+
+    def vm_peak(self):
+        """The worker's peak address space in bytes (VmPeak: the kernel's own high-water mark), or 0."""
+        try:
+            with open("/proc/%d/status" % self.worker, "rb") as f:
+                for line in f:
+                    if line.startswith(b"VmPeak:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        return 0
 
     def reap(self):
         """Reaps what has ended; returns the worker's wait status if it ended, else None."""
@@ -154,7 +192,10 @@ class Supervisor:
         if self.stopped:
             self.stopped = False
             os.kill(self.worker, signal.SIGCONT)
-        base = self.cpu_total()
+        waits = {}
+        base, _, _ = self.sample(waits)
+        self.peak_tasks = 0
+        start = time.monotonic()
         sent = write_frame(self.code_w, token.encode() + code)
         buf, done_open = b"", True
         tick = 0.02 if self.ns else 0.05
@@ -175,11 +216,18 @@ class Supervisor:
                 if len(buf) > FRAME_MAX + 4:
                     return self._lost("protocol_error", "the snippet flooded the worker's reply channel", base)
             status = self.reap()
-            cpu = self.cpu_total() - base
+            cpu, starved, tasks = self.sample(waits)
+            cpu -= base
+            self.peak_tasks = max(self.peak_tasks, tasks)
             if status is not None:
                 return self._lost("exited", None, base, exit_code=os.waitstatus_to_exitcode(status))
             if cpu > cfg["cpu_per_snippet"]:
                 return self._lost("cpu_limit", "CPU time over %ss" % cfg["cpu_per_snippet"], base)
+            # The wall clock a neighbour cannot steal: time spent waiting for a CPU is not the snippet's.
+            charged = time.monotonic() - start - starved
+            if charged > cfg["wall_per_snippet"]:
+                return self._lost("timeout", "wall clock over %gs" % cfg["wall_per_snippet"] + (
+                    " (not counting %.1fs spent waiting for a CPU)" % starved if starved >= 0.05 else ""), base)
             if not sent:
                 continue  # the code pipe is gone: the worker is exiting, wait for its status
             if self.stopped:
@@ -206,9 +254,13 @@ class Supervisor:
             threads = len(os.listdir("/proc/%d/task" % self.worker))
         except OSError:
             threads = 1
+        # The worker's report is the code's to forge (it runs in the worker): a limit it claims is checked against
+        # what the kernel saw. The engine accepts memory_limit on vm_peak or on its memory cgroup's events, and
+        # process_limit on peak_tasks; otherwise the snippet is the code's own error.
         reply = {"event": "done", "status": msg["status"], "exit_code": msg["exit_code"], "exc": msg["exc"],
                  "cpu": self.cpu_total() - base, "killed_processes": killed, "threads_left": threads - 1,
-                 "state_lost": threads > 1}
+                 "state_lost": threads > 1, "vm_peak": self.vm_peak(),
+                 "peak_tasks": max(self.peak_tasks, killed + threads)}
         if threads > 1:
             self.kill_all()  # a thread of the snippet is still there: the worker goes, with its state
         return reply
@@ -246,6 +298,20 @@ def _launcher(cfg, child):
 
 def main():
     cfg = json.loads(sys.argv[1])
+    # Into the session's cgroup(s) before anything else: every process of the sandbox descends from this one.
+    for path in cfg["cgroup_procs"]:
+        try:
+            with open(path, "w") as f:
+                f.write(str(os.getpid()))
+        except OSError as e:
+            fail_setup(cfg, "joining the session's cgroup %s: %s" % (path, e))
+    code_fds = []  # the worker's own groups: opened now (the paths vanish with the new root), written by it
+    for path in cfg["cgroup_code_procs"]:
+        try:
+            code_fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+        except OSError as e:
+            fail_setup(cfg, "opening the session's cgroup %s: %s" % (path, e))
+    cfg["code_cgroup_fds"] = code_fds
     # Python's one default handler: a signal the code may send us (same kernel uid in userns mode) must not
     # raise KeyboardInterrupt here. As a PID namespace's init we get no signal without a handler from inside.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -256,8 +322,8 @@ def main():
             owner = enter_namespaces(cfg)
             s = os.fork()
             if s:
-                os.close(req_r)
-                os.close(rep_w)
+                for fd in [req_r, rep_w, *code_fds]:
+                    os.close(fd)
                 _launcher(cfg, s)
             os.close(cfg["life_fd"])
             c_call("prctl", PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)  # dies with B
@@ -279,8 +345,8 @@ def main():
         if not ns:
             c_call("prctl", PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         worker_main(cfg, code_r, done_w)
-    os.close(code_r)
-    os.close(done_w)
+    for fd in [code_r, done_w, *code_fds]:
+        os.close(fd)
     sup = Supervisor(cfg, worker, code_w, done_r)
     if not ns:  # no namespace to tear down: the engine asks us to kill our descendants
         signal.signal(signal.SIGTERM, lambda *a: (sup.kill_all(), os._exit(0)))

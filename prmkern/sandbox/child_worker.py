@@ -13,7 +13,8 @@ which the checkpoints were trained on: ``exec(code, namespace)`` of the code str
 SyntaxError reads "... (<string>, line N)"), in one dict per session that starts empty (so ``__name__`` is the
 builtins module's, "builtins"); stdout captured as ``redirect_stdout`` does (``sys.stdout`` is replaced for the
 snippet; writes to file descriptor 1, ``sys.__stdout__`` and subprocesses' stdout go to stderr instead); a
-``TimeoutError("Code execution timed out")`` raised inside the snippet by a wall-clock timer, as the release's
+``TimeoutError("Code execution timed out")`` raised inside the snippet by a wall-clock timer (real time less the
+time the worker waited for a CPU, so a busy neighbour cannot cause it), as the release's
 ``signal.alarm`` does, so the namespace survives (the supervisor's kill stays the backstop). The escaped
 exception, verbatim (its type name and ``str()``), travels in the report.
 Uses the helpers of child_setup.py, with which it is concatenated.
@@ -23,6 +24,7 @@ import io
 
 _forks = [0]
 _armed, _fired = [False], [False]  # the interruption timer: armed while the snippet runs; fired
+_interrupt_s = [0.0]
 INTERRUPT_MESSAGE = "Code execution timed out"  # genprm_inference.py, timeout.handle_timeout
 EXC_TEXT_MAX = 8000  # characters of an exception's str() carried in the report (the frame is <= 64 KiB)
 _dumps = json.dumps  # bound before any code runs
@@ -44,8 +46,32 @@ def _classify(cfg, exc):
     return "error", 1
 
 
+_clock = [0.0, 0]  # when the interruption timer was armed: (monotonic seconds, own run-queue delay in ns)
+
+
+def _own_run_delay():
+    """Nanoseconds this process's main thread has waited for a CPU (/proc/self/schedstat), or 0."""
+    try:
+        with open("/proc/self/schedstat", "rb") as f:
+            return int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _arm_interrupt(cfg):
+    _clock[0], _clock[1] = time.monotonic(), _own_run_delay()
+    _armed[0] = True
+    signal.setitimer(signal.ITIMER_REAL, cfg["interrupt_s"])
+
+
 def _on_alarm(signum, frame):
     if _armed[0]:
+        # The snippet's own time: real time less what it spent waiting for a CPU, so that a busy neighbour cannot
+        # make it time out (the supervisor's wall limit is counted the same way). Not yet due: wait the rest.
+        left = _interrupt_s[0] - (time.monotonic() - _clock[0] - (_own_run_delay() - _clock[1]) / 1e9)
+        if left > 0.005:
+            signal.setitimer(signal.ITIMER_REAL, left)
+            return
         _armed[0], _fired[0] = False, True
         raise TimeoutError(INTERRUPT_MESSAGE)
 
@@ -68,8 +94,8 @@ def _run_snippet(cfg, code, ns, main_pid, capture):
     _fired[0] = False
     sys.stdout = capture  # redirect_stdout
     try:
-        _armed[0] = True
-        signal.setitimer(signal.ITIMER_REAL, cfg["interrupt_s"])
+        _interrupt_s[0] = cfg["interrupt_s"]
+        _arm_interrupt(cfg)
         try:
             exec(code, ns)
         finally:
@@ -138,6 +164,9 @@ def _reap_children():
 def worker_main(cfg, code_r, done_w):
     """Runs snippets until the supervisor closes the code pipe. Never returns."""
     try:
+        for fd in cfg["code_cgroup_fds"]:  # into the session's CPU group, before any code (children follow)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
         drop_privileges(cfg)
     except (OSError, SetupError) as e:
         fail_setup(cfg, str(e))

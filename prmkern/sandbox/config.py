@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 STATUSES = (
     "ok",  # the snippet ran to its end (exit status 0)
     "error",  # the code raised or exited non-zero
-    "timeout",  # wall clock: interrupted in-process (TimeoutError, state kept) or, as the backstop, killed by us
+    "timeout",  # wall clock less the time spent waiting for a CPU (a neighbour cannot cause it): interrupted
+    # in-process (TimeoutError, state kept) or, as the backstop, killed by us
     "cpu_limit",  # CPU seconds of all its processes over the per-snippet limit (or RLIMIT_CPU)
-    "memory_limit",  # RLIMIT_AS: MemoryError (or a crash while allocating)
+    "memory_limit",  # the session's memory cgroup hit memory_bytes, or MemoryError near RLIMIT_AS (verified)
     "output_limit",  # stdout+stderr passed the cap: killed by us
     "process_limit",  # RLIMIT_NPROC: fork/thread creation refused and not handled
     "killed",  # died of another signal (a crash)
@@ -56,21 +57,26 @@ SECCOMP_MACHINES = ("x86_64", "aarch64")
 class SandboxLimits:
     """Per-run (or per-snippet, in a session) limits. Sizes in bytes, times in seconds."""
 
+    # Wall clock of one snippet, not counting the time its processes waited for a CPU (run-queue delay): a busy
+    # neighbour slows a snippet down but cannot make it time out. Real time is capped at HARD_WALL_FACTOR times it.
     wall_time_s: float = 10.0
     cpu_time_s: int = 10  # CPU of every process the snippet runs, summed
-    memory_bytes: int = 1 << 30  # RLIMIT_AS of each process
+    # The whole session's memory where a memory cgroup exists (processes, tmpfs files, memfds, shared memory,
+    # kernel objects together); RLIMIT_AS of each process everywhere. IsolationInfo.limits says which hold here.
+    memory_bytes: int = 1 << 30
     max_processes: int = 16
     max_output_bytes: int = 1 << 20
-    max_file_bytes: int = 64 << 20  # RLIMIT_FSIZE, and the size of each private tmpfs
+    max_file_bytes: int = 64 << 20  # RLIMIT_FSIZE, and the size of each private tmpfs (/tmp, /dev/shm)
     max_open_files: int = 256
     # Wall-clock seconds after which TimeoutError("Code execution timed out") is raised inside the snippet (GenPRM's
     # signal.alarm): the session's namespace survives. None: the release's 5 s, or wall_time_s minus min(0.5 s, 10%)
     # when that is sooner, so the interruption comes before the kill at wall_time_s (the backstop, losing the state).
     interrupt_s: float | None = None
+    max_tmpfs_files: int = 4096  # inodes of each private tmpfs (empty files cost kernel memory too)
 
     def __post_init__(self) -> None:
         for name in ("wall_time_s", "cpu_time_s", "memory_bytes", "max_processes", "max_output_bytes",
-                     "max_file_bytes", "max_open_files"):
+                     "max_file_bytes", "max_open_files", "max_tmpfs_files"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"SandboxLimits.{name} must be a positive number, got {value!r}")
@@ -80,13 +86,15 @@ class SandboxLimits:
         if not isinstance(self.cpu_time_s, int):
             raise TypeError(f"SandboxLimits.cpu_time_s must be an int (whole seconds), got {self.cpu_time_s!r}")
 
-
     @property
     def interrupt_after_s(self) -> float:
         """When the snippet is interrupted in-process (see interrupt_s)."""
         if self.interrupt_s is not None:
             return float(self.interrupt_s)
         return min(RELEASED_ALARM_S, self.wall_time_s - min(0.5, 0.1 * self.wall_time_s))
+
+
+HARD_WALL_FACTOR = 4  # a snippet starved of CPU by others still ends after this many times wall_time_s
 
 
 @dataclass
@@ -125,3 +133,7 @@ class IsolationInfo:
     network_isolation: str  # "namespace" | "best-effort"
     notes: tuple[str, ...] = field(default_factory=tuple)  # why stronger modes were not chosen
     not_isolated: tuple[str, ...] = field(default_factory=tuple)
+    # How a session's resources are held on this host: "cgroup2" | "cgroup1" | "rlimits" (no usable cgroup), and
+    # one sentence per limit that is enforced (memory, CPU share, timeouts, tmpfs, shared memory).
+    resource_control: str = "rlimits"
+    limits: tuple[str, ...] = field(default_factory=tuple)

@@ -4,7 +4,8 @@
 request pipe (engine -> supervisor: snippets), the reply pipe (supervisor -> engine: one report per snippet)
 and, in the namespace modes, the lifeline (closing it makes the launcher kill the whole PID namespace).
 stdout and stderr are the code's output. Root mode reserves a private uid per live sandbox, across
-processes, by flock on a file per uid.
+processes, by flock on a file per uid. Where the host has a usable memory cgroup, each sandbox gets its own
+group(s) (cgroups.py), joined by its first process before anything else runs, removed at cleanup.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import tempfile
 import threading
 import time
 
-from prmkern.sandbox import bootstrap, fsview
+from prmkern.sandbox import bootstrap, cgroups, fsview
 from prmkern.sandbox.config import SandboxLimits
 
 DEFAULT_UID_BASE = 1_900_000_000  # above systemd's container uid range (up to 0x6FFF0000)
@@ -86,6 +87,7 @@ class SandboxProcess:
         # Namespace modes: an empty directory the new root's tmpfs is mounted on (inside the namespace only).
         self.hostdir = tempfile.mkdtemp(prefix="prmkern-sbx-")
         self.slot: _UidSlot | None = None
+        self.group: cgroups.SessionGroup | None = None  # the session's cgroup(s), where the host has them
         self.req_w = self.rep_r = self.life_w = None
         self.exit_code: int | None = None  # of the process we started
         self.reaped = False
@@ -96,6 +98,9 @@ class SandboxProcess:
                 self.slot = _acquire_uid(uid_base, uid_count)
                 if mode == "none":  # its working directory is this host directory
                     os.chown(self.hostdir, self.slot.uid, bootstrap.SANDBOX_GID)
+            support = cgroups.current_support()
+            if support.memory:
+                self.group = cgroups.SessionGroup(support, limits.memory_bytes, limits.max_processes)
             nproc = limits.max_processes + (0 if self.slot else _user_task_count())
             req_r, self.req_w = os.pipe()
             self.rep_r, rep_w = os.pipe()
@@ -108,7 +113,9 @@ class SandboxProcess:
             cfg = bootstrap.child_config(
                 limits, mode, uid=self.slot.uid if self.slot else -1, newroot=self.hostdir,
                 workdir=bootstrap.WORKDIR if ns else self.hostdir, fs=fsview.fs_plan(python) if ns else [],
-                nproc=nproc, req_fd=req_r, rep_fd=rep_w, life_fd=life_r)
+                nproc=nproc, req_fd=req_r, rep_fd=rep_w, life_fd=life_r,
+                cgroup_procs=self.group.procs_files if self.group else [],
+                cgroup_code_procs=self.group.code_procs_files if self.group else [])
             workdir = cfg["workdir"]
             self.proc = subprocess.Popen(
                 [python, "-I", "-u", "-c", bootstrap.program(), json.dumps(cfg)], stdin=subprocess.DEVNULL,
@@ -177,3 +184,6 @@ class SandboxProcess:
             self.slot.release()
             self.slot = None
         shutil.rmtree(self.hostdir, ignore_errors=True)
+        if getattr(self, "group", None) is not None:
+            group, self.group = self.group, None
+            group.remove()  # after the reap: every process of the session is gone

@@ -15,7 +15,9 @@ import threading
 from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from prmkern.sandbox import cgroups
 from prmkern.sandbox.config import (
+    HARD_WALL_FACTOR,
     ISOLATION_MODES,
     NOT_ISOLATED,
     ROOT_CODE_GAP,
@@ -32,6 +34,29 @@ _probe_cache: dict[tuple[str, str], IsolationInfo] = {}
 _probe_lock = threading.Lock()
 
 
+def _limits(mode: str, support: cgroups.Support) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """(resource_control, what is enforced, what is not) for sessions on this host."""
+    held = [*support.describe(),
+            "timeouts: wall clock less the time the snippet's processes waited for a CPU (a neighbour cannot "
+            f"make a snippet time out); real time capped at {HARD_WALL_FACTOR}x wall_time_s; CPU seconds summed "
+            "over the snippet's processes",
+            "tmpfs: /tmp and /dev/shm each max_file_bytes and max_tmpfs_files inodes" if mode != "none" else
+            "tmpfs: none of its own in mode none (files go to a host directory, RLIMIT_FSIZE per file)"]
+    gaps: list[str] = []
+    if support.memory:
+        kind = f"cgroup{support.version}"
+    else:
+        kind = "rlimits"
+        held.append("shared memory: memfd_create and shmget refused (seccomp), nothing would bound them")
+        gaps.append("session memory: no usable memory cgroup here (" + "; ".join(support.notes or ("none",))
+                    + "): each process is held to memory_bytes of address space (RLIMIT_AS), so a session may "
+                    "hold max_processes x memory_bytes while a snippet runs, plus its tmpfs files; pipes and "
+                    "socket buffers are bounded only by the kernel's per-user limits")
+        gaps.append("CPU share: no cpu cgroup: a session with many processes gets more CPU than one with few "
+                    "(timeouts still do not count the wait)")
+    return kind, tuple(held), tuple(gaps)
+
+
 def _info(mode: str, python: str, notes: tuple[str, ...] = ()) -> IsolationInfo:
     gaps = NOT_ISOLATED[mode]
     if mode == "none" and os.geteuid() == 0 and not others_can_run(python):
@@ -39,7 +64,9 @@ def _info(mode: str, python: str, notes: tuple[str, ...] = ()) -> IsolationInfo:
     if platform.machine() not in SECCOMP_MACHINES:
         gaps = (*gaps, f"syscalls: no seccomp filter on {platform.machine()} (sockets of every family, "
                        "AF_VSOCK included, io_uring, keyrings, bpf)")
-    return IsolationInfo(mode, "best-effort" if mode == "none" else "namespace", notes, gaps)
+    kind, held, missing = _limits(mode, cgroups.current_support())
+    return IsolationInfo(mode, "best-effort" if mode == "none" else "namespace", notes, (*gaps, *missing), kind,
+                         held)
 
 
 def probe_isolation(isolation: str = "auto", python: str | None = None) -> IsolationInfo:
@@ -63,6 +90,11 @@ def probe_isolation(isolation: str = "auto", python: str | None = None) -> Isola
                 continue
             res = _run_once("pass", SandboxLimits(wall_time_s=30), _info(mode, python), python, DEFAULT_UID_BASE,
                             DEFAULT_UID_COUNT)
+            if res.status != "ok" and cgroups.current_support().memory and "cgroup" in (res.error or ""):
+                # the groups exist but this sandbox cannot join them (e.g. a user namespace without delegation)
+                cgroups.disable(f"{mode}: {(res.error or '')[-200:]}")
+                res = _run_once("pass", SandboxLimits(wall_time_s=30), _info(mode, python), python,
+                                DEFAULT_UID_BASE, DEFAULT_UID_COUNT)
             if res.status == "ok":
                 chosen = mode
                 break

@@ -3,7 +3,9 @@ and the output cap, read the supervisor's reply defensively, and turn all of it 
 
 Every way a snippet can end maps to a status and an ``error`` sentence; nothing the code does makes this
 module raise. The reply comes from the sandbox's supervisor (child_supervisor.py), which the code cannot
-reach; it is parsed as untrusted anyway: a malformed reply fails that snippet ("sandbox_error") alone.
+reach; it is parsed as untrusted anyway: a malformed reply fails that snippet ("sandbox_error") alone. A limit
+status the code's worker reports is accepted only with the kernel's evidence (``_verified``); an OOM kill counted by
+the session's memory cgroup is "memory_limit".
 """
 from __future__ import annotations
 
@@ -15,13 +17,13 @@ import struct
 import time
 
 from prmkern.sandbox import bootstrap
-from prmkern.sandbox.config import SandboxLimits, SandboxResult
+from prmkern.sandbox.config import HARD_WALL_FACTOR, SandboxLimits, SandboxResult
 from prmkern.sandbox.process import SandboxProcess
 
 _REPLY_MAX = 1 << 16
 _REPLY_GRACE_S = 0.5  # past the output cap: how long a reply may still arrive (see _pump)
 _REPLY_FIELDS = {"event": str, "exit_code": (int, type(None)), "cpu": (int, float), "state_lost": bool}
-_EVENTS = ("done", "exited", "cpu_limit", "protocol_error")
+_EVENTS = ("done", "exited", "cpu_limit", "timeout", "protocol_error")
 _DONE_STATUSES = ("ok", "error", "timeout", "memory_limit", "process_limit")
 
 
@@ -148,13 +150,26 @@ def _parse_reply(raw: bytes) -> dict | None:
     for name, types in _REPLY_FIELDS.items():
         if name not in msg or not isinstance(msg[name], types) or isinstance(msg[name], bool) != (types is bool):
             return None
-    if msg["event"] == "done" and (msg.get("status") not in _DONE_STATUSES or not isinstance(
-            msg.get("killed_processes"), int)):
+    if msg["event"] == "done" and (msg.get("status") not in _DONE_STATUSES or any(
+            type(msg.get(k)) is not int for k in ("killed_processes", "vm_peak", "peak_tasks"))):
         return None
     exc = msg.get("exc")
     if exc is not None and not (isinstance(exc, list) and len(exc) == 3 and all(isinstance(x, str) for x in exc)):
         return None
     return msg
+
+
+def _verified(msg: dict, limits: SandboxLimits, memory_events: int) -> str | None:
+    """None if the limit a "done" report claims is backed by what the kernel saw, else why not. The report is
+    written in the worker, where the code runs, so the code can forge it (the token it carries is readable from
+    the worker's frames); the supervisor's figures and the memory cgroup's counters it cannot."""
+    if msg["status"] == "memory_limit" and not (memory_events > 0 or 2 * msg["vm_peak"] >= limits.memory_bytes):
+        return (f"the code reported memory_limit, but the session's memory did not reach its limit (peak address "
+                f"space {msg['vm_peak']} of {limits.memory_bytes} bytes, no memory cgroup event)")
+    if msg["status"] == "process_limit" and 2 * msg["peak_tasks"] < limits.max_processes:
+        return (f"the code reported process_limit, but at most {msg['peak_tasks']} of {limits.max_processes} "
+                "processes/threads were seen")
+    return None
 
 
 def _signal_name(sig: int) -> str:
@@ -197,7 +212,10 @@ def _error_line(stderr: str, rc: int | None) -> str:
 def execute(proc: SandboxProcess, code: str, limits: SandboxLimits, res: SandboxResult) -> SandboxResult:
     """Runs `code` in `proc`; fills and returns `res` (its isolation fields already set)."""
     t0 = time.monotonic()
-    deadline = t0 + limits.wall_time_s
+    # The supervisor times the snippet out on wall clock less CPU waiting; this real-time backstop only catches a
+    # supervisor that cannot answer (stopped or starved beyond reason).
+    deadline = t0 + limits.wall_time_s * HARD_WALL_FACTOR
+    events0 = proc.group.memory_events() if proc.group is not None else 0
     out, reply = _Output(limits.max_output_bytes), bytearray()
     if _send(proc, code.encode("utf-8", "surrogatepass"), deadline):
         outcome = _pump(proc, deadline, out, reply)
@@ -211,9 +229,13 @@ def execute(proc: SandboxProcess, code: str, limits: SandboxLimits, res: Sandbox
         over = _parse_reply(bytes(reply))
         outcome = "reply" if over is not None and over["event"] == "protocol_error" else "output_limit"
     msg = _parse_reply(bytes(reply)) if outcome == "reply" else None
+    memory_events = (proc.group.memory_events() - events0) if proc.group is not None else 0
     res.state_lost = True
     if outcome == "timeout":
-        res.status, res.error, res.exit_code = "timeout", f"wall clock over {limits.wall_time_s}s", -signal.SIGKILL
+        res.status, res.exit_code = "timeout", -signal.SIGKILL
+        res.error = (f"real time over {limits.wall_time_s * HARD_WALL_FACTOR:g}s ({HARD_WALL_FACTOR}x wall_time_s): "
+                     "the snippet's supervisor did not end it sooner (its processes waited for a CPU most of the "
+                     "time, or the supervisor was stopped)")
     elif outcome == "output_limit":
         res.status, res.error = "output_limit", f"output over {limits.max_output_bytes} bytes"
     elif outcome == "bad_reply" or (outcome == "reply" and msg is None):
@@ -233,7 +255,11 @@ def execute(proc: SandboxProcess, code: str, limits: SandboxLimits, res: Sandbox
     else:
         res.cpu_time_s, res.exit_code, res.state_lost = float(msg["cpu"]), msg["exit_code"], msg["state_lost"]
         event = msg["event"]
-        if event == "done":
+        unverified = _verified(msg, limits, memory_events) if event == "done" else None
+        if unverified is not None:
+            res.status, res.killed_processes = "error", msg["killed_processes"]
+            res.error = f"{_error_line(stderr, 1)}; {unverified}"
+        elif event == "done":
             res.status, res.killed_processes = msg["status"], msg["killed_processes"]
             res.exception = tuple(msg["exc"]) if msg.get("exc") else None
             if res.status == "error" and res.exception is not None and res.exception[0] != "base":
@@ -252,6 +278,13 @@ def execute(proc: SandboxProcess, code: str, limits: SandboxLimits, res: Sandbox
                     "replaced and the session's state is lost")
         elif event == "cpu_limit":
             res.status, res.error = "cpu_limit", f"CPU time over {limits.cpu_time_s}s"
+        elif event == "timeout":
+            res.status, res.exit_code = "timeout", -signal.SIGKILL
+            res.error = str(msg.get("error") or f"wall clock over {limits.wall_time_s}s")
+        elif memory_events > 0 and res.exit_code == -signal.SIGKILL:
+            res.status = "memory_limit"
+            res.error = (f"session memory over {limits.memory_bytes} bytes (its memory cgroup: processes, tmpfs "
+                         "files, memfds and shared memory together); the kernel killed the code's process")
         elif event == "protocol_error":
             res.status, res.error = "protocol_error", str(msg.get("error") or "reply channel broken")
         else:
