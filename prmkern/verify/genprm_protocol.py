@@ -35,6 +35,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from prmkern.textcheck import defuse_control_text
 from prmkern.verify import released_prompts as R
 from prmkern.verify.parsing import parse_output
 from prmkern.verify.released_scoring import GENPRM_TOP_LOGPROBS, genprm_released_probability, vllm_v0_processed
@@ -164,7 +165,7 @@ def run_paragraphs(v: Any, jobs: list, results: list) -> None:
                             j.pending = None
                     if not ready:
                         break
-                    _run_code(runner, ready, fmt, results, p)
+                    _run_code(runner, ready, fmt, results, p, v.control_words)
                 active = [(i, k, j) for i, _, _ in live for k, j in enumerate(judged[i])
                           if not j.done and j.pending is None]
                 if not active:
@@ -213,7 +214,7 @@ def run_paragraphs(v: Any, jobs: list, results: list) -> None:
                     else:
                         to_run.append((key_of(i, k), (i, k), code, j))
                 if to_run:
-                    _run_code(runner, to_run, fmt, results, p)
+                    _run_code(runner, to_run, fmt, results, p, v.control_words)
             # Scores and the conversation's next assistant turn.
             for i, _, steps in live:
                 src = next((j for j in judged[i] if j.error is None), None)
@@ -284,8 +285,10 @@ def _append_output(j: _Judgement, output: str, fmt: Any) -> None:
         j.masks.append((start, start + len(output)))
 
 
-def _run_code(runner: Any, to_run: list, fmt: Any, results: list, p: int) -> None:
-    """Runs the code of every judgement of the round; any exception fails that judgement alone.
+def _run_code(runner: Any, to_run: list, fmt: Any, results: list, p: int,
+              control_words: tuple[str, ...] = ()) -> None:
+    """Runs the code of every judgement of the round; any exception fails that judgement alone. What the code
+    printed cannot become control tokens in the next round's prompt or later paragraphs' history (textcheck).
     to_run: (session key, (record, judgement), code, judgement)."""
     try:
         res = list(runner([(key, code) for key, _, code, _ in to_run]))
@@ -305,7 +308,7 @@ def _run_code(runner: Any, to_run: list, fmt: Any, results: list, p: int) -> Non
             entry.update(status="exception", output=f"{type(r).__name__}: {r}")
         else:
             try:
-                out = code_output_text(r)
+                out = defuse_control_text(code_output_text(r), control_words)
             except Exception as e:  # noqa: BLE001: a malformed result fails this judgement only
                 j.error, j.done = f"paragraph {p + 1}: unreadable sandbox result: {e}", True
                 entry.update(status="exception", output=str(e))

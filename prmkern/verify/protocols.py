@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 from prmkern.sampling_params import SamplingParams
 from prmkern.sandbox import SandboxLimits
+from prmkern.textcheck import control_strings, defuse_control_text
 from prmkern.verify.formats import VerifierFormat, format_defaults, get_format
 from prmkern.verify.parsing import parse_output
 from prmkern.verify.released_scoring import (SGLANG_FAILED_SCORE, check_scoring, default_scoring,
@@ -182,6 +183,7 @@ class Verifier:
         if self.tok is None:
             raise ValueError("verification needs a tokenizer; the checkpoint has none")
         self.config = config or VerifyConfig()
+        self.control_words = control_strings(self.tok)  # texts the tokenizer would turn into control tokens
         self.fmt: VerifierFormat = self.config.format  # type: ignore[assignment]
         self.verdict_ids: tuple[int, int] | None = None
         self.final_ids: tuple[int, int] | None = None
@@ -250,6 +252,9 @@ class Verifier:
             rid = rec.get("id", i) if isinstance(rec, dict) else i
             try:
                 problem, steps = _validate_record(rec)
+                # The record's text cannot become control tokens (<|im_end|>...): the same rule for every format.
+                problem = defuse_control_text(problem, self.control_words)
+                steps = [defuse_control_text(s, self.control_words) for s in steps]
                 jobs.append((i, problem, steps))
                 results.append(VerificationResult(rid, len(steps), None, [], scoring=self.config.scoring))
             except ValueError as e:
