@@ -41,6 +41,17 @@ def test_a_lone_surrogate_is_a_bad_record_at_reading(tmp_path):
     assert "steps[1].k" in items[2].error and "a key" in items[3].error
 
 
+def test_a_line_that_is_not_utf8_fails_alone_and_u2028_does_not_split_a_record(tmp_path):
+    # Before: one invalid byte made reading the whole file raise UnicodeDecodeError (0 rows), and a raw U+2028 in
+    # a JSON string split its record in two and shifted every later line number.
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"a": 0}\n{"a": "caf\xe9"}\n' + '{"a": "x\u2028y"}\n'.encode() + b'{"a": 3}\r\n')
+    items = read_items(str(path))
+    assert [(it.line, it.error is None) for it in items] == [(1, True), (2, False), (3, True), (4, True)]
+    assert "not UTF-8" in items[1].error and "column 11" in items[1].error
+    assert items[2].record == {"a": "x\u2028y"} and items[3].record == {"a": 3}
+
+
 def test_generate_lone_surrogate_fails_alone_not_its_batch(qwen2_dir, tmp_path):
     # Before: the tokenizer raised TypeError on the record and all 8 records of its batch failed.
     lines = [{"prompt": f"the step {i} is correct", "max_tokens": 2, "temperature": 0, "ignore_eos": True}

@@ -85,7 +85,8 @@ def test_tmpfs_inodes_are_bounded(support):
 
 
 GOOD = "import time\nt = time.process_time()\nx = 0\nwhile time.process_time() - t < 0.5:\n    x += 1\nprint('done')"
-BURNER = "import os\nfor i in range(14):\n    if os.fork() == 0:\n        while True:\n            pass\nwhile True:\n    pass"
+BURNER = ("import os\nfor i in range(14):\n    if os.fork() == 0:\n        while True:\n            pass\n"
+          "while True:\n    pass")
 
 
 def test_cpu_burners_do_not_time_out_other_sessions(support):

@@ -2,10 +2,11 @@
 
 The input is a JSONL file (or a JSON array, as ProcessBench ships). Every line becomes an `Item`: its 0-based
 `index` among the non-blank lines, its 1-based `line` number, and the parsed record or the reason it cannot be one
-(malformed JSON, nested deeper than the parser's recursion allows, not an object, a NaN/Infinity constant, a
-string holding a lone UTF-16 surrogate that no tokenizer can encode). A command checks the fields it needs; a bad
-record fails alone: its output row carries `"error"` and its line number, and the summary counts it by reason. A
-batch whose processing raises is retried one record at a time, so the record that broke it fails alone.
+(malformed JSON, bytes that are not UTF-8, nested deeper than the parser's recursion allows, not an object, a
+NaN/Infinity constant, a string holding a lone UTF-16 surrogate that no tokenizer can encode). A command checks the
+fields it needs; a bad record fails alone: its output row carries `"error"` and its line number, and the summary
+counts it by reason. A batch whose processing raises is retried one record at a time, so the record that broke it
+fails alone.
 
 `JobRunner.run(items, process)` is the seam: `process(batch, emit)` gets a list of Items and calls
 `emit(index, row)` once per item as soon as its result exists; the runner writes that row, flushed, so a crash or
@@ -18,6 +19,7 @@ command's schema.
 """
 from __future__ import annotations
 
+import codecs
 import fcntl
 import json
 import math
@@ -78,16 +80,16 @@ def _parse_line(text: str) -> tuple[Any, str | None]:
 
 
 def read_items(path: str) -> list[Item]:
-    """Items of a JSONL file ('-': stdin) or of a JSON array file. Blank lines are skipped, never fatal."""
-    if path == "-":
-        text = sys.stdin.read()
-    else:
-        with open(path) as f:
-            text = f.read()
-    if text.lstrip().startswith("["):
+    """Items of a JSONL file ('-': stdin) or of a JSON array file. Blank lines are skipped, never fatal. Lines are
+    split on "\\n" in the bytes (a U+2028 inside a JSON string does not end a record) and decoded one by one, so
+    a line that is not UTF-8 fails alone."""
+    data = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    if data.lstrip().startswith(b"["):
         try:
-            array = json.loads(text, parse_constant=_reject_constant)
-        except (ValueError, RecursionError) as e:
+            array = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
             why = _TOO_DEEP if isinstance(e, RecursionError) else e
             raise SystemExit(f"{path}: starts with '[' but is not a valid JSON array ({why}); give a JSON array or "
                              f"JSONL (one object per line)")
@@ -97,10 +99,18 @@ def read_items(path: str) -> list[Item]:
             items.append(Item(i, i + 1, rec, bad))
         return items
     items = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            rec, bad = _parse_line(line)
-            items.append(Item(len(items), lineno, rec, bad))
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        raw = raw[:-1] if raw.endswith(b"\r") else raw
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            items.append(Item(len(items), lineno, None, f"malformed JSON: not UTF-8 text (byte "
+                                                         f"{raw[e.start:e.start + 1]!r} at column {e.start + 1})"))
+            continue
+        rec, bad = _parse_line(line)
+        items.append(Item(len(items), lineno, rec, bad))
     return items
 
 

@@ -182,7 +182,8 @@ def disable(why: str) -> Support:
 
 class SessionGroup:
     """The group(s) of one sandbox: made with the limits set, joined by the sandbox's first process (it writes its
-    pid to each of ``procs_files``; the worker to ``code_procs_files``), read for memory events, removed after the sandbox's processes are gone."""
+    pid to each of ``procs_files``; the worker to ``code_procs_files``), read for memory events, removed after
+    the sandbox's processes are gone."""
 
     def __init__(self, support: Support, memory_bytes: int, max_processes: int) -> None:
         self.support = support
