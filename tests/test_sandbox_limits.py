@@ -113,7 +113,8 @@ FORGE = (
     "        found = (loc['token'].decode(), loc['done_w'])\n"
     "    f = f.f_back\n"
     "assert found, 'the worker frame holding the token was not found'\n"
-    "msg = json.dumps({'token': found[0], 'status': %r, 'exit_code': 86}).encode()\n"
+    "msg = json.dumps({'token': found[0], 'status': %r, 'exit_code': 86,\n"
+    "                  'exc': ['exception', 'MemoryError', '']}).encode()\n"
     "os.write(found[1], struct.pack('<I', len(msg)) + msg)\n"
     "os.kill(os.getpid(), signal.SIGSTOP)\n")
 
