@@ -16,8 +16,12 @@ from typing import Any, Sequence as Seq
 
 import torch
 
+from tqdm import tqdm
+
 from prmkern.config import EngineConfig
-from prmkern.engine.engine import FatalEngineError, LLMEngine
+from prmkern.distributed import TensorParallelEngine
+from prmkern.engine import driver
+from prmkern.engine.engine import LLMEngine
 from prmkern.models.loader import read_config, resolve_dtype
 from prmkern.outputs import RequestOutput
 from prmkern.sampling_params import SamplingParams
@@ -29,6 +33,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
                    "sentencepiece.bpe.model", "tokenizer.tiktoken", "qwen.tiktoken")
 
 Prompt = str | Seq[int] | dict[str, Any]
+_D = EngineConfig  # the engine's defaults, written once there (its class attributes are the field defaults)
 
 
 def load_tokenizer(path: str, explicit: bool, slow: bool = False) -> tuple[Any, str | None]:
@@ -60,12 +65,14 @@ def _is_single_prompt(prompts: Any) -> bool:
 
 class LLM:
     def __init__(self, model: str, tokenizer: str | None = None, dtype: str | torch.dtype = "auto",
-                 device: str | torch.device | None = None, block_size: int = 16,
-                 num_kvcache_blocks: int | None = None, kv_cache_memory: int | None = None, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, attention_backend: str | None = None, seed: int | None = 0,
-                 enforce_eager: bool = False, packed_gemm_bytes: int = 1 << 30,
-                 gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1,
+                 device: str | torch.device | None = None, block_size: int = _D.block_size,
+                 num_kvcache_blocks: int | None = _D.num_kvcache_blocks, kv_cache_memory: int | None = _D.kv_cache_memory,
+                 max_num_seqs: int = _D.max_num_seqs, max_num_batched_tokens: int = _D.max_num_batched_tokens,
+                 max_model_len: int | None = _D.max_model_len, enable_prefix_caching: bool = _D.enable_prefix_caching,
+                 attention_backend: str | None = _D.attention_backend, seed: int | None = _D.seed,
+                 enforce_eager: bool = _D.enforce_eager, max_graph_batch: int = _D.max_graph_batch,
+                 packed_gemm_bytes: int = _D.packed_gemm_bytes,
+                 gpu_memory_utilization: float | None = _D.gpu_memory_utilization, tensor_parallel_size: int = 1,
                  **vllm_kwargs: Any):
         """prmkern's arguments, plus vLLM's: gpu_memory_utilization (CUDA: the fraction of the device's total memory
         this process may fill, the KV pool taking what the weights leave; CPU: ignored with a warning, the pool
@@ -93,8 +100,8 @@ class LLM:
             num_kvcache_blocks=num_kvcache_blocks, kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, attention_backend=attention_backend,
-            seed=0 if seed is None else seed, enforce_eager=enforce_eager, packed_gemm_bytes=packed_gemm_bytes,
-            gpu_memory_utilization=gpu_memory_utilization)
+            seed=_D.seed if seed is None else seed, enforce_eager=enforce_eager, max_graph_batch=max_graph_batch,
+            packed_gemm_bytes=packed_gemm_bytes, gpu_memory_utilization=gpu_memory_utilization)
         if used.get("skip_tokenizer_init"):
             self.tokenizer, missing = None, "skip_tokenizer_init=True"
         else:
@@ -103,7 +110,6 @@ class LLM:
             if missing is not None:
                 warnings.warn(f"prmkern: {missing}; only token-id prompts will work", stacklevel=2)
         if tensor_parallel_size != 1:  # the model split over spawned ranks (prmkern/distributed/ checks the value)
-            from prmkern.distributed import TensorParallelEngine
             self.engine = TensorParallelEngine(self.config, self.tokenizer, tensor_parallel_size)
             self.engine.tokenizer_missing = missing or self.engine.tokenizer_missing
         else:
@@ -154,44 +160,27 @@ class LLM:
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; pass one for all "
                                  f"or one per prompt")
-        requests = []
-        try:
-            for p, sp in zip(prompts, params):
-                requests.append(self.engine.add_request(p, sp))
-            self._run(requests, sys.stderr.isatty() if use_tqdm is None else bool(use_tqdm))
-        except BaseException:  # KeyboardInterrupt included: none of this call's requests outlives it
-            for r in requests:
-                self.engine.abort_request(r)
-            raise
-        return [self.engine.output(r) for r in requests]
+        return self._generate(prompts, params, sys.stderr.isatty() if use_tqdm is None else bool(use_tqdm))
 
-    def _run(self, requests: list, use_tqdm: bool) -> None:
-        bar = None
-        if use_tqdm:
-            from tqdm import tqdm
-            bar = tqdm(total=len(requests), desc="generate", unit="req", dynamic_ncols=True)
-            bar.update(sum(r.finished for r in requests))
-        done = {r.request_id for r in requests if r.finished}
+    def _generate(self, prompts: list, params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        """The step loop (prmkern/engine/driver.py), with a progress bar of finished requests as its callback."""
+        if not use_tqdm:
+            return driver.generate(self.engine, prompts, params)
+        bar = tqdm(total=len(prompts), desc="generate", unit="req", dynamic_ncols=True)
+        done: set = set()
+
+        def on_step(finished: list) -> None:
+            for seq in finished:
+                req = seq.request
+                if req.finished and req.request_id not in done:
+                    done.add(req.request_id)
+                    bar.update(1)
         try:
-            while self.engine.has_unfinished():
-                try:
-                    finished = self.engine.step()
-                except FatalEngineError:  # no later call can run either: the caller must see it
-                    raise
-                except Exception as e:  # outside what a step attributes: this call's requests fail, the LLM lives
-                    self.engine._fail_requests(set(requests), f"the engine step failed: {type(e).__name__}: {e}")
-                    for r in requests:
-                        self.engine.abort_request(r)
-                    break
-                for seq in finished:
-                    req = seq.request
-                    if req.finished and req.request_id not in done:
-                        done.add(req.request_id)
-                        if bar is not None:
-                            bar.update(1)
+            outputs = driver.generate(self.engine, prompts, params, on_step)
+            bar.update(len(prompts) - bar.n)  # the prompts that failed before any step (too long, empty, ...)
+            return outputs
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
 
     def chat(self, messages: Seq[dict[str, Any]] | Seq[Seq[dict[str, Any]]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool | None = None,

@@ -170,13 +170,9 @@ def _main(*args: str) -> tuple[int, str, str]:
 
 
 def test_configuration_errors_name_the_flag_before_the_model_loads(tmp_path, monkeypatch):
-    import prmkern.cli.entry
-    import prmkern.cli.commands  # noqa: F401 - first imported under the patch, it would bind no_model for good
-
     def no_model(*a, **k):
         raise AssertionError("the model loaded before the configuration was checked")
-    monkeypatch.setattr(prmkern.cli.entry, "make_llm", no_model)
-    monkeypatch.setattr("prmkern.cli.commands.make_llm", no_model)
+    monkeypatch.setattr("prmkern.cli.options.make_llm", no_model)  # the one factory every command calls
     src = write_lines(tmp_path / "in.jsonl", [SOLUTION])
     code, _, err = _main("verify", src, "--budget-tokens", "2048", "--max-tokens", "1024", "--device", "cpu")
     assert code == 2 and "--max-tokens 1024" in err and "--budget-tokens 2048" in err, err

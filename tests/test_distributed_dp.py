@@ -1,6 +1,7 @@
-"""Data-parallel jobs under torchrun on the CPU (gloo): 2 ranks write the same bytes as one process (greedy), also
-with a tensor-parallel engine in each rank; a rank that raises has its records reported and the others kept, a
-killed rank loses only its chunk in flight, and the job resumes with a different number of ranks."""
+"""Data-parallel jobs under torchrun on the CPU (gloo), the job runner's data-parallel mode (prmkern/cli/shards.py):
+2 ranks write the same bytes as one process, greedy and sampled, for generate, verify, eval processbench and bon,
+also with a tensor-parallel engine in each rank; a rank that raises has its records reported and the others kept,
+a killed rank loses only its batch in flight, and the job resumes with a different number of ranks."""
 from __future__ import annotations
 
 import json
@@ -119,58 +120,56 @@ def test_dp_refuses_stdout(monkeypatch, tmp_path, qwen2_dir):
         cli.main(["generate", inp, "--model", qwen2_dir, "--device", "cpu"])
 
 
-def test_rows_with_positions_are_renumbered_and_reordered(tmp_path):
-    """A command that writes rows as they finish (any order) with their chunk-file `index`/`line`: the part lines
-    carry the whole input's positions, in record order; rows without positions are kept as they are."""
-    from prmkern.distributed.data_parallel import _to_global, read_records
+def test_sampled_rows_of_every_job_command_equal_one_process(tmp_path, qwen2_dir):
+    """Sampling (temperature 1) with seeds: each rank runs the single-process batches with their global indices,
+    so verify's per-batch seeds, generate's request seeds and bon's are the same, and so are the bytes."""
+    records = [{"problem": f"What is {i} + {i + 1}?", "steps": [f"We add {i} and {i + 1}.", f"It is {2 * i + 1}."],
+                "label": -1 if i % 2 else 1, "answer": str(2 * i + 1)} for i in range(5)]
+    inp = _write(tmp_path / "in.jsonl", records)
+    prompts = _write(tmp_path / "prompts.jsonl", [{"prompt_token_ids": [3 + i, 9, 4], "max_tokens": 4 + i % 3}
+                                                  for i in range(5)])
+    engine = ["--model", qwen2_dir, "--device", "cpu", "--no-progress", "--batch-size", "2", "--threads", "1"]
+    verifier = ["--temperature", "1.0", "--chains", "2", "--max-tokens", "6"]
+    commands = {"generate": ["generate", prompts, "--temperature", "1.0", "--sampling-seed", "7", *engine],
+                "verify": ["verify", inp, *verifier, *engine],
+                "eval": ["eval", "processbench", inp, *verifier, *engine],
+                # bon's default N (8): torchrun's own parser refuses `--n` as an ambiguous abbreviation of its options
+                "bon": ["bon", inp, "--gen-max-tokens", "4", *verifier, *engine]}
+    for name, argv in commands.items():
+        single, multi = str(tmp_path / f"{name}-1.jsonl"), str(tmp_path / f"{name}-dp.jsonl")
+        assert _single(argv + ["-o", single]) == 0, name
+        run = torchrun(2, argv + ["-o", multi])
+        assert run.returncode == 0, (name, run.stderr[-3000:])
+        assert open(multi, "rb").read() == open(single, "rb").read(), name
+        assert len(open(single).read().splitlines()) == 5 and not os.path.exists(multi + ".parts"), name
+
+
+def test_sharded_runner_in_one_process_writes_the_single_process_bytes(tmp_path, monkeypatch):
+    """The data-parallel JobRunner at world size 1 (a gloo group in this process), without an engine: the merged
+    file is byte for byte the file of the plain JobRunner over the same items and batches, rejected records first;
+    the parts are gone and the summary counts every record."""
+    from prmkern.cli.jobs import JobRunner, read_items
+    from prmkern.cli.shards import Shard
     inp = tmp_path / "in.jsonl"
-    inp.write_text('{"a": 1}\n\n{"a": 2}\nnot json\n{"a": 3, "id": "z"}\n')
-    records = read_records(str(inp))
-    assert [r.line for r in records] == [1, 3, 4, 5] and records[2].text == "not json"
-    chunk = [1, 2, 3]  # the chunk file holds records 1, 2, 3 on its lines 1, 2, 3 (indices 0, 1, 2)
-    written = [json.dumps({"index": 1, "line": 2, "id": 1, "error": "malformed"}),
-               json.dumps({"index": 0, "line": 1}),
-               json.dumps({"index": 2, "line": 3, "id": "z"})]
-    assert [json.loads(x) for x in _to_global(written, chunk, records)] == [
-        {"index": 1, "line": 3}, {"index": 2, "line": 4, "id": 2, "error": "malformed"},
-        {"index": 3, "line": 5, "id": "z"}]
-    plain = [json.dumps({"id": 1}), json.dumps({"id": 2})]
-    assert _to_global(plain, [1, 2], records) == plain
+    inp.write_text('{"a": 1}\r\n\n{"a": "x\u2028y"}\x0c{"b": 2}\r{"c": NaN}\n  \nnot json\n{"a": 5}\n', newline="")
 
+    def process(batch, emit):
+        for it in reversed(batch):  # rows emitted out of order inside a batch
+            emit(it.index, it.row(value=sorted(it.record), batch=[x.index for x in batch]))
 
-def test_records_are_the_job_runners_items(tmp_path):
-    """Record i of a rank is item i of the single-process JobRunner, whatever line breaks the input holds."""
-    from prmkern.distributed.data_parallel import read_records
-    from prmkern.cli.jobs import read_items
-    inp = tmp_path / "in.jsonl"
-    inp.write_text('{"a": 1}\r\n\n{"a": "x\u2028y"}\x0c{"b": 2}\r{"c": NaN}\n  \nnot json\n', newline="")
-    records, items = read_records(str(inp)), read_items(str(inp))
-    assert [(r.line, r.text) for r in records] == [(it.line, open(inp, newline="").read().splitlines()[it.line - 1])
-                                                   for it in items]
-    assert len(records) == 6
-
-
-def test_one_engine_per_rank_for_generate_and_verify(monkeypatch):
-    """A rank's chunks share one LLM, also through cli_commands (verify), which binds make_llm by name."""
-    import argparse
-
-    from prmkern.cli import commands as cli_commands
-    from prmkern.distributed.data_parallel import _reuse_engine
-    made, closed = [], []
-
-    class Fake:
-        def close(self):
-            closed.append(self)
-
-    def factory(args, default="random"):
-        made.append(Fake())
-        return made[-1]
-    monkeypatch.setattr(cli, "make_llm", factory)
-    monkeypatch.setattr(cli_commands, "make_llm", factory)
-    undo = _reuse_engine(cli, cli_commands)
-    a = cli_commands.make_llm(argparse.Namespace(model="m", input="chunk0.jsonl"), default="verifier")
-    b = cli_commands.make_llm(argparse.Namespace(model="m", input="chunk1.jsonl"), default="verifier")
-    c = cli.make_llm(argparse.Namespace(model="other", input="chunk0.jsonl"))
-    assert a is b and c is not a and len(made) == 2
-    undo()
-    assert closed == made and cli_commands.make_llm is factory and cli.make_llm is factory
+    def run(output: str, shard) -> JobRunner:
+        runner = JobRunner(output, shard=shard)
+        runner.run(read_items(str(inp)), process, batch_size=2, align=True)
+        return runner
+    plain = run(str(tmp_path / "plain.jsonl"), None)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_port()))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    sharded = run(str(tmp_path / "dp.jsonl"), Shard(0, 1))
+    assert (tmp_path / "dp.jsonl").read_bytes() == (tmp_path / "plain.jsonl").read_bytes()
+    assert [r["index"] for r in sharded.rows] == [r["index"] for r in plain.rows]
+    assert not (tmp_path / "dp.jsonl.parts").exists()
+    summary = sharded.summary(len(sharded.rows), {"generated_tokens": 1})
+    assert summary["failed"] == plain.summary(len(plain.rows), None)["failed"] >= 2
+    assert summary["data_parallel_ranks"] == 1 and "engine" not in summary

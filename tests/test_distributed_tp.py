@@ -192,16 +192,16 @@ def test_killed_rank_stops_a_cli_job(tmp_path, qwen2_dir, monkeypatch):
     engine cannot run again); the output keeps only real rows, so `--resume` redoes the rest."""
     import json
 
-    from prmkern.cli import commands as cli_commands, entry as cli  # noqa: F401 - imported before the patch: it binds make_llm by name
+    from prmkern.cli import entry as cli, options
     made = []
-    real = cli.make_llm
+    real = options.make_llm
 
     def make(args, *a, **kw):
         llm = real(args, *a, **kw)
         made.append(llm)
         os.kill(llm.engine.executor.pids[1], signal.SIGKILL)
         return llm
-    monkeypatch.setattr(cli, "make_llm", make)
+    monkeypatch.setattr(options, "make_llm", make)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps({"prompt_token_ids": [3, 4 + i]}) + "\n" for i in range(3)))
     try:

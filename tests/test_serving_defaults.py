@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from prmkern.cli.entry import build_parser, shipped_verifier_dir
+from prmkern.cli.entry import build_parser
+from prmkern.cli.options import shipped_verifier_dir
 from prmkern.cli.verify import build_config, default_format, given_options
 from prmkern.verify.protocols import VerifyConfig
 

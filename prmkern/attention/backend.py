@@ -104,13 +104,25 @@ def register_backend(cls: type[AttentionBackend]) -> type[AttentionBackend]:
     return cls
 
 
-def get_backend(name: str) -> AttentionBackend:
-    # Import the implementations here so that registering does not depend on import order elsewhere.
+def _import_backends() -> None:
+    """Imports the implementations, which register themselves, so that the registry does not depend on what else
+    was imported (triton's is skipped where triton is not installed)."""
     from prmkern.attention import cpp_backend, torch_backend  # noqa: F401
     try:
         from prmkern.attention import triton_backend  # noqa: F401
     except ImportError:
         pass
+
+
+def backend_names() -> list[str]:
+    """The names of the registered backends (what `EngineConfig.attention_backend` and `--attention-backend`
+    accept)."""
+    _import_backends()
+    return sorted(BACKENDS)
+
+
+def get_backend(name: str) -> AttentionBackend:
+    _import_backends()
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; available: {sorted(BACKENDS)}")
     return BACKENDS[name]()

@@ -10,9 +10,10 @@ fails alone.
 
 `JobRunner.run(items, process)` is the seam: `process(batch, emit)` gets a list of Items and calls
 `emit(index, row)` once per item as soon as its result exists; the runner writes that row, flushed, so a crash or
-Ctrl-C loses at most the batch in flight. Data-parallel sharding is `items[rank::world]` with one output per rank.
-`--resume` reads an existing output, skips the indices it already holds (a truncated last line is dropped) and
-appends. The output file is locked (flock, exclusive) for the whole run, so a second run on the same output stops
+Ctrl-C loses at most the batch in flight. `--resume` reads an existing output, skips the indices it already holds
+(a truncated last line is dropped) and appends. Under torchrun the runner is data-parallel (shards.py): each rank
+runs its share of the same batches, with their global indices, and rank 0 merges the rows into the file one
+process writes; the command around it does not change. The output file is locked (flock, exclusive) for the whole run, so a second run on the same output stops
 at once instead of interleaving duplicate rows; an output or summary path that is an input file (same file after
 realpath) is refused before anything is written (`check_output_paths`). It does not load models or know any
 command's schema.
@@ -27,9 +28,11 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import IO, Any, Callable
 
+from prmkern.cli import shards
+from prmkern.engine.engine import FatalEngineError
 from prmkern.textcheck import find_lone_surrogate
 
 __all__ = ["Item", "read_items", "JobRunner", "failure_reason", "write_summary", "check_output_paths"]
@@ -193,15 +196,23 @@ class JobRunner:
     skipped: int = 0  # finished in an earlier run (--resume)
     interrupted: bool = False
     seconds: float = 0.0
+    shard: shards.Shard | None = field(default_factory=shards.Shard.from_env)  # data-parallel: this rank
+
+    @property
+    def writes_summary(self) -> bool:
+        """Whether this process reports on the whole job (not a data-parallel rank other than 0)."""
+        return self.shard is None or self.shard.rank == 0
 
     def run(self, items: list[Item], process: Callable[[list[Item], Callable[[int, dict], None]], None],
             batch_size: int = 1, progress: Any = None, align: bool = False) -> list[dict[str, Any]]:
         """Runs `process` over the pending items in batches; `progress(n)` is called per finished item.
         align: batches are the items with equal index // batch_size (fewer where some are finished or bad), so a
         record's batch, and whatever depends on it, is the same in a resumed run as in an uninterrupted one."""
+        check_output_paths(self.inputs, {"-o": self.output})
+        if self.shard is not None:
+            return self._run_sharded(items, process, max(1, batch_size), progress, align)
         if self.resume and self.output == "-":
             raise SystemExit("--resume needs -o FILE (the output of the run to continue), not stdout")
-        check_output_paths(self.inputs, {"-o": self.output})
         # Locked before the earlier rows are read: a second run on this output stops here, having read nothing.
         out: IO[str] = sys.stdout if self.output == "-" else _open_locked(self.output, self.resume)
         try:
@@ -220,7 +231,7 @@ class JobRunner:
             if index in written:
                 raise AssertionError(f"record {index} emitted twice")
             written.add(index)
-            out.write(json.dumps(json_safe(row), allow_nan=False, default=_json_default) + "\n")
+            out.write(_line(row) + "\n")
             out.flush()
             self.rows.append(row)
             if progress is not None:
@@ -231,31 +242,8 @@ class JobRunner:
             bad = [it for it in pending if it.error is not None]
             for it in bad:  # input errors first: they cost nothing and must not wait behind the model
                 emit(it.index, it.row(error=it.error))
-            good = [it for it in pending if it.error is None]
-            size = max(1, batch_size)
-            if align:
-                groups: dict[int, list[Item]] = {}
-                for it in good:
-                    groups.setdefault(it.index // size, []).append(it)
-                batches = list(groups.values())
-            else:
-                batches = [good[i:i + size] for i in range(0, len(good), size)]
-            for batch in batches:
-                try:
-                    process(batch, emit)
-                except Exception as e:  # noqa: BLE001 - a batch that breaks fails alone; the job goes on
-                    _reraise_fatal(e)
-                    left = [it for it in batch if it.index not in written]
-                    for it in left:  # one at a time: the record that broke the batch fails alone
-                        err: Exception = e
-                        if len(left) > 1:
-                            try:
-                                process([it], emit)
-                            except Exception as e1:  # noqa: BLE001
-                                _reraise_fatal(e1)
-                                err = e1
-                        if it.index not in written:
-                            emit(it.index, it.row(error=f"{type(err).__name__} while processing: {err}"))
+            for batch in _batches([it for it in pending if it.error is None], max(1, batch_size), align):
+                _process(batch, process, emit, written)
         except KeyboardInterrupt:
             self.interrupted = True
         finally:
@@ -270,6 +258,60 @@ class JobRunner:
                   f"{len(missing)} left; {self.output} is valid JSONL. Continue with:\n  {self.resume_hint}",
                   file=sys.stderr)
         return self.rows
+
+    def _run_sharded(self, items: list[Item], process: Callable, size: int, progress: Any,
+                     align: bool) -> list[dict[str, Any]]:
+        """The data-parallel run (shards.py): this rank's batches into its part file; rank 0 merges. The batches
+        are the single-process run's, records rejected before the engine included, so each row is the same bytes.
+        Returns every row on rank 0 (in the merged file's order), none on the other ranks; exits 1 on every rank
+        when a rank failed (its records are reported by rank 0 and redone by a rerun)."""
+        assert align, "a data-parallel job's batches are aligned (index // size), or ranks could not agree on them"
+        shard, parts = self.shard, shards.parts_dir(self.output)
+        groups: dict[int, list[Item]] = {}  # batch b: the records with index // size == b, bad ones included
+        for it in items:
+            groups.setdefault(it.index // size, []).append(it)
+        batches = [groups[k] for k in sorted(groups)]
+        start = time.perf_counter()
+        shards.connect()
+        try:
+            mine = shards.plan(shard, parts, [[it.index for it in b] for b in batches])
+            path = shards.open_part(shard, parts)
+            error = None
+            try:
+                for count, b in enumerate(mine, 1):
+                    lines: dict[int, str] = {}
+
+                    def emit(index: int, row: dict[str, Any]) -> None:
+                        if index in lines:
+                            raise AssertionError(f"record {index} emitted twice")
+                        lines[index] = _line(row)
+                        if progress is not None:
+                            progress(1)
+                    bad = [it for it in batches[b] if it.error is not None]
+                    for it in bad:
+                        emit(it.index, it.row(error=it.error))
+                    good = [it for it in batches[b] if it.error is None]
+                    if good:
+                        _process(good, process, emit, lines)
+                    missing = [it.index for it in batches[b] if it.index not in lines]
+                    if missing:
+                        raise AssertionError(f"process() wrote no row for records {missing[:10]}")
+                    shards.append_batch(path, list(lines), list(lines.values()), [it.index for it in bad])
+                    shards.inject_fault(shard, count)
+            except Exception as e:  # noqa: BLE001 - reported by rank 0; the other ranks' records are kept
+                error = f"{type(e).__name__}: {e}"
+                shards.record_failure(shard, parts, error, [it.index for b in mine for it in batches[b]])
+            shards.barrier()
+            merged = shards.merge(self.output, parts, len(items)) if shard.rank == 0 else []
+            self.seconds = time.perf_counter() - start
+            if error is not None or merged is None:
+                raise SystemExit(1)
+            self.rows = [json.loads(line) for line in merged]
+            if shard.rank == 0:
+                print(f"merged {len(items)} records from {shard.world} ranks into {self.output}", file=sys.stderr)
+            return self.rows
+        finally:
+            shards.disconnect()
 
     def failures(self, include_earlier: bool = False) -> list[dict[str, Any]]:
         rows = self.earlier + self.rows if include_earlier else self.rows
@@ -288,6 +330,11 @@ class JobRunner:
             "failures_by_reason": dict(Counter(f["reason"] for f in fails)), "failures": fails,
             "interrupted": self.interrupted, "seconds": round(self.seconds, 3),
             "records_per_s": round(len(self.rows) / s, 4), "chains": chains, "chains_per_s": round(chains / s, 4)}
+        if self.shard is not None:  # the engine counters and chains are rank 0's alone: not reported as the job's
+            engine = None
+            for key in ("chains", "chains_per_s"):
+                del out[key]
+            out["data_parallel_ranks"] = self.shard.world
         if engine is not None:
             out["generated_tokens_per_s"] = round(engine.get("generated_tokens", 0) / s, 2)
             out["engine"] = engine
@@ -295,15 +342,46 @@ class JobRunner:
         return out
 
 
-def _reraise_fatal(e: Exception) -> None:
-    from prmkern.engine.engine import FatalEngineError
-    if isinstance(e, FatalEngineError):  # no later batch can run (a dead tensor-parallel rank): stop, rather
-        raise e  # than write every remaining record as failed; --resume redoes them
+def _batches(good: list[Item], size: int, align: bool) -> list[list[Item]]:
+    """align: the items with equal index // size (fewer where some are finished or bad), so a record's batch, and
+    whatever depends on it, is the same in a resumed run as in an uninterrupted one; else consecutive items."""
+    if not align:
+        return [good[i:i + size] for i in range(0, len(good), size)]
+    groups: dict[int, list[Item]] = {}
+    for it in good:
+        groups.setdefault(it.index // size, []).append(it)
+    return list(groups.values())
+
+
+def _process(batch: list[Item], process: Callable, emit: Callable[[int, dict], None], written: Any) -> None:
+    """One batch. A batch that raises is retried one record at a time, so the record that broke it fails alone and
+    the job goes on; a FatalEngineError (no later batch can run, e.g. a dead tensor-parallel rank) is raised rather
+    than writing every remaining record as failed (--resume redoes them)."""
+    try:
+        process(batch, emit)
+    except FatalEngineError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        left = [it for it in batch if it.index not in written]
+        for it in left:
+            err: Exception = e
+            if len(left) > 1:
+                try:
+                    process([it], emit)
+                except FatalEngineError:
+                    raise
+                except Exception as e1:  # noqa: BLE001
+                    err = e1
+            if it.index not in written:
+                emit(it.index, it.row(error=f"{type(err).__name__} while processing: {err}"))
+
+
+def _line(row: dict[str, Any]) -> str:
+    return json.dumps(json_safe(row), allow_nan=False, default=_json_default)
 
 
 def _json_default(o: Any) -> Any:
     if hasattr(o, "__dataclass_fields__"):
-        from dataclasses import asdict
         return asdict(o)
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 

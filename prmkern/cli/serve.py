@@ -1,7 +1,10 @@
 """`prmkern serve [MODEL]`: the command line of the HTTP server (registered by prmkern/cli/entry.py).
 
+The engine options and the LLM are options.py's, as in every other command (so --kv-cache-memory,
+--enforce-eager, --tensor-parallel-size, --threads, ... mean the same here); the verifier options are verify.py's.
 `add_serve_parser` needs only argparse, so `prmkern --help` works without the server's extras installed;
-`run_serve` imports FastAPI and uvicorn and says how to install them when they are missing.
+`run_serve` imports FastAPI and uvicorn (an optional extra, not an import cycle) and says how to install them when
+they are missing.
 """
 from __future__ import annotations
 
@@ -10,15 +13,16 @@ import logging
 import os
 import sys
 
+from prmkern.cli import options
+from prmkern.cli.verify import add_verify_args, build_config, given_options
+
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from prmkern.cli.entry import _engine_args, _verify_args
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, verify) on one engine")
     s.add_argument("model_dir", nargs="?", default=None, metavar="MODEL",
                    help="Hugging Face checkpoint directory (default: --model, else the shipped verifier)")
-    _engine_args(s)
-    _verify_args(s)
-    s.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    options.add_engine_args(s)
+    add_verify_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only; 0.0.0.0 = all)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=os.environ.get("PRMKERN_API_KEY"),
@@ -53,26 +57,21 @@ def run_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from prmkern.serve.app import ServerConfig, build_app
+        from prmkern.serve.connections import uvicorn_kwargs
     except ImportError as e:
         raise SystemExit(f"prmkern serve needs FastAPI and uvicorn ({e}); install them with "
                          f"`pip install 'prmkern[serve]'`")
-    from prmkern.cli.entry import _make_verifier, shipped_verifier_dir
-    from prmkern.llm import LLM
-    from prmkern.tiny import default_model_dir
     if args.model_dir and args.model and os.path.realpath(args.model_dir) != os.path.realpath(args.model):
         raise SystemExit(f"prmkern serve: error: two models given: {args.model_dir} and --model {args.model}; "
                          f"give one (`prmkern serve MODEL` and `prmkern serve --model MODEL` are the same)")
     args.model = args.model_dir or args.model  # one name from here on: the verifier's defaults follow it
-    model = args.model or shipped_verifier_dir() or default_model_dir()
-    llm = LLM(model, dtype=args.dtype, device=args.device, block_size=args.block_size,
-              num_kvcache_blocks=args.num_kvcache_blocks, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
-              seed=args.seed, max_model_len=args.max_model_len)
+    options.check_engine_args(args)
+    verify_config = build_config(args)  # the verifier options, checked before the model loads
+    llm = options.make_llm(args, default="verifier")
     if llm.tokenizer is None:
         print("warning: the checkpoint has no tokenizer; only token-id prompts on /v1/completions will work",
               file=sys.stderr)
-    from prmkern.cli.verify import given_options
-    verify_config = _make_verifier(args, llm).config if llm.tokenizer is not None else None
+        verify_config = None
     if verify_config is not None and verify_config.format.code_regex is not None and not args.allow_code_execution:
         raise SystemExit(f"prmkern serve: --format {verify_config.format.name} runs the model's Python code for "
                          f"every /v1/verify call; add --allow-code-execution to allow it")
@@ -84,7 +83,6 @@ def run_serve(args: argparse.Namespace) -> int:
                           allow_code_execution=args.allow_code_execution, request_timeout_s=args.header_timeout,
                           **({"verify": verify_config} if verify_config else {}))
     app = build_app(llm, config)
-    from prmkern.serve.connections import uvicorn_kwargs
     try:
         limits = uvicorn_kwargs(args.max_connections, args.header_timeout)
     except ValueError as e:

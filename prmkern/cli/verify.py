@@ -1,20 +1,36 @@
-"""The verification commands of the CLI: `verify`, `eval processbench`, `bon`.
+"""The verification commands: `verify`, `eval processbench` (and the verifier options `bon` and `serve` share).
 
-Records need `problem` and `steps`; `label` is optional everywhere except `eval processbench`. Agreement with the
-labels and ProcessBench F1 are reported only over labelled records, grouped into subsets by an explicit field
-(`--subset-field`, default `subset`), never by an id prefix. The verifier's configuration is built (and checked)
-before the model loads; only the options the user gave are passed, the rest are the format's defaults.
-One rule for unscored steps (`predict_earliest_error`): a solution whose steps were not all judged is not "no
-error"; its prediction is null unless a judged step before the first unjudged one is already an error.
+Records need `problem` and `steps` (prmkern/verify/protocols.py's check_record, the Verifier's own rule); `label`
+is optional everywhere except `eval processbench`. Agreement with the labels and ProcessBench F1 are reported only
+over labelled records, grouped into subsets by an explicit field (`--subset-field`, default `subset`), never by an
+id prefix. The verifier's configuration is built (and checked) once, before the model loads; only the options the
+user gave are passed, the rest are the format's defaults. One rule for unscored steps (`predict_earliest_error`):
+a solution whose steps were not all judged is not "no error"; its prediction is null unless a judged step before
+the first unjudged one is already an error. Each command reads the input into Items (bad lines fail alone), then
+hands batches to a JobRunner that writes one row per record as it finishes (data-parallel under torchrun);
+metrics against labels are computed from the rows of the whole output file, so a resumed job reports on every
+record, not only on the last run's.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
+import json
 import os
 import sys
+from collections import Counter
 from typing import Any, Callable, Sequence
 
-from prmkern.cli.jobs import Item
+from prmkern.cli import options
+from prmkern.cli.jobs import Item, JobRunner, failure_reason, json_safe, read_items, write_summary
+from prmkern.cli.options import UsageError
+from prmkern.cli.report import progress_bar, report_failures, resume_hint, summary_line
+from prmkern.engine import driver
+from prmkern.verify.formats import load_formats
+from prmkern.verify.processbench import balanced_limit, evaluate_subsets, sample_path
+from prmkern.verify.protocols import Verifier, VerifyConfig, check_label, check_record
+from prmkern.verify.scoring import METHODS, earliest_error
 
 # flag <- VerifyConfig field, for messages that name what to change
 FLAGS = {"num_chains": "--chains", "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
@@ -27,7 +43,6 @@ def predict_earliest_error(step_scores: Sequence[float | None], threshold: float
     """The earliest step scored below `threshold`; -1 when every step was scored and none is below; None when a
     step before any such error went unscored (not fully judged: no silent "no error"). scoring.earliest_error's
     rule, the one the Verifier's `prediction` uses; named here for the CLI's readers and train/evaluate.py."""
-    from prmkern.verify.scoring import earliest_error
     return earliest_error(step_scores, threshold)
 
 
@@ -40,24 +55,28 @@ def default_format(args: argparse.Namespace) -> str:
     model = getattr(args, "model", None)
     if model is None:
         return "prmkern"
-    from prmkern.cli.entry import shipped_verifier_dir
-    shipped = shipped_verifier_dir()
+    shipped = options.shipped_verifier_dir()
     same = shipped is not None and os.path.realpath(model) == os.path.realpath(shipped)
     return "prmkern" if same else "thinkprm"
 
 
-def format_default(field_name: str, fmt: str) -> Any:
-    """The value a verifier option takes when the user gives none: the format's published default
-    (formats.format_defaults), else VerifyConfig's generic one."""
-    from prmkern.verify.protocols import VerifyConfig
+@functools.lru_cache(maxsize=None)
+def _format_config(fmt: str) -> VerifyConfig | None:
     try:
-        return getattr(VerifyConfig(format=fmt), field_name)
+        return VerifyConfig(format=fmt)
     except (KeyError, ValueError):
         return None
 
 
+def format_default(field_name: str, fmt: str) -> Any:
+    """The value a verifier option takes when the user gives none: the format's published default
+    (formats.format_defaults), else VerifyConfig's generic one. One VerifyConfig per format per process (the help
+    text asks for each option's default)."""
+    config = _format_config(fmt)
+    return None if config is None else getattr(config, field_name)
+
+
 def add_verify_args(ap: argparse.ArgumentParser) -> None:
-    from prmkern.verify.scoring import METHODS
     g = ap.add_argument_group("verifier (an option left unset, None, takes the format's published default)")
 
     def d(name: str) -> str:
@@ -89,9 +108,6 @@ def add_verify_args(ap: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace):
     """VerifyConfig from the options the user gave; errors name the flag. Runs before the model loads."""
-    from prmkern.cli.entry import UsageError
-    from prmkern.verify.formats import load_formats
-    from prmkern.verify.protocols import VerifyConfig
     if args.formats_file:
         try:
             load_formats(args.formats_file, replace=True)
@@ -133,26 +149,22 @@ def _name_flags(message: str) -> str:
     return message
 
 
+def verify_batch_size(args: argparse.Namespace, config: VerifyConfig) -> int:
+    """Records per engine batch: --batch-size, else 64 // K (about 64 chains per batch)."""
+    return args.batch_size or max(1, 64 // config.num_chains)
+
+
 def check_verify_record(rec: dict[str, Any], need_label: bool = False) -> None:
-    """ValueError naming what a record lacks; labels are optional unless need_label."""
-    problem, steps = rec.get("problem"), rec.get("steps")
-    if not isinstance(problem, str) or not isinstance(steps, list):
-        raise ValueError(f"a record needs 'problem' (str) and 'steps' (list of str); got keys {sorted(rec)}")
-    if not steps or not all(isinstance(s, str) and s.strip() for s in steps):
-        raise ValueError("'steps' must be a non-empty list of non-empty strings")
-    if "label" not in rec:
-        if need_label:
-            raise ValueError("a ProcessBench record needs 'label' (the first wrong step, -1 for none)")
-        return
-    label = rec["label"]
-    if isinstance(label, bool) or not isinstance(label, int) or not -1 <= label < len(steps):
-        raise ValueError(f"'label' is {label!r}; accepted: -1 (no error) or a step index in [0, {len(steps)}), "
-                         f"or no 'label' at all")
+    """ValueError naming what a record lacks (protocols.check_record); labels are optional unless need_label."""
+    check_record(rec)
+    check_label(rec, need_label)
 
 
 class ChainProgress:
     """The LLM, as the Verifier sees it, with the progress bar's postfix counting finished chains inside a batch:
-    a batch of solutions ends all at once, so the per-solution ticks alone would be coarse."""
+    a batch of solutions ends all at once, so the per-solution ticks alone would be coarse. Its generate is the
+    engine's step driver (prmkern/engine/driver.py) with the postfix as the per-step callback, so a failed step or
+    an interrupt is handled as in LLM.generate."""
 
     def __init__(self, llm: Any, bar: Any):
         self._llm, self._bar = llm, bar
@@ -166,15 +178,15 @@ class ChainProgress:
             params = [params] * len(prompts)  # one SamplingParams for all prompts
         if self._bar is None or not isinstance(params, list) or not hasattr(engine, "add_request"):
             return self._llm.generate(prompts, params, use_tqdm=False)
-        requests = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-        done = sum(r.finished for r in requests)
-        while engine.has_unfinished():
-            engine.step()
-            now = sum(r.finished for r in requests)
-            if now != done:
-                done = now
-                self._bar.set_postfix_str(f"engine call: {done}/{len(requests)} requests done")
-        return [engine.output(r) for r in requests]
+        done: set = set()
+        total = len(prompts)
+
+        def on_step(finished: list) -> None:
+            now = {seq.request.request_id for seq in finished if seq.request.finished} - done
+            if now:
+                done.update(now)
+                self._bar.set_postfix_str(f"engine call: {len(done)}/{total} requests done")
+        return driver.generate(engine, prompts, params, on_step)
 
 
 def verify_rows(verifier: Any, batch: list[Item], emit: Callable, tokenizer: Any, no_chains: bool,
@@ -185,9 +197,6 @@ def verify_rows(verifier: Any, batch: list[Item], emit: Callable, tokenizer: Any
     Sampling must not depend on what else ran (or on what a resumed run skips): group g gets its own seed, and each
     record keeps its position in the group, the finished and the bad records' places held by None (the Verifier
     fails a None record at once, without the engine)."""
-    import dataclasses
-
-    from prmkern.verify.protocols import Verifier
     group = batch[0].index // batch_size
     assert all(it.index // batch_size == group for it in batch), [it.index for it in batch]
     start = group * batch_size
@@ -211,9 +220,6 @@ def verify_rows(verifier: Any, batch: list[Item], emit: Callable, tokenizer: Any
 def label_metrics(items: list[Item], rows: list[dict], threshold: float, subset_of: Callable[[Item], str],
                   count_failed: bool) -> dict | None:
     """Agreement with gold labels and ProcessBench F1 per subset, over labelled records; None when none is."""
-    from dataclasses import asdict
-
-    from prmkern.verify.processbench import evaluate_subsets
     by_index = {it.index: it for it in items}
     subsets: dict[str, tuple[list, list]] = {}
     right = total = exact = labelled = failed = 0
@@ -242,7 +248,7 @@ def label_metrics(items: list[Item], rows: list[dict], threshold: float, subset_
     return {"solutions": labelled, "failed": failed, "failed_counted_wrong": count_failed,
             "step_verdicts_right": right / total if total else None, "scored_steps": total,
             "earliest_error_exact": exact / labelled,
-            "f1": {k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in f1.items()}}
+            "f1": {k: dataclasses.asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in f1.items()}}
 
 
 def print_metrics(m: dict, what: str) -> None:
@@ -258,50 +264,157 @@ def print_metrics(m: dict, what: str) -> None:
 
 
 def default_input(args: argparse.Namespace) -> str:
-    from prmkern.cli.entry import shipped_verifier_dir
-    from prmkern.verify.processbench import sample_path
-    examples = shipped_verifier_dir() and os.path.join(shipped_verifier_dir(), "examples.jsonl")
+    shipped = options.shipped_verifier_dir()
+    examples = shipped and os.path.join(shipped, "examples.jsonl")
     if args.input is None:  # synthetic held-out examples for the shipped verifier, else ProcessBench
         return examples if args.model is None and examples else str(sample_path())
     return str(sample_path()) if args.input == "processbench" else args.input
 
 
-def add_parsers(sub: Any, fmt: Any, engine_args: Callable, job_args: Callable) -> None:
-    from prmkern.cli import commands as cli_commands
+# -- the commands ----------------------------------------------------------------------------------------------
+def all_rows(runner: JobRunner, output: str) -> list[dict[str, Any]]:
+    """This run's rows, plus an earlier run's when resuming into a file."""
+    if output == "-" or not runner.resume:
+        return runner.rows
+    with open(output) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _verify_job(args: argparse.Namespace, config: VerifyConfig, items: list[Item], desc: str,
+                inputs: list[str]) -> tuple[JobRunner, Any, Any, int]:
+    """Loads the model and verifies every good item; returns the runner, the llm, the verifier and the chains."""
+    llm = options.make_llm(args, default="verifier")
+    bar = progress_bar(args, len(items), desc, "solution")
+    verifier = Verifier(ChainProgress(llm, bar), config)
+    for it in items:  # every row records the scoring mode, the rows of records that failed before the engine too
+        it.extra = {**it.extra, "scoring": config.scoring}
+    print(f"{desc}: {len(items)} solutions with {llm.config.model} ({config.format.name}, K={config.num_chains}, "
+          f"T={config.temperature}, max tokens {config.max_tokens}, budget {config.budget_tokens}, scoring "
+          f"{config.scoring})", file=sys.stderr)
+    chains = 0
+
+    def process(batch: list[Item], emit) -> None:
+        nonlocal chains
+        chains += verify_rows(verifier, batch, emit, llm.tokenizer, args.no_chains, size)
+
+    runner = JobRunner(args.output, args.resume, resume_hint(args.argv), inputs=inputs)
+    size = verify_batch_size(args, config)
+    runner.run(items, process, batch_size=size, progress=bar.update if bar else None, align=True)
+    if bar is not None:
+        bar.close()
+    return runner, llm, verifier, chains
+
+
+def _verdict_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    c: Counter = Counter()
+    for r in rows:
+        c.update(r.get("verdict_counts") or {})
+    return dict(c)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    options.check_engine_args(args)
+    path = default_input(args)
+    items = read_items(path)[:args.limit or None]
+    for it in items:
+        if it.error is None:
+            try:
+                check_verify_record(it.record)
+            except ValueError as e:
+                it.error = str(e)
+    config = build_config(args)  # before the model: a bad option fails in a second, naming the flag
+    runner, llm, verifier, chains = _verify_job(args, config, items, "verify", [path])
+    if not runner.writes_summary:
+        return 0
+    report_failures(runner, path)
+    stats = llm.stats.as_dict()
+    print(f"{len(runner.rows)} solutions ({len(runner.failures())} failed), verdicts {_verdict_counts(runner.rows)}\n"
+          + summary_line(stats, runner.seconds, chains), file=sys.stderr)
+    field = args.subset_field
+    metrics = label_metrics(items, all_rows(runner, args.output), verifier.config.threshold,
+                            lambda it: str(it.record.get(field, "all")), count_failed=False)
+    if metrics is not None:
+        print_metrics(metrics, f"labelled records, failed ones left out; subsets by '{field}'")
+    write_summary(args.summary, runner.summary(len(items), stats, chains, command="verify", input=path,
+                                               output=args.output, labels=metrics,
+                                               scoring=verifier.config.scoring))
+    return 130 if runner.interrupted else 0
+
+
+def cmd_eval_processbench(args: argparse.Namespace) -> int:
+    options.check_engine_args(args)
+    items: list[Item] = []
+    subset: dict[int, str] = {}
+    for path in args.files:
+        name = os.path.splitext(os.path.basename(path))[0]
+        if name in subset.values():
+            raise SystemExit(f"two files give subset {name!r}; subsets are named by file name")
+        file_items = read_items(path)
+        for it in file_items:
+            if it.error is None:
+                try:
+                    check_verify_record(it.record, need_label=True)
+                except ValueError as e:
+                    it.error = str(e)
+        if args.limit:  # half erroneous, half correct: a head slice of a ProcessBench file is all erroneous
+            good = [it for it in file_items if it.error is None]
+            keep = {id(r) for r in balanced_limit([it.record for it in good], args.limit)}
+            file_items = [it for it in good if id(it.record) in keep]
+        for it in file_items:
+            it.index = len(items)  # one index space over all files: the resume key
+            subset[it.index] = name
+            it.extra = {"subset": name, "label": it.record.get("label") if isinstance(it.record, dict) else None}
+            items.append(it)
+    config = build_config(args)
+    runner, llm, verifier, chains = _verify_job(args, config, items, "eval processbench", list(args.files))
+    if not runner.writes_summary:
+        return 0
+    report_failures(runner, "eval processbench")
+    stats = llm.stats.as_dict()
+    print(summary_line(stats, runner.seconds, chains), file=sys.stderr)
+    rows = all_rows(runner, args.output)
+    official = label_metrics(items, rows, verifier.config.threshold, lambda it: subset[it.index], count_failed=True)
+    completed = label_metrics(items, rows, verifier.config.threshold, lambda it: subset[it.index],
+                              count_failed=False)
+    fails = [r for r in rows if r.get("error")]
+    if fails:
+        reasons = dict(Counter(failure_reason(r["error"]) for r in fails))
+        print(f"{len(fails)} of {len(rows)} records failed ({reasons}); the official F1 below counts them as wrong "
+              f"(the benchmark scores every record)", file=sys.stderr)
+    if official is not None:
+        print_metrics(official, "official: every record, failed ones counted wrong")
+    if completed is not None and fails:
+        print_metrics(completed, "completed records only")
+    report = {"official": official and official["f1"], "completed_only": completed and completed["f1"],
+              "failed": len(fails), "records": len(rows)}
+    print(json.dumps(json_safe(report)))  # an F1 of NaN (both accuracies 0) is null: the line stays valid JSON
+    write_summary(args.summary, runner.summary(len(items), stats, chains, command="eval processbench",
+                                               input=args.files, output=args.output,
+                                               scoring=verifier.config.scoring, **report))
+    return 130 if runner.interrupted else 0
+
+
+def add_parsers(sub: Any, fmt: Any) -> None:
     v = sub.add_parser("verify", help="score every step of solutions (labels optional)", formatter_class=fmt)
     v.add_argument("input", nargs="?", default=None,
                    help="JSON array or JSONL of {problem, steps[, id, label, subset]}; 'processbench' for the "
                         "bundled ProcessBench records (default: the shipped verifier's held-out examples)")
-    job_args(v, "solution")
+    options.add_job_args(v, "solution")
     v.add_argument("--no-chains", action="store_true", help="omit the chains' text from the output")
     v.add_argument("--subset-field", default="subset",
                    help="record field naming a labelled record's subset for F1 (records without it: 'all')")
     add_verify_args(v)
-    engine_args(v)
-    v.set_defaults(func=cli_commands.cmd_verify)
+    options.add_engine_args(v)
+    v.set_defaults(func=cmd_verify)
 
     e = sub.add_parser("eval", help="evaluations: `prmkern eval processbench FILE...`", formatter_class=fmt)
     esub = e.add_subparsers(dest="benchmark", required=True)
     pb = esub.add_parser("processbench", help="official ProcessBench F1 per subset (one file each) and their mean",
                          formatter_class=fmt)
     pb.add_argument("files", nargs="+", help="ProcessBench subset files (.json or .jsonl); subset = file name")
-    job_args(pb, "record", limit_help="N records per subset, half with an error and half without, the first of "
+    options.add_job_args(pb, "record", limit_help="N records per subset, half with an error and half without, the first of "
                                        "each kind (a head slice of a ProcessBench file is all erroneous)")
     pb.add_argument("--no-chains", action="store_true", help="omit the chains' text from the output")
     add_verify_args(pb)
-    engine_args(pb)
-    pb.set_defaults(func=cli_commands.cmd_eval_processbench)
-
-    b = sub.add_parser("bon", help="best-of-N: sample N solutions, pick by verifier score or weighted vote",
-                       formatter_class=fmt)
-    b.add_argument("input", help="JSON array or JSONL of {problem[, answer, id]} (MATH-500's test.jsonl works)")
-    job_args(b, "problem")
-    b.add_argument("--n", type=int, default=8, help="solutions sampled per problem")
-    b.add_argument("--select", default="score", choices=["score", "vote"],
-                   help="score: the highest verifier score; vote: verifier-weighted majority over equal answers")
-    b.add_argument("--generator", default=None, help="generator checkpoint (default: the verifier's)")
-    b.add_argument("--gen-temperature", type=float, default=0.8, help="generator sampling temperature")
-    b.add_argument("--gen-max-tokens", type=int, default=512, help="tokens per sampled solution")
-    add_verify_args(b)
-    engine_args(b)
-    b.set_defaults(func=cli_commands.cmd_bon)
+    options.add_engine_args(pb)
+    pb.set_defaults(func=cmd_eval_processbench)

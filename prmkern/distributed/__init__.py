@@ -1,5 +1,5 @@
-"""Beyond one device, on torch.distributed: tensor-parallel engines (`LLM(model, tensor_parallel_size=T)`) and
-data-parallel jobs (`torchrun --nproc-per-node N -m prmkern ...`). NCCL on GPUs, gloo on CPUs. See
+"""Beyond one device, on torch.distributed: tensor-parallel engines (`LLM(model, tensor_parallel_size=T)`).
+NCCL on GPUs, gloo on CPUs. Data-parallel jobs are a mode of the command line's job runner (prmkern/cli/shards.py). See
 docs/distributed.md."""
 from prmkern.distributed.executor import TensorParallelExecutor, WorkerError
 from prmkern.distributed.sharding import ShardPlan, load_shard

@@ -4,7 +4,8 @@ Any thread may `submit` a request or `abort` one; submissions wait in an inbox a
 two engine steps (continuous batching across connections: the engine's scheduler admits them at its next step).
 Results flow back through a per-request `sink` callable, called on the loop thread with one event at a time:
 `ChainDelta` (new tokens of one chain, only when deltas are wanted), `ChainDone`, then `RequestDone`, or a single
-`RequestFailed`. Only this thread touches the engine, so the engine needs no locks.
+`RequestFailed`. Only this thread touches the engine, so the engine needs no locks. Steps go through
+prmkern/engine/driver.py, the step driver LLM.generate uses too: a failed step fails the requests it ran.
 
 The number of submitted, unfinished requests is bounded: past `max_pending`, `submit` raises `Overloaded` at once
 instead of queueing without limit. Knows nothing of HTTP, JSON or tokenizers.
@@ -16,6 +17,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from prmkern.engine import driver
 from prmkern.outputs import CompletionOutput, RequestOutput
 from prmkern.sampling_params import SamplingParams
 
@@ -149,16 +151,18 @@ class EngineLoop:
                 return
             if not engine.has_unfinished():
                 continue
-            try:
-                finished = engine.step()
-            except Exception as e:  # noqa: BLE001 - a failed step must not kill the server: fail what ran
-                log.exception("engine step failed")
-                for stream in list(self._active.values()):
+            result = driver.step(engine)  # the engine's one step driver: the same failure rule as LLM.generate
+            if result.error is not None:  # a failed step must not kill the server: fail what ran
+                log.error("engine step failed", exc_info=result.error)
+                message = f"engine error: {result.message()}"
+                streams = list(self._active.values())
+                driver.fail(engine, [s.request for s in streams], message)
+                for stream in streams:
                     self._abort(stream)
-                    self._close(stream, RequestFailed(f"engine error: {type(e).__name__}: {e}", 500))
+                    self._close(stream, RequestFailed(message, 500))
                 continue
             self.steps += 1
-            self._publish(finished)
+            self._publish(result.finished)
 
     def _admit(self, stream: Stream) -> None:
         if stream.cancelled:

@@ -165,13 +165,28 @@ class VerificationResult:
         return out
 
 
-def _validate_record(rec: Any) -> tuple[str, list[str]]:
+def check_record(rec: Any) -> tuple[str, list[str]]:
+    """(problem, steps) of a verification record, or a ValueError naming what it lacks: the one rule for records,
+    used by the Verifier and by the command line (before a model loads, with `check_label`)."""
     if not isinstance(rec, dict) or not isinstance(rec.get("problem"), str) or not isinstance(rec.get("steps"), list):
-        raise ValueError("a record needs 'problem' (str) and 'steps' (list of str); got "
+        raise ValueError("a record needs 'problem' (str) and 'steps' (list of str); got keys "
                          f"{sorted(rec) if isinstance(rec, dict) else type(rec).__name__}")
     if not rec["steps"] or not all(isinstance(s, str) and s.strip() for s in rec["steps"]):
         raise ValueError("'steps' must be a non-empty list of non-empty strings")
     return rec["problem"], rec["steps"]
+
+
+def check_label(rec: dict[str, Any], need_label: bool = False) -> None:
+    """A checked record's `label` (the first wrong step, -1 for none): optional unless need_label, checked when
+    present. The Verifier does not read labels; evaluations against them do."""
+    if "label" not in rec:
+        if need_label:
+            raise ValueError("a ProcessBench record needs 'label' (the first wrong step, -1 for none)")
+        return
+    label, steps = rec["label"], rec["steps"]
+    if isinstance(label, bool) or not isinstance(label, int) or not -1 <= label < len(steps):
+        raise ValueError(f"'label' is {label!r}; accepted: -1 (no error) or a step index in [0, {len(steps)}), "
+                         f"or no 'label' at all")
 
 
 class Verifier:
@@ -251,7 +266,7 @@ class Verifier:
         for i, rec in enumerate(records):
             rid = rec.get("id", i) if isinstance(rec, dict) else i
             try:
-                problem, steps = _validate_record(rec)
+                problem, steps = check_record(rec)
                 # The record's text cannot become control tokens (<|im_end|>...): the same rule for every format.
                 problem = defuse_control_text(problem, self.control_words)
                 steps = [defuse_control_text(s, self.control_words) for s in steps]
