@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_engine import cpu_isa, emit_result, git_commit  # noqa: E402
 from benchmarks.roofline import cpu_model  # noqa: E402
-from prmkern.attention.cpp_backend import cpp_ops  # noqa: E402
+from prmkern.ops.cpp import cpp_ops  # noqa: E402
 from prmkern.engine.sampler import _draw_torch  # noqa: E402
 
 

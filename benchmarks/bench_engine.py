@@ -49,7 +49,7 @@ SMOKE_MODEL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hi
 
 def cpu_isa() -> str | None:
     """The instruction-set level prmkern's C++ kernels run at (PRMKERN_ISA caps it), or None without them."""
-    from prmkern.attention.cpp_backend import cpp_ops
+    from prmkern.ops.cpp import cpp_ops
     ops = cpp_ops()
     return None if ops is None else ops.cpu_isa() + ("+bf16dot" if ops.bf16_dot() else "")
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from prmkern.attention.backend import default_backend
+
 
 class EngineConfigError(ValueError):
     """A field outside what it accepts. The message names the field (`block_size=0 is invalid; accepted: ...`);
@@ -64,7 +66,6 @@ class EngineConfig:
     def __post_init__(self) -> None:
         check_values(self)
         if self.attention_backend is None:
-            from prmkern.attention.backend import default_backend
             self.attention_backend = default_backend(self.device)
 
 

@@ -21,6 +21,16 @@ INT_FIELDS = ("n", "top_k", "min_tokens")
 REAL_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
+SEED_BITS = 62
+
+
+def derive_seed(seed: int, *parts: int) -> int:
+    """The seed of one part of a seeded whole (a chain of a request, a batch of a job, a record's round, a beam):
+    a function of the whole's seed and the part's integer position only, so a part draws the same tokens whatever
+    else runs beside it, in this process or another (ints and tuples of ints hash the same in every process)."""
+    return hash((seed, *parts)) & ((1 << SEED_BITS) - 1)
+
+
 @dataclass
 class SamplingParams:
     """n: chains sampled per prompt (they share the prompt's KV blocks). temperature 0 is greedy.

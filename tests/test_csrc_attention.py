@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from prmkern.attention import DecodeMetadata, get_backend
-from prmkern.attention.cpp_backend import cpp_ops
+from prmkern.ops.cpp import cpp_ops
 from tests.kernels.conftest import make_cascade, ref_paged_decode
 
 OPS = cpp_ops()

@@ -1,4 +1,4 @@
-"""The C++ backend's one-call decode layer (`_C.decode_layer`, `CppBackend.decode_layer`) against the same layer
+"""The one-call decode layer (`_C.decode_layer`, prmkern/models/fused_layer.py) against the same layer
 run op by op through the modules: identical logprobs on Qwen2 (q/k/v bias) and Llama (none), fp32 and bf16, with
 shared prefixes and chains of different lengths, with and without column-panel weight copies; it is really taken on
 decode steps, and left for what it does not take (Qwen3's q/k norm, forward hooks as tensor parallelism
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from prmkern import LLM, SamplingParams
-from prmkern.attention.cpp_backend import CppBackend, cpp_ops
+from prmkern.models.fused_layer import FusedDecoderLayer
+from prmkern.ops.cpp import cpp_ops
 from prmkern.tiny import build_checkpoint
 
 pytestmark = [pytest.mark.skipif(cpp_ops() is None, reason="prmkern._C (csrc/) is not built"),
@@ -18,20 +19,20 @@ pytestmark = [pytest.mark.skipif(cpp_ops() is None, reason="prmkern._C (csrc/) i
 
 def _run(path: str, dtype: str, fused: bool, monkeypatch, panel_budget: int = 1 << 30) -> tuple[list, int]:
     calls = {"taken": 0}
-    original = CppBackend.decode_layer
+    original = FusedDecoderLayer.forward
 
     def counting(self, *args):
         out = original(self, *args) if fused else None
         calls["taken"] += out is not None
         return out
 
-    monkeypatch.setattr(CppBackend, "decode_layer", counting)
+    monkeypatch.setattr(FusedDecoderLayer, "forward", counting)
     llm = LLM(path, dtype=dtype, device="cpu", attention_backend="cpp", num_kvcache_blocks=64,
               packed_gemm_bytes=panel_budget)
     prompts = [list(range(3, 40)), list(range(3, 40)) + [7, 9], [5, 6, 7]]  # a shared prefix, and one alone
     params = SamplingParams(n=3, temperature=0.8, max_tokens=12, seed=3, logprobs=2)
     outs = llm.generate(prompts, params)
-    monkeypatch.setattr(CppBackend, "decode_layer", original)
+    monkeypatch.setattr(FusedDecoderLayer, "forward", original)
     result = [(c.token_ids, [sorted(lp.items()) for lp in c.logprobs]) for o in outs for c in o.outputs]
     return result, calls["taken"]
 

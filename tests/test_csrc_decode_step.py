@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from prmkern.attention import get_backend
-from prmkern.attention.cpp_backend import cpp_ops
+from prmkern.ops.cpp import cpp_ops
 from prmkern.attention.torch_backend import TorchBackend
 from tests.kernels.conftest import make_cascade, ref_paged_decode
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prmkern.attention import get_backend
-from prmkern.attention.cpp_backend import cpp_ops
+from prmkern.ops.cpp import cpp_ops
 
 OPS = cpp_ops()
 pytestmark = pytest.mark.skipif(OPS is None, reason="prmkern._C (csrc/) is not built")

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from prmkern.attention.cpp_backend import cpp_ops
+from prmkern.ops.cpp import cpp_ops
 from prmkern.models.decode_panels import (PANEL_COLS, attach_panels, pack_pair_panels, pack_panels, panel_bytes,
                                           wants_panels)
 from prmkern.models.packed_gemm import Linear

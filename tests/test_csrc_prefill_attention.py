@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from prmkern.attention import PrefillMetadata, get_backend
-from prmkern.attention.cpp_backend import cpp_ops
+from prmkern.ops.cpp import cpp_ops
 from tests.kernels.conftest import contiguous_kv, make_paged_kv, ref_attention
 
 OPS = cpp_ops()

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from prmkern.attention.cpp_backend import cpp_ops
+from prmkern.ops.cpp import cpp_ops
 
 OPS = cpp_ops()
 pytestmark = pytest.mark.skipif(OPS is None, reason="prmkern._C (csrc/) is not built")

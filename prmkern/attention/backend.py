@@ -12,10 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from prmkern.attention.metadata import DecodeMetadata, PrefillMetadata
+from prmkern.ops.cpp import cpp_ops
 
 
 class AttentionBackend(ABC):
     name: str = "abstract"
+    # What a backend offers, declared here rather than compared by name by its users:
+    uninitialized_kv_ok: bool = False  # reads only KV slots written before (a CPU pool may be left unzeroed)
+    cuda_graphs: bool = False  # its decode steps can be captured in CUDA graphs (prmkern/engine/cuda_graphs.py)
+    cpu_kernels: bool = False  # runs prmkern's C++ CPU kernels, which the model and the sampler may use too
 
     @abstractmethod
     def store_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -92,10 +97,8 @@ def default_backend(device: torch.device) -> str:
     are built, else "torch" (after a one-line notice)."""
     if device.type == "cuda":
         return "triton"
-    if device.type == "cpu":
-        from prmkern.attention.cpp_backend import cpp_ops
-        if cpp_ops() is not None:
-            return "cpp"
+    if device.type == "cpu" and cpp_ops() is not None:
+        return "cpp"
     return "torch"
 
 
@@ -121,8 +124,13 @@ def backend_names() -> list[str]:
     return sorted(BACKENDS)
 
 
-def get_backend(name: str) -> AttentionBackend:
+def backend_class(name: str) -> type[AttentionBackend]:
+    """The registered class of `name` (its capabilities, without making one)."""
     _import_backends()
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; available: {sorted(BACKENDS)}")
-    return BACKENDS[name]()
+    return BACKENDS[name]
+
+
+def get_backend(name: str) -> AttentionBackend:
+    return backend_class(name)()

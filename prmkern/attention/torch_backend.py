@@ -30,6 +30,7 @@ def gather_kv_index(block_tables: torch.Tensor, block_size: int, length: int) ->
 @register_backend
 class TorchBackend(AttentionBackend):
     name = "torch"
+    uninitialized_kv_ok = True  # reads only slots inside a sequence's length (padded decode rows repeat the newest)
 
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping, all_valid=False):
         num_heads, head_dim = k_cache.shape[2], k_cache.shape[3]

@@ -33,6 +33,7 @@ def _pad_cols(t: torch.Tensor, width: int) -> torch.Tensor:
 @register_backend
 class TritonBackend(AttentionBackend):
     name = "triton"
+    cuda_graphs = True
 
     def __init__(self, min_chains: int = 2, min_prefix_tokens: int = 128):
         """min_chains / min_prefix_tokens: a shared-prefix group takes the cascade path only with at least this many

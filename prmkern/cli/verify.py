@@ -27,6 +27,7 @@ from prmkern.cli.jobs import Item, JobRunner, failure_reason, json_safe, read_it
 from prmkern.cli.options import UsageError
 from prmkern.cli.report import progress_bar, report_failures, resume_hint, summary_line
 from prmkern.engine import driver
+from prmkern.sampling_params import derive_seed
 from prmkern.verify.formats import load_formats
 from prmkern.verify.processbench import balanced_limit, evaluate_subsets, sample_path
 from prmkern.verify.protocols import Verifier, VerifyConfig, check_label, check_record
@@ -205,7 +206,7 @@ def verify_rows(verifier: Any, batch: list[Item], emit: Callable, tokenizer: Any
         records[it.index - start] = it.record
     config = verifier.config
     if config.seed is not None:
-        config = dataclasses.replace(config, seed=hash((config.seed, group)) & ((1 << 62) - 1))
+        config = dataclasses.replace(config, seed=derive_seed(config.seed, group))
     results = Verifier(verifier.llm, config).verify(records)
     chains = 0
     for it in batch:

@@ -11,15 +11,16 @@ import random
 
 import torch
 
-from prmkern.attention.cpp_backend import cpp_ops
+from prmkern.attention import backend_class
 from prmkern.engine.block_manager import BlockManager
 from prmkern.config import EngineConfig
 from prmkern.models import load_model
+from prmkern.ops.cpp import cpp_ops
 from prmkern.outputs import CompletionOutput, Logprob, RequestOutput
 from prmkern.prompts import MissingTokenizerError, encode_bounded, max_token_chars, split_prompt
 from prmkern.engine.runner import ModelRunner, kv_block_bytes
 from prmkern.engine.sampler import PositionLogprobs, Sampler, position_logprobs
-from prmkern.sampling_params import SamplingParams
+from prmkern.sampling_params import SEED_BITS, SamplingParams, derive_seed
 from prmkern.engine.scheduler import Scheduler
 from prmkern.engine.sequence import Request, Sequence, SequenceStatus
 from prmkern.stats import EngineStats
@@ -77,8 +78,10 @@ class LLMEngine:
         if not eos and tokenizer is not None and tokenizer.eos_token_id is not None:
             eos = (tokenizer.eos_token_id,)
         self.eos_token_ids = tuple(eos)
-        # The C++ backend's CPU kernels also draw the tokens (csrc/sampling.cpp); the torch backend stays all torch.
-        cpu_kernels = cpp_ops() if config.attention_backend == "cpp" and config.device.type == "cpu" else None
+        # A backend on the C++ CPU kernels lends them to the sampler's draw too (csrc/sampling.cpp); the torch
+        # backend stays all torch.
+        cpu_kernels = cpp_ops() if backend_class(config.attention_backend).cpu_kernels and \
+            config.device.type == "cpu" else None
         self.sampler = Sampler(self.eos_token_ids, cpu_kernels)
         self.rng = random.Random(config.seed)
         self.next_seq_id = 0
@@ -205,9 +208,9 @@ class LLMEngine:
         """Chain `chain_index`'s own RNG: from the request's seed when given, else from the engine's seeded RNG."""
         seed = request.params.seed
         if seed is None:
-            seed = self.rng.randrange(1 << 62)
+            seed = self.rng.randrange(1 << SEED_BITS)
         else:
-            seed = hash((seed, chain_index)) & ((1 << 62) - 1)  # ints and tuples of ints hash deterministically
+            seed = derive_seed(seed, chain_index)
         return torch.Generator().manual_seed(seed)
 
     def has_unfinished(self) -> bool:

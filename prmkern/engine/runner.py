@@ -51,27 +51,28 @@ class ModelRunner:
         # point at the row's newest token), so the pool is left uninitialised: torch.empty reserves it and the
         # operating system commits pages as blocks are first written. Other backends may multiply never-written
         # slots by zero probabilities, so there it is zeroed (a NaN there would poison the row).
-        alloc = torch.empty if config.device.type == "cpu" and self.backend.name in ("torch", "cpp") else torch.zeros
+        alloc = torch.empty if config.device.type == "cpu" and self.backend.uninitialized_kv_ok else torch.zeros
         self.kv_caches = [(alloc(shape, dtype=config.dtype, device=config.device),
                            alloc(shape, dtype=config.dtype, device=config.device))
                           for _ in range(spec.num_layers)]
         self.max_model_len = max_model_len or spec.max_position_embeddings
-        # Decode steps from CUDA graphs: on CUDA with the Triton backend unless enforce_eager.
+        # Decode steps from CUDA graphs: on CUDA with a backend that can be captured (Triton) unless enforce_eager.
         self.graphs: DecodeGraphs | None = None
-        if config.device.type == "cuda" and self.backend.name == "triton" and not config.enforce_eager:
+        if config.device.type == "cuda" and self.backend.cuda_graphs and not config.enforce_eager:
             self.graphs = self.make_graphs("cuda")
         self.panel_bytes = 0  # memory held by column-panel copies of the weights (the cpp backend)
         self.packed_gemm = self._cpu_weight_path() if config.device.type == "cpu" else None
 
     def _cpu_weight_path(self) -> PackedGemm | None:
-        """CPU GEMMs: with the "cpp" backend every decode GEMM runs in C++ (any dtype), on a column-panel copy of the
-        weight where `packed_gemm_bytes` holds one (prmkern/models/decode_panels.py), else on the checkpoint's
-        [out, in] weight; with the torch backend in fp32 the weights are stored k-major and decode GEMMs read MKL-packed
-        copies (prmkern/models/packed_gemm.py; inactive with a zero budget)."""
+        """CPU GEMMs: with a backend on the C++ kernels (`cpu_kernels`: "cpp") the model gets them
+        (`use_cpu_kernels`): every decode GEMM runs in C++ (any dtype), on a column-panel copy of the weight where
+        `packed_gemm_bytes` holds one (prmkern/models/decode_panels.py), else on the checkpoint's [out, in] weight,
+        and decode steps may run each layer in one call (prmkern/models/fused_layer.py). Otherwise, in fp32, the
+        weights are stored k-major and decode GEMMs read MKL-packed copies (prmkern/models/packed_gemm.py; inactive
+        with a zero budget)."""
         linears = [m for m in self.model.modules() if isinstance(m, Linear)]
-        ops = getattr(self.backend, "ops", None) if self.backend.name == "cpp" else None
-        for m in linears:
-            m.cpp = ops
+        ops = getattr(self.backend, "ops", None) if self.backend.cpu_kernels else None
+        self.model.use_cpu_kernels(ops)
         if ops is not None:
             self.panel_bytes = attach_panels(linears, self.config.packed_gemm_bytes, bool(ops.bf16_dot()),
                                              ops.cpu_isa())

@@ -4,17 +4,21 @@ The architectures differ only in a few switches (`DecoderSpec`): q/k/v bias (Qwe
 an explicit head_dim, rope scaling, tied embeddings. Parameter names follow the Hugging Face checkpoints, except
 that q/k/v and gate/up are stacked into one matrix each (one matmul instead of three / two); the loader maps them.
 Attention, norms, rotary and the MLP activation go through the attention backend, so the same model runs on the
-torch reference and on Triton kernels. It knows nothing of sequences: it maps token ids + positions to hidden states.
+torch reference and on Triton kernels. With prmkern's C++ CPU kernels (`use_cpu_kernels`, lent by the runner when
+the backend declares `cpu_kernels`) its GEMMs run in C++ and the model itself decides to run a decode step's layer
+in one call (fused_layer.py). It knows nothing of sequences: it maps token ids + positions to hidden states.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 
 from prmkern.attention import AttentionBackend, AttentionMetadata
+from prmkern.models.fused_layer import FusedDecoderLayer
 from prmkern.models.packed_gemm import Linear
 from prmkern.models.rope import cos_sin_cache, rope_parameters
 
@@ -127,13 +131,13 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(spec, layer_index)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
+        self.fused: FusedDecoderLayer | None = None  # set by DecoderForCausalLM.use_cpu_kernels
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 ctx: "ForwardContext") -> tuple[torch.Tensor, torch.Tensor]:
         b = ctx.backend
-        fused = getattr(b, "decode_layer", None)
-        if fused is not None:  # the C++ backend's one-call decode layer, when it takes this layer and step
-            out = fused(self, x, residual, positions, ctx)
+        if self.fused is not None:  # the one-call C++ decode layer, when it takes this layer and step
+            out = self.fused.forward(self, x, residual, positions, ctx)
             if out is not None:
                 return out
         if residual is None:
@@ -181,6 +185,16 @@ class DecoderForCausalLM(nn.Module):
     def init_rope(self, device: torch.device | str) -> None:
         spec = self.spec
         self.cos_sin_cache = cos_sin_cache(spec.head_dim, spec.max_position_embeddings, spec.rope, device)
+
+    def use_cpu_kernels(self, ops: ModuleType | None) -> None:
+        """Runs the model on prmkern's C++ CPU kernels (`ops`, prmkern/ops/cpp.py) or, with None, on torch's: every
+        Linear's GEMMs, and each decoder layer of a decode step as one call where the layer allows it."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.cpp = ops
+        fused = FusedDecoderLayer(ops) if ops is not None else None
+        for layer in self.model.layers:
+            layer.fused = fused
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

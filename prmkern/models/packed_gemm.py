@@ -30,13 +30,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from prmkern.ops.cpp import CPP_MAX_ROWS
+
 BUCKET = 8  # rows per bucket step
 MIN_ROWS = 4  # below this a decode GEMM is a matrix-vector product: packing does not pay
 MAX_ROWS = 256
-# Up to this many rows a GEMM streams the weight in C++; above, F.linear (MKL / oneDNN) wins. Measured (AMD EPYC
-# Zen 4, 2 threads, fp32, alternating): at 128 rows the C++ GEMM is 0.89-1.29x MKL on the 39M model's shapes and
-# 1.08-1.69x on the 1.5B model's; at 512 rows MKL leads on most shapes (0.59-1.20x).
-CPP_MAX_ROWS = 128
 
 
 def bucket_rows(rows: int) -> int | None:
@@ -56,7 +54,7 @@ class Linear(nn.Linear):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.packed: dict[int, torch.Tensor] = {}  # bucket rows -> MKL-packed weight (not in the state dict)
-        self.cpp = None  # the C++ kernels module when the runner chose them (the "cpp" backend), else None
+        self.cpp = None  # the C++ kernels module when the model runs on them (`use_cpu_kernels`), else None
         self.panel_copy = None  # the weight in column panels for the C++ panel GEMM (models/decode_panels.py)
 
     def decode_panels(self) -> torch.Tensor | None:

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from prmkern.sampling_params import SamplingParams
+from prmkern.sampling_params import SamplingParams, derive_seed
 from prmkern.sandbox import SandboxLimits
 from prmkern.textcheck import control_strings, defuse_control_text
 from prmkern.verify.formats import VerifierFormat, format_defaults, get_format
@@ -298,7 +298,7 @@ class Verifier:
                               logprob_token_ids=list(logprob_ids) if logprob_ids else None)
 
     def seed(self, *parts: Any) -> int | None:
-        return None if self.config.seed is None else hash((self.config.seed, *parts)) & ((1 << 62) - 1)
+        return None if self.config.seed is None else derive_seed(self.config.seed, *parts)
 
     def _run_single_turn(self, jobs, results) -> None:
         c = self.config

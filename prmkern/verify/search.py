@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from prmkern.verify.grading import extract_answer, is_equivalent
-from prmkern.sampling_params import SamplingParams
+from prmkern.sampling_params import SamplingParams, derive_seed
 from prmkern.verify.formats import render_messages
 from prmkern.verify.protocols import Verifier
 
@@ -124,7 +124,7 @@ def beam_search(generator: Any, verifier: Verifier, problem: str, beam_width: in
     for depth in range(max_steps):
         params = [SamplingParams(n=expand, temperature=temperature, max_tokens=step_tokens, stop=[STEP_DELIMITER],
                                  include_stop_str_in_output=True,
-                                 seed=None if seed is None else hash((seed, depth, b)) & ((1 << 62) - 1))
+                                 seed=None if seed is None else derive_seed(seed, depth, b))
                   for b in range(len(beams))]  # each beam its own seed: equal beams must not propose alike
         outs = generator.generate([prompt + ids for ids, _, _ in beams], params, use_tqdm=False)
         proposals = []
