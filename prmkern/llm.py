@@ -140,11 +140,15 @@ class LLM:
 
     def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool | None = None, lora_request: Any = None) -> list[RequestOutput]:
+                 use_tqdm: bool | None = None, lora_request: Any = None,
+                 watch: Any = None) -> list[RequestOutput]:
         """Runs every prompt to completion; returns one RequestOutput per prompt, in order. A prompt is a string, a
         list of token ids, or a TextPrompt {"prompt": ...} / TokensPrompt {"prompt_token_ids": [...]} dict. A prompt
         that cannot run (too long, empty, bad token ids or keys) comes back with `.error` set while the others
-        complete; so does a request whose step failed."""
+        complete; so does a request whose step failed.
+        watch (prmkern): called after every engine step as watch(i, chains) for each unfinished prompt i, with its
+        chains as they stand (the engine's Sequences); True aborts that prompt's request: its unfinished chains end
+        with finish_reason "abort" and their blocks are freed, the other prompts go on (stop at the first error)."""
         if lora_request is not None:
             raise NotImplementedError("lora_request is not supported: merge the adapter into the weights")
         prompts = [prompts] if _is_single_prompt(prompts) else list(prompts)
@@ -160,12 +164,13 @@ class LLM:
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; pass one for all "
                                  f"or one per prompt")
-        return self._generate(prompts, params, sys.stderr.isatty() if use_tqdm is None else bool(use_tqdm))
+        return self._generate(prompts, params, sys.stderr.isatty() if use_tqdm is None else bool(use_tqdm), watch)
 
-    def _generate(self, prompts: list, params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+    def _generate(self, prompts: list, params: list[SamplingParams], use_tqdm: bool,
+                  watch: Any = None) -> list[RequestOutput]:
         """The step loop (prmkern/engine/driver.py), with a progress bar of finished requests as its callback."""
         if not use_tqdm:
-            return driver.generate(self.engine, prompts, params)
+            return driver.generate(self.engine, prompts, params, watch=watch)
         bar = tqdm(total=len(prompts), desc="generate", unit="req", dynamic_ncols=True)
         done: set = set()
 
@@ -176,7 +181,7 @@ class LLM:
                     done.add(req.request_id)
                     bar.update(1)
         try:
-            outputs = driver.generate(self.engine, prompts, params, on_step)
+            outputs = driver.generate(self.engine, prompts, params, on_step, watch)
             bar.update(len(prompts) - bar.n)  # the prompts that failed before any step (too long, empty, ...)
             return outputs
         finally:

@@ -30,14 +30,15 @@ from prmkern.engine import driver
 from prmkern.sampling_params import derive_seed
 from prmkern.verify.formats import load_formats
 from prmkern.verify.processbench import balanced_limit, evaluate_subsets, sample_path
-from prmkern.verify.protocols import Verifier, VerifyConfig, check_label, check_record
+from prmkern.verify.continuous import ContinuousRunner
+from prmkern.verify.protocols import VerificationResult, Verifier, VerifyConfig, check_label, check_record
 from prmkern.verify.scoring import METHODS, earliest_error
 
 # flag <- VerifyConfig field, for messages that name what to change
 FLAGS = {"num_chains": "--chains", "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
          "max_tokens": "--max-tokens",
          "budget_tokens": "--budget-tokens", "method": "--method", "threshold": "--threshold", "seed": "--verify-seed",
-         "format": "--format", "scoring": "--scoring"}
+         "format": "--format", "scoring": "--scoring", "stop_at_first_error": "--stop-at-first-error"}
 
 
 def predict_earliest_error(step_scores: Sequence[float | None], threshold: float) -> int | None:
@@ -103,6 +104,10 @@ def add_verify_args(ap: argparse.ArgumentParser) -> None:
                         "thinkprm, vLLM 0.7.1's processed log-probabilities for genprm); exact: prmkern's exact "
                         "probabilities (None: released for thinkprm, genprm and critic, exact otherwise; "
                         "docs/verifiers.md lists the differences)")
+    g.add_argument("--stop-at-first-error", action="store_true",
+                   help="stop judging a solution once its earliest error is decided (its remaining chains are "
+                        "aborted, later steps not judged; same prediction as a full run); not for --method "
+                        "final / vote or --format critic")
     g.add_argument("--batch-size", type=int, default=None,
                    help="records per engine batch, rows written per batch (None: verify/eval 64 // K, bon 1)")
 
@@ -140,11 +145,13 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
     given = {"num_chains": args.chains, "temperature": args.temperature, "top_p": args.top_p,
              "top_k": getattr(args, "verify_top_k", None), "max_tokens": args.max_tokens,
              "budget_tokens": args.budget_tokens, "method": args.method, "threshold": args.threshold,
-             "seed": args.verify_seed, "scoring": getattr(args, "scoring", None)}
+             "seed": args.verify_seed, "scoring": getattr(args, "scoring", None),
+             "stop_at_first_error": getattr(args, "stop_at_first_error", False) or None}
     return {k: v for k, v in given.items() if v is not None}
 
 
 def _name_flags(message: str) -> str:
+    message = message.replace("stop_at_first_error does", "--stop-at-first-error does")
     for field, flag in sorted(FLAGS.items(), key=lambda kv: -len(kv[0])):
         message = message.replace(f"{field}=", f"{flag} ").replace(f"({field}", f"({flag}")
     return message
@@ -173,12 +180,12 @@ class ChainProgress:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._llm, name)
 
-    def generate(self, prompts: list, params: Any = None, use_tqdm: bool | None = None) -> list:
+    def generate(self, prompts: list, params: Any = None, use_tqdm: bool | None = None, watch: Any = None) -> list:
         engine = getattr(self._llm, "engine", None)
         if params is not None and not isinstance(params, (list, tuple)) and isinstance(prompts, list):
             params = [params] * len(prompts)  # one SamplingParams for all prompts
         if self._bar is None or not isinstance(params, list) or not hasattr(engine, "add_request"):
-            return self._llm.generate(prompts, params, use_tqdm=False)
+            return self._llm.generate(prompts, params, use_tqdm=False, **({"watch": watch} if watch else {}))
         done: set = set()
         total = len(prompts)
 
@@ -187,11 +194,30 @@ class ChainProgress:
             if now:
                 done.update(now)
                 self._bar.set_postfix_str(f"engine call: {len(done)}/{total} requests done")
-        return driver.generate(engine, prompts, params, on_step)
+        return driver.generate(engine, prompts, params, on_step, watch)
+
+
+def early_exit_counts(results: list, counts: dict[str, int]) -> None:
+    """Adds what --stop-at-first-error did for these results to `counts` (the summary's `early_exit`)."""
+    for res in results:
+        if res.scores is None:
+            continue
+        tokens = sum(len(t.token_ids) for c in res.chains for t in c.turns)
+        counts["solutions"] = counts.get("solutions", 0) + 1
+        counts["generated_tokens"] = counts.get("generated_tokens", 0) + tokens
+        if res.stopped_at is None:
+            continue
+        judged, left = res.stopped_at + 1, res.num_steps - res.stopped_at - 1
+        counts["stopped"] = counts.get("stopped", 0) + 1
+        counts["steps_not_judged"] = counts.get("steps_not_judged", 0) + left
+        counts["chains_aborted"] = counts.get("chains_aborted", 0) + sum(
+            1 for c in res.chains if c.turns and c.turns[-1].finish_reason == "abort")
+        # an estimate, not a measurement: this solution's tokens per judged step, times the steps not judged
+        counts["estimated_tokens_saved"] = counts.get("estimated_tokens_saved", 0) + round(tokens * left / judged)
 
 
 def verify_rows(verifier: Any, batch: list[Item], emit: Callable, tokenizer: Any, no_chains: bool,
-                batch_size: int) -> int:
+                batch_size: int, early: dict[str, int] | None = None) -> int:
     """Verifies a batch of records aligned to `batch_size` (all with index // batch_size == g); emits one row per
     record; returns the number of chains run.
 
@@ -208,6 +234,8 @@ def verify_rows(verifier: Any, batch: list[Item], emit: Callable, tokenizer: Any
     if config.seed is not None:
         config = dataclasses.replace(config, seed=derive_seed(config.seed, group))
     results = Verifier(verifier.llm, config).verify(records)
+    if early is not None:
+        early_exit_counts([results[it.index - start] for it in batch], early)
     chains = 0
     for it in batch:
         res = results[it.index - start]
@@ -215,6 +243,58 @@ def verify_rows(verifier: Any, batch: list[Item], emit: Callable, tokenizer: Any
         row.pop("id", None)
         chains += len(res.chains)
         emit(it.index, it.row(**row))
+    return chains
+
+
+def verify_continuous(verifier: Any, items: list[Item], emit: Callable, tokenizer: Any, no_chains: bool,
+                      batch_size: int, early: dict[str, int] | None = None) -> int:
+    """(Not yet wired into `prmkern verify`: see docs/early_exit.md.) Verifies `items` keeping the engine full across records (verify.continuous.ContinuousRunner): records are
+    admitted while fewer than batch_size x K chains are in flight, and each record's row is emitted (written and
+    flushed) as soon as that record finishes, so rows come in the order records finish. Returns the chains run.
+
+    Sampling is verify_rows': record r samples as position r % batch_size of group r // batch_size with the group's
+    seed, so what a record samples does not depend on what else runs, what ran before, or a resumed run's skips."""
+    llm = getattr(verifier.llm, "_llm", verifier.llm)  # ChainProgress: the runner steps the engine itself
+    by_group: dict[int, Any] = {}
+    chains = 0
+
+    def verifier_of(group: int) -> Any:
+        if group not in by_group:
+            config = verifier.config
+            if config.seed is not None:
+                config = dataclasses.replace(config, seed=derive_seed(config.seed, group))
+            by_group.clear()  # records arrive in index order: an earlier group's verifier is not needed again
+            by_group[group] = Verifier(llm, config)
+        return by_group[group]
+
+    def start_of(it: Item) -> tuple[Any, Callable, Callable]:
+        group, pos = divmod(it.index, batch_size)
+        v = verifier_of(group)
+        results: dict[int, VerificationResult] = {}
+
+        def start() -> Any:
+            problem, steps = v.prepare(it.record)
+            results[pos] = VerificationResult(pos, len(steps), None, [], scoring=v.config.scoring)
+            return v.protocol([(pos, problem, steps)], results)
+
+        def done(error: BaseException | None) -> None:
+            nonlocal chains
+            res = results.get(pos) or VerificationResult(pos, 0, None, [], scoring=v.config.scoring)
+            if error is not None:
+                res.error = f"{type(error).__name__} while processing: {error}" if not isinstance(
+                    error, ValueError) else str(error)
+            elif early is not None:
+                early_exit_counts([res], early)
+            row = res.to_json(tokenizer, include_chains=not no_chains)
+            row.pop("id", None)
+            chains += len(res.chains)
+            emit(it.index, it.row(**row))
+        return it.index, start, done
+
+    engine = llm.engine
+    k = verifier.config.num_chains
+    runner = ContinuousRunner(engine, max_chains=max(1, batch_size) * k, chains_per_record=k)
+    runner.run(start_of(it) for it in sorted(items, key=lambda it: it.index))
     return chains
 
 
@@ -293,17 +373,42 @@ def _verify_job(args: argparse.Namespace, config: VerifyConfig, items: list[Item
           f"T={config.temperature}, max tokens {config.max_tokens}, budget {config.budget_tokens}, scoring "
           f"{config.scoring})", file=sys.stderr)
     chains = 0
+    early: dict[str, int] | None = {} if config.stop_at_first_error else None
 
     def process(batch: list[Item], emit) -> None:
         nonlocal chains
-        chains += verify_rows(verifier, batch, emit, llm.tokenizer, args.no_chains, size)
+        chains += verify_rows(verifier, batch, emit, llm.tokenizer, args.no_chains, size, early)
 
     runner = JobRunner(args.output, args.resume, resume_hint(args.argv), inputs=inputs)
     size = verify_batch_size(args, config)
     runner.run(items, process, batch_size=size, progress=bar.update if bar else None, align=True)
     if bar is not None:
         bar.close()
+    verifier.early_exit = early_summary(early, llm.stats.generated_tokens, runner.seconds)
     return runner, llm, verifier, chains
+
+
+def early_summary(counts: dict[str, int] | None, generated: int, seconds: float) -> dict[str, Any] | None:
+    """--summary's `early_exit`: what --stop-at-first-error stopped, and the tokens and seconds it saved by
+    estimate (tokens per judged step of each stopped solution x its steps not judged; seconds at this run's
+    generated tokens/s). docs/early_exit.md has measured figures (a full run beside a stopped one)."""
+    if counts is None:
+        return None
+    out = {k: counts.get(k, 0) for k in ("solutions", "stopped", "steps_not_judged", "chains_aborted",
+                                            "generated_tokens", "estimated_tokens_saved")}
+    rate = generated / seconds if seconds > 0 else 0.0
+    out["estimated_seconds_saved"] = round(out["estimated_tokens_saved"] / rate, 3) if rate else None
+    return out
+
+
+def _early(verifier: Any) -> dict[str, Any]:
+    early = getattr(verifier, "early_exit", None)
+    if early is None:
+        return {}
+    print(f"stop at the first error: {early['stopped']} of {early['solutions']} solutions stopped early, "
+          f"{early['chains_aborted']} chains aborted, {early['steps_not_judged']} steps not judged; about "
+          f"{early['estimated_tokens_saved']} generated tokens saved (estimate)", file=sys.stderr)
+    return {"early_exit": early}
 
 
 def _verdict_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
@@ -338,7 +443,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print_metrics(metrics, f"labelled records, failed ones left out; subsets by '{field}'")
     write_summary(args.summary, runner.summary(len(items), stats, chains, command="verify", input=path,
                                                output=args.output, labels=metrics,
-                                               scoring=verifier.config.scoring))
+                                               scoring=verifier.config.scoring, **_early(verifier)))
     return 130 if runner.interrupted else 0
 
 
@@ -391,7 +496,7 @@ def cmd_eval_processbench(args: argparse.Namespace) -> int:
     print(json.dumps(json_safe(report)))  # an F1 of NaN (both accuracies 0) is null: the line stays valid JSON
     write_summary(args.summary, runner.summary(len(items), stats, chains, command="eval processbench",
                                                input=args.files, output=args.output,
-                                               scoring=verifier.config.scoring, **report))
+                                               scoring=verifier.config.scoring, **report, **_early(verifier)))
     return 130 if runner.interrupted else 0
 
 

@@ -18,6 +18,8 @@ from prmkern.outputs import RequestOutput
 from prmkern.sampling_params import SamplingParams
 
 OnStep = Callable[[list[Any]], None]  # called after each step with the sequences that step finished
+# watch(i, chains) -> True aborts request i (its unfinished chains end "abort", blocks freed): stop at the first error
+Watch = Callable[[int, list[Any]], bool]
 
 
 @dataclass
@@ -48,9 +50,21 @@ def fail(engine: Any, requests: Sequence[Any], message: str) -> None:
         engine.abort_request(r)
 
 
-def run(engine: Any, requests: Sequence[Any], on_step: OnStep | None = None) -> None:
+def apply_watch(engine: Any, requests: Sequence[Any], watch: Watch) -> list[Any]:
+    """Calls watch(i, request.seqs) for each unfinished request; aborts those it returns True for. Returns the
+    sequences that ended by it."""
+    ended: list[Any] = []
+    for i, r in enumerate(requests):
+        if not r.finished and watch(i, r.seqs):
+            live = [s for s in r.seqs if not s.finished]
+            if engine.abort_request(r):
+                ended += live
+    return ended
+
+
+def run(engine: Any, requests: Sequence[Any], on_step: OnStep | None = None, watch: Watch | None = None) -> None:
     """Steps `engine` until it has no unfinished work; on_step(finished sequences) after every step. A failed step
-    fails `requests` and ends the run (the engine stays usable); a FatalEngineError is raised."""
+    fails `requests` and ends the run (the engine stays usable); a FatalEngineError is raised. watch: see Watch."""
     while engine.has_unfinished():
         result = step(engine)
         if result.error is not None:
@@ -58,12 +72,15 @@ def run(engine: Any, requests: Sequence[Any], on_step: OnStep | None = None) -> 
                 raise result.error
             fail(engine, requests, f"the engine step failed: {result.message()}")
             return
+        finished = result.finished
+        if watch is not None:
+            finished = finished + apply_watch(engine, requests, watch)
         if on_step is not None:
-            on_step(result.finished)
+            on_step(finished)
 
 
 def generate(engine: Any, prompts: Sequence[Any], params: Sequence[SamplingParams],
-             on_step: OnStep | None = None) -> list[RequestOutput]:
+             on_step: OnStep | None = None, watch: Watch | None = None) -> list[RequestOutput]:
     """Adds one request per (prompt, params), runs them to completion and returns their outputs in order. A prompt
     that cannot run comes back with `.error` set; anything raised (KeyboardInterrupt included) first aborts every
     request of this call."""
@@ -71,7 +88,7 @@ def generate(engine: Any, prompts: Sequence[Any], params: Sequence[SamplingParam
     try:
         for p, sp in zip(prompts, params):
             requests.append(engine.add_request(p, sp))
-        run(engine, requests, on_step)
+        run(engine, requests, on_step, watch)
     except BaseException:
         for r in requests:
             engine.abort_request(r)

@@ -93,6 +93,14 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def output_tokens_from(self, start: int) -> list[int]:
+        """Generated tokens from output position `start` on (a watcher's new tokens, without copying the rest)."""
+        return self.token_ids[self.num_prompt_tokens + start:]
+
+    @property
     def num_uncomputed_tokens(self) -> int:
         """Tokens whose KV the next forward pass must compute; 1 for a decoding sequence (its newest token)."""
         return self.num_tokens - self.num_computed_tokens

@@ -149,6 +149,7 @@ class VerifyRequest(_Request):
     threshold: Number | None = None
     seed: StrictInt | None = None
     scoring: Literal["released", "exact"] | None = None  # None: the server's (--scoring, else the format's default)
+    stop_at_first_error: StrictBool | None = None  # stop judging once the earliest error is decided
     include_chains: StrictBool = True
 
 

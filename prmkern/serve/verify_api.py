@@ -19,9 +19,9 @@ from typing import Any, Sequence
 from fastapi import Request
 from fastapi.responses import Response
 
-from prmkern.outputs import RequestOutput
+from prmkern.outputs import CompletionOutput, RequestOutput
 from prmkern.sampling_params import SamplingParams
-from prmkern.serve.engine_loop import EngineLoop, Overloaded, RequestDone
+from prmkern.serve.engine_loop import ChainDelta, ChainDone, EngineLoop, Overloaded, RequestDone
 from prmkern.serve.protocol import ApiError, BadRequest, VerifyRequest
 from prmkern.serve.responses import json_response
 from prmkern.verify.formats import get_format
@@ -31,7 +31,7 @@ from prmkern.verify.protocols import Verifier, VerifyConfig
 FORMAT_DERIVED = ("num_chains", "temperature", "top_p", "top_k", "max_tokens", "method", "max_code_rounds",
                   "scoring")
 VERIFY_OVERRIDES = ("format", "num_chains", "temperature", "top_p", "max_tokens", "budget_tokens", "method",
-                    "threshold", "seed", "scoring")
+                    "threshold", "seed", "scoring", "stop_at_first_error")
 
 
 class Cancelled(Exception):
@@ -47,7 +47,9 @@ class LoopLLM:
         self.cancel = cancel
 
     def generate(self, prompts: Sequence[str | list[int]], sampling_params: SamplingParams | Sequence[SamplingParams],
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = False, watch: Any = None) -> list[RequestOutput]:
+        """As LLM.generate; a watch (stop at the first error) reads each request's chains from the loop's deltas
+        and aborts a request it decides on, which then answers with its chains as they stood."""
         prompts = list(prompts)
         params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) \
             else list(sampling_params)
@@ -55,9 +57,11 @@ class LoopLLM:
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         streams = []
+        views: list[dict[int, _ChainView]] = [{} for _ in prompts]
         try:
             for i, (prompt, sp) in enumerate(zip(prompts, params)):
-                streams.append(self.loop.submit(prompt, sp, lambda ev, i=i: inbox.put((i, ev))))
+                streams.append(self.loop.submit(prompt, sp, lambda ev, i=i: inbox.put((i, ev)),
+                                                want_deltas=watch is not None))
             outs: list[RequestOutput | None] = [None] * len(prompts)
             left = len(prompts)
             while left:
@@ -66,6 +70,15 @@ class LoopLLM:
                 try:
                     i, event = inbox.get(timeout=0.05)
                 except queue.Empty:
+                    continue
+                if outs[i] is not None:  # aborted by the watch: later events of its stream do not count
+                    continue
+                if isinstance(event, (ChainDelta, ChainDone)):
+                    _ChainView.absorb(views[i], event)
+                    if watch(i, sorted(views[i].values(), key=lambda v: v.chain_index)):
+                        self.loop.abort(streams[i])
+                        outs[i] = _aborted_output(i, views[i], params[i].n, self.tokenizer)
+                        left -= 1
                     continue
                 if isinstance(event, RequestDone):
                     outs[i] = event.output
@@ -79,6 +92,49 @@ class LoopLLM:
             for stream in streams:
                 if not stream.closed:
                     self.loop.abort(stream)
+
+
+class _ChainView:
+    """One chain of a streamed request, as early_exit's watch reads it (the engine Sequence's fields)."""
+
+    def __init__(self, chain_index: int):
+        self.chain_index = chain_index
+        self.ids: list[int] = []
+        self.token_logprobs: list[dict[int, float]] = []
+        self.finished = False
+        self.finish_reason: str | None = None
+        self.output: Any = None
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.ids)
+
+    def output_tokens_from(self, start: int) -> list[int]:
+        return self.ids[start:]
+
+    @staticmethod
+    def absorb(views: dict[int, "_ChainView"], event: Any) -> None:
+        index = event.index if isinstance(event, ChainDelta) else event.output.index
+        view = views.setdefault(index, _ChainView(index))
+        if isinstance(event, ChainDelta):
+            view.ids.extend(event.token_ids)
+            view.token_logprobs.extend(event.token_logprobs or [{} for _ in event.token_ids])
+        else:
+            view.finished, view.finish_reason, view.output = True, event.output.finish_reason, event.output
+
+
+def _aborted_output(i: int, views: dict[int, _ChainView], n: int, tokenizer: Any) -> RequestOutput:
+    """The RequestOutput of a request the watch aborted: finished chains as they ended, the others "abort"."""
+    outs = []
+    for k in range(n):
+        v = views.get(k) or _ChainView(k)
+        if v.output is not None:
+            outs.append(v.output)
+        else:
+            outs.append(CompletionOutput(index=k, text=tokenizer.decode(v.ids), token_ids=list(v.ids),
+                                         cumulative_logprob=None, logprobs=None, finish_reason="abort",
+                                         token_logprobs=list(v.token_logprobs)))
+    return RequestOutput(str(i), None, [], outs, True, None)
 
 
 def verify_config(defaults: VerifyConfig, req: VerifyRequest, max_n: int, max_tokens: int,

@@ -28,6 +28,9 @@ order (judgement k's code waits until judgements 0..k-1 are done), as the releas
 exact: each judgement k has its own persistent session. Any exception from code execution fails that judgement alone,
 recorded on its chain (`Chain.error`, and the code run's entry); the job goes on.
 
+With stop_at_first_error, a record's later paragraphs are not judged once a paragraph's Maj@N score is below the
+threshold or missing (the earliest error is then decided, as a full run would decide it).
+
 It does not: parse formats other than GenPRM's kind (per_paragraph), or score other protocols.
 """
 from __future__ import annotations
@@ -37,6 +40,7 @@ from typing import Any
 
 from prmkern.textcheck import defuse_control_text
 from prmkern.verify import released_prompts as R
+from prmkern.verify.continuous import Round
 from prmkern.verify.parsing import parse_output
 from prmkern.verify.released_scoring import GENPRM_TOP_LOGPROBS, genprm_released_probability, vllm_v0_processed
 from prmkern.verify.scoring import ChainScores, VerdictScore, aggregate, genprm_paragraph_score
@@ -116,8 +120,9 @@ class _Judgement:
         self.finish_reason: str | None = None
 
 
-def run_paragraphs(v: Any, jobs: list, results: list) -> None:
-    """v: the Verifier (engine, tokenizer, format, config); fills results[i].chains and .scores."""
+def run_paragraphs(v: Any, jobs: list, results: Any) -> Any:
+    """v: the Verifier (tokenizer, format, config); fills results[i].chains and .scores. A coroutine: yields each
+    round's continuous.Round and gets its outputs back (Verifier.protocol)."""
     from prmkern.verify.protocols import Chain, Turn
     c, fmt, tok = v.config, v.fmt, v.tok
     n, released = c.num_chains, v.released
@@ -136,7 +141,8 @@ def run_paragraphs(v: Any, jobs: list, results: list) -> None:
             results[i].chains = [Chain() for _ in range(n)]
         max_steps = max((len(steps) for _, _, steps in jobs), default=0)
         for p in range(max_steps):
-            live = [(i, prob, steps) for i, prob, steps in jobs if p < len(steps) and results[i].error is None]
+            live = [(i, prob, steps) for i, prob, steps in jobs
+                    if p < len(steps) and results[i].error is None and results[i].stopped_at is None]
             if not live:
                 break
             prompt_text = {i: fmt.render(prob, steps, tok, paragraph=p, history=history[i]) for i, prob, steps in live}
@@ -144,9 +150,9 @@ def run_paragraphs(v: Any, jobs: list, results: list) -> None:
             base = {i: t[:len(t) - len(opener)] if opener else t for i, t in prompt_text.items()}
             judged: dict[int, list[_Judgement]] = {i: [_Judgement(opener) for _ in range(n)] for i, _, _ in live}
             # Stage 1: the N analyses of each record in one request.
-            outs = v.llm.generate([v.encode(prompt_text[i]) for i, _, _ in live],
-                                  [v.params(n, c.max_tokens, v.seed(i, p, 0), stop=fmt.analyze_stop,
-                                            include_stop=True) for i, _, _ in live], use_tqdm=False)
+            outs = yield Round([v.encode(prompt_text[i]) for i, _, _ in live],
+                               [v.params(n, c.max_tokens, v.seed(i, p, 0), stop=fmt.analyze_stop,
+                                         include_stop=True) for i, _, _ in live])
             for (i, _, _), out in zip(live, outs):
                 for k, j in enumerate(judged[i]):
                     if out.error is not None:
@@ -184,7 +190,7 @@ def run_paragraphs(v: Any, jobs: list, results: list) -> None:
                     params.append(v.params(1, DEGRADED_TOKENS if deg else left, v.seed(i, k, p, j.rounds + 1),
                                            stop=stop, include_stop=True, logprob_ids=v.verdict_ids,
                                            top_logprobs=top_n))
-                outs = v.llm.generate(prompts, params, use_tqdm=False)
+                outs = yield Round(prompts, params)
                 to_run: list = []
                 for (i, k, j), deg, out in zip(active, degraded, outs):
                     j.rounds += 1
@@ -234,12 +240,23 @@ def run_paragraphs(v: Any, jobs: list, results: list) -> None:
                                          text=j.text, masks=list(j.masks), score=score, score_source=source))
                     if j.error and ch.error is None:
                         ch.error = j.error
+                if c.stop_at_first_error and results[i].error is None and _paragraph_settles(results[i], p,
+                                                                                             c.threshold):
+                    results[i].stopped_at = p  # below the threshold, or unscored: later paragraphs change nothing
         for i, _, steps in jobs:
             if results[i].error is None:
                 _score(v, results[i], len(steps))
     finally:
         if pool is not None:
             pool.close_all()
+
+
+def _paragraph_settles(res: Any, p: int, threshold: float) -> bool:
+    """Stop at the first error: whether paragraph p's Maj@N score, the mean of its judgements' scores as _score
+    aggregates them (failed judgements and unscored ones left out), is below the threshold or missing."""
+    vals = [ch.turns[p].score for ch in res.chains if len(ch.turns) > p and ch.turns[p].finish_reason != "error"
+            and ch.turns[p].score is not None]
+    return not vals or sum(vals) / len(vals) < threshold
 
 
 def _paragraph_score(v: Any, j: _Judgement) -> tuple[float | None, str]:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 from prmkern.sampling_params import SamplingParams, derive_seed
 from prmkern.sandbox import SandboxLimits
 from prmkern.textcheck import control_strings, defuse_control_text
+from prmkern.verify.continuous import Round
 from prmkern.verify.formats import VerifierFormat, format_defaults, get_format
 from prmkern.verify.parsing import parse_output
 from prmkern.verify.released_scoring import (SGLANG_FAILED_SCORE, check_scoring, default_scoring,
@@ -64,6 +65,9 @@ class VerifyConfig:
     # ThinkPRM, vLLM 0.7.1 V0's processed log-probabilities for GenPRM; released_scoring.py); "exact": prmkern's
     # exact probabilities. None: "released" for the released formats, "exact" for the others.
     scoring: str | None = None
+    # Stop judging a solution once its earliest error is decided (early_exit.py): its remaining chains are aborted
+    # and its later steps are not judged; the prediction equals a full run's. Not for final / vote / critic.
+    stop_at_first_error: bool = False
 
     def __post_init__(self) -> None:
         self.format = get_format(self.format)
@@ -86,6 +90,11 @@ class VerifyConfig:
                        max_tokens=self.max_tokens)
         if not isinstance(self.threshold, (int, float)) or not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold={self.threshold!r} is invalid; accepted: a float in [0, 1]")
+        if not isinstance(self.stop_at_first_error, bool):
+            raise ValueError(f"stop_at_first_error={self.stop_at_first_error!r} is invalid; accepted: True or False")
+        if self.stop_at_first_error:
+            from prmkern.verify.early_exit import check_applies
+            check_applies(self.format, self.method)
         if (self.scoring == "released" and self.format.kind == "per_paragraph" and self.temperature >= 1e-5
                 and self.top_k <= 0):
             raise ValueError(f"scoring='released' with format {self.format.name!r} needs top_k >= 1 (vLLM 0.7.1's "
@@ -138,6 +147,7 @@ class VerificationResult:
     chains: list[Chain]
     error: str | None = None
     scoring: str | None = None  # the VerifyConfig.scoring that produced the scores
+    stopped_at: int | None = None  # stop_at_first_error: the step where judging stopped (steps after it not judged)
 
     @property
     def prediction(self) -> int | None:
@@ -155,6 +165,8 @@ class VerificationResult:
                        solution_score=s.score, method=s.method, earliest_error=s.earliest_error,
                        threshold=s.threshold, verdict_counts=s.counts, unscored_steps=s.unscored_steps,
                        final_scores=s.final_scores, vote=s.vote)
+            if self.stopped_at is not None:
+                out["stopped_at"] = self.stopped_at
         if include_chains:
             out["chains"] = [{"text": [t.text or tokenizer.decode(t.token_ids) for t in c.turns], "error": c.error,
                               "final": c.final,
@@ -201,6 +213,11 @@ class Verifier:
         self.control_words = control_strings(self.tok)  # texts the tokenizer would turn into control tokens
         self.fmt: VerifierFormat = self.config.format  # type: ignore[assignment]
         self.verdict_ids: tuple[int, int] | None = None
+        self._settle_tokens: dict[int, bool] = {}
+        # per record key: its prompt text and stop strings (kept for the record's later rounds; keys are unique
+        # within one Verifier, whose protocol may run for several records at once: continuous.py)
+        self._texts: dict[Any, str] = {}
+        self._stops: dict[Any, tuple[str, ...]] = {}
         self.final_ids: tuple[int, int] | None = None
         if self.fmt.kind == "per_step":
             self.verdict_ids = self.fmt.verdict_token_ids(self.tok)
@@ -266,26 +283,37 @@ class Verifier:
         for i, rec in enumerate(records):
             rid = rec.get("id", i) if isinstance(rec, dict) else i
             try:
-                problem, steps = check_record(rec)
-                # The record's text cannot become control tokens (<|im_end|>...): the same rule for every format.
-                problem = defuse_control_text(problem, self.control_words)
-                steps = [defuse_control_text(s, self.control_words) for s in steps]
+                problem, steps = self.prepare(rec)
                 jobs.append((i, problem, steps))
                 results.append(VerificationResult(rid, len(steps), None, [], scoring=self.config.scoring))
             except ValueError as e:
                 results.append(VerificationResult(rid, 0, None, [], str(e), scoring=self.config.scoring))
-        if self.fmt.kind == "per_paragraph":
-            from prmkern.verify.genprm_protocol import run_paragraphs
-            run_paragraphs(self, jobs, results)
-        else:
-            self._run_single_turn(jobs, results)
-        for i, problem, steps in jobs:
-            res = results[i]
-            if res.error is None and self.fmt.kind != "per_paragraph":
-                self._score(res, steps)
-            if progress is not None:
-                progress(1)
+        from prmkern.verify.continuous import run_rounds
+        run_rounds(self.llm, self.protocol(jobs, results))
+        if progress is not None:
+            progress(len(jobs))
         return results
+
+    def protocol(self, jobs: list[tuple[Any, str, list[str]]], results: Any) -> Any:
+        """The protocol over `jobs` [(key, problem, steps)] as a coroutine (continuous.py): it yields each round's
+        continuous.Round and gets its outputs back; at its end results[key] holds each record's scores."""
+        try:
+            if self.fmt.kind == "per_paragraph":
+                from prmkern.verify.genprm_protocol import run_paragraphs
+                yield from run_paragraphs(self, jobs, results)
+            else:
+                yield from self._run_single_turn(jobs, results)
+            for i, problem, steps in jobs:
+                res = results[i]
+                if res.error is None and self.fmt.kind != "per_paragraph":
+                    self._score(res, steps)
+                if res.scores is not None and res.stopped_at is not None:
+                    from prmkern.verify.early_exit import stopped_step
+                    stopped_step(res.scores, res.stopped_at, self.config.threshold)
+        finally:
+            for i, _, _ in jobs:
+                self._texts.pop(i, None)
+                self._stops.pop(i, None)
 
     # -- single-turn formats (ThinkPRM, critic): K chains + budget forcing + the forced final verdict -------------
     def params(self, n: int, max_tokens: int, seed: int | None, stop: Sequence[str] = (),
@@ -300,18 +328,44 @@ class Verifier:
     def seed(self, *parts: Any) -> int | None:
         return None if self.config.seed is None else derive_seed(self.config.seed, *parts)
 
-    def _run_single_turn(self, jobs, results) -> None:
+    def prepare(self, rec: Any) -> tuple[str, list[str]]:
+        """A record's (problem, steps), checked (ValueError says what is wrong), its text unable to become control
+        tokens (<|im_end|>...): the same rule for every format and every driver (verify, continuous.py)."""
+        problem, steps = check_record(rec)
+        problem = defuse_control_text(problem, self.control_words)
+        return problem, [defuse_control_text(s, self.control_words) for s in steps]
+
+    def _may_settle(self, token: int) -> bool:
+        """Whether this token's text may complete a step header or close a verdict slot (early exit re-reads a
+        chain only then); formats whose header does not end in ':' or whose slot does not close with '}': always."""
+        hit = self._settle_tokens.get(token)
+        if hit is None:
+            fmt = self.fmt
+            if (fmt.step_header_regex or "").endswith(":") and fmt.verdict_regex.endswith(r"(?P<close>\})?"):
+                piece = self.tok.decode([token])
+                hit = ":" in piece or "}" in piece
+            else:
+                hit = True
+            self._settle_tokens[token] = hit
+        return hit
+
+    def _run_single_turn(self, jobs, results) -> Any:  # a coroutine of Rounds
         c = self.config
         prompts, params = [], []
-        self._texts: dict[int, str] = {}
-        self._stops: dict[int, tuple[str, ...]] = {}
+        watch = records = None
+        if c.stop_at_first_error:
+            from prmkern.verify.early_exit import ChainWatch, RecordWatch
+            watch, records = ChainWatch(), {}
         for i, problem, steps in jobs:
             text = self.fmt.render(problem, steps, self.tok)
             self._texts[i], self._stops[i] = text, self.stops(text, len(steps))
             prompts.append(self.encode(text))
             params.append(self.params(c.num_chains, c.max_tokens, self.seed(i), stop=self._stops[i],
                                       logprob_ids=self.verdict_ids))
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
+            if watch is not None:
+                records[i] = RecordWatch(self, len(steps), c.num_chains)
+                watch.add(records[i])
+        outs = yield Round(prompts, params, watch)
         for (i, _, _), prompt, out in zip(jobs, prompts, outs):
             if out.error is not None:
                 results[i].error = out.error
@@ -320,17 +374,19 @@ class Verifier:
                 turn = Turn(prompt_ids=prompt)
                 self._absorb(turn, o)
                 results[i].chains.append(Chain(turns=[turn]))
+            if records is not None and records[i].decided is not None:
+                results[i].stopped_at = records[i].decided
         steps_of = {i: steps for i, _, steps in jobs}
         if c.budget_tokens is not None:
-            self._force(jobs, results, steps_of)
+            yield from self._force(jobs, results, steps_of)
         if self.final_ids is not None:
-            self._final_verdicts(jobs, results)
+            yield from self._final_verdicts(jobs, results)
 
-    def _force(self, jobs, results, steps_of) -> None:
+    def _force(self, jobs, results, steps_of) -> Any:  # a coroutine of Rounds
         c = self.config
         for round_ in range(c.max_forcing_rounds):
             pending = [(i, k, ch) for i, _, _ in jobs for k, ch in enumerate(results[i].chains)
-                       if ch.error is None and self._wants_forcing(ch)]
+                       if ch.error is None and results[i].stopped_at is None and self._wants_forcing(ch)]
             if not pending:
                 break
             prompts, params = [], []
@@ -341,11 +397,24 @@ class Verifier:
                 prompts.append(turn.prompt_ids + turn.token_ids)
                 params.append(self.params(1, c.max_tokens - len(turn.token_ids), self.seed(i, k, round_ + 1),
                                           stop=self._stops[i], logprob_ids=self.verdict_ids))
-            for (i, k, ch), out in zip(pending, self.llm.generate(prompts, params, use_tqdm=False)):
+            watch = records = None
+            if c.stop_at_first_error:
+                from prmkern.verify.early_exit import ChainWatch, RecordWatch
+                watch, records = ChainWatch(), {}
+                for i, k, ch in pending:
+                    if i not in records:
+                        records[i] = RecordWatch(self, len(steps_of[i]), results[i].chains)
+                    records[i].reopen(k)
+                    watch.add(records[i], k)
+            outs = yield Round(prompts, params, watch)
+            for (i, k, ch), out in zip(pending, outs):
                 if out.error is not None:
                     ch.error = f"forcing round {round_ + 1}: {out.error}"
                     continue
                 self._absorb(ch.turns[0], out.outputs[0])
+            for i, rec in (records or {}).items():
+                if rec.decided is not None:
+                    results[i].stopped_at = rec.decided
 
     def _wants_forcing(self, ch: Chain) -> bool:
         turn = ch.turns[0]
@@ -353,15 +422,16 @@ class Verifier:
         return (turn.finish_reason == "stop" and len(turn.token_ids) < c.budget_tokens
                 and len(turn.token_ids) + 8 < c.max_tokens)  # room for the continuation and some more text
 
-    def _final_verdicts(self, jobs, results) -> None:
+    def _final_verdicts(self, jobs, results) -> Any:  # a coroutine of Rounds
         """ThinkPRM: cut the stop, append the final question, read P(yes). Exact: P(yes) / (P(yes) + P(no)) at the
         next position (one token). Released: SGLang's select() over the re-tokenised text (_select_verdicts)."""
-        pending = [(i, k, ch) for i, _, _ in jobs for k, ch in enumerate(results[i].chains) if ch.error is None]
+        pending = [(i, k, ch) for i, _, _ in jobs for k, ch in enumerate(results[i].chains)
+                   if ch.error is None and results[i].stopped_at is None]
         for i, k, ch in pending:
             turn = ch.turns[0]
             self._append_text(turn, self.fmt.final_prefix, drop_stop=turn.finish_reason == "stop")
         if self.released:
-            self._select_verdicts(pending)
+            yield from self._select_verdicts(pending)
             for i, _, _ in jobs:  # thinkprm_api.py scores a chain whose request raised softmax([0, 1])[0]
                 for ch in results[i].chains:
                     if ch.error is not None and ch.final is None:
@@ -372,7 +442,8 @@ class Verifier:
             turn = ch.turns[0]
             prompts.append(turn.prompt_ids + turn.token_ids)
             params.append(self.params(1, 1, None, logprob_ids=self.final_ids, greedy=True))
-        for (i, k, ch), out in zip(pending, self.llm.generate(prompts, params, use_tqdm=False)):
+        outs = (yield Round(prompts, params)) if pending else []
+        for (i, k, ch), out in zip(pending, outs):
             if out.error is not None:
                 ch.error = f"final verdict: {out.error}"
                 continue
@@ -384,7 +455,7 @@ class Verifier:
             if lps and all(t in lps for t in self.final_ids):
                 ch.final = verdict_probability(lps, *self.final_ids)
 
-    def _select_verdicts(self, pending: list) -> None:
+    def _select_verdicts(self, pending: list) -> Any:  # a coroutine of Rounds
         """SGLang's RuntimeEndpoint.select as thinkprm_api.py ran it (released_scoring.sglang_select_score): the
         state text s = prompt + chain + final question is tokenised as text, P = len(tokens(s)), and each label c
         is scored by the prompt log-probabilities of tokens(s + c) from max(P - 2, 0) on."""
@@ -400,7 +471,7 @@ class Verifier:
                 params.append(SamplingParams(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=0,
                                              prompt_logprobs_start=max(start, 1)))
             meta.append((ch, state, start))
-        outs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        outs = (yield Round(prompts, params)) if prompts else []
         for n, (ch, state, start) in enumerate(meta):
             choice_outs = outs[n * len(labels):(n + 1) * len(labels)]
             if any(o.error is not None for o in choice_outs):
@@ -455,20 +526,24 @@ class Verifier:
         turn.token_logprobs.extend({} for _ in new)
 
     # -- scoring -----------------------------------------------------------------------------------------------
+    def chain_scores(self, text: str, token_ids: list[int], token_logprobs: list, num_steps: int, finished: bool,
+                     failed: bool = False) -> Any:
+        """One chain's ChainScores from its decoded text and tokens (also what early exit reads mid-generation)."""
+        if failed:  # a failed chain scores nothing
+            return score_chain(self.fmt, parse_output(self.fmt, "", num_steps), None, use_verdict_text=False)
+        parsed = parse_output(self.fmt, text, num_steps, finished=finished)
+        return score_chain(self.fmt, parsed, Generated(token_ids, token_logprobs), verdict_ids=self.verdict_ids,
+                           tokenizer=self.tok)
+
     def _score(self, res: VerificationResult, steps: list[str]) -> None:
         if not res.chains:
             return
         n = len(steps)
         for ch in res.chains:
             turn = ch.turns[0]
-            text = self.tok.decode(turn.token_ids)
             finished = turn.finish_reason not in ("length", "error") and ch.error is None
-            parsed = parse_output(self.fmt, text, n, finished=finished)
-            if ch.error is not None:  # a failed chain scores nothing
-                ch.scores = score_chain(self.fmt, parse_output(self.fmt, "", n), None, use_verdict_text=False)
-            else:
-                ch.scores = score_chain(self.fmt, parsed, Generated(turn.token_ids, turn.token_logprobs),
-                                        verdict_ids=self.verdict_ids, tokenizer=self.tok)
+            ch.scores = self.chain_scores(self.tok.decode(turn.token_ids), turn.token_ids, turn.token_logprobs, n,
+                                          finished, failed=ch.error is not None)
             ch.scores.final = ch.final
         res.scores = aggregate([ch.scores for ch in res.chains], n, method=self.config.method,
                                threshold=self.config.threshold)

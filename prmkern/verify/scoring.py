@@ -112,6 +112,7 @@ class SolutionScores:
     counts: dict[str, int]  # parse statuses summed over steps and chains, plus "unscored" verdicts
     final_scores: list[float | None] = field(default_factory=list)  # per chain (ThinkPRM)
     vote: int | None = None  # method "vote": the plurality of the chains' answers
+    stopped_at: int | None = None  # stop_at_first_error: judging stopped at this step (later ones not judged)
 
 
 def token_char_offsets(token_ids: Sequence[int], tokenizer: Any) -> list[int]:
