@@ -22,6 +22,9 @@ from prmkern.config import EngineConfig
 from prmkern.distributed import TensorParallelEngine
 from prmkern.engine import driver
 from prmkern.engine.engine import LLMEngine
+from prmkern.generation_config import sampling_defaults
+from prmkern.llm_engine import VLLMEngineView
+from prmkern.metrics import Metric
 from prmkern.models.loader import read_config, resolve_dtype
 from prmkern.outputs import RequestOutput
 from prmkern.sampling_params import SamplingParams
@@ -102,6 +105,9 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, attention_backend=attention_backend,
             seed=_D.seed if seed is None else seed, enforce_eager=enforce_eager, max_graph_batch=max_graph_batch,
             packed_gemm_bytes=packed_gemm_bytes, gpu_memory_utilization=gpu_memory_utilization)
+        self._engine_view: VLLMEngineView | None = None
+        self._generation_config = used.get("generation_config", "auto")
+        self._sampling_defaults = sampling_defaults(model, self._generation_config)  # checked before loading
         if used.get("skip_tokenizer_init"):
             self.tokenizer, missing = None, "skip_tokenizer_init=True"
         else:
@@ -126,6 +132,31 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @property
+    def llm_engine(self) -> VLLMEngineView:
+        """vLLM's LLMEngine surface over this LLM's engine: add_request(request_id, prompt, params), step() ->
+        RequestOutputs, has_unfinished_requests(), abort_request(ids) (prmkern/llm_engine.py). `llm.engine` is
+        prmkern's own engine object."""
+        if self._engine_view is None:
+            self._engine_view = VLLMEngineView(self.engine)
+        return self._engine_view
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: SamplingParams with the checkpoint's generation_config.json defaults (temperature, top_p, top_k,
+        min_p, repetition_penalty, max_new_tokens as max_tokens; prmkern/generation_config.py), else
+        SamplingParams(). generate() and chat() use it when no sampling_params are given."""
+        return SamplingParams(**self._sampling_defaults)
+
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's: forgets the prefix cache, so the next prompts are computed from scratch. False (nothing reset)
+        while requests hold KV blocks."""
+        return self.engine.block_manager.reset_prefix_cache()
+
+    def get_metrics(self) -> list[Metric]:
+        """vLLM's: the engine's metrics as reader objects (prmkern/metrics.py: Counter, Gauge, Histogram with name,
+        labels and values), vLLM's names under the `prmkern:` prefix."""
+        return self.engine.metrics.snapshot(self.engine)
 
     @property
     def stats(self) -> EngineStats:
@@ -153,7 +184,7 @@ class LLM:
             raise NotImplementedError("lora_request is not supported: merge the adapter into the weights")
         prompts = [prompts] if _is_single_prompt(prompts) else list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, (dict, str)):
             raise TypeError(f"sampling_params must be a SamplingParams or a list of them, got a "
                             f"{type(sampling_params).__name__} (build one with SamplingParams(**d))")

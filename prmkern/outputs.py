@@ -24,12 +24,15 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     cumulative_logprob: float | None = None  # sum of the sampled tokens' logprobs; None unless logprobs was asked
-    logprobs: SampleLogprobs | None = None  # SamplingParams.logprobs: per generated position, top-k + sampled
+    # per generated position, vLLM's dict: the sampled token, the top SamplingParams.logprobs (-1: all) and the
+    # SamplingParams.logprob_token_ids; None when neither was asked
+    logprobs: SampleLogprobs | None = None
     # "stop" (EOS, stop token or stop string), "length" (max_tokens, the model's context, or the KV pool: see
     # kv_pool_exhausted), "abort" (abort_request or an interrupted call) or "error" (the request failed mid-way).
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
-    token_logprobs: list[dict[int, float]] | None = None  # per generated position, {id: logprob} for logprob_token_ids
+    # prmkern's plain view of logprob_token_ids (also in .logprobs): per generated position {id: logprob}
+    token_logprobs: list[dict[int, float]] | None = None
     # finish_reason "length" because the whole KV pool held this chain and it could not grow: not max_tokens.
     kv_pool_exhausted: bool = False
 
@@ -45,6 +48,26 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """vLLM's per-request timings (RequestOutput.metrics), wall-clock seconds from time.time(); None where the
+    request never got there (failed on arrival, aborted while queued)."""
+    arrival_time: float
+    first_scheduled_time: float | None = None  # its prompt's first prefill step
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+    num_generation_tokens: int = 0  # over all its chains
+
+    @property
+    def time_in_queue(self) -> float | None:
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
+    @property
+    def first_token_latency(self) -> float | None:  # vLLM V1's name for the time to first token
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -54,3 +77,4 @@ class RequestOutput:
     error: str | None = None  # set when this request failed alone (the rest of the batch still ran)
     prompt_logprobs: PromptLogprobs | None = None  # SamplingParams.prompt_logprobs
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (first admission)
+    metrics: RequestMetrics | None = None  # vLLM's: arrival, queue, first and last token, finish times

@@ -80,6 +80,9 @@ class SamplingParams:
     detokenize: bool = True
     best_of: int | None = None
     spaces_between_special_tokens: bool = True
+    # vLLM's: words whose last token may not complete them (each word with and without a leading space); the engine
+    # tokenizes them at admission (LLMEngine.add_request).
+    bad_words: list[str] | None = None
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -115,9 +118,9 @@ class SamplingParams:
             self.logprobs = 0 if self.logprobs else None
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
-            if k is not None and (not _is_int(k) or k < 0):
-                raise bad(name, "None or an int >= 0 (the number of top tokens per position; 0: the chosen "
-                                "token's only)")
+            if k is not None and (not _is_int(k) or k < -1):
+                raise bad(name, "None, -1 (the whole vocabulary, vLLM's meaning) or an int >= 0 (the number of "
+                                "top tokens per position; 0: the chosen token's only)")
         if not _is_int(self.prompt_logprobs_start) or self.prompt_logprobs_start < 1:
             raise bad("prompt_logprobs_start", "an int >= 1 (prompt position 0 has no log-probability)")
         if isinstance(self.stop, str):
@@ -134,6 +137,11 @@ class SamplingParams:
             if ids is not None and (not isinstance(ids, (list, tuple)) or
                                     any(not _is_int(i) or i < 0 for i in ids)):
                 raise bad(name, "a list of non-negative token ids (ints)")
+        if self.greedy and self.n > 1:  # vLLM's rule and message: greedy chains would all be the same
+            raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}.")
+        if self.bad_words is not None and (not isinstance(self.bad_words, (list, tuple)) or
+                                           any(not isinstance(w, str) or not w.strip() for w in self.bad_words)):
+            raise bad("bad_words", "None or a list of non-empty strings")
         if self.best_of is not None and self.best_of != self.n:
             raise bad("best_of", f"None or n={self.n} (best-of-n selection is not supported; sample n chains and rank "
                                  f"them by cumulative_logprob)")

@@ -28,7 +28,6 @@ IGNORED = {
     "use_v2_block_manager": "no effect",
     "worker_cls": "no effect",
     "served_model_name": "the offline API has no served name",
-    "generation_config": "defaults come from SamplingParams only",
     "scheduling_policy": "first come, first served",
     "disable_sliding_window": "no sliding-window models are supported",
     "task": "generation only",
@@ -43,7 +42,7 @@ IGNORED = {
 DEFAULTS = {"swap_space": 4, "disable_log_stats": True, "enable_chunked_prefill": True, "tokenizer_mode": "auto",
             "load_format": "auto", "kv_cache_dtype": "auto", "cpu_offload_gb": 0, "quantization": None,
             "pipeline_parallel_size": 1, "enable_lora": False, "hf_overrides": None,
-            "trust_remote_code": False, "task": "auto", "runner": "auto", "generation_config": "auto",
+            "trust_remote_code": False, "task": "auto", "runner": "auto",
             "scheduling_policy": "fcfs", "disable_sliding_window": False, "served_model_name": None,
             "enable_sleep_mode": False, "async_scheduling": False, "num_scheduler_steps": 1,
             "limit_mm_per_prompt": None, "mm_processor_kwargs": None}
@@ -66,10 +65,10 @@ def _warn(name: str, value: Any, why: str) -> None:
 
 
 def check_vllm_args(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Validates the vLLM-only arguments; returns those that prmkern uses (trust_remote_code, skip_tokenizer_init,
-    tokenizer_mode)."""
+    """Validates the vLLM-only arguments; returns those that prmkern uses (skip_tokenizer_init, tokenizer_mode,
+    generation_config)."""
     used: dict[str, Any] = {}
-    known = set(IGNORED) | set(ONLY) | {"trust_remote_code", "skip_tokenizer_init"}
+    known = set(IGNORED) | set(ONLY) | {"trust_remote_code", "skip_tokenizer_init", "generation_config"}
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise TypeError(f"LLM() got unexpected arguments {unknown}; prmkern's own are listed in docs/api.md, and "
@@ -90,6 +89,10 @@ def check_vllm_args(kwargs: dict[str, Any]) -> dict[str, Any]:
                 warnings.warn("prmkern: trust_remote_code=True is accepted and has no effect: prmkern runs no code "
                               "from checkpoints (its own implementations of Qwen2, Qwen3 and Llama only)",
                               stacklevel=3)
+        elif name == "generation_config":
+            if not isinstance(value, str):
+                raise ValueError(f"generation_config={value!r} is invalid; accepted: 'auto', 'vllm' or a folder")
+            used[name] = value
         elif name == "skip_tokenizer_init":
             if not isinstance(value, bool):
                 raise ValueError(f"skip_tokenizer_init={value!r} is invalid; accepted: True or False")

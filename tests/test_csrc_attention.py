@@ -74,7 +74,7 @@ def test_engine_tokens_match_torch_backend(qwen2_dir):
     from tests.conftest import random_prompts
 
     prompts = random_prompts([37, 11], 509, seed=4)
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, n=5) for m in (6, 9)]
+    params = [SamplingParams(temperature=1.0, top_k=1, max_tokens=m, ignore_eos=True, n=5) for m in (6, 9)]
 
     def run(backend: str):
         llm = LLM(qwen2_dir, device="cpu", dtype=torch.float32, attention_backend=backend, block_size=4)

@@ -59,7 +59,7 @@ def test_engine_tokens_with_and_without_packing(qwen2_dir):
     from tests.conftest import random_prompts
 
     prompts = random_prompts([37, 11], 509, seed=4)
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, n=6) for m in (5, 12)]
+    params = [SamplingParams(temperature=1.0, top_k=1, max_tokens=m, ignore_eos=True, n=6) for m in (5, 12)]
 
     def run(budget: int):
         llm = LLM(qwen2_dir, device="cpu", dtype=torch.float32, packed_gemm_bytes=budget)

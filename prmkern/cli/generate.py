@@ -5,6 +5,7 @@ The sampling options here are per request (SamplingParams); the engine's are opt
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -16,9 +17,8 @@ from prmkern.cli.report import progress_bar, report_failures, resume_hint, summa
 from prmkern.sampling_params import SamplingParams
 from prmkern.tiny import DEFAULT_MODEL
 
-SAMPLING_KEYS = ("n", "temperature", "top_k", "top_p", "min_tokens", "max_tokens", "ignore_eos", "stop",
-                 "stop_token_ids", "include_stop_str_in_output", "seed", "logprobs", "logprob_token_ids",
-                 "skip_special_tokens")
+# Every SamplingParams argument, as the Python API takes them (a generate record may set any of them).
+SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.init)
 # record key <- option dest, for the defaults of records that do not set them
 _DEFAULTS = {"n": "n", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "max_tokens": "max_tokens",
              "seed": "sampling_seed"}

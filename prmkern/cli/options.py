@@ -105,6 +105,8 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
         g.add_argument(flag(f.name), **kw)
     for dest, default, help_text in PROCESS_OPTIONS:
         g.add_argument(flag(dest), type=int, default=default, help=help_text)
+    from prmkern.cli.vllm_flags import add_vllm_flags  # vLLM's flags that are not EngineConfig fields
+    add_vllm_flags(ap.add_argument_group("vLLM's flags"))
 
 
 def add_job_args(ap: argparse.ArgumentParser, unit: str, limit_help: str | None = None) -> None:
@@ -156,8 +158,9 @@ def check_engine_args(args: argparse.Namespace) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """LLM's keyword arguments from the engine options (all but the model and --threads)."""
+    from prmkern.cli.vllm_flags import llm_kwargs
     return {"dtype": args.dtype, "device": args.device, **{f.name: getattr(args, f.name) for f in ENGINE_FIELDS},
-            "tensor_parallel_size": args.tensor_parallel_size}
+            "tensor_parallel_size": args.tensor_parallel_size, **llm_kwargs(args)}
 
 
 def make_llm(args: argparse.Namespace, default: str = "random") -> LLM:

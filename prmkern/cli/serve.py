@@ -33,7 +33,12 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     s.add_argument("--max-request-bytes", type=int, default=1 << 20)
     s.add_argument("--max-n", type=int, default=64, help="most chains per prompt (n, num_chains)")
     s.add_argument("--max-prompts", type=int, default=64, help="most prompts in one /v1/completions call")
-    s.add_argument("--max-verify", type=int, default=4, help="verify calls running at once")
+    s.add_argument("--max-verify", type=int, default=64,
+                   help="verify calls running at once (worker threads); more wait for a worker, none is refused")
+    s.add_argument("--max-pending-tokens", type=int, default=1 << 20,
+                   help="tokens admitted (prompts + n * max_tokens of unanswered calls) before new calls get 503 "
+                        "with Retry-After; below it calls queue in the engine's scheduler")
+    s.add_argument("--max-solutions", type=int, default=64, help="most solutions in one batch /v1/verify call")
     s.add_argument("--max-logprobs", type=int, default=20,
                    help="most logprobs / top_logprobs / prompt_logprobs per position (vLLM's max_logprobs)")
     s.add_argument("--max-token-ids", type=int, default=256,
@@ -47,6 +52,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                    help="seconds a connection has to send its request headers (and a request its body)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGINT/SIGTERM, seconds to let in-flight requests finish before answering them 503")
+    s.add_argument("--chat-template", default=None,
+                   help="vLLM's: a Jinja chat template (a file, or the template text) replacing the tokenizer's")
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=run_serve)
     return s
@@ -65,6 +72,12 @@ def run_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"prmkern serve: error: two models given: {args.model_dir} and --model {args.model}; "
                          f"give one (`prmkern serve MODEL` and `prmkern serve --model MODEL` are the same)")
     args.model = args.model_dir or args.model  # one name from here on: the verifier's defaults follow it
+    chat_template = None
+    if args.chat_template is not None:  # vLLM's: a file holding the template, or the template itself
+        chat_template = args.chat_template
+        if os.path.isfile(chat_template):
+            with open(chat_template, encoding="utf-8") as f:
+                chat_template = f.read()
     options.check_engine_args(args)
     verify_config = build_config(args)  # the verifier options, checked before the model loads
     llm = options.make_llm(args, default="verifier")
@@ -78,7 +91,8 @@ def run_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or os.path.basename(os.path.normpath(llm.config.model))
     config = ServerConfig(model_name=name, api_key=args.api_key, max_pending=args.max_pending,
                           max_request_bytes=args.max_request_bytes, max_n=args.max_n, max_prompts=args.max_prompts,
-                          max_verify=args.max_verify, verify_options=given_options(args),
+                          max_verify=args.max_verify, max_pending_tokens=args.max_pending_tokens,
+                          max_solutions=args.max_solutions, verify_options=given_options(args), chat_template=chat_template,
                           max_logprobs=args.max_logprobs, max_token_ids=args.max_token_ids,
                           allow_code_execution=args.allow_code_execution, request_timeout_s=args.header_timeout,
                           **({"verify": verify_config} if verify_config else {}))

@@ -103,6 +103,17 @@ class BlockManager:
         # Guard against hash collisions: the block must hold these tokens after the same predecessor.
         return block if block.token_ids == token_ids and block.prev_hash == prev_hash else None
 
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached block (vLLM's reset_prefix_cache): False, and nothing forgotten, while a sequence
+        holds blocks; the engine must be idle."""
+        if any(b.ref_count for b in self.blocks):
+            return False
+        self.hash_to_block.clear()
+        for block in self.blocks:
+            block.reset()
+        self.sharing_epoch += 1
+        return True
+
     # -- sequences ------------------------------------------------------------------------------------------------
     def allocate(self, seq: Sequence) -> bool:
         """Give a waiting sequence blocks for all its tokens. Leading full blocks come from the prefix cache where

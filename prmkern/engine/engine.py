@@ -8,6 +8,7 @@ Tokenizes text prompts (bounded) and, for stop strings, detokenizes new tokens i
 from __future__ import annotations
 
 import random
+import time
 
 import torch
 
@@ -16,13 +17,14 @@ from prmkern.engine.block_manager import BlockManager
 from prmkern.config import EngineConfig
 from prmkern.models import load_model
 from prmkern.ops.cpp import cpp_ops
-from prmkern.outputs import CompletionOutput, Logprob, RequestOutput
+from prmkern.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from prmkern.prompts import MissingTokenizerError, encode_bounded, max_token_chars, split_prompt
 from prmkern.engine.runner import ModelRunner, kv_block_bytes
-from prmkern.engine.sampler import PositionLogprobs, Sampler, position_logprobs
+from prmkern.engine.sampler import PositionLogprobs, Sampler, position_logprobs, top_count
 from prmkern.sampling_params import SEED_BITS, SamplingParams, derive_seed
 from prmkern.engine.scheduler import Scheduler
 from prmkern.engine.sequence import Request, Sequence, SequenceStatus
+from prmkern.metrics import EngineMetrics
 from prmkern.stats import EngineStats
 
 # CPU KV pool: this fraction of the memory available when the engine starts (after loading the weights), at least
@@ -68,9 +70,16 @@ class LLMEngine:
         self._max_token_chars: int | None = None
         self.model = self._load_model()
         spec = self.model.spec
-        self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
+        if config.max_model_len is not None and config.max_model_len > spec.max_position_embeddings:
+            # vLLM raises here too (its VLLM_ALLOW_LONG_MAX_MODEL_LEN override has no equivalent: the rotary
+            # tables end at the model's limit)
+            raise ValueError(f"User-specified max_model_len ({config.max_model_len}) is greater than the derived "
+                             f"max_model_len (max_position_embeddings={spec.max_position_embeddings} in the model's "
+                             f"config.json); accepted: max_model_len <= {spec.max_position_embeddings}, or None")
+        self.max_model_len = config.max_model_len or spec.max_position_embeddings
         self.num_blocks = self._num_blocks()
         self.stats = EngineStats()
+        self.metrics = EngineMetrics(config.model)  # vLLM's metrics (prmkern/metrics.py); the server renames it
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.stats)
         self.runner = self._make_runner()
@@ -137,11 +146,16 @@ class LLMEngine:
             text, ids = split_prompt(prompt)
             token_ids = self._prompt_token_ids(text, ids)
             self._check_params(params)
+            bad_words = self._bad_words_token_ids(params)
         except (TypeError, ValueError) as e:
             error = str(e)
         except Exception as e:  # e.g. the tokenizer failing on this text: this request fails, nothing else
             error = f"the prompt could not be prepared: {type(e).__name__}: {e}"
         request = Request(request_id, text, token_ids, params, error=error)
+        if error is None:
+            request.bad_words_token_ids = bad_words
+        else:
+            request.finished_time = request.arrival_time
         self.stats.requests += 1
         if error is not None:
             self.stats.failed_requests += 1
@@ -175,6 +189,25 @@ class LLMEngine:
         if params.stop_strings and self.tokenizer is None:
             raise MissingTokenizerError(f"stop strings need a tokenizer: {self.tokenizer_missing}; use "
                                         f"stop_token_ids")
+
+    def _bad_words_token_ids(self, params: SamplingParams) -> list[list[int]] | None:
+        """vLLM's tokenization of bad_words: each word (leading spaces stripped) as is, and with one leading space
+        when that gives a different first token and as many tokens."""
+        if not params.bad_words:
+            return None
+        if self.tokenizer is None:
+            raise MissingTokenizerError(f"bad_words need a tokenizer: {self.tokenizer_missing}; use logit_bias")
+        words: list[list[int]] = []
+        for word in params.bad_words:
+            plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            words.append(plain)
+            if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+                words.append(spaced)
+        vocab = self.model.spec.vocab_size
+        if any(t >= vocab for w in words for t in w):
+            raise ValueError(f"SamplingParams.bad_words tokenize to ids outside this model's vocabulary [0, {vocab})")
+        return words
 
     def _prompt_token_ids(self, text: str | None, ids: list[int] | None) -> list[int]:
         if ids is not None:
@@ -230,6 +263,8 @@ class LLMEngine:
         request.aborted = True
         self.stats.aborted_requests += 1
         self._end_chains(request, "abort")
+        request.finished_time = time.time()
+        self.metrics.request_finished(request)
         return True
 
     # -- the step -------------------------------------------------------------------------------------------------
@@ -263,8 +298,11 @@ class LLMEngine:
         sampling: list[Sequence] = []
         rows: list[int] = []
         row = 0
+        now = time.time()
         for item in step.scheduled:
             seq = item.seq
+            if seq.request.first_scheduled_time is None:
+                seq.request.first_scheduled_time = now
             seq.num_computed_tokens = item.end
             self.block_manager.mark_computed(seq, item.start)
             n_rows = item.num_logit_rows
@@ -307,7 +345,7 @@ class LLMEngine:
         """logits [R, V]: rows for prompt positions first .. first + R - 1, each scoring the next prompt token."""
         ids = torch.tensor(request.prompt_token_ids[first + 1:first + 1 + logits.shape[0]], device=logits.device)
         lps = position_logprobs(torch.log_softmax(logits.float(), dim=-1), ids,
-                                [request.params.prompt_logprobs] * logits.shape[0])
+                                [top_count(request.params.prompt_logprobs, logits.shape[-1])] * logits.shape[0])
         request.prompt_logprobs[first + 1:first + 1 + len(lps)] = lps
         request.prompt_lp_next = first + 1 + len(lps)
 
@@ -333,8 +371,12 @@ class LLMEngine:
         return ended
 
     def _forget_finished(self, finished: list[Sequence]) -> list[Sequence]:
+        now = time.time()
         for seq in finished:
             if seq.request.finished:
+                if seq.request.finished_time is None:
+                    seq.request.finished_time = now
+                    self.metrics.request_finished(seq.request)
                 self.requests.pop(seq.request.request_id, None)
         return finished
 
@@ -355,7 +397,15 @@ class LLMEngine:
         p = seq.params
         seq.token_ids.append(token)
         self.stats.generated_tokens += 1
-        if p.logprobs is not None:
+        request = seq.request
+        now = time.time()
+        if seq.last_token_time is not None:
+            self.metrics.observe("inter_token_latency_seconds", now - seq.last_token_time)
+        seq.last_token_time = request.last_token_time = now
+        if request.first_token_time is None:
+            request.first_token_time = now
+        request.num_generation_tokens += 1
+        if p.logprobs is not None or p.logprob_token_ids:
             seq.logprobs.append(logprob)
         if p.logprob_token_ids:
             seq.token_logprobs.append(chosen)
@@ -413,6 +463,9 @@ class LLMEngine:
         for rank, (t, lp) in enumerate(zip(pos.top_ids, pos.top_logprobs), start=1):
             if t not in out:
                 out[t] = Logprob(lp, rank, decode(t))
+        for t, (lp, rank) in pos.extra.items():  # logprob_token_ids
+            if t not in out:
+                out[t] = Logprob(lp, rank, decode(t))
         return out
 
     def _token_text(self, token_id: int) -> str:
@@ -437,12 +490,17 @@ class LLMEngine:
                 text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=p.skip_special_tokens)
             else:
                 text = ""
-            lps = None if p.logprobs is None else [self._logprob_dict(pos) for pos in seq.logprobs]
+            want = p.logprobs is not None or bool(p.logprob_token_ids)
+            lps = [self._logprob_dict(pos) for pos in seq.logprobs] if want else None
             outs.append(CompletionOutput(
                 index=seq.chain_index, text=text, token_ids=seq.output_token_ids,
-                cumulative_logprob=None if p.logprobs is None else float(sum(pos.logprob for pos in seq.logprobs)),
+                cumulative_logprob=float(sum(pos.logprob for pos in seq.logprobs)) if want else None,
                 logprobs=lps, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
                 token_logprobs=list(seq.token_logprobs) if p.logprob_token_ids else None,
                 kv_pool_exhausted=seq.kv_pool_exhausted))
+        if request.finished and request.finished_time is None:
+            request.finished_time = time.time()
+        metrics = RequestMetrics(request.arrival_time, request.first_scheduled_time, request.first_token_time,
+                                 request.last_token_time, request.finished_time, request.num_generation_tokens)
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outs, request.finished,
-                             request.error, prompt_lps, request.num_cached_tokens or 0)
+                             request.error, prompt_lps, request.num_cached_tokens or 0, metrics)

@@ -26,6 +26,8 @@ class PositionLogprobs:
     rank: int
     top_ids: list[int]
     top_logprobs: list[float]
+    # SamplingParams.logprob_token_ids: id -> (logprob, 1-based rank), shown in CompletionOutput.logprobs as vLLM does
+    extra: dict[int, tuple[float, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -49,6 +51,24 @@ def position_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, ks: list[
     ids = token_ids.tolist()
     return [PositionLogprobs(ids[r], chosen_list[r], ranks[r], top_ids[r][:k] if k else [],
                              top_lp[r][:k] if k else []) for r, k in enumerate(ks)]
+
+
+def top_count(k: int | None, vocab: int) -> int:
+    """SamplingParams.logprobs / prompt_logprobs as a count of top tokens: -1 is the whole vocabulary (vLLM's)."""
+    return vocab if k == -1 else (k or 0)
+
+
+def bad_word_bans(bad_words: list[list[int]], output_ids: list[int]) -> list[int]:
+    """vLLM's bad_words rule: a word's last token is banned when the tokens generated so far end with the rest of
+    the word (a one-token word is banned always). Only this chain's generated tokens count, not the prompt."""
+    banned = []
+    for word in bad_words:
+        head = word[:-1]
+        if len(head) > len(output_ids):
+            continue
+        if not head or output_ids[len(output_ids) - len(head):] == head:
+            banned.append(word[-1])
+    return banned
 
 
 def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -137,8 +157,12 @@ class Sampler:
                 banned = p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)
                 if banned:
                     logits[r, banned] = float("-inf")
-        for r, seq in enumerate(seqs):  # vLLM's allowed_token_ids and logit_bias, before the penalties
+        for r, seq in enumerate(seqs):  # vLLM's allowed_token_ids, bad_words and logit_bias, before the penalties
             p = seq.params
+            if seq.request.bad_words_token_ids:
+                banned = bad_word_bans(seq.request.bad_words_token_ids, seq.output_token_ids)
+                if banned:
+                    logits[r, banned] = float("-inf")
             if p.has_logit_edits:
                 if p.allowed_token_ids is not None:
                     keep = torch.tensor(p.allowed_token_ids, dtype=torch.int64, device=logits.device)
@@ -197,16 +221,20 @@ class Sampler:
         sampled_lp: list[PositionLogprobs | None] = [None] * len(seqs)
         chosen: list[dict[int, float] | None] = [None] * len(seqs)
         if logprobs is not None:
-            lp_rows = [r for r, s in enumerate(seqs) if s.params.logprobs is not None and r not in failed]
+            vocab = logprobs.shape[-1]
+            lp_rows = [r for r, s in enumerate(seqs)
+                       if (s.params.logprobs is not None or s.params.logprob_token_ids) and r not in failed]
             if lp_rows:
                 sel = torch.tensor(lp_rows, device=logprobs.device)
-                for r, pos in zip(lp_rows, position_logprobs(logprobs[sel], tokens[sel],
-                                                             [seqs[r].params.logprobs for r in lp_rows])):
+                ks = [top_count(seqs[r].params.logprobs, vocab) for r in lp_rows]
+                for r, pos in zip(lp_rows, position_logprobs(logprobs[sel], tokens[sel], ks)):
                     sampled_lp[r] = pos
-            lp_cpu = None
             for r, seq in enumerate(seqs):
                 ids = seq.params.logprob_token_ids
-                if ids:
-                    lp_cpu = logprobs.cpu() if lp_cpu is None else lp_cpu
-                    chosen[r] = dict(zip(ids, lp_cpu[r, ids].tolist()))
+                if ids and r not in failed:
+                    row = logprobs[r]  # [V]
+                    values = row[torch.tensor(ids, device=row.device)]  # [len(ids)]
+                    ranks = (row[None, :] >= values[:, None]).sum(dim=-1).tolist()  # vLLM's rank, 1 = most likely
+                    chosen[r] = dict(zip(ids, values.tolist()))
+                    sampled_lp[r].extra = {t: (lp, rank) for t, lp, rank in zip(ids, chosen[r].values(), ranks)}
         return SampleResult(token_list, sampled_lp, chosen, failed)

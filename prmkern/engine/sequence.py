@@ -6,6 +6,7 @@ physical KV blocks (see BlockManager.fork). Sequences hold token ids and bookkee
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,14 @@ class Request:
     prompt_logprobs: list = field(default_factory=list)
     prompt_lp_next: int = 0
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
+    bad_words_token_ids: list[list[int]] | None = None  # SamplingParams.bad_words, tokenized (vLLM's variants)
+    # Wall-clock times (time.time(), vLLM's RequestMetrics): arrival, first scheduled, first and last token, finish.
+    arrival_time: float = field(default_factory=time.time)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+    num_generation_tokens: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.prompt_token_ids)
@@ -57,6 +66,7 @@ class Sequence:
         self.seq_id = seq_id
         self.request = request
         self.chain_index = chain_index
+        self.last_token_time: float | None = None  # time.time() of this chain's latest token (inter-token latency)
         self.generator = generator  # this chain's own RNG: its samples do not depend on the batch
         self.token_ids: list[int] = list(request.prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import hmac
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,11 +25,12 @@ from prmkern.serve.metrics import ServerMetrics
 from prmkern.serve.openai_api import create_chat_completion, create_completion
 from prmkern.serve.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, VerifyRequest,
                                     accepted_fields)
+from prmkern.serve.tokenize_api import DetokenizeRequest, TokenizeRequest, detokenize, tokenize, version
 from prmkern.serve.verify_api import verify
 from prmkern.verify.protocols import VerifyConfig
 
 BODY_MODELS = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
-               "/v1/verify": VerifyRequest}
+               "/v1/verify": VerifyRequest, "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
 
 
 @dataclass
@@ -38,12 +38,16 @@ class ServerConfig:
     model_name: str  # what /v1/models lists and requests may name
     api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <key>"
     max_pending: int = 512  # requests in the engine loop (queued + running) before new ones get 503
+    # tokens admitted (prompts + n * max_tokens of unanswered requests, verify calls' estimates) before new calls get
+    # 503 with Retry-After; below it every call queues in the engine's scheduler
+    max_pending_tokens: int = 1 << 20
     max_request_bytes: int = 1 << 20
     max_n: int = 64  # chains per prompt (n, num_chains)
     max_prompts: int = 64  # prompts in one /v1/completions call
     max_messages: int = 256
     max_steps: int = 256  # steps in one /v1/verify call
-    max_verify: int = 4  # verify calls running at once (each in a worker thread)
+    max_verify: int = 64  # verify calls running at once (worker threads); more wait for a worker, none is refused
+    max_solutions: int = 64  # solutions in one batch /v1/verify call
     max_logprobs: int = 20  # vLLM's max_logprobs: the most logprobs / top_logprobs / prompt_logprobs per position
     max_token_ids: int = 256  # the longest stop_token_ids / logprob_token_ids list (and logit_bias dict)
     allow_code_execution: bool = False  # /v1/verify may run model-written code (format genprm) in the sandbox
@@ -52,10 +56,11 @@ class ServerConfig:
     # The verifier options the operator set explicitly (VerifyConfig field -> value, format excluded): a request that
     # names another format gets that format's defaults with these on top, then its own fields.
     verify_options: dict[str, Any] = field(default_factory=dict)
+    chat_template: str | None = None  # --chat-template: a Jinja template replacing the tokenizer's
 
     def __post_init__(self) -> None:
         for name in ("max_pending", "max_request_bytes", "max_n", "max_prompts", "max_messages", "max_steps",
-                     "max_verify", "max_logprobs", "max_token_ids"):
+                     "max_verify", "max_logprobs", "max_token_ids", "max_pending_tokens", "max_solutions"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ServerConfig.{name}={value!r} is invalid; accepted: an int >= 1")
@@ -75,13 +80,17 @@ class ServerState:
         self.max_model_len = engine.max_model_len
         self.max_n, self.max_prompts = config.max_n, config.max_prompts
         self.max_messages, self.max_steps, self.max_verify = config.max_messages, config.max_steps, config.max_verify
+        self.max_solutions = config.max_solutions
         self.verify_defaults = config.verify
         self.verify_options = dict(config.verify_options)
         self.max_logprobs, self.max_token_ids = config.max_logprobs, config.max_token_ids
         self.allow_code_execution = config.allow_code_execution
-        self.loop = EngineLoop(engine, config.max_pending)
+        self.chat_template = config.chat_template
+        # the checkpoint's generation_config.json sampling defaults (vLLM applies them where a request is silent)
+        self.sampling_defaults = dict(getattr(llm, "_sampling_defaults", {}))
+        engine.metrics.model_name = config.model_name
+        self.loop = EngineLoop(engine, config.max_pending, config.max_pending_tokens)
         self.metrics = ServerMetrics()
-        self.verify_slots = threading.Semaphore(config.max_verify)
         self.verify_executor = ThreadPoolExecutor(config.max_verify, thread_name_prefix="prmkern-verify")
         self.started = time.time()
         self._token_texts: dict[int, str] = {}
@@ -164,8 +173,15 @@ class Guard:
 # With --api-key: /v1/* and the OpenAPI schema need the key; /health (probes) and /metrics (scrapers; counters
 # only, no request content, as vLLM leaves it) stay open. docs/server.md says so.
 KEYED_PATHS = {"/openapi.json"}
-KNOWN_PATHS = {"/v1/completions", "/v1/chat/completions", "/v1/verify", "/v1/models", "/health", "/metrics"}
+KNOWN_PATHS = {"/v1/completions", "/v1/chat/completions", "/v1/verify", "/v1/models", "/health", "/metrics",
+               "/ping", "/version", "/tokenize", "/detokenize"}
 # /v1/models/{id} is counted under "other" in /metrics: one label value per path we serve, never client-chosen.
+
+
+def _check_model_name(state: ServerState, name: str | None) -> None:
+    if name is not None and name not in state.model_names:
+        raise ApiError(404, f"model {name!r} is not served here; available: {[state.model_name]}", "model",
+                       "not_found_error")
 
 
 def _too_large(size: int, limit: int) -> ApiError:
@@ -189,6 +205,8 @@ def _validation_message(exc: RequestValidationError, path: str) -> tuple[str, st
             text = str(err.get("msg")).removeprefix("Value error, ")
             parts.append(text)
             param = param or text.split(" ", 1)[0].split(".", 1)[0].split("[", 1)[0]
+        elif err.get("type") == "value_error" and not loc:  # a check across fields (VerifyRequest's two forms)
+            parts.append(str(err.get("msg")).removeprefix("Value error, "))
         elif err.get("type") == "extra_forbidden":
             parts.append(f"unknown field {where!r}")
         elif err.get("type") in ("json_invalid", "model_attributes_type", "dict_type") or not loc:
@@ -217,7 +235,7 @@ def build_app(llm: Any, config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -268,6 +286,24 @@ def build_app(llm: Any, config: ServerConfig) -> FastAPI:
         if not state.loop.alive:
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return {"status": "ok"}
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping():  # vLLM's (SageMaker's) liveness route: 200 while the engine loop runs
+        return await health()
+
+    @app.get("/version")
+    async def version_route():
+        return version()
+
+    @app.post("/tokenize")
+    async def tokenize_route(req: TokenizeRequest):
+        _check_model_name(state, req.model)
+        return tokenize(state, req)
+
+    @app.post("/detokenize")
+    async def detokenize_route(req: DetokenizeRequest):
+        _check_model_name(state, req.model)
+        return detokenize(state, req)
 
     @app.get("/metrics")
     async def metrics():

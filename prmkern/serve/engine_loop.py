@@ -7,8 +7,12 @@ Results flow back through a per-request `sink` callable, called on the loop thre
 `RequestFailed`. Only this thread touches the engine, so the engine needs no locks. Steps go through
 prmkern/engine/driver.py, the step driver LLM.generate uses too: a failed step fails the requests it ran.
 
-The number of submitted, unfinished requests is bounded: past `max_pending`, `submit` raises `Overloaded` at once
-instead of queueing without limit. Knows nothing of HTTP, JSON or tokenizers.
+Admission is bounded in tokens and in requests: a submission costs its prompt tokens plus n * max_tokens, and
+past `max_pending_tokens` (or `max_pending` requests) `submit` raises `Overloaded` at once instead of queueing
+without limit. Below the bound every submission queues in the engine's own scheduler (first come, first served,
+completions and verification chains alike) however many are waiting. A multi-round caller (a verify call)
+`reserve`s its whole estimated cost once and submits its rounds against the reservation, so that it is refused
+before its first round or not at all. Knows nothing of HTTP, JSON or tokenizers.
 """
 from __future__ import annotations
 
@@ -70,14 +74,19 @@ class Stream:
     cancelled: bool = False
     closed: bool = False  # a final event was sent (loop thread)
     released: bool = False  # no longer counted in the loop's pending requests
+    cost: int = 0  # tokens counted in the loop's pending tokens (0: covered by a reservation)
 
 
 class EngineLoop:
-    def __init__(self, engine: Any, max_pending: int = 512):
+    def __init__(self, engine: Any, max_pending: int = 512, max_pending_tokens: int = 1 << 20):
         if max_pending < 1:
             raise ValueError(f"max_pending={max_pending} is invalid; accepted: an int >= 1")
+        if max_pending_tokens < 1:
+            raise ValueError(f"max_pending_tokens={max_pending_tokens} is invalid; accepted: an int >= 1")
         self.engine = engine
         self.max_pending = max_pending
+        self.max_pending_tokens = max_pending_tokens
+        self._pending_tokens = 0  # costs of unanswered submissions and live reservations (guarded by _cond)
         self._cond = threading.Condition()
         self._inbox: list[Stream] = []
         self._aborts: list[Stream] = []
@@ -97,19 +106,54 @@ class EngineLoop:
         return self._pending
 
     @property
+    def pending_tokens(self) -> int:
+        """Tokens admitted and not yet released: prompts + n * max_tokens of unanswered requests, reservations."""
+        return self._pending_tokens
+
+    @staticmethod
+    def cost(prompt: str | list[int], params: SamplingParams) -> int:
+        """A submission's tokens for admission: its prompt (text: one token per 4 characters, at least 1) and
+        the most its chains may generate."""
+        prompt_tokens = len(prompt) if isinstance(prompt, list) else max(1, len(prompt) // 4)
+        return prompt_tokens + params.n * (params.max_tokens or 0)
+
+    def _check_room(self, cost: int) -> None:
+        """Caller holds _cond. A request that alone exceeds the bound still runs when nothing else is admitted."""
+        if self._stopping:
+            raise Overloaded("the server is shutting down and accepts no new requests")
+        if self._pending_tokens and self._pending_tokens + cost > self.max_pending_tokens:
+            raise Overloaded(f"server overloaded: {self._pending_tokens} tokens admitted and this call needs {cost} "
+                             f"(limit {self.max_pending_tokens}, --max-pending-tokens); retry later")
+
+    def reserve(self, cost: int) -> None:
+        """Admits `cost` tokens for a caller that will submit with reserved=True; raises Overloaded when full."""
+        with self._cond:
+            self._check_room(cost)
+            self._pending_tokens += cost
+
+    def unreserve(self, cost: int) -> None:
+        with self._cond:
+            self._pending_tokens -= cost
+
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping
 
     def submit(self, prompt: str | list[int], params: SamplingParams, sink: Callable[[Event], None],
-               want_deltas: bool = False) -> Stream:
+               want_deltas: bool = False, reserved: bool = False) -> Stream:
+        """reserved: the tokens were admitted by reserve() (a verify call's rounds): only the request count binds."""
         stream = Stream(prompt, params, sink, want_deltas)
+        stream.cost = 0 if reserved else self.cost(prompt, params)
         with self._cond:
             if self._stopping:
                 raise Overloaded("the server is shutting down and accepts no new requests")
             if self._pending >= self.max_pending:
                 raise Overloaded(f"server overloaded: {self._pending} requests in flight (limit {self.max_pending}, "
                                  f"--max-pending); retry later")
+            if not reserved:
+                self._check_room(stream.cost)
             self._pending += 1
+            self._pending_tokens += stream.cost
             self._inbox.append(stream)
             self._cond.notify()
         return stream
@@ -241,3 +285,4 @@ class EngineLoop:
             if not stream.released:
                 stream.released = True
                 self._pending -= 1
+                self._pending_tokens -= stream.cost

@@ -28,6 +28,27 @@ ENGINE_COUNTERS = {  # EngineStats field -> (metric name, help)
 }
 
 
+# The server's own metrics: name -> (type, help). Engine counters above; vLLM's names in prmkern/metrics.py.
+SERVER_METRICS = {
+    "prmkern_http_requests_total": ("counter", "HTTP requests answered, by path and status code."),
+    "prmkern_request_latency_seconds": ("histogram", "End-to-end request latency, by endpoint."),
+    "prmkern_time_to_first_token_seconds": ("histogram", "Streaming: seconds to the first token."),
+    "prmkern_aborted_requests_total": ("counter", "Requests aborted because the client disconnected."),
+    "prmkern_overloaded_requests_total": ("counter", "Requests refused (503) with the admission bound full."),
+    "prmkern_pending_requests": ("gauge", "Requests submitted and not yet answered (the bounded queue)."),
+    "prmkern_pending_requests_limit": ("gauge", "The bound on pending requests (--max-pending)."),
+    "prmkern_pending_tokens": ("gauge", "Tokens admitted and not yet released (prompts + n * max_tokens)."),
+    "prmkern_pending_tokens_limit": ("gauge", "The bound on admitted tokens (--max-pending-tokens)."),
+    "prmkern_waiting_sequences": ("gauge", "Sequences queued in the engine, not yet holding KV blocks."),
+    "prmkern_running_sequences": ("gauge", "Sequences holding KV blocks (prefilling or decoding)."),
+    "prmkern_kv_blocks_total": ("gauge", "KV cache blocks in the pool."),
+    "prmkern_kv_blocks_free": ("gauge", "KV cache blocks not referenced by a running sequence."),
+}
+
+
+ENGINE_HELP = {name: help_ for name, help_ in ENGINE_COUNTERS.values()}
+
+
 class Histogram:
     def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS):
         self.buckets = buckets
@@ -76,42 +97,42 @@ class ServerMetrics:
     def render(self, engine: Any, loop: Any) -> str:
         lines: list[str] = []
 
-        def family(name: str, kind: str, help_: str) -> None:
+        def family(name: str) -> None:
+            kind, help_ = SERVER_METRICS.get(name) or ("counter", ENGINE_HELP[name])
             lines.append(f"# HELP {name} {help_}")
             lines.append(f"# TYPE {name} {kind}")
 
         with self._lock:
-            family("prmkern_http_requests_total", "counter", "HTTP requests answered, by path and status code.")
+            family("prmkern_http_requests_total")
             for (path, status), n in sorted(self.http_requests.items()):
                 lines.append(f'prmkern_http_requests_total{{path="{path}",status="{status}"}} {n}')
-            family("prmkern_request_latency_seconds", "histogram", "End-to-end request latency, by endpoint.")
+            family("prmkern_request_latency_seconds")
             for endpoint, h in sorted(self.latency.items()):
                 lines += h.lines("prmkern_request_latency_seconds", f'endpoint="{endpoint}"')
-            family("prmkern_time_to_first_token_seconds", "histogram", "Streaming: seconds to the first token.")
+            family("prmkern_time_to_first_token_seconds")
             for endpoint, h in sorted(self.ttft.items()):
                 lines += h.lines("prmkern_time_to_first_token_seconds", f'endpoint="{endpoint}"')
-            family("prmkern_aborted_requests_total", "counter", "Requests aborted because the client disconnected.")
+            family("prmkern_aborted_requests_total")
             lines.append(f"prmkern_aborted_requests_total {self.aborted}")
-            family("prmkern_overloaded_requests_total", "counter", "Requests refused (503) with the queue full.")
+            family("prmkern_overloaded_requests_total")
             lines.append(f"prmkern_overloaded_requests_total {self.overloaded}")
         stats = engine.stats.as_dict()
-        for key, (name, help_) in ENGINE_COUNTERS.items():
-            family(name, "counter", help_)
+        for key, (name, _) in ENGINE_COUNTERS.items():
+            family(name)
             lines.append(f"{name} {stats.get(key, 0)}")
         scheduler = engine.scheduler
         gauges = {
-            "prmkern_pending_requests": ("Requests submitted and not yet answered (the bounded queue).",
-                                         loop.pending),
-            "prmkern_pending_requests_limit": ("The bound on pending requests (--max-pending).", loop.max_pending),
-            "prmkern_waiting_sequences": ("Sequences queued in the engine, not yet holding KV blocks.",
-                                          len(scheduler.waiting)),
-            "prmkern_running_sequences": ("Sequences holding KV blocks (prefilling or decoding).",
-                                          len(scheduler.running)),
-            "prmkern_kv_blocks_total": ("KV cache blocks in the pool.", engine.block_manager.num_blocks),
-            "prmkern_kv_blocks_free": ("KV cache blocks not referenced by a running sequence.",
-                                       engine.block_manager.num_free_blocks),
+            "prmkern_pending_requests": loop.pending,
+            "prmkern_pending_requests_limit": loop.max_pending,
+            "prmkern_pending_tokens": loop.pending_tokens,
+            "prmkern_pending_tokens_limit": loop.max_pending_tokens,
+            "prmkern_waiting_sequences": len(scheduler.waiting),
+            "prmkern_running_sequences": len(scheduler.running),
+            "prmkern_kv_blocks_total": engine.block_manager.num_blocks,
+            "prmkern_kv_blocks_free": engine.block_manager.num_free_blocks,
         }
-        for name, (help_, value) in gauges.items():
-            family(name, "gauge", help_)
+        for name, value in gauges.items():
+            family(name)
             lines.append(f"{name} {value}")
+        lines += engine.metrics.prometheus(engine)  # vLLM's names and meanings (prmkern/metrics.py)
         return "\n".join(lines) + "\n"

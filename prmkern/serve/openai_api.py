@@ -23,7 +23,7 @@ from prmkern.serve.calls import ChainText, EngineCall
 from prmkern.serve.engine_loop import ChainDelta, ChainDone, Overloaded, RequestDone, RequestFailed
 from prmkern.serve.logprobs import chat_logprobs, choice_extras, completion_logprobs, logprob_dicts, lp_entries
 from prmkern.serve.responses import json_response
-from prmkern.serve.protocol import (ApiError, BadRequest, ChatCompletionRequest, CompletionRequest,
+from prmkern.serve.protocol import (ApiError, BadRequest, ChatCompletionRequest, CompletionRequest, overloaded,
                                     sampling_params)
 
 CLIENT_CLOSED = 499  # nginx's code for "client closed request": logged in /metrics, never seen by the client
@@ -116,7 +116,8 @@ def _params(state: Any, req: Any, max_tokens: int, logprobs: int | None) -> Samp
                              f"--max-token-ids)", name)
         if name != "logit_bias":
             _check_ids(state, ids, name)
-    return sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, max_n=state.max_n)
+    return sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, max_n=state.max_n, vocab=state.vocab_size,
+                           defaults=state.sampling_defaults)
 
 
 # -- running a call --------------------------------------------------------------------------------------------------
@@ -127,7 +128,7 @@ async def _start(state: Any, http: Request, prompts: list[list[int]], params: Sa
         call.submit(prompts, params, want_deltas=stream)
     except Overloaded as e:
         state.metrics.overloaded += 1
-        raise ApiError(503, str(e), None, "overloaded_error") from e
+        raise overloaded(str(e)) from e
     call.watch_disconnect(http.receive)
     return call
 
@@ -295,13 +296,14 @@ async def create_completion(state: Any, req: CompletionRequest, http: Request) -
 # -- /v1/chat/completions --------------------------------------------------------------------------------------------
 def _chat_prompt(state: Any, req: ChatCompletionRequest) -> list[int]:
     tok = state.tokenizer
-    if tok is None or not getattr(tok, "chat_template", None):
+    if tok is None or not (state.chat_template or getattr(tok, "chat_template", None)):
         raise BadRequest("this model has no chat template; accepted: /v1/completions with a prompt", "messages")
     if len(req.messages) > state.max_messages:
         raise BadRequest(f"{len(req.messages)} messages; accepted: at most {state.max_messages}", "messages")
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     try:
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=req.add_generation_prompt)
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=req.add_generation_prompt,
+                                       chat_template=state.chat_template)
     except Exception as e:  # noqa: BLE001 - a template that rejects these messages (e.g. role order): the client's
         raise BadRequest(f"the chat template rejected these messages: {e}", "messages") from e
     return _encode(state, text)
@@ -313,9 +315,6 @@ async def create_chat_completion(state: Any, req: ChatCompletionRequest, http: R
     if req.tools or (req.tool_choice not in (None, "none")):
         raise BadRequest("tool calling is not supported; accepted: tools null or [], tool_choice null or 'none'",
                          "tools")
-    if req.response_format not in (None, {"type": "text"}):
-        raise BadRequest("response_format is not supported; accepted: null or {'type': 'text'}",
-                         "response_format")
     if req.max_tokens is not None and req.max_completion_tokens is not None:
         raise BadRequest("give max_tokens or max_completion_tokens, not both", "max_completion_tokens")
     if req.top_logprobs is not None and not req.logprobs:

@@ -1,8 +1,10 @@
 """The HTTP request bodies, in OpenAI's field names, and their translation into the engine's SamplingParams.
 
 Unknown fields are rejected (HTTP 400 listing the accepted ones) rather than silently ignored: a client that asks
-for a feature this server lacks learns it at once. OpenAI fields the engine cannot honour (`logit_bias`, `suffix`,
-tools) are accepted only at their no-op value. Extensions (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
+for a feature this server lacks learns it at once. OpenAI fields that change nothing about the answer and that vLLM
+also ignores (`metadata`, `store`, `service_tier`, `user`, ... : IGNORED_FIELDS) are accepted and ignored; fields
+the engine cannot honour (`suffix`, tools, guided decoding: `response_format` json_object / json_schema, vLLM's
+`guided_*` and `structured_outputs`) are accepted only at their no-op value, else a 400 names the feature. Extensions (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
 `ignore_eos`, `stop_token_ids`, `prompt_logprobs`, `return_token_ids`, ...) follow vLLM's server names; prmkern's
 own is `logprob_token_ids`. Values are validated by SamplingParams itself, whose messages say what is accepted.
 """
@@ -22,12 +24,22 @@ Number = StrictFloat  # JSON ints are accepted as floats; booleans and strings a
 class ApiError(Exception):
     """Answered as OpenAI's error object {"error": {message, type, param, code}} with this HTTP status."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.type = status, message, param, type_
+        self.headers = headers  # e.g. Retry-After on a 503
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+
+
+RETRY_AFTER_S = 1  # what an overloaded answer tells the client to wait (seconds)
+
+
+def overloaded(message: str) -> ApiError:
+    """503 with Retry-After: the token-bounded admission is full (or the server is stopping)."""
+    return ApiError(503, message, None, "overloaded_error", {"Retry-After": str(RETRY_AFTER_S)})
 
 
 class BadRequest(ApiError):
@@ -92,7 +104,19 @@ class _SamplingFields(_Request):
     repetition_penalty: Number | None = None
     min_p: Number | None = None
     logit_bias: dict[str, Number] | None = None
-    user: StrictStr | None = None  # accepted and ignored (OpenAI's end-user tag)
+    # Accepted and ignored, as vLLM does (IGNORED_FIELDS): tags and storage options of OpenAI's hosted API.
+    user: StrictStr | None = None
+    metadata: dict[str, Any] | None = None
+    store: StrictBool | None = None
+    service_tier: StrictStr | None = None
+    prompt_cache_key: StrictStr | None = None
+    safety_identifier: StrictStr | None = None
+    # vLLM's guided decoding: refused with a 400 naming the feature (GUIDED_FIELDS)
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -102,6 +126,7 @@ class CompletionRequest(_SamplingFields):
     echo: StrictBool = False
     best_of: StrictInt | None = None
     suffix: StrictStr | None = None
+    response_format: dict[str, Any] | None = None  # only {"type": "text"}: no guided decoding
 
 
 class TextPart(_Body):
@@ -128,15 +153,28 @@ class ChatCompletionRequest(_SamplingFields):
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
-    parallel_tool_calls: StrictBool | None = None
+    parallel_tool_calls: StrictBool | None = None  # accepted and ignored (no tools)
+    reasoning_effort: StrictStr | None = None  # accepted and ignored, as below (IGNORED_FIELDS)
+    modalities: list[StrictStr] | None = None
+    prediction: Any = None
+    verbosity: StrictStr | None = None
+
+
+class VerifySolution(_Body):
+    """One solution of a batch /v1/verify call."""
+    problem: StrictStr
+    steps: list[StrictStr] = Field(min_length=1)
+    id: StrictStr | StrictInt | None = None
 
 
 class VerifyRequest(_Request):
-    """prmkern's /v1/verify: one solution (a problem and its steps) scored step by step by the verifier. Every other
-    field overrides the server's verification config (the `prmkern serve` flags) for this request only."""
+    """prmkern's /v1/verify: one solution (`problem` and `steps`) or a batch (`solutions`: a list of them), scored
+    step by step by the verifier. Every other field overrides the server's verification config (the `prmkern serve`
+    flags) for this request only."""
 
-    problem: StrictStr
-    steps: list[StrictStr] = Field(min_length=1)
+    problem: StrictStr | None = None
+    steps: list[StrictStr] | None = Field(default=None, min_length=1)
+    solutions: list[VerifySolution] | None = Field(default=None, min_length=1)
     id: StrictStr | StrictInt | None = None
     model: StrictStr | None = None
     format: StrictStr | None = None
@@ -152,26 +190,73 @@ class VerifyRequest(_Request):
     stop_at_first_error: StrictBool | None = None  # stop judging once the earliest error is decided
     include_chains: StrictBool = True
 
+    @model_validator(mode="after")
+    def _one_form(self) -> "VerifyRequest":
+        single = self.problem is not None or self.steps is not None
+        if single == (self.solutions is not None):
+            raise ValueError("give either problem and steps (one solution) or solutions (a batch), not both")
+        if single and (self.problem is None or self.steps is None):
+            raise ValueError("one solution needs both problem and steps")
+        return self
+
+
+IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
+                  "parallel_tool_calls", "reasoning_effort", "modalities", "prediction", "verbosity")
+GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+
+
+def check_unsupported(req: _SamplingFields) -> None:
+    """A 400 naming the feature for guided decoding, which this server does not have."""
+    for name in GUIDED_FIELDS:
+        if getattr(req, name) is not None:
+            raise BadRequest(f"{name}: guided decoding (structured outputs) is not supported by this server; "
+                             f"accepted: {name} null", name)
+    fmt = getattr(req, "response_format", None)
+    if fmt is not None and fmt.get("type") != "text":
+        raise BadRequest(f"response_format type {fmt.get('type')!r}: guided decoding (JSON mode, JSON schema) is "
+                         f"not supported by this server; accepted: null or {{'type': 'text'}}", "response_format")
+
+
+def logit_bias(bias: dict[str, float] | None, vocab: int) -> dict[int, float] | None:
+    """OpenAI's logit_bias {"token id": bias}: ids checked against the vocabulary, biases clamped to [-100, 100]
+    (OpenAI's range; vLLM clamps the same way)."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        if not key.isdigit() or int(key) >= vocab:
+            raise BadRequest(f"logit_bias has key {key!r}; accepted: token ids (as strings) in [0, {vocab})",
+                             "logit_bias")
+        out[int(key)] = min(100.0, max(-100.0, float(value)))
+    return out
+
 
 def accepted_fields(model: type[BaseModel]) -> str:
     return ", ".join(model.model_fields)
 
 
-def sampling_params(req: _SamplingFields, *, max_tokens: int, logprobs: int | None, max_n: int) -> SamplingParams:
-    """The engine's SamplingParams for a validated body. Raises BadRequest naming the field and what is accepted."""
+def sampling_params(req: _SamplingFields, *, max_tokens: int, logprobs: int | None, max_n: int, vocab: int,
+                    defaults: dict[str, Any] | None = None) -> SamplingParams:
+    """The engine's SamplingParams for a validated body. Raises BadRequest naming the field and what is accepted.
+    `defaults`: the model's generation_config sampling defaults (vLLM's), used where the request leaves a field
+    unset."""
     if not 1 <= req.n <= max_n:
         raise BadRequest(f"n={req.n} is invalid; accepted: an int in [1, {max_n}] (--max-n)", "n")
-    if req.logit_bias:
-        raise BadRequest("logit_bias is not supported by this server; accepted: null or {}", "logit_bias")
-    penalties = {name: getattr(req, name) for name in ("presence_penalty", "frequency_penalty",
-                                                      "repetition_penalty", "min_p") if getattr(req, name) is not None}
+    check_unsupported(req)
+    d = defaults or {}
+    penalties = {name: getattr(req, name) if getattr(req, name) is not None else d.get(name)
+                 for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p")}
+    penalties = {k: v for k, v in penalties.items() if v is not None}
+    temperature = req.temperature if req.temperature is not None else d.get("temperature", 1.0)
+    top_p = req.top_p if req.top_p is not None else d.get("top_p", 1.0)
+    top_k = req.top_k if req.top_k is not None else d.get("top_k", -1)
     stop = req.stop
     if isinstance(stop, list) and len(stop) > 16:
         raise BadRequest(f"stop has {len(stop)} strings; accepted: at most 16", "stop")
     try:
         return SamplingParams(
-            n=req.n, temperature=1.0 if req.temperature is None else float(req.temperature),
-            top_p=1.0 if req.top_p is None else float(req.top_p), top_k=-1 if req.top_k is None else req.top_k,
+            n=req.n, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
+            logit_bias=logit_bias(req.logit_bias, vocab),
             min_tokens=req.min_tokens, max_tokens=max_tokens, ignore_eos=req.ignore_eos, stop=stop,
             stop_token_ids=req.stop_token_ids, include_stop_str_in_output=req.include_stop_str_in_output,
             seed=req.seed, logprobs=logprobs, prompt_logprobs=req.prompt_logprobs,

@@ -22,7 +22,7 @@ from fastapi.responses import Response
 from prmkern.outputs import CompletionOutput, RequestOutput
 from prmkern.sampling_params import SamplingParams
 from prmkern.serve.engine_loop import ChainDelta, ChainDone, EngineLoop, Overloaded, RequestDone
-from prmkern.serve.protocol import ApiError, BadRequest, VerifyRequest
+from prmkern.serve.protocol import ApiError, BadRequest, VerifyRequest, overloaded
 from prmkern.serve.responses import json_response
 from prmkern.verify.formats import get_format
 from prmkern.verify.protocols import Verifier, VerifyConfig
@@ -30,6 +30,7 @@ from prmkern.verify.protocols import Verifier, VerifyConfig
 # VerifyConfig fields that a format's published defaults set (formats.format_defaults and protocols._GENERIC).
 FORMAT_DERIVED = ("num_chains", "temperature", "top_p", "top_k", "max_tokens", "method", "max_code_rounds",
                   "scoring")
+TEMPLATE_TOKENS = 512  # the verifier format's instructions around a solution, at most (for the admission estimate)
 VERIFY_OVERRIDES = ("format", "num_chains", "temperature", "top_p", "max_tokens", "budget_tokens", "method",
                     "threshold", "seed", "scoring", "stop_at_first_error")
 
@@ -43,6 +44,7 @@ class LoopLLM:
 
     def __init__(self, loop: EngineLoop, tokenizer: Any, cancel: threading.Event):
         self.loop = loop
+        self.engine = loop.engine  # for the Verifier's metrics (verifications, chains)
         self.tokenizer = tokenizer
         self.cancel = cancel
 
@@ -61,7 +63,7 @@ class LoopLLM:
         try:
             for i, (prompt, sp) in enumerate(zip(prompts, params)):
                 streams.append(self.loop.submit(prompt, sp, lambda ev, i=i: inbox.put((i, ev)),
-                                                want_deltas=watch is not None))
+                                                want_deltas=watch is not None, reserved=True))
             outs: list[RequestOutput | None] = [None] * len(prompts)
             left = len(prompts)
             while left:
@@ -183,28 +185,52 @@ def _check_code_execution(state: Any, req: VerifyRequest) -> None:
                          f"--allow-code-execution)", "format")
 
 
+def _records(state: Any, req: VerifyRequest) -> list[dict[str, Any]]:
+    if req.solutions is None:
+        sols = [{"problem": req.problem, "steps": req.steps, "id": req.id}]
+    else:
+        if len(req.solutions) > state.max_solutions:
+            raise BadRequest(f"{len(req.solutions)} solutions; accepted: at most {state.max_solutions}", "solutions")
+        sols = [{"problem": s.problem, "steps": s.steps, "id": s.id} for s in req.solutions]
+    for sol in sols:
+        if len(sol["steps"]) > state.max_steps:
+            raise BadRequest(f"{len(sol['steps'])} steps; accepted: at most {state.max_steps}", "steps")
+    return [{k: v for k, v in sol.items() if v is not None} for sol in sols]
+
+
+def estimated_cost(state: Any, records: list[dict[str, Any]], config: VerifyConfig) -> int:
+    """The tokens a verify call may put in the engine: each solution's text (tokenized) plus the template's
+    words, and K chains of max_tokens each. Reserved once, before the first round (EngineLoop.reserve)."""
+    total = 0
+    for rec in records:
+        text = rec["problem"] + "\n".join(rec["steps"])
+        prompt = len(state.tokenizer.encode(text)) if state.tokenizer is not None else len(text) // 4
+        total += prompt + TEMPLATE_TOKENS + config.num_chains * config.max_tokens
+    return total
+
+
 async def verify(state: Any, req: VerifyRequest, http: Request) -> Response:
     start = time.perf_counter()
     if req.model is not None and req.model not in state.model_names:
         raise ApiError(404, f"model {req.model!r} is not served here; available: {[state.model_name]}",
                        "model", "not_found_error")
-    if len(req.steps) > state.max_steps:
-        raise BadRequest(f"{len(req.steps)} steps; accepted: at most {state.max_steps}", "steps")
+    records = _records(state, req)
     _check_code_execution(state, req)
     config = verify_config(state.verify_defaults, req, state.max_n, state.max_model_len - 1,
                            state.verify_options)
-    if not state.verify_slots.acquire(blocking=False):
+    cost = estimated_cost(state, records, config)
+    try:
+        state.loop.reserve(cost)  # queued below the bound (the engine's scheduler), refused above it
+    except Overloaded as e:
         state.metrics.overloaded += 1
-        raise ApiError(503, f"server overloaded: {state.max_verify} verify calls running (--max-verify); retry "
-                       f"later", None, "overloaded_error")
+        raise overloaded(str(e)) from e
     cancel = threading.Event()
     try:
         try:
             verifier = Verifier(LoopLLM(state.loop, state.tokenizer, cancel), config)
         except ValueError as e:
             raise BadRequest(str(e)) from e
-        record = {"problem": req.problem, "steps": req.steps, **({"id": req.id} if req.id is not None else {})}
-        work = asyncio.get_running_loop().run_in_executor(state.verify_executor, verifier.verify, [record])
+        work = asyncio.get_running_loop().run_in_executor(state.verify_executor, verifier.verify, records)
         gone = asyncio.ensure_future(_disconnected(http))
         done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
         if work not in done:
@@ -217,22 +243,28 @@ async def verify(state: Any, req: VerifyRequest, http: Request) -> Response:
             return Response(status_code=499)
         gone.cancel()
         try:
-            result = work.result()[0]
+            results = work.result()
         except Overloaded as e:
             state.metrics.overloaded += 1
-            raise ApiError(503, str(e), None, "overloaded_error") from e
+            raise overloaded(str(e)) from e
     finally:
-        state.verify_slots.release()
-    if result.error is not None:
-        raise BadRequest(result.error)
+        state.loop.unreserve(cost)
 
     def build() -> dict[str, Any]:  # in a worker thread: decoding every chain's text is not the event loop's work
-        body = result.to_json(state.tokenizer, include_chains=req.include_chains)
-        body["id"] = req.id  # the client's id, or null (not the record's index within this call)
-        body.update(model=state.model_name, format=config.format.name, num_chains=config.num_chains,
-                    usage={"chains": len(result.chains),
-                           "completion_tokens": sum(len(t.token_ids) for c in result.chains for t in c.turns)})
-        return body
+        bodies = []
+        for rec, result in zip(records, results):
+            body = result.to_json(state.tokenizer, include_chains=req.include_chains)
+            body["id"] = rec.get("id")  # the client's id, or null (not the record's index within this call)
+            bodies.append(body)
+        usage = {"chains": sum(len(r.chains) for r in results),
+                 "completion_tokens": sum(len(t.token_ids) for r in results for c in r.chains for t in c.turns)}
+        settings = dict(model=state.model_name, format=config.format.name, num_chains=config.num_chains,
+                        usage=usage)
+        if req.solutions is None:
+            return {**bodies[0], **settings}
+        return {"object": "list", "data": bodies, **settings}
+    if req.solutions is None and results[0].error is not None:
+        raise BadRequest(results[0].error)
     state.metrics.observe_latency("verify", time.perf_counter() - start)
     return await json_response(build)
 

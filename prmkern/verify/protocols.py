@@ -86,7 +86,7 @@ class VerifyConfig:
             raise ValueError(f"method 'final' needs a format with a forced final verdict (final_prefix); "
                              f"{self.format.name!r} has none")
         # The sampling settings fail here, before any model work, with SamplingParams' own messages.
-        SamplingParams(n=self.num_chains, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+        SamplingParams(n=1, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                        max_tokens=self.max_tokens)
         if not isinstance(self.threshold, (int, float)) or not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold={self.threshold!r} is invalid; accepted: a float in [0, 1]")
@@ -292,6 +292,10 @@ class Verifier:
         run_rounds(self.llm, self.protocol(jobs, results))
         if progress is not None:
             progress(len(jobs))
+        metrics = getattr(getattr(self.llm, "engine", None), "metrics", None)  # prmkern:verifications, _chains
+        if metrics is not None:
+            done = [r for r in results if r.error is None]
+            metrics.count_verifications(len(done), sum(len(r.chains) for r in done))
         return results
 
     def protocol(self, jobs: list[tuple[Any, str, list[str]]], results: Any) -> Any:
@@ -320,7 +324,12 @@ class Verifier:
                include_stop: bool = False, logprob_ids: Sequence[int] | None = None,
                greedy: bool = False, top_logprobs: int | None = None) -> SamplingParams:
         c = self.config
-        return SamplingParams(n=n, temperature=0.0 if greedy else c.temperature, top_p=c.top_p, top_k=c.top_k,
+        temperature, top_k = (0.0 if greedy else c.temperature), c.top_k
+        if n > 1 and temperature < 1e-5:
+            # K greedy chains (vLLM, and so SamplingParams, refuse greedy n > 1): top-1 sampling draws the argmax
+            # every time, so the K chains are the greedy chain, forked from one prefill as sampled chains are.
+            temperature, top_k = 1.0, 1
+        return SamplingParams(n=n, temperature=temperature, top_p=c.top_p, top_k=top_k,
                               max_tokens=max(1, max_tokens), seed=seed, stop=list(stop) or None,
                               include_stop_str_in_output=include_stop, logprobs=top_logprobs,
                               logprob_token_ids=list(logprob_ids) if logprob_ids else None)
