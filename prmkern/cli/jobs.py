@@ -225,22 +225,34 @@ class JobRunner:
         pending = [it for it in items if it.index not in done]
         self.skipped = len(items) - len(pending)
         by_index = {it.index: it for it in pending}
-        written: set[int] = set()
+        written: set[int] = set()  # emitted (the row exists), whether or not it is in the file yet
+        # Rows go to the file in input order: a finished row waits for the rows of earlier records (at most the
+        # batch in flight, since batches run in order); whatever waits is written when the run stops.
+        order = [it.index for it in pending]
+        held: dict[int, dict[str, Any]] = {}
+        next_pos = 0
+
+        def write(row: dict[str, Any]) -> None:
+            out.write(_line(row) + "\n")
+            self.rows.append(row)
 
         def emit(index: int, row: dict[str, Any]) -> None:
+            nonlocal next_pos
             if index in written:
                 raise AssertionError(f"record {index} emitted twice")
             written.add(index)
-            out.write(_line(row) + "\n")
+            held[index] = row
+            while next_pos < len(order) and order[next_pos] in held:
+                write(held.pop(order[next_pos]))
+                next_pos += 1
             out.flush()
-            self.rows.append(row)
             if progress is not None:
                 progress(1)
 
         start = time.perf_counter()
         try:
             bad = [it for it in pending if it.error is not None]
-            for it in bad:  # input errors first: they cost nothing and must not wait behind the model
+            for it in bad:  # input errors first: they cost nothing (their rows take their place in the file)
                 emit(it.index, it.row(error=it.error))
             for batch in _batches([it for it in pending if it.error is None], max(1, batch_size), align):
                 _process(batch, process, emit, written)
@@ -248,6 +260,9 @@ class JobRunner:
             self.interrupted = True
         finally:
             self.seconds = time.perf_counter() - start
+            for index in sorted(held, key=order.index):  # stopped early: keep what was computed (--resume skips it)
+                write(held.pop(index))
+            out.flush()
             if out is not sys.stdout:
                 out.close()
         missing = [i for i in by_index if i not in written]

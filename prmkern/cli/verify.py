@@ -19,6 +19,7 @@ import functools
 import json
 import os
 import sys
+import time
 from collections import Counter
 from typing import Any, Callable, Sequence
 
@@ -169,10 +170,9 @@ def check_verify_record(rec: dict[str, Any], need_label: bool = False) -> None:
 
 
 class ChainProgress:
-    """The LLM, as the Verifier sees it, with the progress bar's postfix counting finished chains inside a batch:
-    a batch of solutions ends all at once, so the per-solution ticks alone would be coarse. Its generate is the
-    engine's step driver (prmkern/engine/driver.py) with the postfix as the per-step callback, so a failed step or
-    an interrupt is handled as in LLM.generate."""
+    """The LLM, as the Verifier sees it, with the progress bar's postfix counting generated tokens and finished chains
+    at every engine step (redrawn at most 4 times a second): a batch of solutions ends all at once, and one long
+    chain takes many seconds, so per-solution ticks alone would leave the bar still."""
 
     def __init__(self, llm: Any, bar: Any):
         self._llm, self._bar = llm, bar
@@ -186,14 +186,16 @@ class ChainProgress:
             params = [params] * len(prompts)  # one SamplingParams for all prompts
         if self._bar is None or not isinstance(params, list) or not hasattr(engine, "add_request"):
             return self._llm.generate(prompts, params, use_tqdm=False, **({"watch": watch} if watch else {}))
-        done: set = set()
-        total = len(prompts)
+        chains = sum(sp.n for sp in params)
+        tokens0, shown, finished_chains = engine.stats.generated_tokens, [0.0], [0]
 
-        def on_step(finished: list) -> None:
-            now = {seq.request.request_id for seq in finished if seq.request.finished} - done
-            if now:
-                done.update(now)
-                self._bar.set_postfix_str(f"engine call: {len(done)}/{total} requests done")
+        def on_step(finished: list) -> None:  # every engine step: tokens so far, chains finished (<= 4 redraws/s)
+            finished_chains[0] += len(finished)
+            now = time.monotonic()
+            if now - shown[0] >= 0.25:
+                shown[0] = now
+                self._bar.set_postfix_str(f"{engine.stats.generated_tokens - tokens0} tokens, "
+                                          f"{finished_chains[0]}/{chains} chains done")
         return driver.generate(engine, prompts, params, on_step, watch)
 
 
