@@ -35,7 +35,7 @@ def _assert_healthy(llm: LLM, fresh) -> None:
 
 @pytest.mark.parametrize("field, value", [("temperature", float("nan")), ("temperature", float("inf")),
                                           ("top_p", float("nan")), ("min_p", float("inf")),
-                                          ("presence_penalty", float("nan")), ("n", True), ("logprobs", -1)])
+                                          ("presence_penalty", float("nan")), ("n", True), ("logprobs", -2)])
 def test_bad_params_set_after_construction_fail_alone(qwen2_dir, fresh, field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}=.*accepted"):
         SamplingParams(**{field: value})
