@@ -57,7 +57,9 @@ def cmd_bon(args: argparse.Namespace) -> int:
                                             "text": x.text} for x in r.candidates]})
 
     runner = JobRunner(args.output, args.resume, resume_hint(args.argv), inputs=[args.input])
+    chains0 = llm.engine.metrics.verification_chains  # the Verifier counts its chains there (prmkern/metrics.py)
     runner.run(items, process, batch_size=args.batch_size or 1, progress=bar.update if bar else None, align=True)
+    chains = llm.engine.metrics.verification_chains - chains0
     if bar is not None:
         bar.close()
     if not runner.writes_summary:
@@ -69,8 +71,8 @@ def cmd_bon(args: argparse.Namespace) -> int:
     print(f"best-of-{args.n} ({args.select}) on {len(runner.rows)} problems in {runner.seconds:.2f} s"
           + (f", accuracy {acc:.3f} over {len(graded)} with a reference answer" if graded else ""), file=sys.stderr)
     stats = llm.stats.as_dict()
-    print(summary_line(stats, runner.seconds, 0), file=sys.stderr)
-    write_summary(args.summary, runner.summary(len(items), stats, command="bon", input=args.input,
+    print(summary_line(stats, runner.seconds, chains), file=sys.stderr)
+    write_summary(args.summary, runner.summary(len(items), stats, chains, command="bon", input=args.input,
                                                output=args.output, accuracy=acc, graded=len(graded),
                                                scoring=config.scoring))
     return 130 if runner.interrupted else 0
