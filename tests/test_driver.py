@@ -51,7 +51,7 @@ def test_a_failed_step_fails_the_call_and_the_engine_goes_on(llm, monkeypatch, c
     again = front.generate([[3, 4, 5], [6, 7]], [PARAMS, PARAMS], use_tqdm=False)
     assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in want]
     if caller == "chain_progress":
-        assert bar.postfix[-1] == "engine call: 2/2 requests done"
+        assert bar.postfix[-1] == "10 tokens, 2/2 chains done"  # 2 prompts x max_tokens 5
 
 
 @pytest.mark.parametrize("caller", ["llm", "chain_progress"])
@@ -67,7 +67,7 @@ def test_fatal_errors_and_interrupts_reach_the_caller_and_abort_the_call(llm, mo
 
 def test_the_callback_sees_each_finished_sequence_once(llm):
     seen = []
-    params = [SamplingParams(n=2, max_tokens=3 + i, temperature=0, ignore_eos=True) for i in range(3)]
+    params = [SamplingParams(n=2, max_tokens=3 + i, temperature=1.0, top_k=1, ignore_eos=True) for i in range(3)]
     outs = driver.generate(llm.engine, [[3, 4], [5, 6], [7, 8]], params, lambda finished: seen.extend(finished))
     assert len(seen) == 6 and len({id(s) for s in seen}) == 6
     assert sorted(len(s.output_token_ids) for s in seen) == [3, 3, 4, 4, 5, 5]

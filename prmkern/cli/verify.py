@@ -189,14 +189,19 @@ class ChainProgress:
         chains = sum(sp.n for sp in params)
         tokens0, shown, finished_chains = engine.stats.generated_tokens, [0.0], [0]
 
+        def show() -> None:
+            self._bar.set_postfix_str(f"{engine.stats.generated_tokens - tokens0} tokens, "
+                                      f"{finished_chains[0]}/{chains} chains done")
+
         def on_step(finished: list) -> None:  # every engine step: tokens so far, chains finished (<= 4 redraws/s)
             finished_chains[0] += len(finished)
             now = time.monotonic()
             if now - shown[0] >= 0.25:
                 shown[0] = now
-                self._bar.set_postfix_str(f"{engine.stats.generated_tokens - tokens0} tokens, "
-                                          f"{finished_chains[0]}/{chains} chains done")
-        return driver.generate(engine, prompts, params, on_step, watch)
+                show()
+        outs = driver.generate(engine, prompts, params, on_step, watch)
+        show()  # the call's final count, whatever the redraw throttle skipped
+        return outs
 
 
 def early_exit_counts(results: list, counts: dict[str, int]) -> None:

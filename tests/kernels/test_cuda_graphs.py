@@ -40,9 +40,10 @@ def test_engine_decode_from_graphs_gives_torch_backend_tokens(qwen2_dir, monkeyp
 
     monkeypatch.setitem(BACKENDS, "triton", LowThresholds)
     prompts = random_prompts([40, 7, 21], 509, seed=5)
-    params = [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, n=3),
+    # top-1 sampling: greedy tokens for n > 1 chains (vLLM, and so prmkern, refuse greedy n > 1)
+    params = [SamplingParams(temperature=1.0, top_k=1, max_tokens=4, ignore_eos=True, n=3),
               SamplingParams(temperature=0, max_tokens=9, ignore_eos=True, n=1),
-              SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, n=3)]
+              SamplingParams(temperature=1.0, top_k=1, max_tokens=6, ignore_eos=True, n=3)]
 
     def run(backend: str, graphs: bool):
         llm = LLM(qwen2_dir, device="cpu", dtype=torch.float32, attention_backend=backend, block_size=8,
@@ -79,8 +80,8 @@ def test_batch_larger_than_graphs_runs_eagerly(qwen2_dir):
     runner = llm.engine.runner
     runner.config.max_graph_batch = 2
     runner.graphs = runner.make_graphs("eager")
-    out = llm.generate(random_prompts([9], 509, seed=1), SamplingParams(temperature=0, max_tokens=3, n=3,
-                                                                        ignore_eos=True))
+    out = llm.generate(random_prompts([9], 509, seed=1), SamplingParams(temperature=1.0, top_k=1, max_tokens=3,
+                                                                        n=3, ignore_eos=True))
     assert len(out[0].outputs) == 3 and runner.graphs.replays == 0 and not runner.graphs.graphs
 
 
@@ -188,7 +189,7 @@ def test_cuda_graph_decode_matches_eager_on_gpu(qwen2_dir):
     from tests.conftest import random_prompts
 
     prompts = random_prompts([300, 40], 509, seed=11)
-    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=5),
+    params = [SamplingParams(temperature=1.0, top_k=1, max_tokens=12, ignore_eos=True, n=5),  # top-1: greedy
               SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, n=1)]
     for dtype in (torch.float32, torch.bfloat16):
         runs = []
