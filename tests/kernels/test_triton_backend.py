@@ -139,7 +139,7 @@ def test_engine_on_triton_backend_gives_torch_backend_tokens(qwen2_dir, monkeypa
 
     monkeypatch.setitem(BACKENDS, "triton", Recording)
     prompts = random_prompts([40, 7, 21], 509, seed=3)
-    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, n=n) for n in (3, 1, 3)]
+    params = [SamplingParams(temperature=1.0, top_k=1, max_tokens=6, ignore_eos=True, n=n) for n in (3, 1, 3)]
 
     def run(backend: str) -> list[list[list[int]]]:
         llm = LLM(qwen2_dir, device="cpu", dtype=torch.float32, attention_backend=backend, block_size=8)
