@@ -72,7 +72,8 @@ def test_dp_generate_two_ranks_with_tp2_engines_equals_one_process(tmp_path, qwe
     assert run.returncode == 0, run.stderr[-3000:]
     assert open(multi, "rb").read() == open(single, "rb").read()
     rows = [json.loads(x) for x in open(multi).read().splitlines()]
-    assert [r["index"] for r in rows] == [5, 0, 1, 2, 3, 4] and "error" in rows[4] and rows[0]["id"] == 5
+    # rows in input order (#26): the engine-failed record 3 and the rejected record 5 in their places
+    assert [r["index"] for r in rows] == [0, 1, 2, 3, 4, 5] and "error" in rows[3] and "error" in rows[5]
     assert not os.path.exists(multi + ".parts")
 
 
@@ -146,7 +147,7 @@ def test_sampled_rows_of_every_job_command_equal_one_process(tmp_path, qwen2_dir
 
 def test_sharded_runner_in_one_process_writes_the_single_process_bytes(tmp_path, monkeypatch):
     """The data-parallel JobRunner at world size 1 (a gloo group in this process), without an engine: the merged
-    file is byte for byte the file of the plain JobRunner over the same items and batches, rejected records first;
+    file is byte for byte the file of the plain JobRunner over the same items and batches (input order);
     the parts are gone and the summary counts every record."""
     from prmkern.cli.jobs import JobRunner, read_items
     from prmkern.cli.shards import Shard

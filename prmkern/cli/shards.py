@@ -12,7 +12,7 @@ Layout next to the output: `OUT.parts/rank{r}-of{W}.jsonl`, one line per finishe
 the rows were emitted. A restart, with
 any world size, collects the batches already present in any part file (rank 0 reads, then broadcasts), splits the
 remaining batches over the new ranks, and continues. When every rank is done, rank 0 writes OUT (atomically) in
-the single-process order (rejected records first, then input order) and removes the parts. A rank that raised
+the single-process order (input order) and removes the parts. A rank that raised
 records its error and unfinished indices in `rank{r}-of{W}.failed.json`; rank 0 then reports those records and
 keeps OUT unwritten (exit 1); rerunning the same command finishes the job. A rank killed outright is handled by
 torchrun (it stops the job); the rerun resumes in the same way. Coordination is a gloo process group in the
@@ -163,11 +163,10 @@ def barrier() -> None:
 
 
 def merge(output: str, parts: str, total: int) -> list[str] | None:
-    """Rank 0, after every rank is done: writes OUT atomically in the single-process order (records rejected
-    before the engine first, as the JobRunner writes them at once, then input order), removes the parts and
-    returns the lines; or reports what is missing and returns None. Within a batch, rows keep the order the
-    command emitted them in, as one process writes them."""
-    done, bad, batches = finished(parts)
+    """Rank 0, after every rank is done: writes OUT atomically in the single-process order (input order, as the
+    JobRunner writes rows), removes the parts and returns the lines; or reports what is missing and returns
+    None."""
+    done, _, _ = finished(parts)
     missing = [i for i in range(total) if i not in done]
     if missing:
         for name in sorted(os.listdir(parts)):
@@ -181,8 +180,7 @@ def merge(output: str, parts: str, total: int) -> list[str] | None:
               f"Rerun the same command (any number of ranks) to finish; {output} is written when all are done.",
               file=sys.stderr)
         return None
-    order = sorted(bad) + [i for batch in sorted(batches, key=min) for i in batch if i not in bad]
-    lines = [done[i] for i in order]
+    lines = [done[i] for i in range(total)]  # input order, as the single-process JobRunner writes them
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(output)), prefix=".merge-")
     with os.fdopen(fd, "w") as f:
         f.write("".join(line + "\n" for line in lines))
