@@ -20,6 +20,7 @@ import torch
 
 from prmkern.attention.backend import backend_names
 from prmkern.cli import shards
+from prmkern.cli.vllm_flags import add_vllm_flags, llm_kwargs
 from prmkern.config import EngineConfig, EngineConfigError, check_values
 from prmkern.llm import LLM
 from prmkern.models.loader import DTYPES as DTYPE_NAMES
@@ -105,8 +106,7 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
         g.add_argument(flag(f.name), **kw)
     for dest, default, help_text in PROCESS_OPTIONS:
         g.add_argument(flag(dest), type=int, default=default, help=help_text)
-    from prmkern.cli.vllm_flags import add_vllm_flags  # vLLM's flags that are not EngineConfig fields
-    add_vllm_flags(ap.add_argument_group("vLLM's flags"))
+    add_vllm_flags(ap.add_argument_group("vLLM's flags"))  # vLLM's flags that are not EngineConfig fields
 
 
 def add_job_args(ap: argparse.ArgumentParser, unit: str, limit_help: str | None = None) -> None:
@@ -158,7 +158,6 @@ def check_engine_args(args: argparse.Namespace) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """LLM's keyword arguments from the engine options (all but the model and --threads)."""
-    from prmkern.cli.vllm_flags import llm_kwargs
     return {"dtype": args.dtype, "device": args.device, **{f.name: getattr(args, f.name) for f in ENGINE_FIELDS},
             "tensor_parallel_size": args.tensor_parallel_size, **llm_kwargs(args)}
 

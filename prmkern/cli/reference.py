@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import argparse
 
+from prmkern.cli.entry import build_parser
+from prmkern.env import ENV_VARS
+from prmkern.metrics import METRICS, PREFIX
+from prmkern.serve.metrics import ENGINE_COUNTERS, SERVER_METRICS
+
 HEADER = """# Reference: flags, environment variables, metrics
 
 Generated from the code by `python -m prmkern.cli.reference > docs/reference.md`; do not edit by hand
@@ -42,10 +47,6 @@ def _flag_rows(parser: argparse.ArgumentParser) -> list[str]:
 
 
 def render() -> str:
-    from prmkern.cli.entry import build_parser
-    from prmkern.env import ENV_VARS
-    from prmkern.metrics import METRICS, PREFIX
-    from prmkern.serve.metrics import ENGINE_COUNTERS, SERVER_METRICS
     parts = [HEADER, "## Commands and flags\n"]
     for name, sub in sorted(_subparsers(build_parser()).items()):
         parts.append(f"### `prmkern {name}`\n\n| flag | meaning |\n|---|---|")
