@@ -220,7 +220,7 @@ def _interrupt_then_resume(args: list[str], out, min_rows: int) -> subprocess.Co
 
 
 def test_generate_interrupted_then_resumed_equals_an_uninterrupted_run(qwen2_dir, tmp_path):
-    recs = [{"prompt_token_ids": [i + 1, 2, 3], "max_tokens": 32, "ignore_eos": True, "seed": i,
+    recs = [{"prompt_token_ids": [i + 1, 2, 3], "max_tokens": 256, "ignore_eos": True, "seed": i,
              "temperature": 1.0, "n": 2} for i in range(12)]
     src = write_lines(tmp_path / "in.jsonl", recs)
     base = ["generate", "--model", qwen2_dir, "--device", "cpu", src, "--batch-size", "1", "--no-progress"]
@@ -240,7 +240,7 @@ def test_verify_interrupted_then_resumed_equals_an_uninterrupted_run(tmp_path):
     recs = [json.loads(line) for line in open(os.path.join(REPO, "prmkern/data/verifier/examples.jsonl"))][:12]
     src = write_lines(tmp_path / "in.jsonl", recs)
     # sampled chains (T=1), two solutions per engine batch: a record's chains must not depend on what ran before
-    base = ["verify", src, *FAST, "--max-tokens", "48", "--temperature", "1.0", "--batch-size", "2", "--no-chains"]
+    base = ["verify", src, *FAST, "--max-tokens", "256", "--temperature", "1.0", "--batch-size", "2", "--no-chains"]
     full = tmp_path / "full.jsonl"
     assert run_cli(*base, "-o", str(full)).returncode == 0
     out = tmp_path / "out.jsonl"
