@@ -30,7 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def served(qwen2_dir):
     llm = LLM(qwen2_dir, device="cpu", num_kvcache_blocks=64)
-    app = build_app(llm, ServerConfig(model_name="tiny", max_n=8, api_key="k3y"))
+    # the body deadline as `prmkern serve --header-timeout 1` sets it (the CLI ties the two)
+    app = build_app(llm, ServerConfig(model_name="tiny", max_n=8, api_key="k3y", request_timeout_s=1.0))
     with serve_in_thread(app, max_connections=8, header_timeout_s=1.0) as url:
         yield url, llm
 
