@@ -202,8 +202,11 @@ def test_version_and_defaults_in_help():
 
 
 def _interrupt_then_resume(args: list[str], out, min_rows: int) -> subprocess.CompletedProcess:
+    # SIGINT as a terminal delivers it: a test run started in the background (`cmd &` in a script) ignores SIGINT,
+    # and a child would inherit that
     proc = subprocess.Popen([sys.executable, "-m", "prmkern.cli", *args], env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if out.exists() and out.read_text().count("\n") >= min_rows:
