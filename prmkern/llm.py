@@ -18,6 +18,7 @@ import torch
 
 from tqdm import tqdm
 
+from prmkern.beam_search import BeamSearchOutput, beam_search
 from prmkern.config import EngineConfig
 from prmkern.distributed import TensorParallelEngine
 from prmkern.engine import driver
@@ -27,7 +28,7 @@ from prmkern.llm_engine import VLLMEngineView
 from prmkern.metrics import Metric
 from prmkern.models.loader import read_config, resolve_dtype
 from prmkern.outputs import RequestOutput
-from prmkern.sampling_params import SamplingParams
+from prmkern.sampling_params import BeamSearchParams, SamplingParams
 from prmkern.stats import EngineStats
 from prmkern.vllm_args import check_vllm_args
 
@@ -217,6 +218,15 @@ class LLM:
             return outputs
         finally:
             bar.close()
+
+    def beam_search(self, prompts: Prompt | Seq[Prompt], params: BeamSearchParams, lora_request: Any = None,
+                    use_tqdm: bool = False, concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
+        """vLLM's beam search: one BeamSearchOutput per prompt, its `sequences` the best beam_width beams (tokens:
+        prompt + generated, text, cum_logprob), ranked by cumulative log-probability over length ** length_penalty
+        (prmkern/beam_search.py states the rule). concurrency_limit: prompts searched at a time (None: all)."""
+        if lora_request is not None:
+            raise NotImplementedError("lora_request is not supported: merge the adapter into the weights")
+        return beam_search(self, prompts, params, use_tqdm=use_tqdm, concurrency_limit=concurrency_limit)
 
     def chat(self, messages: Seq[dict[str, Any]] | Seq[Seq[dict[str, Any]]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool | None = None,

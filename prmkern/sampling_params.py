@@ -1,5 +1,5 @@
 """SamplingParams: how a request's chains are sampled and when they stop, in vLLM's names and meanings, validated on
-creation (a bad value raises ValueError naming what is accepted; bool is never taken for an int, NaN and inf never
+creation; and vLLM's BeamSearchParams for LLM.beam_search (prmkern/beam_search.py) (a bad value raises ValueError naming what is accepted; bool is never taken for an int, NaN and inf never
 for a float)."""
 from __future__ import annotations
 
@@ -185,3 +185,34 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+def _bad_beam(name: str, value: object, accepted: str) -> ValueError:
+    return ValueError(f"BeamSearchParams.{name}={value!r} is invalid; accepted: {accepted}")
+
+
+@dataclass
+class BeamSearchParams:
+    """vLLM's BeamSearchParams (vllm.sampling_params): beam_width beams, max_tokens steps, temperature 0 (vLLM's
+    default) ranks the candidates only; above 0 each beam also offers one sampled token. length_penalty is the
+    exponent of the length that divides the cumulative log-probability when beams are ranked."""
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False  # accepted, as vLLM does (beam search has no stop strings)
+    skip_special_tokens: bool = True  # when decoding `text`
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.beam_width) or not 1 <= self.beam_width <= 1024:
+            raise _bad_beam("beam_width", self.beam_width, "an int in [1, 1024]")
+        if not _is_int(self.max_tokens) or self.max_tokens < 0:
+            raise _bad_beam("max_tokens", self.max_tokens, "an int >= 0 (steps of one token)")
+        if not _is_real(self.temperature) or self.temperature < 0:
+            raise _bad_beam("temperature", self.temperature, "a float >= 0 (0: the most likely tokens only)")
+        if not _is_real(self.length_penalty):
+            raise _bad_beam("length_penalty", self.length_penalty, "a finite float (1.0: divide by the length)")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad_beam(name, getattr(self, name), "a bool")

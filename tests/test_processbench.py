@@ -218,3 +218,21 @@ def test_balanced_limit():
     sub = balanced_limit(recs, 20)
     assert processbench_f1([r["label"] for r in sub], [r["label"] for r in sub]).f1 == 1.0
     assert math.isnan(processbench_f1([r["label"] for r in recs[:20]], [r["label"] for r in recs[:20]]).f1)
+
+
+def test_verify_limit_takes_a_labelled_slice_with_errors(tmp_path):
+    """`prmkern verify processbench --limit 4` once took the sample's first 4 records, all error-free (F1 nan)."""
+    from prmkern.cli.jobs import read_items
+    from prmkern.cli.verify import limit_items
+    items = read_items(str(sample_path()))
+    assert [it.record["label"] for it in items[:4]] == [-1] * 4  # the head slice this replaces
+    got = limit_items(items, 4)
+    assert [it.record["id"] for it in got] == ["gsm8k-386", "gsm8k-337", "gsm8k-147", "gsm8k-199"]  # file order
+    labels = [it.record["label"] for it in got]
+    f1 = processbench_f1(labels, [0, -1, 1, 2])  # two of each kind: both accuracies (and so F1) are defined
+    assert math.isfinite(f1.f1) and sum(x == -1 for x in labels) == 2
+    assert [it.index for it in got] == [0, 1, 4, 5]  # each keeps its input position (rows, resume)
+    unlabelled = tmp_path / "u.jsonl"
+    unlabelled.write_text("".join(json.dumps({"problem": "p", "steps": [f"s{i}"]}) + "\n" for i in range(5)))
+    assert [it.index for it in limit_items(read_items(str(unlabelled)), 3)] == [0, 1, 2]
+    assert limit_items(items, None) == items

@@ -55,6 +55,24 @@ def test_openai_client_script_with_ignored_fields_and_logit_bias(client, offline
                                        response_format={"type": "json_object"})
 
 
+def test_unknown_fields_ignored_with_one_warning_per_name(client, caplog):
+    # ---- an OpenAI-client script sending fields written for another server ----
+    plain = client.completions.create(model="tiny", prompt="the answer is", max_tokens=4, temperature=0)
+    with caplog.at_level("WARNING", logger="prmkern.serve"):
+        extra = [client.completions.create(model="tiny", prompt="the answer is", max_tokens=4, temperature=0,
+                                           extra_body={"zz_vendor_knob": i, "zz_other": "x"}) for i in range(3)]
+        chat = client.chat.completions.create(model="tiny", max_tokens=4, temperature=0, messages=[
+            {"role": "user", "content": "hi", "zz_msg_field": 1}])
+    # ---- checks: same answer, each unknown name warned about once (per process), the known-but-unsupported 400 ----
+    assert all(e.choices[0].text == plain.choices[0].text for e in extra)
+    assert chat.choices[0].message.content is not None
+    warned = [r.getMessage() for r in caplog.records if "ignored request fields" in r.getMessage()]
+    assert sum("zz_vendor_knob" in m for m in warned) == 1 and sum("zz_other" in m for m in warned) == 1
+    assert sum("zz_msg_field" in m for m in warned) == 1
+    with pytest.raises(openai.BadRequestError, match="suffix is not supported"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=2, suffix="y")
+
+
 def test_ping_version_tokenize_detokenize(served, offline):
     url = served[0]
     tok = offline.get_tokenizer()

@@ -425,16 +425,32 @@ def _verdict_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
     return dict(c)
 
 
+def limit_items(items: list[Item], limit: int | None) -> list[Item]:
+    """verify's --limit N. A labelled input (every well-formed record carries a `label`) gives a slice with errors:
+    N records, half with an error and half without, the first of each kind, in file order (processbench's
+    balanced_limit; malformed lines are left out of it). Otherwise the first N records. A head slice of a
+    labelled file can hold one kind only (the bundled ProcessBench sample opens with 4 error-free records), and its
+    F1 is then undefined (nan)."""
+    if not limit:
+        return items
+    good = [it for it in items if it.error is None]
+    if good and all(isinstance(it.record.get("label"), int) for it in good):
+        keep = {id(r) for r in balanced_limit([it.record for it in good], limit)}
+        return [it for it in good if id(it.record) in keep]
+    return items[:limit]
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     options.check_engine_args(args)
     path = default_input(args)
-    items = read_items(path)[:args.limit or None]
+    items = read_items(path)
     for it in items:
         if it.error is None:
             try:
                 check_verify_record(it.record)
             except ValueError as e:
                 it.error = str(e)
+    items = limit_items(items, args.limit)
     config = build_config(args)  # before the model: a bad option fails in a second, naming the flag
     runner, llm, verifier, chains = _verify_job(args, config, items, "verify", [path])
     if not runner.writes_summary:
@@ -512,7 +528,9 @@ def add_parsers(sub: Any, fmt: Any) -> None:
     v.add_argument("input", nargs="?", default=None,
                    help="JSON array or JSONL of {problem, steps[, id, label, subset]}; 'processbench' for the "
                         "bundled ProcessBench records (default: the shipped verifier's held-out examples)")
-    options.add_job_args(v, "solution")
+    options.add_job_args(v, "solution", limit_help="N solutions: the first N; of a labelled input (every record has "
+                                                   "a label), N with half an error and half none, the first of each "
+                                                   "kind in file order")
     v.add_argument("--no-chains", action="store_true", help="omit the chains' text from the output")
     v.add_argument("--subset-field", default="subset",
                    help="record field naming a labelled record's subset for F1 (records without it: 'all')")

@@ -1,7 +1,9 @@
 """The HTTP request bodies, in OpenAI's field names, and their translation into the engine's SamplingParams.
 
-Unknown fields are rejected (HTTP 400 listing the accepted ones) rather than silently ignored: a client that asks
-for a feature this server lacks learns it at once. OpenAI fields that change nothing about the answer and that vLLM
+Unknown fields of the OpenAI/vLLM routes are ignored with a logged warning that names them (once per field name
+per process), as vLLM 0.32 ignores them (it logs them at debug level): a client written for another server keeps
+working. prmkern's own /v1/verify stays strict (an unknown field is a 400 listing the accepted ones), since a
+misspelt verifier option silently ignored would change the scores. OpenAI fields that change nothing about the answer and that vLLM
 also ignores (`metadata`, `store`, `service_tier`, `user`, ... : IGNORED_FIELDS) are accepted and ignored; fields
 the engine cannot honour (`suffix`, tools, guided decoding: `response_format` json_object / json_schema, vLLM's
 `guided_*` and `structured_outputs`) are accepted only at their no-op value, else a 400 names the feature. Extensions (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
@@ -10,7 +12,9 @@ own is `logprob_token_ids`. Values are validated by SamplingParams itself, whose
 """
 from __future__ import annotations
 
+import logging
 import re
+import threading
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
@@ -49,16 +53,42 @@ class BadRequest(ApiError):
         super().__init__(400, message, param)
 
 
+log = logging.getLogger("prmkern.serve")
+_warned_fields: set[str] = set()  # unknown field names already logged (once per name per process)
+_warned_lock = threading.Lock()
+
+
+def warn_ignored_fields(where: str, names: Any) -> None:
+    """Logs a warning naming the unknown fields of a request that were ignored, each name once per process (a
+    client that sends the same extra field with every request logs it once, not per request)."""
+    with _warned_lock:
+        new = sorted(n for n in names if n not in _warned_fields)
+        _warned_fields.update(new)
+    if new:
+        log.warning("ignored request fields this server does not know (%s), as vLLM ignores them: %s", where,
+                    ", ".join(new))
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A JSON object of the OpenAI/vLLM surface: unknown fields are ignored with a warning naming them."""
+    model_config = ConfigDict(extra="ignore")
 
     @model_validator(mode="before")
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
         """An explicit null stands for "not given" (clients send `"n": null`, `"stream": null`)."""
         if isinstance(data, dict):
+            if cls.model_config.get("extra") == "ignore":
+                unknown = [k for k in data if k not in cls.model_fields]
+                if unknown:
+                    warn_ignored_fields(cls.__name__, [str(k)[:64] for k in unknown])
             return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
         return data
+
+
+class _StrictBody(_Body):
+    """A JSON object of prmkern's own routes (/v1/verify): an unknown field is a 400 listing the accepted ones."""
+    model_config = ConfigDict(extra="forbid")
 
 
 class _Request(_Body):
@@ -160,14 +190,14 @@ class ChatCompletionRequest(_SamplingFields):
     verbosity: StrictStr | None = None
 
 
-class VerifySolution(_Body):
+class VerifySolution(_StrictBody):
     """One solution of a batch /v1/verify call."""
     problem: StrictStr
     steps: list[StrictStr] = Field(min_length=1)
     id: StrictStr | StrictInt | None = None
 
 
-class VerifyRequest(_Request):
+class VerifyRequest(_Request, _StrictBody):
     """prmkern's /v1/verify: one solution (`problem` and `steps`) or a batch (`solutions`: a list of them), scored
     step by step by the verifier. Every other field overrides the server's verification config (the `prmkern serve`
     flags) for this request only."""
