@@ -23,6 +23,7 @@ from prmkern.prompts import max_token_chars
 from prmkern.serve.engine_loop import EngineLoop
 from prmkern.serve.metrics import ServerMetrics
 from prmkern.serve.openai_api import create_chat_completion, create_completion
+from prmkern.serve.responses_api import ResponsesRequest, create_response
 from prmkern.serve.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, VerifyRequest,
                                     accepted_fields)
 from prmkern.serve.tokenize_api import DetokenizeRequest, TokenizeRequest, detokenize, tokenize, version
@@ -30,7 +31,7 @@ from prmkern.serve.verify_api import verify
 from prmkern.verify.protocols import VerifyConfig
 
 BODY_MODELS = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
-               "/v1/verify": VerifyRequest, "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
+               "/v1/responses": ResponsesRequest, "/v1/verify": VerifyRequest, "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
 
 
 @dataclass
@@ -173,7 +174,7 @@ class Guard:
 # With --api-key: /v1/* and the OpenAPI schema need the key; /health (probes) and /metrics (scrapers; counters
 # only, no request content, as vLLM leaves it) stay open. docs/server.md says so.
 KEYED_PATHS = {"/openapi.json"}
-KNOWN_PATHS = {"/v1/completions", "/v1/chat/completions", "/v1/verify", "/v1/models", "/health", "/metrics",
+KNOWN_PATHS = {"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/verify", "/v1/models", "/health", "/metrics",
                "/ping", "/version", "/tokenize", "/detokenize"}
 # /v1/models/{id} is counted under "other" in /metrics: one label value per path we serve, never client-chosen.
 
@@ -261,6 +262,10 @@ def build_app(llm: Any, config: ServerConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):
         return await create_chat_completion(state, req, request)
+
+    @app.post("/v1/responses")
+    async def responses_route(req: ResponsesRequest, request: Request):
+        return await create_response(state, req, request)
 
     @app.post("/v1/verify")
     async def verify_route(req: VerifyRequest, request: Request):
