@@ -11,10 +11,12 @@ document.
   python benchmarks/bench_engine.py --smoke          # tiny sizes, for CI
   python benchmarks/bench_engine.py --skip-transformers --variants torch:float32,cpp:float32,cpp:bfloat16 --roofline
   python benchmarks/bench_engine.py --peer vllm --vllm-python .vllm-venv/bin/python --threads 2 --pairs 3
+  python benchmarks/bench_engine.py --shape r1-distill-qwen-1.5b --skip-transformers --roofline \
+      --peer vllm --vllm-python /work/vllm-venv/bin/python      # ThinkPRM-1.5B's shape, bf16, P=1024 n=8 G=32
 
-Every result records the CPU model, the commit and the date. --roofline reports each prmkern engine's median
-decode step (at the full chain count) against the floor of benchmarks/roofline.py, and the whole run against its
-floor. --peer vllm alternates vLLM's CPU build (its own venv: scripts/setup_vllm_venv.sh) with prmkern on the same
+Every result records the CPU model, its instruction sets, the commit, the date and the load average. --roofline
+reports each prmkern engine's prefill, median decode step (at the full chain count) and whole run, and each peer's
+run, as fractions of their physical floors (benchmarks/engine_roofline.py); a fraction above 1 is a wrong floor. --peer vllm alternates vLLM's CPU build (its own venv: scripts/setup_vllm_venv.sh) with prmkern on the same
 checkpoint and records the prompt tokens each engine actually computed; after each vLLM run it waits until vLLM's
 processes are idle (its engine core spins a core for ~1 s after a request, which would otherwise run into the next
 prmkern run on a 2-core machine), besides the --settle pause before every run.
@@ -36,13 +38,25 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from prmkern import LLM, SamplingParams  # noqa: E402
-from prmkern.tiny import build_checkpoint  # noqa: E402
-from benchmarks.roofline import (cpu_model, decode_step_floor, gemm_gflops, generation_floor,  # noqa: E402
-                                 read_bandwidth_gbs, sgemm_gflops)
+from prmkern.tiny import build_checkpoint, write_random_checkpoint  # noqa: E402
+from benchmarks.engine_roofline import roofline_report  # noqa: E402
+from benchmarks.roofline import cpu_model, isa_flags  # noqa: E402
 
 # The issue's reference shape: a Qwen2 config of ~39M parameters.
 BENCH_MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
+# DeepSeek-R1-Distill-Qwen-1.5B's dimensions (its config.json; ThinkPRM-1.5B and GenPRM-1.5B fine-tune it): 28
+# layers, hidden 1536, 12 query heads and 2 KV heads of 128, intermediate 8960, vocabulary 151,936, untied LM head.
+R1_DISTILL_QWEN_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                            num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072,
+                            rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
+# --shape NAME: a model config and the run it is measured at (flags given explicitly override the run's values).
+SHAPES = {
+    "r1-distill-qwen-1.5b": dict(config=R1_DISTILL_QWEN_1_5B, dtype="bfloat16", prompt_len=1024, chains=8, gen_len=32,
+                                 threads=2),
+    "39m": dict(config=None, dtype="float32", prompt_len=512, chains=16, gen_len=64, threads=2),
+}
+RUN_DEFAULTS = dict(prompt_len=512, chains=16, gen_len=64, dtype="float32")
 SMOKE_MODEL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
@@ -68,6 +82,22 @@ def git_commit() -> str:
                                        cwd=os.path.dirname(os.path.abspath(__file__))).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def shape_checkpoint(shape: str, dtype: str) -> str:
+    """The random-weight checkpoint of a --shape, written once from its config alone (write_random_checkpoint) and
+    cached in $PRMKERN_CACHE/bench (default ~/.cache/prmkern/bench)."""
+    root = os.path.join(os.environ.get("PRMKERN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "prmkern")),
+                        "bench")
+    path = os.path.join(root, f"{shape}-{dtype}")
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        print(f"  writing the random {shape} checkpoint ({dtype}) to {path} (once)", file=sys.stderr, flush=True)
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=root)
+        write_random_checkpoint(tmp, "qwen2", dtype=getattr(torch, dtype), **SHAPES[shape]["config"])
+        if not os.path.exists(path):
+            os.replace(tmp, path)
+    return path
 
 
 class Transformers:
@@ -107,29 +137,34 @@ class Prmkern:
         self.chains, self.gen, self.device, self.dtype = chains, gen, device, dtype
         self.backend = self.llm.engine.config.attention_backend
         self.step_s: list[float] = []
+        self.prefill_s = 0.0
         runner = self.llm.engine.runner
         run = runner.run
 
         def timed_run(step):
-            if step.is_prefill or len(step.scheduled) != self.chains:
+            if not step.is_prefill and len(step.scheduled) != self.chains:
                 return run(step)
             t = time.perf_counter()
             out = run(step)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            self.step_s.append(time.perf_counter() - t)
+            if step.is_prefill:
+                self.prefill_s += time.perf_counter() - t
+            else:
+                self.step_s.append(time.perf_counter() - t)
             return out
 
         runner.run = timed_run
 
     def __call__(self, prompt: list[int]) -> tuple[float, dict]:
         self.llm.reset_stats()
-        self.step_s = []
+        self.step_s, self.prefill_s = [], 0.0
         start = time.perf_counter()
         out = self.llm.generate([prompt], self.params)[0]
         elapsed = time.perf_counter() - start
         assert len(out.outputs) == self.chains and all(len(c.token_ids) == self.gen for c in out.outputs)
-        return elapsed, dict(self.llm.stats.as_dict(), decode_step_s=statistics.median(self.step_s or [0.0]))
+        return elapsed, dict(self.llm.stats.as_dict(), decode_step_s=statistics.median(self.step_s or [0.0]),
+                             prefill_s=self.prefill_s)
 
 
 class VllmPeer:
@@ -223,10 +258,14 @@ def parse_variants(text: str | None, backend: str | None, dtype: str) -> list[tu
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompt-len", type=int, default=512)
-    ap.add_argument("--chains", type=int, default=16)
-    ap.add_argument("--gen-len", type=int, default=64)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                    help="a named model and run: its random checkpoint is written once from the config alone "
+                         "(cached in $PRMKERN_CACHE/bench) and its P, n, G, dtype and threads are the defaults")
+    ap.add_argument("--prompt-len", type=int, default=None, help="default 512 (or the --shape's)")
+    ap.add_argument("--chains", type=int, default=None, help="default 16 (or the --shape's)")
+    ap.add_argument("--gen-len", type=int, default=None, help="default 64 (or the --shape's)")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="default float32 (or the --shape's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--backend", default=None, help="attention backend (default: triton on CUDA, cpp or torch on "
                                                     "the CPU)")
@@ -257,6 +296,14 @@ def main() -> None:
     ap.add_argument("--packed-gemm-bytes", type=int, default=1 << 30,
                     help="CPU packed-weight budget (0: ordinary GEMMs, to see what packing brings)")
     args = ap.parse_args()
+    shape = SHAPES.get(args.shape, {})
+    for key, default in RUN_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, shape.get(key, default))
+    if args.threads is None:
+        args.threads = shape.get("threads")
+    if args.shape and args.model:
+        raise SystemExit("--shape and --model are exclusive: --shape builds its own checkpoint")
     if args.peer == "vllm" and not args.vllm_python:
         raise SystemExit("--peer vllm needs --vllm-python PATH (build the venv with scripts/setup_vllm_venv.sh)")
     if args.threads:
@@ -268,7 +315,9 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     tmp = None
     path = args.model
-    if path is None:
+    if path is None and shape.get("config"):
+        path = shape_checkpoint(args.shape, args.dtype)
+    elif path is None:
         tmp = tempfile.TemporaryDirectory()
         path = build_checkpoint(tmp.name, "qwen2", dtype=dtype, **(SMOKE_MODEL if args.smoke else BENCH_MODEL))
     vocab = json.load(open(os.path.join(path, "config.json")))["vocab_size"]
@@ -316,51 +365,29 @@ def main() -> None:
         if key.startswith("prmkern"):
             row["prompt_tokens_computed"] = info[key][0]["prefill_tokens"]
             row["decode_step_ms"] = round(1e3 * med(i["decode_step_s"] for i in info[key]), 3)
+            row["prefill_ms"] = round(1e3 * med(i["prefill_s"] for i in info[key]), 3)
         elif key == "vllm":
             row["prompt_tokens_computed"] = info[key][0].get("prompt_tokens_computed")
             row["idle_wait_s"] = [i.get("idle_wait_s") for i in info[key]]  # after each of its runs
         row["ratio_to_first"] = round(med(t / a for t, a in zip(times[key], ours_s)), 3)
         engines_out[key] = row
-        extra = f"  decode step {row['decode_step_ms']:.2f} ms" if "decode_step_ms" in row else ""
+        extra = (f"  prefill {row['prefill_ms']:.0f} ms, decode step {row['decode_step_ms']:.2f} ms"
+                 if "decode_step_ms" in row else "")
         print(f"  {key:28s} {row['seconds']:8.3f} s  (time {row['ratio_to_first']:.2f}x {names[0]})  prompt tokens "
               f"computed {row.get('prompt_tokens_computed')}{extra}")
     if theirs_s:
         print(f"  speed-up over transformers: {med(ratios):.2f}x (per run: {', '.join(f'{r:.2f}' for r in ratios)})")
     roofline = None
     if args.roofline and args.device == "cpu":
-        bw, gf = read_bandwidth_gbs(), sgemm_gflops()
-        roofline = dict(read_bandwidth_gbs=round(bw, 2), sgemm_gflops=round(gf, 2), engines={})
-        print(f"  roofline: read bandwidth {bw:.1f} GB/s, sgemm {gf:.1f} GFLOP/s")
-        rates = {dt: gemm_gflops(dt, gf) for dt in {engines[k].dtype for k in names}}
-        if torch.bfloat16 in rates:
-            roofline["bf16_gemm_gflops"] = round(rates[torch.bfloat16], 2)
-            print(f"  bf16 models: GEMM rate {rates[torch.bfloat16]:.1f} GFLOP/s (the better of sgemm and a bf16 mm)")
-        for key in names:
-            eng = engines[key]
-            floor = decode_step_floor(eng.llm.engine.model.spec, eng.dtype,
-                                      args.chains, args.prompt_len // 16 * 16, args.prompt_len % 16 + args.gen_len / 2,
-                                      bw, rates[eng.dtype])
-            measured = engines_out[key]["decode_step_ms"] / 1e3
-            floor["fraction_of_floor_speed"] = round(floor["floor_s"] / measured, 3) if measured else None
-            roofline["engines"][key] = floor
-            print(f"  {key:28s} decode step {1e3 * measured:.2f} ms, floor {1e3 * floor['floor_s']:.2f} ms "
-                  f"({floor['bound']}-bound): {100 * (floor['fraction_of_floor_speed'] or 0):.0f}% of the floor's speed")
-        run = generation_floor(engines[names[0]].llm.engine.model.spec, engines[names[0]].dtype, args.prompt_len,
-                               args.chains, args.gen_len, bw, rates[engines[names[0]].dtype])
-        run["fraction_of_floor_speed"] = round(run["floor_s"] / engines_out[names[0]]["seconds"], 3)
-        if "vllm" in engines_out:
-            run["vllm_over_floor"] = round(engines_out["vllm"]["seconds"] / run["floor_s"], 3)
-        roofline["run"] = run
-        bound = (f"; vLLM's time / this floor = {run['vllm_over_floor']:.2f}x, the most any speed-up over it can be"
-                 if "vllm_over_floor" in run else "")
-        print(f"  whole run floor {run['floor_s']:.3f} s (prefill {run['prefill_s']:.3f} s at the GEMM rate + "
-              f"{run['decode_steps']} decode steps {run['decode_s']:.3f} s): {names[0]} at "
-              f"{100 * run['fraction_of_floor_speed']:.0f}% of its speed{bound}")
-    result = dict(bench="engine", device=cpu, cpu_model=cpu_model(), cpu_isa=cpu_isa(),
+        dtypes = {k: (engines[k].dtype if k in names else dtype) for k in engines_out}
+        roofline = roofline_report(engines[names[0]].llm.engine.model.spec, dtypes, engines_out, args.prompt_len,
+                                   args.chains, args.gen_len, torch.get_num_threads())
+    result = dict(bench="engine", device=cpu, cpu_model=cpu_model(), cpu_isa=cpu_isa(), isa_flags=isa_flags(),
+                  shape=args.shape, load_average=[round(x, 2) for x in os.getloadavg()],
                   cpu_count=os.cpu_count(), commit=git_commit(),
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   prompt_len=args.prompt_len, chains=args.chains, gen_len=args.gen_len, dtype=args.dtype,
-                  model=args.model or ("smoke" if args.smoke else "qwen2-39M-random"),
+                  model=args.model or args.shape or ("smoke" if args.smoke else "qwen2-39M-random"),
                   prmkern_s=round(med(ours_s), 4), transformers_s=round(med(theirs_s), 4) if theirs_s else None,
                   speedup=round(med(ratios), 3) if ratios else None, prmkern_runs_s=[round(t, 4) for t in ours_s],
                   transformers_runs_s=[round(t, 4) for t in theirs_s], threads=torch.get_num_threads(),

@@ -8,6 +8,7 @@
 #include "elementwise.h"
 #include "paged_attention.h"
 #include "panel_gemm.h"
+#include "peak.h"
 #include "rotary_store.h"
 #include "sampling.h"
 
@@ -374,6 +375,36 @@ std::tuple<torch::Tensor, torch::Tensor> sample_rows(const torch::Tensor& logits
   return {tokens, ok};
 }
 
+// The ceilings of benchmarks/roofline.py (csrc/peak.cpp), each as (by wall time, by the threads' CPU time). kind:
+// "fma_avx2", "fma_avx512" or "bf16_dot"; (-1, -1) when this CPU (capped by PRMKERN_ISA) lacks it.
+std::tuple<double, double> peak_gflops(const std::string& kind, int64_t threads, int64_t iters, int64_t repeats) {
+  static const std::pair<const char*, prmkern::PeakKind> kinds[] = {
+      {"fma_avx2", prmkern::PeakKind::FmaAvx2}, {"fma_avx512", prmkern::PeakKind::FmaAvx512},
+      {"bf16_dot", prmkern::PeakKind::Bf16Dot}};
+  for (const auto& [name, k] : kinds) {
+    if (kind == name) {
+      TORCH_CHECK(threads >= 1 && iters >= 1 && repeats >= 1, "peak_gflops: threads, iters and repeats must be >= 1; "
+                  "got ", threads, ", ", iters, ", ", repeats);
+      float sink = 0.f;
+      const auto r = prmkern::peak_gflops(k, static_cast<int>(threads), iters, static_cast<int>(repeats), &sink);
+      return {r.wall, r.cpu};
+    }
+  }
+  TORCH_CHECK(false, "peak_gflops: kind ", kind, " is not one of fma_avx2, fma_avx512, bf16_dot");
+}
+
+// buffer: a contiguous float32 CPU tensor, swept whole `repeats` times by `threads` threads; the best GB/s.
+std::tuple<double, double> read_gbs(const torch::Tensor& buffer, int64_t threads, int64_t repeats) {
+  TORCH_CHECK(buffer.device().is_cpu() && buffer.scalar_type() == torch::kFloat32 && buffer.is_contiguous() &&
+                  buffer.numel() > 0 && threads >= 1 && repeats >= 1,
+              "read_gbs: buffer must be a non-empty contiguous float32 CPU tensor and threads, repeats >= 1; got ",
+              buffer.scalar_type(), " ", buffer.sizes(), ", threads ", threads, ", repeats ", repeats);
+  float sink = 0.f;
+  const auto r = prmkern::read_gbs(buffer.data_ptr<float>(), buffer.numel(), static_cast<int>(threads),
+                                   static_cast<int>(repeats), &sink);
+  return {r.wall, r.cpu};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -410,5 +441,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sample_rows", &sample_rows,
         "the sampler's inverse-CDF draw: per row the first token whose cumulative softmax weight exceeds u x total",
         py::arg("logits"), py::arg("u"), py::arg("temperature") = py::none());
+  m.def("peak_gflops", &peak_gflops,
+        "the best GFLOP/s of `threads` threads of independent FMA (fma_avx2 / fma_avx512) or vdpbf16ps (bf16_dot) "
+        "instructions, (by wall time, summed over threads by CPU time); (-1, -1) where this CPU lacks them", py::arg("kind"), py::arg("threads"), py::arg("iters"),
+        py::arg("repeats"));
+  m.def("read_gbs", &read_gbs, "the best GB/s of `threads` threads summing a float32 buffer, (by wall time, by the longest thread CPU time)", py::arg("buffer"),
+        py::arg("threads"), py::arg("repeats"));
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of x = [gate | up], one pass (fp32 / bf16)", py::arg("x"));
 }

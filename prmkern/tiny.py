@@ -103,3 +103,58 @@ def default_model_dir() -> str:
         build_checkpoint(tmp, cfg.pop("arch"), **cfg)
         os.replace(tmp, path) if not os.path.exists(path) else None
     return path
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def write_random_checkpoint(path: str, arch: str = "qwen2", *, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                            **overrides: Any) -> str:
+    """Writes a random-weight checkpoint of `arch` (config.json + one model.safetensors, no tokenizer) without ever
+    holding the model in memory: the tensor names and shapes come from transformers' model built on the meta
+    device, and each tensor is drawn (build_checkpoint's scales), cast to `dtype` and written a slab of rows at a
+    time. For shapes too large for build_checkpoint (a 1.5B model in fp32 would need 7 GB); seconds per GB."""
+    import numpy as np
+    import transformers
+
+    if arch not in ARCH_CONFIGS:
+        raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCH_CONFIGS)}")
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"dtype {dtype} is not one of {sorted(map(str, _SAFETENSORS_DTYPES))}")
+    config = getattr(transformers, ARCH_CONFIGS[arch])(**overrides)
+    config.architectures = [ARCH_MODELS[arch]]
+    config.eos_token_id = config.bos_token_id = 0
+    config.dtype = str(dtype).removeprefix("torch.")
+    with torch.device("meta"):
+        model = getattr(transformers, ARCH_MODELS[arch])(config)
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()
+              if not (n == "lm_head.weight" and config.tie_word_embeddings)}
+    esize = torch.finfo(dtype).bits // 8
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in shapes.items():
+        size = esize * int(np.prod(shape))
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    os.makedirs(path, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    tmp = os.path.join(path, "model.safetensors.partial")
+    with open(tmp, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for name, shape in shapes.items():
+            rows = shape[0] if len(shape) > 1 else 1
+            step = max(1, (16 << 20) // max(1, int(np.prod(shape)) // rows))  # ~16M values per slab
+            for r in range(0, rows, step):
+                slab = shape if len(shape) == 1 else (min(step, rows - r),) + shape[1:]
+                x = torch.randn(slab, generator=gen)
+                if "norm" in name:
+                    x = 1.0 + 0.1 * x
+                elif len(shape) == 1:
+                    x = 0.1 * x
+                else:
+                    x = x * (1.0 / shape[-1] ** 0.5)
+                f.write(x.to(dtype).view(torch.int16 if esize == 2 else torch.int32).numpy().tobytes())
+    os.replace(tmp, os.path.join(path, "model.safetensors"))
+    config.save_pretrained(path)
+    return path

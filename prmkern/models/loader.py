@@ -10,12 +10,12 @@ import os
 from typing import Any, Callable
 
 import torch
-from safetensors import safe_open
 
 from prmkern.models.decoder import DecoderForCausalLM, DecoderSpec
 from prmkern.models.llama import llama_spec
 from prmkern.models.qwen2 import qwen2_spec
 from prmkern.models.qwen3 import qwen3_spec
+from prmkern.models.safetensors_reader import TensorRef, tensor_refs
 
 ARCHITECTURES: dict[str, Callable[[dict[str, Any]], DecoderSpec]] = {
     "Qwen2ForCausalLM": qwen2_spec,
@@ -94,15 +94,16 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str) -
     spec = model_spec(config)
     with torch.device("meta"):
         model = DecoderForCausalLM(spec)
-    model = model.to_empty(device=device).to(dtype)
+    # dtype first, on the meta device: the parameters are allocated once, in `dtype` (no fp32 staging copy), and
+    # filled straight from the files (safetensors_reader: no copy of the file in memory either)
+    model = model.to(dtype).to_empty(device=device)
     model.init_rope(device)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     with torch.no_grad():
         for file in _safetensors_files(model_dir):
-            with safe_open(file, framework="pt") as f:
-                for name in f.keys():
-                    _load_tensor(model, spec, params, name, f.get_tensor(name), loaded)
+            for ref in tensor_refs(file):
+                _load_tensor(model, spec, params, ref.name, ref, loaded)
     if spec.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
         loaded.add("lm_head.weight")
@@ -139,7 +140,7 @@ def k_major_weights(model: torch.nn.Module) -> None:
 
 
 def _load_tensor(model: DecoderForCausalLM, spec: DecoderSpec, params: dict[str, torch.nn.Parameter], name: str,
-                 tensor: torch.Tensor, loaded: set[str]) -> None:
+                 tensor: torch.Tensor | TensorRef, loaded: set[str]) -> None:
     if "rotary_emb" in name:
         return
     parts = name.split(".")
@@ -155,7 +156,7 @@ def _load_tensor(model: DecoderForCausalLM, spec: DecoderSpec, params: dict[str,
             size = spec.intermediate_size
             offset = shard * size
         _check_shape(name, tensor, target.data[offset:offset + size].shape, spec)
-        target.data[offset:offset + size].copy_(tensor)
+        _fill(target.data[offset:offset + size], tensor)
         loaded.add(f"{target_name}#{shard}")  # each shard is checked for separately in load_model
         return
     if name not in params:
@@ -163,8 +164,16 @@ def _load_tensor(model: DecoderForCausalLM, spec: DecoderSpec, params: dict[str,
             return
         raise ValueError(f"unexpected weight {name!r} in checkpoint for architecture {spec.architecture}")
     _check_shape(name, tensor, params[name].shape, spec)
-    params[name].data.copy_(tensor)
+    _fill(params[name].data, tensor)
     loaded.add(name)
+
+
+def _fill(dest: torch.Tensor, source: torch.Tensor | TensorRef) -> None:
+    """dest[...] = source: a tensor already read, or one read from its file straight into dest."""
+    if isinstance(source, TensorRef):
+        source.copy_into(dest)
+    else:
+        dest.copy_(source)
 
 
 def _config_keys(name: str) -> str:

@@ -53,9 +53,15 @@ def test_bench_engine_smoke(tmp_path):
     assert doc == json.loads(out.read_text())
     assert len(doc["prmkern_runs_s"]) == len(doc["transformers_runs_s"]) == 2 and doc["speedup"] > 0
     assert doc["stats"]["prefill_tokens"] == doc["prompt_len"] and doc["stats"]["generated_tokens"] == 4 * 8
-    run = doc["roofline"]["run"]  # the whole-run floor: a prefill plus gen_len - 1 decode steps
-    assert run["decode_steps"] == doc["gen_len"] - 1 and run["floor_s"] == run["prefill_s"] + run["decode_s"] > 0
-    assert 0 < run["fraction_of_floor_speed"] <= 1
+    roof = doc["roofline"]
+    assert roof["exceeded"] == [] and roof["cpu_model"] and roof["cpu_isa"] is not None
+    for name, rep in roof["engines"].items():  # no engine beats a physical floor
+        run = rep["run"]  # the whole-run floor: a prefill plus gen_len - 1 decode steps
+        assert run["decode_steps"] == doc["gen_len"] - 1 and run["floor_s"] == run["prefill_s"] + run["decode_s"] > 0
+        assert 0 < rep["run_fraction"] <= 1, (name, rep["run_fraction"])
+        for part in ("prefill", "decode_step"):
+            if name.startswith("prmkern"):
+                assert 0 < rep[part]["fraction"] <= 1, (name, part, rep[part])
 
 
 def test_generation_floor_counts_the_run():
