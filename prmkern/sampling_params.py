@@ -50,7 +50,9 @@ class SamplingParams:
     cached problem prefix.
     logprob_token_ids (prmkern's): at every generated position, the log-probabilities of these ids (how verdict
     probabilities such as P(Yes) vs P(No) are read exactly). All log-probabilities are of the model's raw
-    distribution (vLLM's default logprobs_mode "raw_logprobs": before penalties, temperature and filters)."""
+    distribution (vLLM's default logprobs_mode "raw_logprobs": before penalties, temperature and filters).
+    first_chain (prmkern's): with a seed, chain i of this request samples as chain first_chain + i of the seeded
+    whole, so chains can be drawn in waves (n=5, then n=3 with first_chain=5) and equal one n=8 request's."""
 
     n: int = 1
     temperature: float = 1.0
@@ -71,6 +73,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     prompt_logprobs_start: int = 1
     logprob_token_ids: list[int] | None = None
+    first_chain: int = 0
     skip_special_tokens: bool = True
     # vLLM's: allowed_token_ids restricts sampling to these ids; logit_bias {id: bias} is added to the logits (both
     # before penalties, as in vLLM); detokenize=False leaves CompletionOutput.text empty; best_of must be None or n
@@ -121,6 +124,8 @@ class SamplingParams:
             if k is not None and (not _is_int(k) or k < -1):
                 raise bad(name, "None, -1 (the whole vocabulary, vLLM's meaning) or an int >= 0 (the number of "
                                 "top tokens per position; 0: the chosen token's only)")
+        if not _is_int(self.first_chain) or self.first_chain < 0:
+            raise bad("first_chain", "an int >= 0 (the seeded whole's index of this request's first chain)")
         if not _is_int(self.prompt_logprobs_start) or self.prompt_logprobs_start < 1:
             raise bad("prompt_logprobs_start", "an int >= 1 (prompt position 0 has no log-probability)")
         if isinstance(self.stop, str):

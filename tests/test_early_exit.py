@@ -27,32 +27,83 @@ def heldout(n: int | None = None) -> list[dict]:
     return recs[:n] if n else recs
 
 
-def test_same_predictions_as_a_full_run_with_fewer_tokens(shipped_llm):
-    # Records with an error early (label 0 or 1) and without one: the shipped verifier with its own format, K=4.
-    recs = [r for r in heldout() if r["label"] in (0, 1)][:4] + [r for r in heldout() if r["label"] == -1][:2]
+def bundled_sets() -> dict[str, list[dict]]:
+    from prmkern.verify.processbench import sample_path
+    with open(sample_path()) as f:
+        return {"heldout": heldout(), "processbench": [json.loads(line) for line in f]}
+
+
+@pytest.mark.parametrize("name", ["heldout", "processbench"])
+def test_same_predictions_as_a_full_run_with_fewer_tokens(shipped_llm, name):
+    # The shipped verifier with its own format and K=8 on a bundled set: the first wave has 5 chains (int(8 x 0.5)
+    # + 1), the other 3 run only where the first five leave the answer open.
+    recs = bundled_sets()[name]
     runs = {}
     for stop in (False, True):
         shipped_llm.reset_stats()
-        res = Verifier(shipped_llm, VerifyConfig(format="prmkern", num_chains=4, seed=3,
+        res = Verifier(shipped_llm, VerifyConfig(format="prmkern", num_chains=8, seed=3,
                                                  stop_at_first_error=stop)).verify(recs)
         runs[stop] = (res, shipped_llm.stats.generated_tokens)
     (full, full_tokens), (stopped, stopped_tokens) = runs[False], runs[True]
     assert [r.prediction for r in stopped] == [r.prediction for r in full]
-    assert stopped_tokens < full_tokens
-    assert any(r.stopped_at is not None for r in stopped)
+    assert stopped_tokens < 0.9 * full_tokens
+    assert sum(len(r.chains) < 8 for r in stopped) >= len(recs) // 4  # second waves that never ran
+    kinds = set()
     for f, s in zip(full, stopped):
-        assert f.stopped_at is None
-        # scores to 1e-6: the rows an engine step holds change float sums in the last bits (as across batches)
-        if s.stopped_at is None:  # not stopped: the chains ran in full and score the same
-            assert [st.score for st in s.scores.steps] == pytest.approx([st.score for st in f.scores.steps], abs=1e-6)
+        assert f.stopped_at is None and len(f.chains) == 8
+        # by construction: stopped chain k is chain k of the full run, cut short (whatever wave it ran in)
+        for cf, cs in zip(f.chains, s.chains):
+            assert cf.turns[0].token_ids[:len(cs.turns[0].token_ids)] == cs.turns[0].token_ids
+        if s.stopped_at is None:  # settled only as its last chain ended: a full run
+            assert len(s.chains) == 8
+            assert [st.score for st in s.scores.steps] == pytest.approx([st.score for st in f.scores.steps],
+                                                                        abs=1e-6)
             continue
-        j = s.stopped_at
-        assert s.prediction == j  # the earliest error is where judging stopped
-        # steps up to the stop have the full run's scores; later ones are reported as not judged
-        assert [st.score for st in s.scores.steps[:j + 1]] == pytest.approx(
-            [st.score for st in f.scores.steps[:j + 1]], abs=1e-6)
-        assert all(st.score is None and st.counts == {"not_judged": 4} for st in s.scores.steps[j + 1:])
+        j, thr = s.stopped_at, 0.5
+        steps = [st.score for st in s.scores.steps]
+        assert all(x is None for x in steps[j + 1:])
+        assert all(st.counts == {"not_judged": len(s.chains)} for st in s.scores.steps[j + 1:])
+        if s.prediction == -1:  # settled "no error": every step judged, none below the threshold
+            kinds.add("no error")
+            assert j == f.num_steps - 1 and all(x is not None and x >= thr for x in steps)
+        elif s.prediction is None:
+            kinds.add("unknown")
+            assert steps[j] is None and all(x >= thr for x in steps[:j])
+        else:
+            kinds.add("error")
+            assert s.prediction == j and steps[j] < thr and all(x >= thr for x in steps[:j])
         assert s.to_json(shipped_llm.tokenizer)["stopped_at"] == j
+    assert "error" in kinds and (name == "processbench" or "no error" in kinds)
+
+
+def test_bounds_settle_before_every_chain_has_judged():
+    # RecordWatch._decide on hand-set verdicts: K=8, threshold 0.5.
+    from types import SimpleNamespace
+    from prmkern.verify.early_exit import RecordWatch
+    v = SimpleNamespace(config=SimpleNamespace(threshold=0.5))
+    rw = RecordWatch(v, 2, 8)
+
+    def given(*per_chain):
+        per_chain += ([],) * (8 - len(per_chain))
+        for st, vals in zip(rw.chains, per_chain, strict=True):
+            st.given, st.values = len(vals), list(vals)
+        rw.decided, rw.no_error, rw.undecidable = None, False, False
+        return rw._decide()
+    # step 1 wrong in 5 chains, 3 still judging step 0: 0.3 max mean (3 / 8 + 5 x 0) -> decided, error at step 1
+    assert given(*[[1.0, 0.0]] * 5, [], [], []) and rw.decided == 1
+    # 5 chains at 0.9 on both steps, 3 unknown: the low bound 4.5 / 8 is above the threshold -> "no error"
+    assert given(*[[0.9, 0.9]] * 5, [], [], []) and rw.no_error and rw.decided == 1
+    # 4 chains at 1.0, 4 unknown: the low bound 4 / 8 sits at the threshold; with chains unknown a bound must
+    # clear it by a margin (float sums), so it stays open
+    assert not given(*[[1.0, 1.0]] * 4, [], [], [], [])
+    # 4 chains at 0.99: the low bound 3.96 / 8 is below, the high bound above -> still open
+    assert not given(*[[0.99, 0.99]] * 4, [], [], [], [])
+    # every chain judged step 0, none scored it -> the one rule for unscored steps: unknown at step 0
+    assert given(*[[None]] * 8) and rw.undecidable and rw.decided == 0
+    # unscored verdicts leave the mean to the others: 7 unscored, 1 at 0.2 -> below, decided at step 0
+    assert given(*[[None, None]] * 7, [0.2]) and rw.decided == 0 and not rw.undecidable
+    # 1 chain judged step 0 unscored, the others not yet: open (they may score it either way)
+    assert not given([None])
 
 
 @pytest.mark.parametrize("fmt, method, what", [("thinkprm", "final", "method 'final'"),
@@ -130,7 +181,8 @@ def test_cli_flag_summary_and_rejection(tmp_path):
     assert early["solutions"] == 3 and early["stopped"] == len(stopped) >= 1
     assert early["generated_tokens"] > 0 and early["estimated_tokens_saved"] >= 0
     for r in stopped:
-        assert r["prediction"] == r["stopped_at"] and all(s is None for s in r["step_scores"][r["stopped_at"] + 1:])
+        assert r["prediction"] in (r["stopped_at"], -1, None)
+        assert all(s is None for s in r["step_scores"][r["stopped_at"] + 1:])
     assert "stop at the first error:" in proc.stderr
 
 
@@ -142,9 +194,9 @@ def test_server_verify_field_stops_as_the_in_process_verifier(shipped_llm):
     from prmkern.serve.background import serve_in_thread
     config = VerifyConfig(format="prmkern", num_chains=3, seed=0)
     stopping = Verifier(shipped_llm, VerifyConfig(format="prmkern", num_chains=3, seed=0, stop_at_first_error=True))
-    for rec in (r for r in heldout() if r["label"] in (0, 1)):  # the first one whose judging stops early
+    for rec in (r for r in heldout() if r["label"] in (0, 1)):  # the first one whose judging stops at an error
         ref = stopping.verify([rec])[0]
-        if ref.stopped_at is not None:
+        if ref.stopped_at is not None and ref.prediction == ref.stopped_at:
             break
     app = build_app(LLM(SHIPPED, device="cpu", dtype="float32", num_kvcache_blocks=2048),
                     ServerConfig(model_name="verifier", verify=config))

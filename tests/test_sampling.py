@@ -124,6 +124,7 @@ def test_max_tokens_finish_reason(llm):
     (dict(logprobs=2.0), "an int >= 0"),
     (dict(prompt_logprobs=-2), "an int >= 0"),
     (dict(prompt_logprobs_start=0), "an int >= 1"),
+    (dict(first_chain=-1), "an int >= 0"),
     (dict(stop_token_ids=[True]), "non-negative token ids"),
     (dict(ignore_eos="yes"), "True or False"),
     (dict(stop=5), "non-empty string"),
@@ -137,3 +138,15 @@ def test_invalid_sampling_params_say_what_is_accepted(kwargs, accepted):
 def test_logprobs_bool_maps_to_vllm_counts():
     assert SamplingParams(logprobs=True).logprobs == 0 and SamplingParams(logprobs=False).logprobs is None
     assert SamplingParams(logprobs=3).logprobs == 3
+
+
+def test_chains_in_waves_equal_one_request(llm):
+    # first_chain: n=5 then n=3 from chain 5 sample the chains of one seeded n=8 request (stop at the first error
+    # draws a solution's chains this way), whatever the batch around them
+    prompt = random_prompts([20], 509, seed=26)[0]
+    sp = dict(temperature=1.0, max_tokens=12, ignore_eos=True, seed=9)
+    whole = llm.generate([prompt], SamplingParams(n=8, **sp))[0].outputs
+    first, rest = llm.generate([prompt, prompt], [SamplingParams(n=5, **sp),
+                                                  SamplingParams(n=3, first_chain=5, **sp)])
+    assert [o.token_ids for o in first.outputs + rest.outputs] == [o.token_ids for o in whole]
+    assert len({tuple(o.token_ids) for o in whole}) == 8  # the chains differ: the seeds are the chains' own

@@ -204,7 +204,7 @@ class ChainProgress:
         return outs
 
 
-def early_exit_counts(results: list, counts: dict[str, int]) -> None:
+def early_exit_counts(results: list, counts: dict[str, int], num_chains: int) -> None:
     """Adds what --stop-at-first-error did for these results to `counts` (the summary's `early_exit`)."""
     for res in results:
         if res.scores is None:
@@ -219,8 +219,13 @@ def early_exit_counts(results: list, counts: dict[str, int]) -> None:
         counts["steps_not_judged"] = counts.get("steps_not_judged", 0) + left
         counts["chains_aborted"] = counts.get("chains_aborted", 0) + sum(
             1 for c in res.chains if c.turns and c.turns[-1].finish_reason == "abort")
-        # an estimate, not a measurement: this solution's tokens per judged step, times the steps not judged
-        counts["estimated_tokens_saved"] = counts.get("estimated_tokens_saved", 0) + round(tokens * left / judged)
+        # the second wave of chains (Verifier.first_wave) that never ran: the first settled the answer
+        counts["chains_not_started"] = counts.get("chains_not_started", 0) + max(0, num_chains - len(res.chains))
+        # an estimate, not a measurement: this solution's tokens per judged step times the steps not judged, plus
+        # its tokens per chain times the chains not started
+        not_started = max(0, num_chains - len(res.chains))
+        counts["estimated_tokens_saved"] = counts.get("estimated_tokens_saved", 0) + round(
+            tokens * left / judged + tokens / max(1, len(res.chains)) * not_started)
 
 
 def verify_rows(verifier: Any, batch: list[Item], emit: Callable, tokenizer: Any, no_chains: bool,
@@ -242,7 +247,7 @@ def verify_rows(verifier: Any, batch: list[Item], emit: Callable, tokenizer: Any
         config = dataclasses.replace(config, seed=derive_seed(config.seed, group))
     results = Verifier(verifier.llm, config).verify(records)
     if early is not None:
-        early_exit_counts([results[it.index - start] for it in batch], early)
+        early_exit_counts([results[it.index - start] for it in batch], early, config.num_chains)
     chains = 0
     for it in batch:
         res = results[it.index - start]
@@ -291,7 +296,7 @@ def verify_continuous(verifier: Any, items: list[Item], emit: Callable, tokenize
                 res.error = f"{type(error).__name__} while processing: {error}" if not isinstance(
                     error, ValueError) else str(error)
             elif early is not None:
-                early_exit_counts([res], early)
+                early_exit_counts([res], early, v.config.num_chains)
             row = res.to_json(tokenizer, include_chains=not no_chains)
             row.pop("id", None)
             chains += len(res.chains)
@@ -402,7 +407,7 @@ def early_summary(counts: dict[str, int] | None, generated: int, seconds: float)
     if counts is None:
         return None
     out = {k: counts.get(k, 0) for k in ("solutions", "stopped", "steps_not_judged", "chains_aborted",
-                                            "generated_tokens", "estimated_tokens_saved")}
+                                            "chains_not_started", "generated_tokens", "estimated_tokens_saved")}
     rate = generated / seconds if seconds > 0 else 0.0
     out["estimated_seconds_saved"] = round(out["estimated_tokens_saved"] / rate, 3) if rate else None
     return out
@@ -413,7 +418,8 @@ def _early(verifier: Any) -> dict[str, Any]:
     if early is None:
         return {}
     print(f"stop at the first error: {early['stopped']} of {early['solutions']} solutions stopped early, "
-          f"{early['chains_aborted']} chains aborted, {early['steps_not_judged']} steps not judged; about "
+          f"{early['chains_aborted']} chains aborted, {early['chains_not_started']} not started, "
+          f"{early['steps_not_judged']} steps not judged; about "
           f"{early['estimated_tokens_saved']} generated tokens saved (estimate)", file=sys.stderr)
     return {"early_exit": early}
 

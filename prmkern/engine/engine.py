@@ -238,12 +238,13 @@ class LLMEngine:
         return self.next_seq_id - 1
 
     def _generator(self, request: Request, chain_index: int) -> torch.Generator:
-        """Chain `chain_index`'s own RNG: from the request's seed when given, else from the engine's seeded RNG."""
+        """Chain `chain_index`'s own RNG: from the request's seed when given (chain first_chain + chain_index of
+        the seeded whole), else from the engine's seeded RNG."""
         seed = request.params.seed
         if seed is None:
             seed = self.rng.randrange(1 << SEED_BITS)
         else:
-            seed = derive_seed(seed, chain_index)
+            seed = derive_seed(seed, request.params.first_chain + chain_index)
         return torch.Generator().manual_seed(seed)
 
     def has_unfinished(self) -> bool:

@@ -3,14 +3,18 @@ settled, so the rest of its chains can be aborted (their KV blocks freed) and it
 
 Step-verdict formats (per_step: thinkprm, prmkern). A chain's verdict on step j is *given* once it has closed a
 verdict slot in step j's section (`\\boxed{incorrect}`), opened a later step's section, or ended for good (no
-budget-forcing round will continue it). Once every chain has given its verdict on steps 0..j, step j's mean is what a full run computes; when
-it is below the threshold, or no chain scored it (the one rule for unscored steps: the prediction is then unknown),
-the earliest error is decided and nothing later can change it. The step scores are computed by the Verifier's own
-scoring code on the chains' text so far, so both runs score identical tokens identically.
+budget-forcing round will continue it); a given verdict is scored by the Verifier's own scoring code on the chain's
+text and tokens so far, so both runs score identical tokens identically. A step's score is the mean over the chains
+that scored it, so while u chains have not given their verdict on it, the full run's mean is bounded: each of them
+adds a P in [0, 1] or nothing (RecordWatch._decide). Walking the steps in order, the earliest error is decided as
+soon as the bounds settle it: every earlier step's low bound at or above the threshold, and this step's high bound
+below it, or no chain scored it with none left to (the one rule for unscored steps: the prediction is then
+unknown); or every step's low bound at or above the threshold ("no error": the chains' closing lines are not
+waited for). Nothing later can change a settled answer, so the solution's remaining chains are aborted.
 
 The one case this cannot foresee: a chain that judges a step again after giving its verdict (a second verdict
-slot in the same section, or the step's header written again later): the parser keeps the later verdict. The verifiers here judge steps in order; tests compare
-stopped runs with full runs on the bundled sets.
+slot in the same section, or the step's header written again later): the parser keeps the later verdict. The
+verifiers here judge steps in order; tests compare stopped runs with full runs on the bundled sets.
 
 GenPRM (per_paragraph) needs no watching: paragraphs are judged one after another (genprm_protocol.py stops after
 the first paragraph whose Maj@N score is below the threshold or unscored).
@@ -27,7 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from prmkern.verify.parsing import parse_output
-from prmkern.verify.scoring import aggregate
+
+_MARGIN = 1e-9  # bounds with chains still to give a verdict clear the threshold by this much
 
 __all__ = ["ChainWatch", "RecordWatch", "stopped_step", "check_applies"]
 
@@ -54,6 +59,7 @@ class _ChainState:
     forced_rounds: int = 0
     stale: bool = True  # wrote a token that may settle a verdict since `given` was computed
     given: int = 0  # leading steps this chain has given its verdict on
+    values: list[float | None] | None = None  # its P(correct) on those steps (None: unscored)
 
 
 class RecordWatch:
@@ -76,15 +82,16 @@ class RecordWatch:
                 if ch.error is not None:
                     st.finish_reason = "error"
                 self.chains.append(st)
-        self.scored = 0  # steps every chain had given a verdict on when the scores were last computed
         self.decided: int | None = None  # the step where judging stopped (its error or its unscored step)
         self.undecidable = False  # decided: the prediction is None (a step no chain scored)
+        self.no_error = False  # decided: every step settled at or above the threshold (decided = n - 1)
         self.dirty = False
 
     def reopen(self, k: int) -> None:
         """Chain k takes part in this round (a budget-forcing round continues it)."""
         st = self.chains[k]
         st.ended, st.finish_reason, st.ids, st.lps, st.stale = False, None, [], [], True
+        st.given, st.values = 0, None
 
     def update(self, k: int, view: Any) -> None:
         st = self.chains[k]
@@ -112,37 +119,64 @@ class RecordWatch:
 
     def check(self) -> bool:
         """True when the earliest error is settled (sets `decided`). Re-reads only the chains that wrote a token that
-        may settle a verdict; scores (the costly part) only when every chain has given a verdict on a new step."""
+        may settle a verdict; scores a chain (the costly part) only when it has given a verdict on a new step."""
         if self.decided is not None:
             return True
         if not self.dirty:
             return False
         self.dirty = False
+        changed = False
         for st in self.chains:
-            if st.stale:
-                st.stale = False
-                if st.ended:
-                    st.given = self.n
-                else:
-                    text = self.v.tok.decode(st.prior_ids + st.ids)
-                    st.given = self._given(text, parse_output(self.v.fmt, text, self.n, finished=False))
-        frontier = min(st.given for st in self.chains)
-        if frontier <= self.scored:
-            return False
-        self.scored = frontier
-        scores = []
-        for st in self.chains:
-            ids, lps = st.prior_ids + st.ids, st.prior_lps + st.lps
-            finished = st.ended and st.finish_reason not in ("length", "error")
-            scores.append(self.v.chain_scores(self.v.tok.decode(ids), ids, lps, self.n, finished,
-                                              failed=st.finish_reason == "error"))
-        agg = aggregate(scores, self.n, method="min", threshold=self.v.config.threshold)
-        for j in range(frontier):
-            s = agg.steps[j].score
-            if s is None or s < self.v.config.threshold:
-                self.decided, self.undecidable = j, s is None
+            if not st.stale:
+                continue
+            st.stale = False
+            if st.ended:
+                given = self.n
+            else:
+                text = self.v.tok.decode(st.prior_ids + st.ids)
+                given = self._given(text, parse_output(self.v.fmt, text, self.n, finished=False))
+            if given > st.given or (st.ended and st.values is None):
+                st.given = given
+                ids, lps = st.prior_ids + st.ids, st.prior_lps + st.lps
+                finished = st.ended and st.finish_reason not in ("length", "error")
+                sc = self.v.chain_scores(self.v.tok.decode(ids), ids, lps, self.n, finished,
+                                         failed=st.finish_reason == "error")
+                st.values = [v.p_correct for v in sc.steps[:given]]
+                changed = True
+        return changed and self._decide()
+
+    def _decide(self) -> bool:
+        """Walks the steps in order with bounds on each step's mean: a chain that has not given its verdict on step
+        i yet will either score it with some P in [0, 1] or leave it unscored (a step's score is the mean over the
+        chains that scored it), so with sum s over m scoring chains and u chains still to give it, the mean a full
+        run computes lies in [s / (m + u), (s + u) / (m + u)]. Step i is settled at or above the threshold when the
+        low bound is, below it when the high bound is (that step is the earliest error), and unscored when no chain
+        scored it and none is left to (the one rule: the prediction is unknown). When every step is settled at or
+        above, the answer is "no error". Where u > 0 the bounds must clear the threshold by a margin far above
+        float rounding; where u = 0 the mean is computed exactly as scoring.aggregate computes it."""
+        thr = self.v.config.threshold
+        for j in range(self.n):
+            vals = [st.values[j] for st in self.chains if st.given > j]
+            u = len(self.chains) - len(vals)
+            vals = [x for x in vals if x is not None]
+            if not vals:
+                if u:
+                    return False
+                self.decided, self.undecidable = j, True
                 return True
-        return False
+            s, m = sum(vals), len(vals)
+            if u == 0:
+                if s / m < thr:
+                    self.decided = j
+                    return True
+                continue
+            if (s + u) / (m + u) < thr - _MARGIN:
+                self.decided = j
+                return True
+            if s / (m + u) < thr + _MARGIN:
+                return False
+        self.decided, self.no_error = self.n - 1, True
+        return True
 
     def _given(self, text: str, parsed: Any) -> int:
         """How many leading steps an unfinished chain has given its verdict on: the steps before its open section
@@ -170,16 +204,18 @@ class ChainWatch:
     chain k of record r (a forcing round). Returns True for a request whose record is decided."""
 
     def __init__(self) -> None:
-        self.targets: list[tuple[RecordWatch, int | None]] = []
+        self.targets: list[tuple[RecordWatch, int | None, int]] = []
 
-    def add(self, record: RecordWatch, chain: int | None = None) -> None:
-        self.targets.append((record, chain))
+    def add(self, record: RecordWatch, chain: int | None = None, first: int = 0) -> None:
+        """chain: the one chain of `record` this request continues; else the request carries the record's chains
+        first, first + 1, ... (a wave: SamplingParams.first_chain)."""
+        self.targets.append((record, chain, first))
 
     def __call__(self, i: int, views: Sequence[Any]) -> bool:
-        record, chain = self.targets[i]
+        record, chain, first = self.targets[i]
         if record.decided is None:
             for view in views:
-                k = view.chain_index if chain is None else chain
+                k = first + view.chain_index if chain is None else chain
                 record.update(k, view)
         return record.check()
 

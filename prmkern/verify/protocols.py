@@ -358,6 +358,17 @@ class Verifier:
             self._settle_tokens[token] = hit
         return hit
 
+    def first_wave(self) -> int:
+        """Chains a record starts with. Stop at the first error draws a solution's K chains in two waves: the first
+        wave is the fewest chains whose verdicts alone can settle every step (a step's bounds clear the threshold
+        only once more than K x max(t, 1 - t) chains have judged it, early_exit.RecordWatch._decide); the rest run
+        only for a solution the first wave left undecided. Chain k samples as chain k of one n=K request whatever its
+        wave (SamplingParams.first_chain), so the chains, and the prediction, are those of a full run."""
+        c = self.config
+        if not c.stop_at_first_error:
+            return c.num_chains
+        return min(c.num_chains, int(c.num_chains * max(c.threshold, 1 - c.threshold)) + 1)
+
     def _run_single_turn(self, jobs, results) -> Any:  # a coroutine of Rounds
         c = self.config
         prompts, params = [], []
@@ -365,16 +376,38 @@ class Verifier:
         if c.stop_at_first_error:
             from prmkern.verify.early_exit import ChainWatch, RecordWatch
             watch, records = ChainWatch(), {}
+        wave = self.first_wave()
         for i, problem, steps in jobs:
             text = self.fmt.render(problem, steps, self.tok)
             self._texts[i], self._stops[i] = text, self.stops(text, len(steps))
             prompts.append(self.encode(text))
-            params.append(self.params(c.num_chains, c.max_tokens, self.seed(i), stop=self._stops[i],
+            params.append(self.params(wave, c.max_tokens, self.seed(i), stop=self._stops[i],
                                       logprob_ids=self.verdict_ids))
             if watch is not None:
                 records[i] = RecordWatch(self, len(steps), c.num_chains)
                 watch.add(records[i])
         outs = yield Round(prompts, params, watch)
+        self._take_chains(jobs, prompts, outs, results)
+        if wave < c.num_chains:  # the second wave: the solutions the first left undecided
+            later = [(n, job) for n, job in enumerate(jobs) if results[job[0]].error is None
+                     and records[job[0]].decided is None]
+            watch = ChainWatch()
+            for _, (i, _, _) in later:
+                watch.add(records[i], first=wave)
+            outs = (yield Round([prompts[n] for n, _ in later],
+                                [dataclasses.replace(params[n], n=c.num_chains - wave, first_chain=wave)
+                                 for n, _ in later], watch)) if later else []
+            self._take_chains([job for _, job in later], [prompts[n] for n, _ in later], outs, results)
+        for i, _, _ in jobs:
+            if records is not None and records[i].decided is not None:
+                results[i].stopped_at = records[i].decided
+        steps_of = {i: steps for i, _, steps in jobs}
+        if c.budget_tokens is not None:
+            yield from self._force(jobs, results, steps_of)
+        if self.final_ids is not None:
+            yield from self._final_verdicts(jobs, results)
+
+    def _take_chains(self, jobs, prompts, outs, results) -> None:
         for (i, _, _), prompt, out in zip(jobs, prompts, outs):
             if out.error is not None:
                 results[i].error = out.error
@@ -383,13 +416,6 @@ class Verifier:
                 turn = Turn(prompt_ids=prompt)
                 self._absorb(turn, o)
                 results[i].chains.append(Chain(turns=[turn]))
-            if records is not None and records[i].decided is not None:
-                results[i].stopped_at = records[i].decided
-        steps_of = {i: steps for i, _, steps in jobs}
-        if c.budget_tokens is not None:
-            yield from self._force(jobs, results, steps_of)
-        if self.final_ids is not None:
-            yield from self._final_verdicts(jobs, results)
 
     def _force(self, jobs, results, steps_of) -> Any:  # a coroutine of Rounds
         c = self.config
