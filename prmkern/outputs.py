@@ -3,6 +3,7 @@ the Logprob entries of vLLM's per-position log-probability dicts."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -78,3 +79,6 @@ class RequestOutput:
     prompt_logprobs: PromptLogprobs | None = None  # SamplingParams.prompt_logprobs
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (first admission)
     metrics: RequestMetrics | None = None  # vLLM's: arrival, queue, first and last token, finish times
+    # vLLM's: SamplingParams.prompt_logprob_token_ids' log-probabilities, a float32 numpy array [rows, ids] (row i
+    # scores prompt token prompt_logprob_start + i + 1; -inf where a row was padded with -1); None when not asked
+    prompt_token_id_logprobs: Any = None

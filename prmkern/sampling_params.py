@@ -48,6 +48,11 @@ class SamplingParams:
     prompt_logprobs_start (prmkern's): the first prompt position that gets prompt logprobs (default 1, every one);
     blocks of the prefix cache before it are reused instead of recomputed, which is how a chain is scored after a
     cached problem prefix.
+    prompt_logprob_token_ids / prompt_logprob_start (vLLM 0.32's): per causal prompt row from prompt_logprob_start
+    (default 0) on, the log-probabilities of that row's ids as predictions of the next prompt token (row i: prompt
+    token prompt_logprob_start + i + 1), -1 padding a row; one row per scored position (prompt_len - 1 - start);
+    RequestOutput.prompt_token_id_logprobs holds them as a float32 numpy array [rows, ids], -inf where padded.
+    prompt_logprob_start + 1 is prompt_logprobs_start's position, and like it skips the cached blocks before it.
     logprob_token_ids (prmkern's): at every generated position, the log-probabilities of these ids (how verdict
     probabilities such as P(Yes) vs P(No) are read exactly). All log-probabilities are of the model's raw
     distribution (vLLM's default logprobs_mode "raw_logprobs": before penalties, temperature and filters).
@@ -72,6 +77,8 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     prompt_logprobs_start: int = 1
+    prompt_logprob_token_ids: list[list[int]] | None = None  # vLLM's (also a numpy int array [rows, ids])
+    prompt_logprob_start: int | None = None  # vLLM's: the first causal prompt row scored by the ids above
     logprob_token_ids: list[int] | None = None
     first_chain: int = 0
     skip_special_tokens: bool = True
@@ -128,6 +135,7 @@ class SamplingParams:
             raise bad("first_chain", "an int >= 0 (the seeded whole's index of this request's first chain)")
         if not _is_int(self.prompt_logprobs_start) or self.prompt_logprobs_start < 1:
             raise bad("prompt_logprobs_start", "an int >= 1 (prompt position 0 has no log-probability)")
+        self._check_prompt_logprob_token_ids()
         if isinstance(self.stop, str):
             stop = [self.stop]
         elif self.stop is None or isinstance(self.stop, (list, tuple)):
@@ -177,6 +185,26 @@ class SamplingParams:
             if getattr(self, name) is not None:
                 setattr(self, name, int(getattr(self, name)))
         self.prompt_logprobs_start = int(self.prompt_logprobs_start)
+
+    def _check_prompt_logprob_token_ids(self) -> None:
+        """vLLM's checks (and messages where it has them); rows are padded with -1 to one width, as nested lists."""
+        rows = self.prompt_logprob_token_ids
+        if rows is None:
+            if self.prompt_logprob_start is not None:
+                raise ValueError("prompt_logprob_start requires prompt_logprob_token_ids.")
+            return
+        rows = rows.tolist() if hasattr(rows, "tolist") else rows
+        if (not isinstance(rows, (list, tuple)) or not rows or any(not isinstance(r, (list, tuple)) for r in rows)
+                or not max(map(len, rows)) or any(not _is_int(t) or t < -1 for r in rows for t in r)):
+            raise ValueError("prompt_logprob_token_ids must be a non-empty integer array of shape [num_rows, num_ids] "
+                             "(or nested lists of token ids; -1 pads a row)")
+        width = max(map(len, rows))
+        self.prompt_logprob_token_ids = [[int(t) for t in r] + [-1] * (width - len(r)) for r in rows]
+        start = self.prompt_logprob_start
+        if start is not None and (not _is_int(start) or start < 0):
+            raise ValueError(f"SamplingParams.prompt_logprob_start={start!r} is invalid; accepted: None or an int "
+                             f">= 0 (the first causal prompt row scored)")
+        self.prompt_logprob_start = None if start is None else int(start)
 
     @property
     def greedy(self) -> bool:

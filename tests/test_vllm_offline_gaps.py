@@ -172,3 +172,46 @@ def test_engine_metrics_reset_prefix_cache_and_llm_engine(llm):
     engine.abort_request("r2")
     with pytest.raises(ValueError, match="empty prompt"):
         engine.add_request("r3", [], SamplingParams())
+
+
+def test_prompt_logprob_token_ids_from_a_start_row(llm, model64):
+    """vLLM 0.32's prompt_logprob_token_ids + prompt_logprob_start (its spelling of what prmkern's
+    prompt_logprobs_start does for prompt_logprobs): row i scores its ids as predictions of prompt token
+    start + i + 1, -1 pads (-inf), against the float64 reference; cached blocks before the start row are reused."""
+    import numpy as np
+    ids = random_prompts([41], 509, seed=81)[0]
+    start = 33
+    rows = [[ids[start + i + 1], 7, 300][: 3 - i % 2] for i in range(len(ids) - 1 - start)]  # ragged: -1 padded
+    llm.generate([ids[:36]], SamplingParams(temperature=0, max_tokens=1))  # caches the first two 16-token blocks
+    # ---- a vLLM user's script ----
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprob_token_ids=np.array(
+        [r + [-1] * (3 - len(r)) for r in rows]), prompt_logprob_start=start)
+    out = llm.generate([{"prompt_token_ids": ids}], params)[0]
+    scores = out.prompt_token_id_logprobs
+    # ---- checks ----
+    ref = ref_logprobs(model64, ids)
+    assert isinstance(scores, np.ndarray) and scores.dtype == np.float32 and scores.shape == (len(rows), 3)
+    for i, row in enumerate(rows):
+        for j in range(3):
+            if j < len(row):
+                assert abs(float(scores[i, j]) - float(ref[start + i, row[j]])) < TOL, (i, j)
+            else:
+                assert scores[i, j] == -np.inf
+    assert out.num_cached_tokens == 32 and out.prompt_logprobs is None
+    # with prompt_logprobs too, vLLM's prompt_logprobs keep their meaning: every position from 1 on
+    both = llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0,
+                                              prompt_logprob_token_ids=rows, prompt_logprob_start=start))[0]
+    assert both.prompt_logprobs[0] is None and len(both.prompt_logprobs) == len(ids)
+    assert all(abs(d[t].logprob - float(ref[p - 1, t])) < TOL
+               for p, (d, t) in enumerate(zip(both.prompt_logprobs, ids)) if p)
+    assert np.array_equal(both.prompt_token_id_logprobs, scores)
+    # vLLM's checks
+    short = llm.generate([ids], SamplingParams(max_tokens=1, prompt_logprob_token_ids=rows[1:],
+                                               prompt_logprob_start=start))[0]
+    assert "has 6 rows, but the prompt has 7 scored rows" in short.error
+    assert "out-of-vocab" in llm.generate([ids[:3]], SamplingParams(max_tokens=1, prompt_logprob_token_ids=[[600]],
+                                                                    prompt_logprob_start=1))[0].error
+    with pytest.raises(ValueError, match="prompt_logprob_start requires prompt_logprob_token_ids"):
+        SamplingParams(prompt_logprob_start=2)
+    with pytest.raises(ValueError, match="must be a non-empty integer array"):
+        SamplingParams(prompt_logprob_token_ids=[[-2]])

@@ -13,6 +13,7 @@ import time
 import torch
 
 from prmkern.attention import backend_class
+from prmkern.engine import prompt_scores
 from prmkern.engine.block_manager import BlockManager
 from prmkern.config import EngineConfig
 from prmkern.models import load_model
@@ -20,7 +21,7 @@ from prmkern.ops.cpp import cpp_ops
 from prmkern.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from prmkern.prompts import MissingTokenizerError, encode_bounded, max_token_chars, split_prompt
 from prmkern.engine.runner import ModelRunner, kv_block_bytes
-from prmkern.engine.sampler import PositionLogprobs, Sampler, position_logprobs, top_count
+from prmkern.engine.sampler import PositionLogprobs, Sampler
 from prmkern.sampling_params import SEED_BITS, SamplingParams, derive_seed
 from prmkern.engine.scheduler import Scheduler
 from prmkern.engine.sequence import Request, Sequence, SequenceStatus
@@ -146,6 +147,7 @@ class LLMEngine:
             text, ids = split_prompt(prompt)
             token_ids = self._prompt_token_ids(text, ids)
             self._check_params(params)
+            prompt_scores.check_rows(params, len(token_ids), self.model.spec.vocab_size)
             bad_words = self._bad_words_token_ids(params)
         except (TypeError, ValueError) as e:
             error = str(e)
@@ -310,7 +312,7 @@ class LLMEngine:
             if item.logits_from is not None:
                 prompt_rows = min(item.end, seq.num_prompt_tokens - 1) - item.logits_from
                 if prompt_rows > 0:
-                    self._record_prompt_logprobs(seq.request, item.logits_from, logits[row:row + prompt_rows])
+                    prompt_scores.record(seq.request, item.logits_from, logits[row:row + prompt_rows])
             if item.samples:
                 family = [seq] + (self._fork(seq) if seq.needs_fork else [])
                 sampling.extend(family)
@@ -341,14 +343,6 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 finished.append(seq)
         return self._forget_finished(finished)
-
-    def _record_prompt_logprobs(self, request: Request, first: int, logits: torch.Tensor) -> None:
-        """logits [R, V]: rows for prompt positions first .. first + R - 1, each scoring the next prompt token."""
-        ids = torch.tensor(request.prompt_token_ids[first + 1:first + 1 + logits.shape[0]], device=logits.device)
-        lps = position_logprobs(torch.log_softmax(logits.float(), dim=-1), ids,
-                                [top_count(request.params.prompt_logprobs, logits.shape[-1])] * logits.shape[0])
-        request.prompt_logprobs[first + 1:first + 1 + len(lps)] = lps
-        request.prompt_lp_next = first + 1 + len(lps)
 
     def _fail_requests(self, requests: set[Request], error: str) -> list[Sequence]:
         """Fails each request: its unfinished chains leave the scheduler (blocks freed) with finish_reason "error";
@@ -503,5 +497,8 @@ class LLMEngine:
             request.finished_time = time.time()
         metrics = RequestMetrics(request.arrival_time, request.first_scheduled_time, request.first_token_time,
                                  request.last_token_time, request.finished_time, request.num_generation_tokens)
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outs, request.finished,
-                             request.error, prompt_lps, request.num_cached_tokens or 0, metrics)
+        out = RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outs, request.finished,
+                            request.error, prompt_lps, request.num_cached_tokens or 0, metrics)
+        if request.prompt_id_scores is not None and request.error is None:
+            out.prompt_token_id_logprobs = request.prompt_id_scores.numpy().copy()
+        return out

@@ -33,6 +33,7 @@ class Request:
     # prompt position whose log-probability is still to be computed (len(prompt_token_ids): none is).
     prompt_logprobs: list = field(default_factory=list)
     prompt_lp_next: int = 0
+    prompt_id_scores: torch.Tensor | None = None  # [rows, ids] float32: SamplingParams.prompt_logprob_token_ids
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
     bad_words_token_ids: list[list[int]] | None = None  # SamplingParams.bad_words, tokenized (vLLM's variants)
     # Wall-clock times (time.time(), vLLM's RequestMetrics): arrival, first scheduled, first and last token, finish.
@@ -44,12 +45,15 @@ class Request:
     num_generation_tokens: int = 0
 
     def __post_init__(self) -> None:
-        n = len(self.prompt_token_ids)
-        if self.error is None and self.params.prompt_logprobs is not None:
+        n, p = len(self.prompt_token_ids), self.params
+        self.prompt_lp_next = n
+        if self.error is None and p.prompt_logprobs is not None:
             self.prompt_logprobs = [None] * n
-            self.prompt_lp_next = min(self.params.prompt_logprobs_start, n)
-        else:
-            self.prompt_lp_next = n
+            self.prompt_lp_next = min(p.prompt_logprobs_start, n)
+        if self.error is None and p.prompt_logprob_token_ids is not None:  # filled by engine/prompt_scores.py
+            rows = p.prompt_logprob_token_ids
+            self.prompt_id_scores = torch.full((len(rows), len(rows[0])), float("nan"), dtype=torch.float32)
+            self.prompt_lp_next = min(self.prompt_lp_next, (p.prompt_logprob_start or 0) + 1)
 
     @property
     def wants_prompt_logprobs(self) -> bool:
