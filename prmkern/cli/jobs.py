@@ -204,10 +204,13 @@ class JobRunner:
         return self.shard is None or self.shard.rank == 0
 
     def run(self, items: list[Item], process: Callable[[list[Item], Callable[[int, dict], None]], None],
-            batch_size: int = 1, progress: Any = None, align: bool = False) -> list[dict[str, Any]]:
+            batch_size: int = 1, progress: Any = None, align: bool = False,
+            whole: bool = False) -> list[dict[str, Any]]:
         """Runs `process` over the pending items in batches; `progress(n)` is called per finished item.
         align: batches are the items with equal index // batch_size (fewer where some are finished or bad), so a
-        record's batch, and whatever depends on it, is the same in a resumed run as in an uninterrupted one."""
+        record's batch, and whatever depends on it, is the same in a resumed run as in an uninterrupted one.
+        whole: one process call over every pending good item (a process that keeps its engine full across records
+        and emits rows as they finish); a data-parallel rank still gets its share batch by batch."""
         check_output_paths(self.inputs, {"-o": self.output})
         if self.shard is not None:
             return self._run_sharded(items, process, max(1, batch_size), progress, align)
@@ -227,7 +230,7 @@ class JobRunner:
         by_index = {it.index: it for it in pending}
         written: set[int] = set()  # emitted (the row exists), whether or not it is in the file yet
         # Rows go to the file in input order: a finished row waits for the rows of earlier records (at most the
-        # batch in flight, since batches run in order); whatever waits is written when the run stops.
+        # records in flight, since records start in order); whatever waits is written when the run stops.
         order = [it.index for it in pending]
         held: dict[int, dict[str, Any]] = {}
         next_pos = 0
@@ -254,7 +257,8 @@ class JobRunner:
             bad = [it for it in pending if it.error is not None]
             for it in bad:  # input errors first: they cost nothing (their rows take their place in the file)
                 emit(it.index, it.row(error=it.error))
-            for batch in _batches([it for it in pending if it.error is None], max(1, batch_size), align):
+            good = [it for it in pending if it.error is None]
+            for batch in ([good] if whole and good else _batches(good, max(1, batch_size), align)):
                 _process(batch, process, emit, written)
         except KeyboardInterrupt:
             self.interrupted = True

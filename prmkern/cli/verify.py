@@ -203,6 +203,23 @@ class ChainProgress:
         show()  # the call's final count, whatever the redraw throttle skipped
         return outs
 
+    def step_progress(self, chains: int) -> Callable[[list], None] | None:
+        """The continuous runner's per-step callback: the bar's postfix counts generated tokens and finished chains
+        of `chains` (redrawn at most 4 times a second); None without a bar."""
+        engine = getattr(self._llm, "engine", None)
+        if self._bar is None or engine is None:
+            return None
+        tokens0, shown, done = engine.stats.generated_tokens, [0.0], [0]
+
+        def on_step(finished: list) -> None:
+            done[0] += len(finished)
+            now = time.monotonic()
+            if now - shown[0] >= 0.25 or done[0] >= chains:
+                shown[0] = now
+                self._bar.set_postfix_str(f"{engine.stats.generated_tokens - tokens0} tokens, "
+                                          f"{done[0]}/{chains} chains done")
+        return on_step
+
 
 def early_exit_counts(results: list, counts: dict[str, int], num_chains: int) -> None:
     """Adds what --stop-at-first-error did for these results to `counts` (the summary's `early_exit`)."""
@@ -260,9 +277,10 @@ def verify_rows(verifier: Any, batch: list[Item], emit: Callable, tokenizer: Any
 
 def verify_continuous(verifier: Any, items: list[Item], emit: Callable, tokenizer: Any, no_chains: bool,
                       batch_size: int, early: dict[str, int] | None = None) -> int:
-    """(Not yet wired into `prmkern verify`: see docs/early_exit.md.) Verifies `items` keeping the engine full across records (verify.continuous.ContinuousRunner): records are
-    admitted while fewer than batch_size x K chains are in flight, and each record's row is emitted (written and
-    flushed) as soon as that record finishes, so rows come in the order records finish. Returns the chains run.
+    """Verifies `items` keeping the engine full across records (verify.continuous.ContinuousRunner): records are
+    admitted while fewer than batch_size x K chains are in flight, and each record's row is emitted as soon as that
+    record finishes (the JobRunner writes rows in input order: a row waits for the records before it). Returns the
+    chains run.
 
     Sampling is verify_rows': record r samples as position r % batch_size of group r // batch_size with the group's
     seed, so what a record samples does not depend on what else runs, what ran before, or a resumed run's skips."""
@@ -305,7 +323,9 @@ def verify_continuous(verifier: Any, items: list[Item], emit: Callable, tokenize
 
     engine = llm.engine
     k = verifier.config.num_chains
-    runner = ContinuousRunner(engine, max_chains=max(1, batch_size) * k, chains_per_record=k)
+    progress = getattr(verifier.llm, "step_progress", None)
+    runner = ContinuousRunner(engine, max_chains=max(1, batch_size) * k, chains_per_record=k,
+                              on_step=progress(k * len(items)) if progress else None)
     runner.run(start_of(it) for it in sorted(items, key=lambda it: it.index))
     return chains
 
@@ -387,13 +407,19 @@ def _verify_job(args: argparse.Namespace, config: VerifyConfig, items: list[Item
     chains = 0
     early: dict[str, int] | None = {} if config.stop_at_first_error else None
 
+    # Continuous batching across records (docs/early_exit.md); GenPRM (per-record sandbox sessions, code rounds)
+    # keeps batch-synchronous groups.
+    continuous = config.format.kind != "per_paragraph"
+    verify_items = verify_continuous if continuous else verify_rows
+
     def process(batch: list[Item], emit) -> None:
         nonlocal chains
-        chains += verify_rows(verifier, batch, emit, llm.tokenizer, args.no_chains, size, early)
+        chains += verify_items(verifier, batch, emit, llm.tokenizer, args.no_chains, size, early)
 
     runner = JobRunner(args.output, args.resume, resume_hint(args.argv), inputs=inputs)
     size = verify_batch_size(args, config)
-    runner.run(items, process, batch_size=size, progress=bar.update if bar else None, align=True)
+    runner.run(items, process, batch_size=size, progress=bar.update if bar else None, align=True,
+               whole=continuous)
     if bar is not None:
         bar.close()
     verifier.early_exit = early_summary(early, llm.stats.generated_tokens, runner.seconds)

@@ -57,9 +57,11 @@ class _Live:
 class ContinuousRunner:
     """One engine, many records' protocols at once (see the module docstring)."""
 
-    def __init__(self, engine: Any, max_chains: int, chains_per_record: int = 1):
+    def __init__(self, engine: Any, max_chains: int, chains_per_record: int = 1,
+                 on_step: Callable[[list], None] | None = None):
         """A record is admitted while the chains in flight plus its first round's `chains_per_record` fit in
-        `max_chains` (or when nothing else runs)."""
+        `max_chains` (or when nothing else runs). on_step(sequences): after every engine step, with the sequences
+        that step finished or a watch aborted (progress)."""
         if max_chains < 1:
             raise ValueError(f"max_chains={max_chains} is invalid; accepted: an int >= 1")
         self.engine = engine
@@ -67,6 +69,7 @@ class ContinuousRunner:
         self.chains_per_record = chains_per_record
         self.live: list[_Live] = []
         self.peak_chains = 0
+        self.on_step = on_step
 
     def chains_in_flight(self) -> int:
         n = 0
@@ -99,8 +102,9 @@ class ContinuousRunner:
                         return
                     continue
                 self.peak_chains = max(self.peak_chains, self.chains_in_flight())
+                finished: list = []
                 try:
-                    self.engine.step()
+                    finished = list(self.engine.step() or [])
                 except FatalEngineError:
                     raise
                 except Exception as e:  # noqa: BLE001 - outside what a step attributes: the live requests fail
@@ -110,10 +114,14 @@ class ContinuousRunner:
                     if lv.round is not None and lv.round.watch is not None:
                         for i, r in enumerate(lv.requests):
                             if not r.finished and lv.round.watch(i, r.seqs):
-                                self.engine.abort_request(r)
+                                live = [sq for sq in r.seqs if not sq.finished]
+                                if self.engine.abort_request(r):
+                                    finished += live
                     if all(r.finished for r in lv.requests):
                         outs = [self.engine.output(r) for r in lv.requests]
                         self._advance(lv, outs)
+                if self.on_step is not None:
+                    self.on_step(finished)
         except BaseException:
             for lv in self.live:  # interrupted or fatal: nothing of it outlives the call
                 for r in lv.requests:
