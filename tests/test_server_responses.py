@@ -92,6 +92,9 @@ def test_sampling_fields_and_logprobs_reach_the_engine(client):
     want = chat.choices[0].logprobs.content
     assert [g.token for g in got] == [w.token for w in want] and len(got) == r.usage.output_tokens
     assert all(g.logprob == pytest.approx(w.logprob, abs=1e-6) and len(g.top_logprobs) == 2 for g, w in zip(got, want))
+    plain = client.responses.create(model="tiny", input=messages, max_output_tokens=3, temperature=0, top_logprobs=2)
+    assert plain.output_text and all(c.logprobs == [] for c in plain.output[0].content)  # vLLM's: only with
+    assert plain.top_logprobs is None  # include=["message.output_text.logprobs"]
 
 
 @pytest.mark.parametrize("fields,says", [
@@ -102,6 +105,7 @@ def test_sampling_fields_and_logprobs_reach_the_engine(client):
     (dict(input=[{"type": "function_call_output", "call_id": "c", "output": "1"}]), "'function_call_output' item"),
     (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]), "input_image"),
     (dict(max_output_tokens=5000), "maximum context length"),
+    (dict(input=[]), "input is an empty list"),
 ])
 def test_unsupported_features_are_a_400_naming_them(client, fields, says):
     body = {"model": "tiny", "input": "x", "max_output_tokens": 2, **fields}

@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator, Literal
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import Field, StrictBool, StrictInt, StrictStr
+from pydantic import Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from prmkern.outputs import RequestOutput
 from prmkern.serve.calls import ChainText
@@ -136,14 +136,20 @@ def _messages(req: ResponsesRequest) -> list[dict[str, str]]:
 
 def _as_chat(req: ResponsesRequest) -> ChatCompletionRequest:
     """The equivalent chat request: its prompt rendering and SamplingParams are /v1/chat/completions' own."""
-    wants_logprobs = req.top_logprobs is not None or "message.output_text.logprobs" in (req.include or [])
+    wants_logprobs = "message.output_text.logprobs" in (req.include or [])  # vLLM's: top_logprobs alone gives none
     fields = {name: getattr(req, name) for name in (
         "model", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
         "repetition_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "logit_bias", "skip_special_tokens",
         "include_stop_str_in_output")}
-    return ChatCompletionRequest(messages=_messages(req), max_tokens=req.max_output_tokens, logprobs=wants_logprobs,
-                                 top_logprobs=req.top_logprobs if wants_logprobs else None,
-                                 **{k: v for k, v in fields.items() if v is not None})
+    messages = _messages(req)
+    if not messages:
+        raise BadRequest("input is an empty list; accepted: a string or at least one message item", "input")
+    try:
+        return ChatCompletionRequest(messages=messages, max_tokens=req.max_output_tokens, logprobs=wants_logprobs,
+                                     top_logprobs=(req.top_logprobs or 0) if wants_logprobs else None,
+                                     **{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as e:  # a message the chat schema refuses (e.g. a role): the request's fault
+        raise BadRequest(f"input: {e.errors()[0].get('msg')}", "input") from e
 
 
 def _usage(prompt: list[int], out: RequestOutput) -> dict[str, Any]:
@@ -172,7 +178,7 @@ async def create_response(state: Any, req: ResponsesRequest, http: Request) -> R
             "temperature": params.temperature, "top_p": params.top_p, "tool_choice": "none", "tools": [],
             "background": False, "max_output_tokens": params.max_tokens, "previous_response_id": None,
             "service_tier": req.service_tier or "auto", "text": {"format": {"type": "text"}},
-            "top_logprobs": req.top_logprobs, "truncation": req.truncation or "disabled", "user": req.user,
+            "top_logprobs": params.logprobs, "truncation": req.truncation or "disabled", "user": req.user,
             "incomplete_details": None, "error": None, "usage": None}
     call = await _start(state, http, [prompt], params, req.stream)
 
