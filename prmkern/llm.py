@@ -28,6 +28,7 @@ from prmkern.llm_engine import VLLMEngineView
 from prmkern.metrics import Metric
 from prmkern.models.loader import read_config, resolve_dtype
 from prmkern.outputs import RequestOutput
+from prmkern.pooling import PoolingParams, PoolingRequestOutput
 from prmkern.sampling_params import BeamSearchParams, SamplingParams
 from prmkern.stats import EngineStats
 from prmkern.vllm_args import check_vllm_args
@@ -116,6 +117,9 @@ class LLM:
                                                      slow=used.get("tokenizer_mode") == "slow")
             if missing is not None:
                 warnings.warn(f"prmkern: {missing}; only token-id prompts will work", stacklevel=2)
+        if tensor_parallel_size != 1 and "Qwen2ForProcessRewardModel" in (hf_config.get("architectures") or []):
+            raise ValueError("tensor_parallel_size > 1 is not supported for process reward models "
+                             "(Qwen2ForProcessRewardModel); use tensor_parallel_size=1")
         if tensor_parallel_size != 1:  # the model split over spawned ranks (prmkern/distributed/ checks the value)
             self.engine = TensorParallelEngine(self.config, self.tokenizer, tensor_parallel_size)
             self.engine.tokenizer_missing = missing or self.engine.tokenizer_missing
@@ -197,6 +201,35 @@ class LLM:
                 raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; pass one for all "
                                  f"or one per prompt")
         return self._generate(prompts, params, sys.stderr.isatty() if use_tqdm is None else bool(use_tqdm), watch)
+
+    def encode(self, prompts: Prompt | Seq[Prompt], pooling_params: PoolingParams | Seq[PoolingParams] | None = None,
+               use_tqdm: bool | None = None, lora_request: Any = None) -> list[PoolingRequestOutput]:
+        """vLLM's encode() for a pooling model (Qwen2ForProcessRewardModel): one PoolingRequestOutput per prompt,
+        in order, its `outputs.data` the model's pooled rows (prmkern/pooling.py: softmax of the head at each
+        `<extra_0>`, [num_steps, 2]). Prompts as in generate(); one that cannot run comes back with `.error` set.
+        Prompts sharing a prefix (one problem, several solutions) compute it once (prefix cache)."""
+        if lora_request is not None:
+            raise NotImplementedError("lora_request is not supported: merge the adapter into the weights")
+        prompts = [prompts] if _is_single_prompt(prompts) else list(prompts)
+        if pooling_params is None:
+            pooling_params = PoolingParams()
+        if isinstance(pooling_params, PoolingParams):
+            params = [pooling_params] * len(prompts)
+        else:
+            params = list(pooling_params)
+            if len(params) != len(prompts) or not all(isinstance(p, PoolingParams) for p in params):
+                raise ValueError(f"pooling_params must be one PoolingParams or one per prompt ({len(prompts)}); "
+                                 f"got {type(pooling_params).__name__} of {len(params)}")
+        if not self.engine.is_pooling_model:
+            raise ValueError(f"encode()/reward() need a pooling model (architecture Qwen2ForProcessRewardModel); "
+                             f"{self.config.model} is a {self.engine.model.spec.architecture} model: use generate()")
+        return driver.encode(self.engine, prompts, params)  # the step loop generate() runs
+
+    def reward(self, prompts: Prompt | Seq[Prompt], pooling_params: PoolingParams | Seq[PoolingParams] | None = None,
+               use_tqdm: bool | None = None, lora_request: Any = None) -> list[PoolingRequestOutput]:
+        """vLLM's reward(): encode() with the model's reward pooler (for a PRM: P(incorrect), P(correct) at each
+        step separator)."""
+        return self.encode(prompts, pooling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def _generate(self, prompts: list, params: list[SamplingParams], use_tqdm: bool,
                   watch: Any = None) -> list[RequestOutput]:

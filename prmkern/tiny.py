@@ -44,18 +44,19 @@ def _corpus(seed: int = 0, lines: int = 4000) -> list[str]:
     return out
 
 
-def build_tokenizer(path: str, vocab_size: int) -> None:
+def build_tokenizer(path: str, vocab_size: int, extra_special: tuple[str, ...] = ()) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    special = SPECIAL_TOKENS + list(extra_special)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_corpus(), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=SPECIAL_TOKENS[1:])
+                                   additional_special_tokens=special[1:])
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
 
@@ -88,6 +89,45 @@ def build_checkpoint(path: str, arch: str = "qwen2", *, dtype: torch.dtype = tor
     model.to(dtype).save_pretrained(path)
     if tokenizer:
         build_tokenizer(path, config.vocab_size)
+    return path
+
+
+def build_prm_checkpoint(path: str, *, seed: int = 0, tokenizer: bool = True, **overrides: Any) -> str:
+    """A random-weight Qwen2ForProcessRewardModel checkpoint: transformers' Qwen2Model as `model.*` and the score
+    head Linear(h, h) -> ReLU -> Linear(h, 2) as `score.0.*` / `score.2.*` (Qwen2.5-Math-PRM's names); the tokenizer
+    has the step separator `<extra_0>` as a special token. transformers has no such class, so the head is saved by
+    hand; tests rebuild the reference from Qwen2Model + these head tensors."""
+    import transformers
+    from safetensors.torch import save_file
+
+    from prmkern.models.qwen2_prm import STEP_TAG
+
+    kwargs: dict[str, Any] = dict(vocab_size=512, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
+                                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024,
+                                  tie_word_embeddings=False)
+    kwargs.update(overrides)
+    config = transformers.Qwen2Config(**kwargs)
+    config.architectures = ["Qwen2ForProcessRewardModel"]
+    config.eos_token_id = config.bos_token_id = 0
+    torch.manual_seed(seed)
+    body = transformers.Qwen2Model(config)
+    h = config.hidden_size
+    head = torch.nn.Sequential(torch.nn.Linear(h, h), torch.nn.ReLU(), torch.nn.Linear(h, 2))
+    with torch.no_grad():
+        for name, p in list(body.named_parameters()) + list(head.named_parameters()):
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif p.dim() == 1:
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * (1.0 / p.shape[-1] ** 0.5))
+    tensors = {f"model.{k}": v.contiguous() for k, v in body.state_dict().items()}
+    tensors.update({f"score.{k}": v.contiguous() for k, v in head.state_dict().items()})
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(path)
+    if tokenizer:
+        build_tokenizer(path, config.vocab_size, extra_special=(STEP_TAG,))
     return path
 
 

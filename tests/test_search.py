@@ -29,3 +29,31 @@ def test_best_of_n_and_beam_search_run_on_one_engine(qwen2_dir):
     assert scored[0].chosen is not None
     beam = beam_search(llm, verifier, "What is 1 + 1?", beam_width=2, expand=2, max_steps=2, step_tokens=8)
     assert 1 <= len(beam.candidates) <= 2 * 2 * 2 and beam.chosen in beam.candidates
+
+
+def test_search_on_sessions_equals_reverification():
+    """Beam search and best-of-N (pruned) on verification sessions choose what re-verifying every partial solution
+    chooses (GenPRM, greedy: sessions equal whole-solution runs), for fewer verifier tokens."""
+    import os
+
+    import pytest
+
+    from benchmarks.bench_search_sessions import VERIFIER, ReplayGenerator, fixed_output_runner
+    if not os.path.isfile(os.path.join(VERIFIER, "model.safetensors")):
+        pytest.skip("no shipped verifier")
+    problems = [{"problem": "What is $3 \\cdot 4 + 5$?",
+                 "solution": "First, $3 \\cdot 4 = 12$.\n\nThen $12 + 5 = 17$.\n\nSo the answer is $\\boxed{17}$."}]
+    out = {}
+    for sessions in (False, True):
+        llm = LLM(VERIFIER, device="cpu", dtype="float32")
+        gen = ReplayGenerator(llm.tokenizer, problems, 3)
+        verifier = Verifier(llm, VerifyConfig(format="genprm", scoring="exact", num_chains=1, temperature=0.0,
+                                              max_tokens=24, max_code_rounds=1, code_runner=fixed_output_runner))
+        beam = beam_search(gen, verifier, problems[0]["problem"], beam_width=2, expand=2, max_steps=3,
+                           sessions=sessions)
+        beam_tokens = llm.stats.generated_tokens
+        bon = best_of_n(gen, verifier, problems, n=3, sessions=sessions, prune=sessions)
+        out[sessions] = ([(c.text, c.score, c.step_scores) for c in beam.candidates], beam_tokens,
+                         bon[0].chosen.text)
+    assert out[True][0] == out[False][0] and out[True][2] == out[False][2]
+    assert out[True][1] < out[False][1]

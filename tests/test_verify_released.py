@@ -52,7 +52,8 @@ def test_every_released_string_has_its_source():
     assert set(names) == set(R.SOURCES)
     for n in names:
         repo, commit, path = R.source(n)
-        assert repo in ("mukhal/ThinkPRM", "RyanLiu112/GenPRM", "QwenLM/ProcessBench") and commit and path
+        assert repo in ("mukhal/ThinkPRM", "RyanLiu112/GenPRM", "QwenLM/ProcessBench",
+                        "Qwen/Qwen2.5-Math-PRM-7B") and commit and path
 
 
 def test_thinkprm_prompt_byte_for_byte(r1tok):

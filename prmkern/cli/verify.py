@@ -51,13 +51,22 @@ def predict_earliest_error(step_scores: Sequence[float | None], threshold: float
 
 def default_format(args: argparse.Namespace) -> str:
     """--format, else the format the model was trained on: `prmkern` for the shipped verifier (also when no model is
-    named, since the commands then load it), `thinkprm` for any other checkpoint. One rule for every command, so
+    named, since the commands then load it), `qwen-prm` for a discriminative PRM (its config.json names
+    Qwen2ForProcessRewardModel), `thinkprm` for any other checkpoint. One rule for every command, so
     `prmkern serve DIR` and `prmkern serve --model DIR` verify alike."""
     if args.format:
         return args.format
     model = getattr(args, "model", None)
     if model is None:
         return "prmkern"
+    try:
+        import json
+        with open(os.path.join(model, "config.json")) as f:
+            archs = json.load(f).get("architectures") or []
+    except (OSError, ValueError, AttributeError, TypeError):
+        archs = []  # the model's loader reports what is wrong with the directory
+    if "Qwen2ForProcessRewardModel" in archs:
+        return "qwen-prm"
     shipped = options.shipped_verifier_dir()
     same = shipped is not None and os.path.realpath(model) == os.path.realpath(shipped)
     return "prmkern" if same else "thinkprm"
@@ -85,8 +94,9 @@ def add_verify_args(ap: argparse.ArgumentParser) -> None:
     def d(name: str) -> str:
         return f"defaults: prmkern {format_default(name, 'prmkern')}, thinkprm {format_default(name, 'thinkprm')}"
     g.add_argument("--format", default=None,
-                   help="thinkprm | genprm | critic | prmkern | a name from --formats-file (None: prmkern for the "
-                        "shipped verifier, which is also the default model; thinkprm for any other model)")
+                   help="thinkprm | genprm | critic | prmkern | qwen-prm (a discriminative PRM) | a name from "
+                        "--formats-file (None: prmkern for the shipped verifier, which is also the default model; "
+                        "qwen-prm for a Qwen2ForProcessRewardModel; thinkprm for any other model)")
     g.add_argument("--formats-file", default=None, help="JSON file of user-defined verifier formats")
     g.add_argument("--chains", type=int, default=None, help=f"K: parallel chains per solution ({d('num_chains')})")
     g.add_argument("--temperature", type=float, default=None, help=f"({d('temperature')})")

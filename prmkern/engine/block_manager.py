@@ -185,6 +185,34 @@ class BlockManager:
         seq.block_table[-1] = new.block_id
         return [(tail.block_id, new.block_id)]
 
+    # -- pins (verification sessions keep their conversations' KV) ------------------------------------------------
+    def pin(self, token_ids: list[int]) -> list[int]:
+        """Takes a reference to each leading full block of `token_ids` that the prefix cache holds computed, so LRU
+        eviction cannot reuse it while pinned; returns their ids, for unpin(). Blocks not (or no longer) cached
+        stop the walk: a pin never computes anything."""
+        if not self.enable_prefix_caching:
+            return []
+        bs, prev, pinned = self.block_size, None, []
+        for i in range(len(token_ids) // bs):
+            block = self._lookup(prev, tuple(token_ids[i * bs:(i + 1) * bs]))
+            if block is None or not block.computed:
+                break
+            self._ref(block)
+            pinned.append(block.block_id)
+            prev = block.hash
+        return pinned
+
+    def pin_blocks(self, block_ids: list[int]) -> None:
+        """Another reference to blocks already pinned (a forked session shares its parent's pins)."""
+        for block_id in block_ids:
+            assert self.blocks[block_id].ref_count > 0, f"block {block_id} is not pinned"
+            self._ref(self.blocks[block_id])
+
+    def unpin(self, block_ids: list[int]) -> None:
+        """Drops the references pin() took; unreferenced blocks go back to the LRU cache (still reusable)."""
+        for block_id in reversed(block_ids):
+            self._unref(self.blocks[block_id], -1)
+
     def is_computed(self, block_id: int) -> bool:
         return self.blocks[block_id].computed
 

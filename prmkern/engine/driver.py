@@ -1,4 +1,5 @@
-"""The one driver of the engine's step loop: `generate` runs requests to completion, `step` runs one step.
+"""The one driver of the engine's step loop: `generate` (and `encode`, its pooling twin) runs requests to completion,
+`step` runs one step.
 
 Everything that steps an engine goes through here: `LLM.generate` (its progress bar is a per-step callback), the
 command line's chain progress (prmkern/cli/verify.py, another callback) and the server's loop thread
@@ -94,3 +95,19 @@ def generate(engine: Any, prompts: Sequence[Any], params: Sequence[SamplingParam
             engine.abort_request(r)
         raise
     return [engine.output(r) for r in requests]
+
+
+def encode(engine: Any, prompts: Sequence[Any], pooling: Sequence[Any],
+           on_step: OnStep | None = None) -> list[Any]:
+    """generate() for a pooling model: one request per (prompt, PoolingParams), nothing sampled; returns their
+    PoolingRequestOutputs in order (the same failure and interrupt rules)."""
+    requests: list[Any] = []
+    try:
+        for p, pp in zip(prompts, pooling):
+            requests.append(engine.add_request(p, None, pooling=pp))
+        run(engine, requests, on_step)
+    except BaseException:
+        for r in requests:
+            engine.abort_request(r)
+        raise
+    return [engine.pooling_output(r) for r in requests]

@@ -19,6 +19,8 @@ from prmkern.config import EngineConfig
 from prmkern.models import load_model
 from prmkern.ops.cpp import cpp_ops
 from prmkern.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from prmkern.pooling import (PoolingParams, PoolingRequestOutput, default_step_tag_id, pooled_positions,
+                             pooling_output, record_rows)
 from prmkern.prompts import MissingTokenizerError, encode_bounded, max_token_chars, split_prompt
 from prmkern.engine.runner import ModelRunner, kv_block_bytes
 from prmkern.engine.sampler import PositionLogprobs, Sampler
@@ -97,6 +99,8 @@ class LLMEngine:
         self.next_seq_id = 0
         self.next_request_id = 0
         self.requests: dict[str, Request] = {}  # unfinished requests by id (abort_request looks them up here)
+        # Pooling models: the token whose positions are pooled by default (<extra_0> for Qwen2.5-Math-PRM).
+        self.step_tag_id = default_step_tag_id(tokenizer, spec.vocab_size) if spec.head != "lm" else None
 
     def _load_model(self):
         return load_model(self.config.model, self.config.dtype, self.config.device)
@@ -130,11 +134,12 @@ class LLMEngine:
         return int(min(num, cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)))
 
     # -- requests -------------------------------------------------------------------------------------------------
-    def add_request(self, prompt: str | list[int] | dict, params: SamplingParams,
-                    request_id: str | None = None) -> Request:
+    def add_request(self, prompt: str | list[int] | dict, params: SamplingParams | None,
+                    request_id: str | None = None, pooling: PoolingParams | None = None) -> Request:
         """Queues a prompt (text, token ids, or a TextPrompt / TokensPrompt dict); returns its Request (failed at
         once, with .error set, when the prompt or the params are invalid). request_id: a str unique among unfinished
-        requests (default: a counter, as a str)."""
+        requests (default: a counter, as a str). pooling: a pooling request (a reward model's rows, no sampling;
+        `params` is ignored)."""
         if request_id is None:
             request_id = str(self.next_request_id)
             self.next_request_id += 1
@@ -146,6 +151,8 @@ class LLMEngine:
         try:
             text, ids = split_prompt(prompt)
             token_ids = self._prompt_token_ids(text, ids)
+            if pooling is not None or self.is_pooling_model:
+                params = self._check_pooling(pooling)
             self._check_params(params)
             prompt_scores.check_rows(params, len(token_ids), self.model.spec.vocab_size)
             bad_words = self._bad_words_token_ids(params)
@@ -153,11 +160,16 @@ class LLMEngine:
             error = str(e)
         except Exception as e:  # e.g. the tokenizer failing on this text: this request fails, nothing else
             error = f"the prompt could not be prepared: {type(e).__name__}: {e}"
-        request = Request(request_id, text, token_ids, params, error=error)
+        request = Request(request_id, text, token_ids, params if params is not None else SamplingParams(),
+                          error=error, pooling=pooling)
         if error is None:
             request.bad_words_token_ids = bad_words
         else:
             request.finished_time = request.arrival_time
+        if pooling is not None and error is None:
+            tag = self.step_tag_id if pooling.step_tag_id is None else pooling.step_tag_id
+            request.pool_positions = pooled_positions(token_ids, tag, pooling.first_position)
+            request.pool_next = request.pool_positions[0] if request.pool_positions else len(token_ids)
         self.stats.requests += 1
         if error is not None:
             self.stats.failed_requests += 1
@@ -168,6 +180,27 @@ class LLMEngine:
         request.seqs.append(Sequence(self._take_seq_id(), request, 0, self._generator(request, 0)))
         self.scheduler.add(request.seqs[0])
         return request
+
+    @property
+    def is_pooling_model(self) -> bool:
+        return self.model.spec.head != "lm"
+
+    def _check_pooling(self, pooling: PoolingParams | None) -> SamplingParams:
+        """The internal params of a pooling request (its prompt is prefilled, nothing is sampled)."""
+        if not self.is_pooling_model:
+            raise ValueError(f"pooling needs a pooling model (architecture Qwen2ForProcessRewardModel); this "
+                             f"checkpoint ({self.model.spec.architecture}) generates: use generate()")
+        if pooling is None:
+            raise ValueError(f"this checkpoint ({self.model.spec.architecture}) is a process reward model: it "
+                             f"scores prompts and does not generate; use LLM.reward() / LLM.encode()")
+        if not isinstance(pooling, PoolingParams):
+            raise TypeError(f"pooling params must be a PoolingParams, got {type(pooling).__name__}")
+        pooling.__post_init__()
+        bad = [i for i in pooling.returned_token_ids or [] if i >= self.model.spec.num_labels]
+        if bad:
+            raise ValueError(f"PoolingParams.returned_token_ids has {bad}, outside this head's "
+                             f"{self.model.spec.num_labels} columns")
+        return SamplingParams(max_tokens=1)
 
     def _check_params(self, params: SamplingParams) -> None:
         if not isinstance(params, SamplingParams):
@@ -309,11 +342,18 @@ class LLMEngine:
             seq.num_computed_tokens = item.end
             self.block_manager.mark_computed(seq, item.start)
             n_rows = item.num_logit_rows
-            if item.logits_from is not None:
+            pooling = seq.request.pooling is not None
+            if item.logits_from is not None and pooling:
+                record_rows(seq.request, item.logits_from, logits[row:row + item.end - item.logits_from])
+            elif item.logits_from is not None:
                 prompt_rows = min(item.end, seq.num_prompt_tokens - 1) - item.logits_from
                 if prompt_rows > 0:
                     prompt_scores.record(seq.request, item.logits_from, logits[row:row + prompt_rows])
-            if item.samples:
+            if item.samples and pooling:  # prefilled: a pooling request is done, nothing is sampled
+                seq.finish_reason = "stop"
+                self.scheduler.finish(seq)
+                early.append(seq)
+            elif item.samples:
                 family = [seq] + (self._fork(seq) if seq.needs_fork else [])
                 sampling.extend(family)
                 rows.extend([row + n_rows - 1] * len(family))
@@ -470,6 +510,10 @@ class LLMEngine:
         if text is None:
             text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
         return text
+
+    def pooling_output(self, request: Request) -> PoolingRequestOutput:
+        """A pooling request's PoolingRequestOutput (rows complete once request.finished)."""
+        return pooling_output(request, self.model.spec.num_labels)
 
     def output(self, request: Request) -> RequestOutput:
         """The request's RequestOutput as it stands (complete once request.finished)."""

@@ -100,10 +100,10 @@ class Scheduler:
                 continue  # another sequence is computing the blocks this one needs next
             start, store_from = skip
             num_new = min(seq.num_tokens - start, budget)
-            logits_from = None
-            if seq.request.wants_prompt_logprobs:
-                # Logits at position p give the log-probability of prompt token p + 1; bound the rows per step.
-                logits_from = seq.request.prompt_lp_next - 1
+            logits_from = seq.request.first_prompt_row
+            if logits_from is not None:
+                # prompt_logprobs: logits at position p give the log-probability of prompt token p + 1; pooling:
+                # the head's rows from the first pooled position. Bound the rows per step.
                 num_new = min(num_new, logits_from + PROMPT_LOGIT_ROWS - start)
                 if logits_from >= start + num_new:
                     logits_from = None  # this chunk ends before the first position that is scored
@@ -125,8 +125,10 @@ class Scheduler:
         pos = seq.num_computed_tokens
         if pos % bs:
             return pos, pos
-        # prompt_logprobs need the hidden state of every position from `need` on: blocks up to it may be skipped.
-        need = seq.request.prompt_lp_next - 1 if seq.request.wants_prompt_logprobs else seq.num_tokens
+        # prompt_logprobs and pooling need the hidden state of every position from `need` on: blocks up to it may be
+        # skipped.
+        first = seq.request.first_prompt_row
+        need = seq.num_tokens if first is None else first
         i = pos // bs
         while (i + 1) * bs <= min(seq.num_tokens, need):
             block_id = seq.block_table[i]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -43,6 +44,12 @@ class Request:
     last_token_time: float | None = None
     finished_time: float | None = None
     num_generation_tokens: int = 0
+    # Pooling (a reward model's rows, prmkern/pooling.py): the PoolingParams, the prompt positions whose rows are
+    # kept, the next of them still to compute (len(prompt_token_ids): none) and the rows computed so far.
+    pooling: Any = None
+    pool_positions: list[int] = field(default_factory=list)
+    pool_next: int = 0
+    pooled: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n, p = len(self.prompt_token_ids), self.params
@@ -58,6 +65,14 @@ class Request:
     @property
     def wants_prompt_logprobs(self) -> bool:
         return self.prompt_lp_next < len(self.prompt_token_ids)
+
+    @property
+    def first_prompt_row(self) -> int | None:
+        """The first prompt position whose output row (logits for prompt_logprobs, or the pooled head's row) is
+        still needed; None when no prompt row is."""
+        if self.pooling is not None:
+            return self.pool_next if self.pool_next < len(self.prompt_token_ids) else None
+        return self.prompt_lp_next - 1 if self.wants_prompt_logprobs else None
 
     @property
     def finished(self) -> bool:

@@ -42,6 +42,10 @@ class DecoderSpec:
     qk_norm: bool
     rope: dict[str, Any]
     eos_token_ids: tuple[int, ...]
+    # The output head: "lm" (a vocabulary projection, for generation) or "prm" (a process reward model's score
+    # head of num_labels classes, for pooling: prmkern/models/qwen2_prm.py).
+    head: str = "lm"
+    num_labels: int = 0
 
     @classmethod
     def from_config(cls, config: dict[str, Any], architecture: str, *, qkv_bias: bool, o_bias: bool,

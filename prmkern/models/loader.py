@@ -14,6 +14,7 @@ import torch
 from prmkern.models.decoder import DecoderForCausalLM, DecoderSpec
 from prmkern.models.llama import llama_spec
 from prmkern.models.qwen2 import qwen2_spec
+from prmkern.models.qwen2_prm import DecoderForProcessReward, qwen2_prm_spec
 from prmkern.models.qwen3 import qwen3_spec
 from prmkern.models.safetensors_reader import TensorRef, tensor_refs
 
@@ -21,7 +22,10 @@ ARCHITECTURES: dict[str, Callable[[dict[str, Any]], DecoderSpec]] = {
     "Qwen2ForCausalLM": qwen2_spec,
     "LlamaForCausalLM": llama_spec,
     "Qwen3ForCausalLM": qwen3_spec,
+    "Qwen2ForProcessRewardModel": qwen2_prm_spec,
 }
+# The module class of each output head (DecoderSpec.head).
+MODEL_CLASSES: dict[str, type[DecoderForCausalLM]] = {"lm": DecoderForCausalLM, "prm": DecoderForProcessReward}
 
 # checkpoint projection name -> (our stacked name, shard index)
 _STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -93,7 +97,7 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str) -
     config = read_config(model_dir)
     spec = model_spec(config)
     with torch.device("meta"):
-        model = DecoderForCausalLM(spec)
+        model = MODEL_CLASSES[spec.head](spec)
     # dtype first, on the meta device: the parameters are allocated once, in `dtype` (no fp32 staging copy), and
     # filled straight from the files (safetensors_reader: no copy of the file in memory either)
     model = model.to(dtype).to_empty(device=device)
@@ -160,8 +164,8 @@ def _load_tensor(model: DecoderForCausalLM, spec: DecoderSpec, params: dict[str,
         loaded.add(f"{target_name}#{shard}")  # each shard is checked for separately in load_model
         return
     if name not in params:
-        if name == "lm_head.weight" and spec.tie_word_embeddings:
-            return
+        if name == "lm_head.weight" and (spec.tie_word_embeddings or spec.head != "lm"):
+            return  # tied, or a reward model's unused vocabulary head (vLLM ignores it too)
         raise ValueError(f"unexpected weight {name!r} in checkpoint for architecture {spec.architecture}")
     _check_shape(name, tensor, params[name].shape, spec)
     _fill(params[name].data, tensor)

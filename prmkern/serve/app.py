@@ -23,6 +23,7 @@ from prmkern.prompts import max_token_chars
 from prmkern.serve.engine_loop import EngineLoop
 from prmkern.serve.metrics import ServerMetrics
 from prmkern.serve.openai_api import create_chat_completion, create_completion
+from prmkern.serve.pooling_api import PoolingRequest, create_pooling
 from prmkern.serve.responses_api import ResponsesRequest, create_response
 from prmkern.serve.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, VerifyRequest,
                                     accepted_fields)
@@ -31,7 +32,8 @@ from prmkern.serve.verify_api import verify
 from prmkern.verify.protocols import VerifyConfig
 
 BODY_MODELS = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
-               "/v1/responses": ResponsesRequest, "/v1/verify": VerifyRequest, "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
+               "/v1/responses": ResponsesRequest, "/v1/verify": VerifyRequest, "/tokenize": TokenizeRequest,
+               "/detokenize": DetokenizeRequest, "/pooling": PoolingRequest}
 
 
 @dataclass
@@ -171,11 +173,11 @@ class Guard:
             self.state.metrics.count_http(path if path in KNOWN_PATHS else "other", status_seen[0])
 
 
-# With --api-key: /v1/* and the OpenAPI schema need the key; /health (probes) and /metrics (scrapers; counters
-# only, no request content, as vLLM leaves it) stay open. docs/server.md says so.
-KEYED_PATHS = {"/openapi.json"}
-KNOWN_PATHS = {"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/verify", "/v1/models", "/health", "/metrics",
-               "/ping", "/version", "/tokenize", "/detokenize"}
+# With --api-key: /v1/*, /pooling (vLLM serves it at the root) and the OpenAPI schema need the key; /health (probes)
+# and /metrics (scrapers; counters only, no request content, as vLLM leaves it) stay open. docs/server.md says so.
+KEYED_PATHS = {"/openapi.json", "/pooling"}
+KNOWN_PATHS = {"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/verify", "/v1/models", "/health",
+               "/metrics", "/ping", "/version", "/tokenize", "/detokenize", "/pooling"}
 # /v1/models/{id} is counted under "other" in /metrics: one label value per path we serve, never client-chosen.
 
 
@@ -270,6 +272,10 @@ def build_app(llm: Any, config: ServerConfig) -> FastAPI:
     @app.post("/v1/verify")
     async def verify_route(req: VerifyRequest, request: Request):
         return await verify(state, req, request)
+
+    @app.post("/pooling")
+    async def pooling_route(req: PoolingRequest, request: Request):
+        return await create_pooling(state, req, request)
 
     def model_card() -> dict[str, Any]:
         return {"id": state.model_name, "object": "model", "created": int(state.started), "owned_by": "prmkern",

@@ -75,6 +75,7 @@ class Stream:
     closed: bool = False  # a final event was sent (loop thread)
     released: bool = False  # no longer counted in the loop's pending requests
     cost: int = 0  # tokens counted in the loop's pending tokens (0: covered by a reservation)
+    pooling: Any = None  # PoolingParams: a pooling request (RequestDone carries a PoolingRequestOutput)
 
 
 class EngineLoop:
@@ -111,11 +112,11 @@ class EngineLoop:
         return self._pending_tokens
 
     @staticmethod
-    def cost(prompt: str | list[int], params: SamplingParams) -> int:
+    def cost(prompt: str | list[int], params: SamplingParams | None) -> int:
         """A submission's tokens for admission: its prompt (text: one token per 4 characters, at least 1) and
-        the most its chains may generate."""
+        the most its chains may generate (none for a pooling request: params None)."""
         prompt_tokens = len(prompt) if isinstance(prompt, list) else max(1, len(prompt) // 4)
-        return prompt_tokens + params.n * (params.max_tokens or 0)
+        return prompt_tokens + (params.n * (params.max_tokens or 0) if params is not None else 0)
 
     def _check_room(self, cost: int) -> None:
         """Caller holds _cond. A request that alone exceeds the bound still runs when nothing else is admitted."""
@@ -139,10 +140,11 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping
 
-    def submit(self, prompt: str | list[int], params: SamplingParams, sink: Callable[[Event], None],
-               want_deltas: bool = False, reserved: bool = False) -> Stream:
-        """reserved: the tokens were admitted by reserve() (a verify call's rounds): only the request count binds."""
-        stream = Stream(prompt, params, sink, want_deltas)
+    def submit(self, prompt: str | list[int], params: SamplingParams | None, sink: Callable[[Event], None],
+               want_deltas: bool = False, reserved: bool = False, pooling: Any = None) -> Stream:
+        """reserved: the tokens were admitted by reserve() (a verify call's rounds): only the request count binds.
+        pooling: PoolingParams for a pooling request (params None; it answers one RequestDone, no deltas)."""
+        stream = Stream(prompt, params, sink, want_deltas and pooling is None, pooling=pooling)
         stream.cost = 0 if reserved else self.cost(prompt, params)
         with self._cond:
             if self._stopping:
@@ -213,7 +215,7 @@ class EngineLoop:
             self._release(stream)
             return
         try:
-            request = self.engine.add_request(stream.prompt, stream.params)
+            request = self.engine.add_request(stream.prompt, stream.params, pooling=stream.pooling)
         except Exception as e:  # noqa: BLE001 - add_request validates; anything else is still this request's fault
             self._close(stream, RequestFailed(f"{type(e).__name__}: {e}", 400))
             return
@@ -263,6 +265,8 @@ class EngineLoop:
             stream = self._active.pop(request_id)
             if request.error is not None:  # failed mid-way (the engine freed its blocks): an engine-side error
                 self._close(stream, RequestFailed(f"engine error: {request.error}", 500))
+            elif stream.pooling is not None:
+                self._close(stream, RequestDone(engine.pooling_output(request)))
             else:
                 self._close(stream, RequestDone(engine.output(request)))
 

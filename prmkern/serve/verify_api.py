@@ -16,10 +16,12 @@ import threading
 import time
 from typing import Any, Sequence
 
+import torch
 from fastapi import Request
 from fastapi.responses import Response
 
 from prmkern.outputs import CompletionOutput, RequestOutput
+from prmkern.pooling import PoolingOutput, PoolingParams, PoolingRequestOutput
 from prmkern.sampling_params import SamplingParams
 from prmkern.serve.engine_loop import ChainDelta, ChainDone, EngineLoop, Overloaded, RequestDone
 from prmkern.serve.protocol import ApiError, BadRequest, VerifyRequest, overloaded
@@ -44,7 +46,7 @@ class LoopLLM:
 
     def __init__(self, loop: EngineLoop, tokenizer: Any, cancel: threading.Event):
         self.loop = loop
-        self.engine = loop.engine  # for the Verifier's metrics (verifications, chains)
+        self.engine = loop.engine  # read only here (metrics, is_pooling_model, step_tag_id): the loop thread steps it
         self.tokenizer = tokenizer
         self.cancel = cancel
 
@@ -57,14 +59,23 @@ class LoopLLM:
             else list(sampling_params)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        return self._run(prompts, params, None, watch)
+
+    def reward(self, prompts: Sequence[str | list[int]], pooling_params: PoolingParams | None = None,
+               use_tqdm: bool = False) -> list[PoolingRequestOutput]:
+        """LLM.reward over the loop: the discriminative format's one pooled pass per solution."""
+        prompts = list(prompts)
+        return self._run(prompts, [None] * len(prompts), pooling_params or PoolingParams(), None)
+
+    def _run(self, prompts: list, params: list, pooling: PoolingParams | None, watch: Any) -> list:
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         streams = []
         views: list[dict[int, _ChainView]] = [{} for _ in prompts]
         try:
             for i, (prompt, sp) in enumerate(zip(prompts, params)):
                 streams.append(self.loop.submit(prompt, sp, lambda ev, i=i: inbox.put((i, ev)),
-                                                want_deltas=watch is not None, reserved=True))
-            outs: list[RequestOutput | None] = [None] * len(prompts)
+                                                want_deltas=watch is not None, reserved=True, pooling=pooling))
+            outs: list[Any] = [None] * len(prompts)
             left = len(prompts)
             while left:
                 if self.cancel.is_set():
@@ -84,6 +95,8 @@ class LoopLLM:
                     continue
                 if isinstance(event, RequestDone):
                     outs[i] = event.output
+                elif event.status == 400 and pooling is not None:
+                    outs[i] = PoolingRequestOutput(str(i), PoolingOutput(torch.empty(0, 2)), [], True, event.message)
                 elif event.status == 400:  # this prompt alone is invalid: the protocol records its error
                     outs[i] = RequestOutput(str(i), None, [], [], True, event.message)
                 else:

@@ -1,7 +1,8 @@
 """Continuous verification across records: the engine stays full while records come and go.
 
 A verification protocol (protocols.Verifier.protocol, GenPRM's run_paragraphs) is a coroutine: it yields a `Round`
-(prompts, sampling params, an optional early-exit watch) and gets back one RequestOutput per prompt. `run_rounds`
+(prompts, sampling params, an optional early-exit watch) and gets back one RequestOutput per prompt (a pooling
+round, a discriminative PRM's: one PoolingRequestOutput per prompt). `run_rounds`
 drives one coroutine with `llm.generate`, one call per round (what Verifier.verify does for a batch of records).
 `ContinuousRunner` drives one coroutine per record over one engine: it admits records while fewer than
 `max_chains` chains are in flight, steps the engine, applies each round's watch after every step, and when all of a
@@ -26,6 +27,7 @@ class Round:
     prompts: list
     params: list
     watch: Any = None  # early_exit.ChainWatch: after each step, True aborts that request
+    pooling: Any = None  # PoolingParams: a discriminative PRM's round (params unused; PoolingRequestOutputs back)
 
 
 Protocol = Generator[Round, list, None]
@@ -36,7 +38,9 @@ def run_rounds(llm: Any, protocol: Protocol) -> None:
     try:
         rnd = next(protocol)
         while True:
-            if rnd.watch is None:
+            if rnd.pooling is not None:
+                outs = llm.reward(rnd.prompts, rnd.pooling, use_tqdm=False)
+            elif rnd.watch is None:
                 outs = llm.generate(rnd.prompts, rnd.params, use_tqdm=False)
             else:
                 outs = llm.generate(rnd.prompts, rnd.params, use_tqdm=False, watch=rnd.watch)
@@ -118,7 +122,10 @@ class ContinuousRunner:
                                 if self.engine.abort_request(r):
                                     finished += live
                     if all(r.finished for r in lv.requests):
-                        outs = [self.engine.output(r) for r in lv.requests]
+                        if lv.round.pooling is not None:
+                            outs = [self.engine.pooling_output(r) for r in lv.requests]
+                        else:
+                            outs = [self.engine.output(r) for r in lv.requests]
                         self._advance(lv, outs)
                 if self.on_step is not None:
                     self.on_step(finished)
@@ -142,7 +149,8 @@ class ContinuousRunner:
             lv.done(e)
             return
         lv.round = rnd
-        lv.requests = [self.engine.add_request(p, sp) for p, sp in zip(rnd.prompts, rnd.params)]
+        extra = {} if rnd.pooling is None else {"pooling": rnd.pooling}
+        lv.requests = [self.engine.add_request(p, sp, **extra) for p, sp in zip(rnd.prompts, rnd.params)]
         if not lv.requests:  # an empty round: answer it at once
             self._advance(lv, [])
             return

@@ -12,6 +12,9 @@ Built-in formats:
   step: ". Verdict ``$\boxed{Yes}$`` / ``$\boxed{No}$``.
 * ``critic``: ProcessBench's critique template (paragraphs tagged and indexed from 0); the answer is the index of
   the earliest wrong paragraph in ``\boxed{}``, -1 if none.
+* ``qwen-prm``: a discriminative PRM (Qwen2.5-Math-PRM): system prompt, the problem as the user turn, the
+  steps as the assistant turn with ``<extra_0>`` after each; one forward pass, no chain; a step's score is the
+  pooled P(correct) at its separator (prmkern/pooling.py). Source: the Qwen2.5-Math-PRM-7B model card's usage.
 * ``prmkern``: the reworded ThinkPRM-shaped format the shipped verifier (prmkern/data/verifier) was trained on. It
   is kept for that checkpoint only; a real ThinkPRM checkpoint wants ``thinkprm``.
 
@@ -34,9 +37,9 @@ from typing import Any
 from . import released_prompts as R
 
 __all__ = ["VerifierFormat", "FORMATS", "register_format", "get_format", "load_formats", "THINKPRM", "GENPRM",
-           "CRITIC", "PRMKERN", "render_messages", "format_defaults", "VARIANTS"]
+           "CRITIC", "PRMKERN", "QWEN_PRM", "render_messages", "format_defaults", "VARIANTS"]
 
-KINDS = ("per_step", "per_paragraph", "earliest_error")
+KINDS = ("per_step", "per_paragraph", "earliest_error", "discriminative")
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,8 @@ class VerifierFormat:
     """A verifier's prompt and output conventions.
 
     kind: "per_step" (one chain judges every step), "per_paragraph" (one assistant turn per paragraph, GenPRM),
-    "earliest_error" (one chain names the earliest wrong step, ProcessBench critic).
+    "earliest_error" (one chain names the earliest wrong step, ProcessBench critic), "discriminative" (no chain:
+    a reward model's pooled rows at the step separators, the steps as the assistant turn).
     Templates use str.format fields: {problem}, {solution} (the rendered steps), {k} (step number), {text}.
     """
 
@@ -152,6 +156,10 @@ class VerifierFormat:
         if self.system_prompt:
             msgs.append({"role": "system", "content": self.system_prompt})
         prob = problem.strip() if self.strip_problem else problem
+        if self.kind == "discriminative":  # the solution is the assistant's turn, each step closed by the separator
+            msgs.append({"role": "user", "content": self._fill(self.user_template, problem=prob)})
+            msgs.append({"role": "assistant", "content": self.render_solution(steps)})
+            return msgs
         if self.kind != "per_paragraph":
             msgs.append({"role": "user", "content": self._fill(
                 self.user_template, problem=prob, solution=self.render_solution(steps), _instruction=self.instruction)})
@@ -335,6 +343,21 @@ CRITIC = VerifierFormat(
     incorrect_text="0",
 )
 
+# Qwen2.5-Math-PRM (discriminative): the model card's usage, verbatim: system prompt, the query as the user turn,
+# "<extra_0>".join(steps) + "<extra_0>" as the assistant turn, rendered without the generation prompt.
+QWEN_PRM = VerifierFormat(
+    name="qwen-prm",
+    kind="discriminative",
+    system_prompt=R.QWEN_PRM_SYSTEM,
+    user_template="{problem}",
+    step_template="{text}" + R.QWEN_PRM_STEP_TAG,
+    step_separator="",
+    strip_steps=False,
+    strip_problem=False,
+    add_generation_prompt=False,
+    step_header_regex=None,
+)
+
 # What each format's authors ran (K chains, sampling, per-chain token budget, solution score). ThinkPRM: n=1 at
 # T=0 for best-of-N (thinkprm.yaml), n=4 at T=0.4 for parallel scaling, max_length 8192 (generation gets 8192-20).
 # GenPRM: T=0.6, top_p=0.95, top_k=20, 2048 tokens per paragraph turn, 3 generation rounds, Maj@N = N judgements
@@ -344,6 +367,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "genprm": dict(num_chains=1, temperature=0.6, top_p=0.95, top_k=20, max_tokens=2048, method="min",
                    max_code_rounds=3),
     "critic": dict(num_chains=1, temperature=0.0, top_p=1.0, top_k=-1, max_tokens=8192, method="vote"),
+    "qwen-prm": dict(num_chains=1, temperature=0.0, top_p=1.0, top_k=-1, max_tokens=1, method="min"),
     "prmkern": dict(num_chains=8, temperature=0.6, top_p=0.95, top_k=-1, max_tokens=1024, method="min"),
 }
 # The voting variants the papers also ran (pass these as overrides).
@@ -363,7 +387,7 @@ def format_defaults(name: str | VerifierFormat) -> dict[str, Any]:
     return dict(_DEFAULTS.get(fmt_name, {}))
 
 
-FORMATS: dict[str, VerifierFormat] = {f.name: f for f in (THINKPRM, GENPRM, CRITIC, PRMKERN)}
+FORMATS: dict[str, VerifierFormat] = {f.name: f for f in (THINKPRM, GENPRM, CRITIC, PRMKERN, QWEN_PRM)}
 
 
 def register_format(fmt: VerifierFormat, *, replace: bool = False) -> VerifierFormat:

@@ -120,9 +120,18 @@ class _Judgement:
         self.finish_reason: str | None = None
 
 
-def run_paragraphs(v: Any, jobs: list, results: Any) -> Any:
+def run_paragraphs(v: Any, jobs: list, results: Any, *, history: dict[Any, list[str]] | None = None,
+                   start: dict[Any, int] | None = None, runner: Any = None,
+                   seed_index: dict[Any, int] | None = None) -> Any:
     """v: the Verifier (tokenizer, format, config); fills results[i].chains and .scores. A coroutine: yields each
-    round's continuous.Round and gets its outputs back (Verifier.protocol)."""
+    round's continuous.Round and gets its outputs back (Verifier.protocol).
+
+    Verification sessions (sessions.py) resume records: `history[i]` holds the assistant turns of paragraphs
+    0..start[i]-1 (updated in place), results[i].chains their turns, `runner` the sessions' code runner (whose
+    per-judgement namespaces outlive this call) and seed_index[i] the record index whose seeds key i uses;
+    paragraphs from start[i] on are run, then every paragraph scored."""
+    start = start or {}
+    seed_index = seed_index or {}
     from prmkern.verify.protocols import Chain, Turn
     c, fmt, tok = v.config, v.fmt, v.tok
     n, released = c.num_chains, v.released
@@ -130,28 +139,31 @@ def run_paragraphs(v: Any, jobs: list, results: Any) -> Any:
     # CodeExecutor per sample, prm_evaluate.py); exact: one per judgement.
     key_of = (lambda i, k: i) if released else (lambda i, k: (i, k))
     top_n = max(GENPRM_TOP_LOGPROBS, c.top_k) if released else None
-    runner, pool = c.code_runner, None
+    runner, pool = runner or c.code_runner, None
     if runner is None:
         from prmkern.sandbox import SessionPool
         pool = SessionPool(c.code_limits)
         runner = pool.run_many
     try:
-        history: dict[int, list[str]] = {i: [] for i, _, _ in jobs}
+        if history is None:
+            history = {i: [] for i, _, _ in jobs}
         for i, _, _ in jobs:
-            results[i].chains = [Chain() for _ in range(n)]
+            if not results[i].chains:
+                results[i].chains = [Chain() for _ in range(n)]
         max_steps = max((len(steps) for _, _, steps in jobs), default=0)
-        for p in range(max_steps):
+        for p in range(min((start.get(i, 0) for i, _, _ in jobs), default=0), max_steps):
             live = [(i, prob, steps) for i, prob, steps in jobs
-                    if p < len(steps) and results[i].error is None and results[i].stopped_at is None]
+                    if start.get(i, 0) <= p < len(steps) and results[i].error is None
+                    and results[i].stopped_at is None]
             if not live:
-                break
+                continue
             prompt_text = {i: fmt.render(prob, steps, tok, paragraph=p, history=history[i]) for i, prob, steps in live}
             opener = fmt.prefix(p)
             base = {i: t[:len(t) - len(opener)] if opener else t for i, t in prompt_text.items()}
             judged: dict[int, list[_Judgement]] = {i: [_Judgement(opener) for _ in range(n)] for i, _, _ in live}
             # Stage 1: the N analyses of each record in one request.
             outs = yield Round([v.encode(prompt_text[i]) for i, _, _ in live],
-                               [v.params(n, c.max_tokens, v.seed(i, p, 0), stop=fmt.analyze_stop,
+                               [v.params(n, c.max_tokens, v.seed(seed_index.get(i, i), p, 0), stop=fmt.analyze_stop,
                                          include_stop=True) for i, _, _ in live])
             for (i, _, _), out in zip(live, outs):
                 for k, j in enumerate(judged[i]):
@@ -187,9 +199,9 @@ def run_paragraphs(v: Any, jobs: list, results: Any) -> Any:
                     degraded.append(deg)
                     stop = fmt.stop if deg else fmt.code_stop
                     prompts.append(v.encode(base[i] + j.text))
-                    params.append(v.params(1, DEGRADED_TOKENS if deg else left, v.seed(i, k, p, j.rounds + 1),
-                                           stop=stop, include_stop=True, logprob_ids=v.verdict_ids,
-                                           top_logprobs=top_n))
+                    params.append(v.params(1, DEGRADED_TOKENS if deg else left,
+                                           v.seed(seed_index.get(i, i), k, p, j.rounds + 1), stop=stop,
+                                           include_stop=True, logprob_ids=v.verdict_ids, top_logprobs=top_n))
                 outs = yield Round(prompts, params)
                 to_run: list = []
                 for (i, k, j), deg, out in zip(active, degraded, outs):

@@ -11,6 +11,7 @@
   resubmitted in one batch, and the prefix cache makes each resubmission cost only the new tokens.
 * GenPRM: genprm_protocol.py (its staged paragraph turns, code rounds and Maj@N).
 * ProcessBench critic: K chains, the plurality of their boxed answers (method "vote").
+* Discriminative PRMs (Qwen2.5-Math-PRM, format qwen-prm): discriminative.py (one pooled forward pass per solution).
 
 Settings a field leaves None take the format's published defaults (formats.format_defaults). Verdicts are parsed
 (parsing.py) and scored from the engine's chosen-token log-probabilities (scoring.py).
@@ -212,6 +213,7 @@ class Verifier:
         self.config = config or VerifyConfig()
         self.control_words = control_strings(self.tok)  # texts the tokenizer would turn into control tokens
         self.fmt: VerifierFormat = self.config.format  # type: ignore[assignment]
+        self._sessions: Any = None  # the SessionManager, made by the first open()
         self.verdict_ids: tuple[int, int] | None = None
         self._settle_tokens: dict[int, bool] = {}
         # per record key: its prompt text and stop strings (kept for the record's later rounds; keys are unique
@@ -226,6 +228,12 @@ class Verifier:
         elif self.fmt.kind == "per_paragraph":
             # GenPRM reads tokenizer.encode(word)[-1] for "Yes" and "No".
             self.verdict_ids = self._word_ids((self.fmt.correct_text, self.fmt.incorrect_text), first=False)
+        elif self.fmt.kind == "discriminative":
+            from prmkern.verify.discriminative import check_discriminative
+            check_discriminative(self)
+        if self.fmt.kind != "discriminative" and getattr(getattr(llm, "engine", None), "is_pooling_model", False):
+            raise ValueError(f"this checkpoint is a discriminative PRM (Qwen2ForProcessRewardModel): it cannot run "
+                             f"the generative format {self.fmt.name!r}; use format 'qwen-prm'")
 
     def for_best_of_n(self) -> "Verifier":
         """The verifier that scores best-of-N candidates. Released ThinkPRM (search-and-learn/scripts/
@@ -275,6 +283,19 @@ class Verifier:
         return ids[0], ids[1]
 
     # -- public ---------------------------------------------------------------------------------------------
+    def open(self, problem: str, index: int = 0) -> Any:
+        """A forkable verification session over `problem` (prmkern/verify/sessions.py): add_step, fork, close.
+        `index`: the record index whose seeds it uses (a session equals verify() of that record where the format
+        allows). Limits: `self.sessions.limits` (a SessionLimits)."""
+        return self.sessions.open(problem, index)
+
+    @property
+    def sessions(self) -> Any:
+        if self._sessions is None:
+            from prmkern.verify.sessions import SessionManager
+            self._sessions = SessionManager(self)
+        return self._sessions
+
     def verify(self, records: Sequence[dict[str, Any]],
                progress: Callable[[int], None] | None = None) -> list[VerificationResult]:
         """One VerificationResult per record, in order. A malformed record fails alone (`.error`)."""
@@ -305,11 +326,14 @@ class Verifier:
             if self.fmt.kind == "per_paragraph":
                 from prmkern.verify.genprm_protocol import run_paragraphs
                 yield from run_paragraphs(self, jobs, results)
+            elif self.fmt.kind == "discriminative":
+                from prmkern.verify.discriminative import run_discriminative
+                yield from run_discriminative(self, jobs, results)
             else:
                 yield from self._run_single_turn(jobs, results)
             for i, problem, steps in jobs:
                 res = results[i]
-                if res.error is None and self.fmt.kind != "per_paragraph":
+                if res.error is None and self.fmt.kind not in ("per_paragraph", "discriminative"):
                     self._score(res, steps)
                 if res.scores is not None and res.stopped_at is not None:
                     from prmkern.verify.early_exit import stopped_step

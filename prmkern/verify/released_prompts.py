@@ -17,10 +17,13 @@ Notes on what was read:
   file is not in the code index used here; the template text was checked against independent verbatim copies
   (HaoooWang/awesome-llm-prompts self-correction/qwen.md, which links the official file, and the run_eval.py of the
   fork ljxzs-jjlzs/ProcessBench at 606615c1).
+* Qwen2.5-Math-PRM (huggingface.co/Qwen/Qwen2.5-Math-PRM-7B, README.md, the model card's transformers usage): the
+  system prompt and the step separator `<extra_0>` appended after every step of the assistant turn. Read from a
+  verbatim copy of the model card in the code index (no commit of the hub repository was visible).
 """
 from __future__ import annotations
 
-__all__ = ["SOURCES", "source",
+__all__ = ["SOURCES", "source", "QWEN_PRM_SYSTEM", "QWEN_PRM_STEP_TAG",
            "THINKPRM_INSTRUCTION_TEMPLATE", "THINKPRM_INSTRUCTION", "THINKPRM_GENERATION_PREFIX", "THINKPRM_STEP_PREFIX",
            "THINKPRM_STEP_CLEAN_REGEX", "THINKPRM_STOPS", "THINKPRM_PREDECISION", "THINKPRM_LABELS",
            "THINKPRM_TRIGGER_PHRASES",
@@ -32,6 +35,7 @@ __all__ = ["SOURCES", "source",
 
 _THINKPRM = ("mukhal/ThinkPRM", "214cce9832985e9a79de34c880627b3f5c51c944")
 _GENPRM = ("RyanLiu112/GenPRM", "590bc94204e1f9ecb153ed61eb2f91f09703012d")
+_QWEN_PRM = ("Qwen/Qwen2.5-Math-PRM-7B", "Hugging Face model card (no commit visible; read from a verbatim copy)")
 _PB = ("QwenLM/ProcessBench", "e802463 (issue 9's citation; file text verified against verbatim copies)")
 
 # -- ThinkPRM ---------------------------------------------------------------------------------------------------
@@ -96,7 +100,13 @@ Please put your final answer (i.e., the index) in \\boxed{{}}."""
 PROCESSBENCH_PARAGRAPH_TEMPLATE = "<paragraph_{sdx}>\n{step}\n</paragraph_{sdx}>\n\n"  # concatenated, then .strip()
 PROCESSBENCH_ANSWER_REGEX = r"\\boxed\{([^}]*)\}"  # the last match, stripped
 
+# Qwen2.5-Math-PRM: the model card's data["system"] and the separator "<extra_0>" ("<extra_0>".join(steps) +
+# "<extra_0>").
+QWEN_PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+QWEN_PRM_STEP_TAG = "<extra_0>"
+
 SOURCES: dict[str, tuple[str, str, str]] = {
+    **{name: (*_QWEN_PRM, "README.md") for name in ("QWEN_PRM_SYSTEM", "QWEN_PRM_STEP_TAG")},
     **{name: (*_THINKPRM, "utils/helper.py") for name in
        ("THINKPRM_INSTRUCTION_TEMPLATE", "THINKPRM_INSTRUCTION", "THINKPRM_GENERATION_PREFIX")},
     **{name: (*_THINKPRM, "prm/thinkprm_api.py") for name in

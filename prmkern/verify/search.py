@@ -70,11 +70,21 @@ def weighted_vote(candidates: Sequence[Candidate]) -> Candidate | None:
 
 
 def best_of_n(generator: Any, verifier: Verifier, problems: Sequence[dict[str, Any]], n: int = 8,
-              params: SamplingParams | None = None, select: str = "score") -> list[SearchResult]:
-    """problems: dicts with 'problem' and optionally 'answer' (the reference). select: 'score' | 'vote'."""
+              params: SamplingParams | None = None, select: str = "score", sessions: bool = False,
+              prune: bool = False) -> list[SearchResult]:
+    """problems: dicts with 'problem' and optionally 'answer' (the reference). select: 'score' | 'vote'.
+
+    sessions: the candidates are verified step by step in verification sessions (all candidates' step d in one
+    engine batch); prune (with sessions, select 'score' and method 'min'): a candidate stops being verified once its
+    running minimum is below the best finished candidate's score (a minimum only falls, so it cannot win; its
+    reported score is then that running minimum, an upper bound)."""
     if select not in ("score", "vote"):
         raise ValueError(f"select={select!r} is invalid; accepted: 'score' (highest verifier score) or 'vote' "
                          f"(verifier-weighted majority over equivalent answers)")
+    if prune and not (sessions and select == "score" and verifier.config.method == "min"):
+        raise ValueError("prune needs sessions=True, select='score' and the verifier's method 'min' (a running "
+                         f"minimum only falls); got sessions={sessions}, select={select!r}, "
+                         f"method={verifier.config.method!r}")
     start = time.perf_counter()
     tok = generator.tokenizer
     base = params or SamplingParams(temperature=0.8, top_p=0.95, max_tokens=1024)
@@ -88,7 +98,7 @@ def best_of_n(generator: Any, verifier: Verifier, problems: Sequence[dict[str, A
             steps = verifier.best_of_n_steps(c.text) or split_steps(c.text) or [c.text.strip() or "(empty)"]
             records.append({"id": f"{i}:{c.index}", "problem": prob["problem"], "steps": steps})
             owners.append((i, c.text))
-    verdicts = verifier.verify(records)
+    verdicts = _verify_in_sessions(verifier, records, prune) if sessions else verifier.verify(records)
     results = [SearchResult(p["problem"], None, []) for p in problems]
     for (i, text), rec, v in zip(owners, records, verdicts):
         scores = v.scores
@@ -108,51 +118,111 @@ def best_of_n(generator: Any, verifier: Verifier, problems: Sequence[dict[str, A
     return results
 
 
+def _verify_in_sessions(verifier: Verifier, records: list[dict[str, Any]], prune: bool) -> list[Any]:
+    """verify() of whole solutions, run as one session per record fed step by step (each step d of every record in
+    one batch). With prune, records of one problem (same 'problem') stop once they cannot beat the best finished."""
+    opened = [verifier.open(r["problem"], index=i) for i, r in enumerate(records)]
+    live = list(range(len(records)))
+    depth = 0
+    try:
+        while live:
+            verifier.sessions.add_steps([(opened[i], records[i]["steps"][depth]) for i in live])
+            depth += 1
+            live = [i for i in live if depth < len(records[i]["steps"])]
+            if prune:
+                best: dict[str, float] = {}
+                for i, r in enumerate(records):
+                    score = opened[i].scores.score if opened[i].scores else None
+                    if len(opened[i].steps) == len(r["steps"]) and score is not None:
+                        best[r["problem"]] = max(best.get(r["problem"], score), score)
+                live = [i for i in live if opened[i].scores.score is None
+                        or opened[i].scores.score >= best.get(records[i]["problem"], -1.0)]
+        return [s.result() for s in opened]
+    finally:
+        for s in opened:
+            s.close()
+
+
 def beam_search(generator: Any, verifier: Verifier, problem: str, beam_width: int = 4, expand: int = 4,
                 max_steps: int = 8, step_tokens: int = 256, temperature: float = 0.8,
-                seed: int | None = 0) -> SearchResult:
+                seed: int | None = 0, sessions: bool = False) -> SearchResult:
     """Step-level beam search: each beam proposes `expand` next steps (generation stops at a blank line), the
     verifier scores every partial solution, and the best `beam_width` survive. A beam is complete once its text
-    holds a boxed answer or the generator ends it."""
+    holds a boxed answer or the generator ends it.
+
+    sessions: each beam holds a verification session; a proposal forks its beam's session and adds only its own
+    step (all proposals of a depth in one engine batch), instead of verifying the partial solution from its first
+    step again."""
     if beam_width < 1 or expand < 1 or max_steps < 1:
         raise ValueError(f"beam_width, expand and max_steps must be >= 1, got {beam_width}, {expand}, {max_steps}")
     start = time.perf_counter()
     tok = generator.tokenizer
     prompt = solver_prompt(tok, problem)
-    beams: list[tuple[list[int], list[str], float]] = [([], [], 1.0)]  # (generated ids, steps, score)
+    # (generated ids, steps, score, verification session or None)
+    beams: list[tuple[list[int], list[str], float, Any]] = [([], [], 1.0, verifier.open(problem) if sessions
+                                                              else None)]
     done: list[Candidate] = []
+    try:
+        _beam_loop(generator, verifier, problem, prompt, beams, done, beam_width, expand, max_steps, step_tokens,
+                   temperature, seed)
+    finally:
+        for *_, session in beams:
+            if session is not None:
+                session.close()
+    for ids, steps, score, _ in beams:  # unfinished beams still count as candidates
+        text = tok.decode(ids, skip_special_tokens=True)
+        done.append(Candidate(text, steps, extract_answer(text), score))
+    chosen = max(done, key=lambda c: c.score or 0.0) if done else None
+    return SearchResult(problem, chosen, done, seconds=time.perf_counter() - start)
+
+
+def _beam_loop(generator: Any, verifier: Verifier, problem: str, prompt: list[int], beams: list, done: list,
+               beam_width: int, expand: int, max_steps: int, step_tokens: int, temperature: float,
+               seed: int | None) -> None:
+    """Grows `beams` in place (closing the sessions of the partial solutions that drop out)."""
+    tok = generator.tokenizer
     for depth in range(max_steps):
         params = [SamplingParams(n=expand, temperature=temperature, max_tokens=step_tokens, stop=[STEP_DELIMITER],
                                  include_stop_str_in_output=True,
                                  seed=None if seed is None else derive_seed(seed, depth, b))
                   for b in range(len(beams))]  # each beam its own seed: equal beams must not propose alike
-        outs = generator.generate([prompt + ids for ids, _, _ in beams], params, use_tqdm=False)
+        outs = generator.generate([prompt + ids for ids, _, _, _ in beams], params, use_tqdm=False)
         proposals = []
-        for (ids, steps, _), out in zip(beams, outs):
+        for (ids, steps, _, session), out in zip(beams, outs):
             for c in out.outputs:
                 step = c.text.strip()
                 if not step:
                     continue
                 proposals.append((ids + c.token_ids, steps + [step], c.finish_reason != "stop" or
-                                  c.stop_reason != STEP_DELIMITER or extract_answer(step) is not None))
+                                  c.stop_reason != STEP_DELIMITER or extract_answer(step) is not None,
+                                  session.fork() if session is not None else None))
+        for *_, session in beams:  # the proposals hold what the beams had
+            if session is not None:
+                session.close()
+        beams.clear()
         if not proposals:
             break
-        verdicts = verifier.verify([{"problem": problem, "steps": s} for _, s, _ in proposals])
+        if proposals[0][3] is not None:
+            added = verifier.sessions.add_steps([(p[3], p[1][-1]) for p in proposals])
+            verdicts = [p[3].result() for p in proposals]
+            assert len(added) == len(verdicts)
+        else:
+            verdicts = verifier.verify([{"problem": problem, "steps": s} for _, s, _, _ in proposals])
         scored = []
-        for (ids, steps, final), v in zip(proposals, verdicts):
+        for (ids, steps, final, session), v in zip(proposals, verdicts):
             score = v.scores.score if v.scores and v.scores.score is not None else 0.0
             if final:
                 text = tok.decode(ids, skip_special_tokens=True)
                 done.append(Candidate(text, steps, extract_answer(text), score,
                                       [s.score for s in v.scores.steps] if v.scores else []))
+                if session is not None:
+                    session.close()
             else:
-                scored.append((ids, steps, score))
+                scored.append((ids, steps, score, session))
         scored.sort(key=lambda b: b[2], reverse=True)
-        beams = scored[:beam_width]
+        for *_, session in scored[beam_width:]:
+            if session is not None:
+                session.close()
+        beams.extend(scored[:beam_width])
         if not beams:
             break
-    for ids, steps, score in beams:  # unfinished beams still count as candidates
-        text = tok.decode(ids, skip_special_tokens=True)
-        done.append(Candidate(text, steps, extract_answer(text), score))
-    chosen = max(done, key=lambda c: c.score or 0.0) if done else None
-    return SearchResult(problem, chosen, done, seconds=time.perf_counter() - start)

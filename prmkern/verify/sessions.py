@@ -1,0 +1,226 @@
+"""Forkable verification sessions: verify a solution step by step while a search writes it.
+
+    session = verifier.open(problem)       # nothing runs yet
+    v = session.add_step("2 plus 3 is 5.")  # StepVerdicts: per-chain verdicts and P(correct) of the new step
+    child = session.fork()                  # shares everything written so far; pays only for its own steps
+    session.close()                         # drops its pins (and its code sandboxes)
+
+A session keeps its chains' state (text and token ids) and pins the KV blocks of its conversations in the prefix
+cache (BlockManager.pin), so the next step prefills only what is new. A fork copies the Python state and takes its
+own pins on the same physical blocks (blocks are immutable once full: copy-on-write comes from the prefix cache).
+The manager bounds the sessions that hold pins (`SessionLimits.max_sessions`) and the blocks they pin
+(`max_pinned_blocks`, default half the pool): past either, the least recently used sessions are unpinned. An
+evicted session stays valid and gives the same results; its next step recomputes what the cache lost.
+
+How a step is appended depends on the format kind (session_steps.py: one state class per kind;
+docs/verifiers.md#sessions states what differs from verify()):
+* per_paragraph (GenPRM): the conversation gains the paragraph's user turn; each judgement runs as in verify() with
+  the same seeds, so a session equals a whole-solution run of the same record index exactly. Code runs in the
+  session's own sandbox sessions; a fork gets fresh ones into which its chains' earlier snippets are replayed.
+* discriminative (qwen-prm): the prompt gains the step and its separator; only the new separator is pooled (the
+  earlier rows are kept), the rest of the prompt comes from the cache.
+* per_step (ThinkPRM, prmkern): round k renders the prompt with steps 1..k; each chain's text is carried verbatim
+  up to where it would start judging step k, "Step k:" is appended and the chain continues until "Step k+1:", the
+  opening of its final verdict ("Is the solution correct?") or its format's stops. Nothing is generated twice; the
+  carried text is prefilled again because the solution sits in the prompt before the chain. The first step equals
+  verify() on the one-step solution exactly.
+This file holds the session objects, their pins and limits; it does not append steps (session_steps.py), search
+(prmkern/verify/search.py) or serve sessions over HTTP.
+"""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from prmkern.textcheck import defuse_control_text
+from prmkern.verify.scoring import SolutionScores
+from prmkern.verify.session_steps import STATES
+
+
+@dataclass
+class SessionLimits:
+    max_sessions: int = 256  # sessions holding pinned KV; past it the least recently used is unpinned
+    max_pinned_blocks: int | None = None  # distinct blocks pinned by all sessions; None: half the KV pool
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_sessions, int) or self.max_sessions < 1:
+            raise ValueError(f"max_sessions={self.max_sessions!r} is invalid; accepted: an int >= 1")
+        if self.max_pinned_blocks is not None and (not isinstance(self.max_pinned_blocks, int)
+                                                   or self.max_pinned_blocks < 0):
+            raise ValueError(f"max_pinned_blocks={self.max_pinned_blocks!r} is invalid; accepted: None or an int >= 0")
+
+
+@dataclass
+class StepVerdicts:
+    step: int  # 0-based index of the step just added
+    score: float | None  # mean P(correct) over the chains that scored it (None: no chain did)
+    p_correct: list[float | None]  # per chain
+    verdicts: list[str]  # per chain: the parse status of its verdict for this step
+    solution: SolutionScores  # the solution so far: step scores, solution score, earliest error
+
+
+class SessionClosed(RuntimeError):
+    pass
+
+
+class SessionManager:
+    """The sessions of one Verifier: their pins on the engine's block manager and the limits over them."""
+
+    def __init__(self, verifier: Any, limits: SessionLimits | None = None):
+        self.verifier = verifier
+        self.limits = limits or SessionLimits()
+        engine = getattr(verifier.llm, "engine", None)
+        self.bm = getattr(engine, "block_manager", None)  # None (e.g. tensor parallel): sessions run unpinned
+        if self.limits.max_pinned_blocks is None and self.bm is not None:
+            self.limits.max_pinned_blocks = self.bm.num_blocks // 2
+        self.pinned: OrderedDict[int, VerifySession] = OrderedDict()  # least recently used first
+        self.evictions = 0
+        self._next_id = 0
+
+    def open(self, problem: str, index: int = 0) -> "VerifySession":
+        if not isinstance(problem, str) or not problem:
+            raise ValueError(f"problem must be a non-empty str, got {type(problem).__name__}")
+        kind = self.verifier.fmt.kind
+        state = STATES.get(kind)
+        if state is None:
+            raise ValueError(f"format {self.verifier.fmt.name!r} ({kind}) has no sessions: it names one earliest "
+                             f"error per whole solution; accepted kinds: per_step, per_paragraph, discriminative")
+        if kind == "per_step" and self.verifier.config.budget_tokens is not None:
+            raise ValueError("budget forcing (budget_tokens) is not applied in sessions; use budget_tokens=None")
+        if self.verifier.config.stop_at_first_error:
+            raise ValueError("stop_at_first_error does not apply to sessions: the caller adds (or stops adding) "
+                             "steps; use stop_at_first_error=False (search prunes with best_of_n(prune=True))")
+        # The same rule as verify(): a problem's or step's text cannot become chat control tokens.
+        problem = defuse_control_text(problem, self.verifier.control_words)
+        return VerifySession(self, problem, index, state(self.verifier, index))
+
+    def add_steps(self, items: list[tuple["VerifySession", str]]) -> list[StepVerdicts]:
+        """Adds one step to each of several sessions in shared engine batches (a search's siblings at one depth);
+        the same results as calling add_step on each in turn. A failed batch closes its sessions."""
+        for session, text in items:
+            if session.closed:
+                raise SessionClosed("a session in this batch is closed")
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"a step must be a non-empty str, got {text!r}")
+            if session.manager is not self:
+                raise ValueError("every session of a batch must come from this verifier")
+        if len({id(s) for s, _ in items}) != len(items):
+            raise ValueError("a session appears twice in one batch; add its steps one batch after the other")
+        if not items:
+            return []
+        for session, text in items:
+            session.steps.append(defuse_control_text(text, self.verifier.control_words))
+        try:
+            outcomes = type(items[0][0].state).run_batch(self.verifier, [(s.state, s.problem, s.steps, s.sid)
+                                                                         for s, _ in items])
+        except BaseException:  # their chains may be half extended: these sessions end here
+            for session, _ in items:
+                session.close()
+            raise
+        out = []
+        for (session, _), (scores, pins) in zip(items, outcomes):
+            session.scores = scores
+            self._repin(session, pins)
+            k = len(session.steps) - 1
+            per = [ch.steps[k] if k < len(ch.steps) else None for ch in session.state.chain_scores()]
+            out.append(StepVerdicts(k, scores.steps[k].score, [x.p_correct if x else None for x in per],
+                                    [x.status if x else "missing" for x in per], scores))
+        return out
+
+    @property
+    def pinned_blocks(self) -> int:
+        return len({b for s in self.pinned.values() for ids in s._pins for b in ids})
+
+    def _take_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def _repin(self, session: "VerifySession", token_lists: list[list[int]]) -> None:
+        self._unpin(session)
+        if self.bm is None:
+            return
+        session._pins = [self.bm.pin(ids) for ids in token_lists]
+        session.evicted = False
+        self.pinned[session.sid] = session
+        self._enforce(session)
+
+    def _share(self, parent: "VerifySession", child: "VerifySession") -> None:
+        """The child of a fork takes its own references on its parent's pinned blocks."""
+        if self.bm is None or parent.sid not in self.pinned:
+            return
+        child._pins = [list(ids) for ids in parent._pins]
+        for ids in child._pins:
+            self.bm.pin_blocks(ids)
+        self.pinned[child.sid] = child
+        self._enforce(child)
+
+    def _enforce(self, session: "VerifySession") -> None:
+        """Unpins the least recently used sessions (never `session`, unless it alone exceeds the block budget)."""
+        lim = self.limits
+        while len(self.pinned) > 1 and (len(self.pinned) > lim.max_sessions
+                                        or self.pinned_blocks > lim.max_pinned_blocks):
+            victim = next(iter(self.pinned.values()))
+            if victim is session:
+                break
+            self._unpin(victim)
+            victim.evicted = True
+            self.evictions += 1
+        if self.pinned_blocks > lim.max_pinned_blocks:  # this session alone exceeds the budget
+            self._unpin(session)
+            session.evicted = True
+            self.evictions += 1
+
+    def _unpin(self, session: "VerifySession") -> None:
+        if self.pinned.pop(session.sid, None) is not None and self.bm is not None:
+            for ids in session._pins:
+                self.bm.unpin(ids)
+        session._pins = []
+
+
+class VerifySession:
+    def __init__(self, manager: SessionManager, problem: str, index: int, state: Any):
+        self.manager = manager
+        self.sid = manager._take_id()
+        self.problem = problem
+        self.index = index  # the record index whose seeds the session uses (as verify() would at that index)
+        self.steps: list[str] = []
+        self.state = state
+        self.scores: SolutionScores | None = None
+        self.evicted = False  # its pins were dropped by the manager's limits (results are unaffected)
+        self.closed = False
+        self._pins: list[list[int]] = []
+
+    def add_step(self, text: str) -> StepVerdicts:
+        """Verifies the new step (the chains already written are extended, not regenerated). A step that fails
+        (an engine error) closes the session."""
+        return self.manager.add_steps([(self, text)])[0]
+
+    def fork(self) -> "VerifySession":
+        """A session that shares everything written so far (its own pins on the same blocks)."""
+        if self.closed:
+            raise SessionClosed("this session is closed")
+        child = VerifySession(self.manager, self.problem, self.index, self.state.fork())
+        child.steps = list(self.steps)
+        child.scores = copy.deepcopy(self.scores)
+        self.manager._share(self, child)
+        return child
+
+    def result(self) -> Any:
+        """The steps so far as verify() reports a record (a VerificationResult)."""
+        from prmkern.verify.protocols import VerificationResult
+        return VerificationResult(self.index, len(self.steps), self.scores, self.state.chains(),
+                                  scoring=self.manager.verifier.config.scoring)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.manager._unpin(self)
+            self.state.close()
+
+    def __enter__(self) -> "VerifySession":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
