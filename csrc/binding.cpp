@@ -9,6 +9,7 @@
 #include "paged_attention.h"
 #include "panel_gemm.h"
 #include "peak.h"
+#include "prefill_gemm.h"
 #include "rotary_store.h"
 #include "sampling.h"
 
@@ -405,6 +406,29 @@ std::tuple<double, double> read_gbs(const torch::Tensor& buffer, int64_t threads
   return {r.wall, r.cpu};
 }
 
+// x [M, K] (any float dtype) @ weight [N, K]^T + bias [N] -> [M, N] in x's dtype, for many rows (prefill): the
+// blocked AVX2 GEMM on packed, widened weight blocks (csrc/prefill_gemm.cpp). weight: contiguous.
+torch::Tensor prefill_linear(const torch::Tensor& x, const torch::Tensor& weight,
+                             const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "prefill_linear runs on CPU tensors");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
+              "prefill_linear: x must be [M, K] and weight [N, K]; got ", x.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(weight.is_contiguous(), "prefill_linear: weight must be contiguous; got strides ", weight.strides());
+  const auto wtype = kernel_dtype(weight, "weight");
+  kernel_dtype(x, "x");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  torch::Tensor bf;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "prefill_linear: bias must be [", N, "]; got ", bias->sizes());
+    bf = bias->to(torch::kFloat32).contiguous();
+  }
+  const torch::Tensor xf = x.to(torch::kFloat32).contiguous();
+  torch::Tensor y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
+  prmkern::prefill_gemm(xf.data_ptr<float>(), M, K, weight.data_ptr(), wtype, N,
+                        bf.defined() ? bf.data_ptr<float>() : nullptr, y.data_ptr<float>(), N);
+  return x.scalar_type() == torch::kFloat32 ? y : y.to(x.scalar_type());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -441,6 +465,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sample_rows", &sample_rows,
         "the sampler's inverse-CDF draw: per row the first token whose cumulative softmax weight exceeds u x total",
         py::arg("logits"), py::arg("u"), py::arg("temperature") = py::none());
+  m.def("prefill_linear", &prefill_linear,
+        "x [M, K] @ weight [N, K]^T + bias for many rows: blocked AVX2 GEMM on packed, widened weight blocks",
+        py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
   m.def("peak_gflops", &peak_gflops,
         "the best GFLOP/s of `threads` threads of independent FMA (fma_avx2 / fma_avx512) or vdpbf16ps (bf16_dot) "
         "instructions, (by wall time, summed over threads by CPU time); (-1, -1) where this CPU lacks them", py::arg("kind"), py::arg("threads"), py::arg("iters"),

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from prmkern.models.prefill_gemm import use_cpp_prefill, wants_widening, widened_linear
 from prmkern.ops.cpp import CPP_MAX_ROWS
 
 BUCKET = 8  # rows per bucket step
@@ -69,6 +70,10 @@ class Linear(nn.Linear):
             # CPP_MAX_ROWS.
             if panels is not None or x.shape[0] <= CPP_MAX_ROWS:
                 return self.cpp.decode_linear(x, self.weight, self.bias, panels)
+            if use_cpp_prefill(self.cpp, x, self.weight):  # AVX2 CPUs (models/prefill_gemm.py)
+                return self.cpp.prefill_linear(x, self.weight, self.bias)
+        if wants_widening(x, self.weight):  # bf16 prefill on a CPU without native bf16 (models/prefill_gemm.py)
+            return widened_linear(x, self.weight, self.bias)
         if self.packed and x.dim() == 2:
             rows = x.shape[0]
             bucket = bucket_rows(rows)
