@@ -62,8 +62,10 @@ def _best(fn, repeats: int) -> float:
 
 
 def _ops():
+    """prmkern._C when it is built with the micro-kernels (csrc/peak.cpp), else None."""
     from prmkern.ops.cpp import cpp_ops
-    return cpp_ops()
+    ops = cpp_ops()
+    return ops if ops is not None and hasattr(ops, "peak_gflops") else None
 
 
 def peak_gflops(threads: int, repeats: int = 9, seconds: float = 0.02) -> dict:

@@ -14,6 +14,9 @@ import pytest
 import torch
 
 OPS = pytest.importorskip("prmkern._C", reason="prmkern._C (csrc/) is not built")
+if not hasattr(OPS, "prefill_linear"):
+    pytest.skip("prmkern._C was built before csrc/ had prefill_linear: rebuild it (python setup.py build_ext --inplace)",
+                allow_module_level=True)
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -46,9 +46,10 @@ def wants_widening(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def use_cpp_prefill(cpp, x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The C++ prefill GEMM takes this product: many rows, a contiguous weight, kernels at the AVX2 level."""
-    return (cpp is not None and x.dim() == 2 and x.shape[0] >= MIN_ROWS and weight.is_contiguous()
-            and cpp.cpu_isa() == "avx2")
+    """The C++ prefill GEMM takes this product: many rows, a contiguous weight, kernels at the AVX2 level (and a
+    build that has it: an extension built before csrc/prefill_gemm.cpp existed falls back to the torch GEMM)."""
+    return (cpp is not None and hasattr(cpp, "prefill_linear") and x.dim() == 2 and x.shape[0] >= MIN_ROWS
+            and weight.is_contiguous() and cpp.cpu_isa() == "avx2")
 
 
 def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
