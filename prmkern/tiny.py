@@ -61,6 +61,15 @@ def build_tokenizer(path: str, vocab_size: int, extra_special: tuple[str, ...] =
     fast.save_pretrained(path)
 
 
+def scaled_normal(name: str, x: torch.Tensor, ndim: int, fan_in: int) -> torch.Tensor:
+    """Standard normal values x for the weight `name` (of `ndim` dims, `fan_in` = its last dim), at the scale these
+    random checkpoints use: norms 1 + 0.1 x, other vectors 0.1 x, matrices x / sqrt(fan_in) (larger than
+    transformers' default init, so that logits are not all near-equal)."""
+    if "norm" in name:
+        return 1.0 + 0.1 * x
+    return 0.1 * x if ndim == 1 else x * (1.0 / fan_in ** 0.5)
+
+
 def build_checkpoint(path: str, arch: str = "qwen2", *, dtype: torch.dtype = torch.float32, seed: int = 0,
                      tokenizer: bool = True, **overrides: Any) -> str:
     """Writes a random-weight checkpoint of `arch` to `path` (config overrides as transformers config kwargs)."""
@@ -80,12 +89,7 @@ def build_checkpoint(path: str, arch: str = "qwen2", *, dtype: torch.dtype = tor
     model = getattr(transformers, ARCH_MODELS[arch])(config)
     with torch.no_grad():  # random init with larger scale than the default so logits are not all near-equal
         for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif p.dim() == 1:
-                p.copy_(0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) * (1.0 / p.shape[-1] ** 0.5))
+            p.copy_(scaled_normal(name, torch.randn_like(p), p.dim(), p.shape[-1]))
     model.to(dtype).save_pretrained(path)
     if tokenizer:
         build_tokenizer(path, config.vocab_size)
@@ -115,12 +119,7 @@ def build_prm_checkpoint(path: str, *, seed: int = 0, tokenizer: bool = True, **
     head = torch.nn.Sequential(torch.nn.Linear(h, h), torch.nn.ReLU(), torch.nn.Linear(h, 2))
     with torch.no_grad():
         for name, p in list(body.named_parameters()) + list(head.named_parameters()):
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif p.dim() == 1:
-                p.copy_(0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) * (1.0 / p.shape[-1] ** 0.5))
+            p.copy_(scaled_normal(name, torch.randn_like(p), p.dim(), p.shape[-1]))
     tensors = {f"model.{k}": v.contiguous() for k, v in body.state_dict().items()}
     tensors.update({f"score.{k}": v.contiguous() for k, v in head.state_dict().items()})
     os.makedirs(path, exist_ok=True)
@@ -187,13 +186,7 @@ def write_random_checkpoint(path: str, arch: str = "qwen2", *, dtype: torch.dtyp
             step = max(1, (16 << 20) // max(1, int(np.prod(shape)) // rows))  # ~16M values per slab
             for r in range(0, rows, step):
                 slab = shape if len(shape) == 1 else (min(step, rows - r),) + shape[1:]
-                x = torch.randn(slab, generator=gen)
-                if "norm" in name:
-                    x = 1.0 + 0.1 * x
-                elif len(shape) == 1:
-                    x = 0.1 * x
-                else:
-                    x = x * (1.0 / shape[-1] ** 0.5)
+                x = scaled_normal(name, torch.randn(slab, generator=gen), len(shape), shape[-1])
                 f.write(x.to(dtype).view(torch.int16 if esize == 2 else torch.int32).numpy().tobytes())
     os.replace(tmp, os.path.join(path, "model.safetensors"))
     config.save_pretrained(path)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +16,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.roofline import (compute_peak, isa_flags, peak_gflops, prefill_counts,  # noqa: E402
+from benchmarks.roofline import (_best, compute_peak, isa_flags, peak_gflops, prefill_counts,  # noqa: E402
                                  read_bandwidth)
 
 OPS = pytest.importorskip("prmkern._C", reason="prmkern._C (csrc/) is not built")
@@ -28,13 +27,7 @@ THREADS = torch.get_num_threads()
 
 
 def _best_rate(fn, work: float, repeats: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return work / best
+    return work / _best(fn, repeats)
 
 
 def test_peak_kinds_follow_the_cpu():
