@@ -526,7 +526,10 @@ class LLMEngine:
             if p.stop_strings and seq.stop_reason in p.stop_strings:
                 text = seq.text
             elif self.tokenizer is not None and p.detokenize:
-                text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=p.skip_special_tokens)
+                # vLLM's text: its incremental detokenizer never emits a trailing incomplete UTF-8 character (a
+                # chain cut by max_tokens inside one ends before it, as streamed text does)
+                text = self.tokenizer.decode(seq.output_token_ids,
+                                             skip_special_tokens=p.skip_special_tokens).rstrip("\ufffd")
             else:
                 text = ""
             want = p.logprobs is not None or bool(p.logprob_token_ids)
