@@ -6,12 +6,13 @@ the engine at scrape time. Reading those ints from another thread is safe: each 
 """
 from __future__ import annotations
 
-import bisect
 import threading
 from collections import defaultdict
 from typing import Any
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# One histogram for the engine and the server: cumulative buckets in Prometheus' layout.
+from prmkern.metrics import HistogramData as Histogram
+
 ENGINE_COUNTERS = {  # EngineStats field -> (metric name, help)
     "requests": ("prmkern_engine_requests_total", "Requests submitted to the engine (verify submits several)."),
     "failed_requests": ("prmkern_engine_failed_requests_total",
@@ -47,30 +48,6 @@ SERVER_METRICS = {
 
 
 ENGINE_HELP = {name: help_ for name, help_ in ENGINE_COUNTERS.values()}
-
-
-class Histogram:
-    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS):
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-        self.count += 1
-
-    def lines(self, name: str, labels: str) -> list[str]:
-        out, cumulative = [], 0
-        sep = "," if labels else ""
-        for bound, n in zip(list(self.buckets) + [float("inf")], self.counts):
-            cumulative += n
-            le = "+Inf" if bound == float("inf") else repr(bound)
-            out.append(f'{name}_bucket{{{labels}{sep}le="{le}"}} {cumulative}')
-        out.append(f"{name}_sum{{{labels}}} {self.sum}")
-        out.append(f"{name}_count{{{labels}}} {self.count}")
-        return out
 
 
 class ServerMetrics:
