@@ -1,7 +1,8 @@
 """A verification job on prmkern against the released ThinkPRM protocol on vLLM's CPU build, side by side.
 
 The same random-weight Qwen2 (~23M parameters, with the tiny byte-level tokenizer: prmkern.tiny.build_checkpoint),
-the same ProcessBench solutions (the bundled sample), the ThinkPRM prompt and stop strings, K chains and max tokens:
+the same ProcessBench solutions (the bundled sample), the ThinkPRM prompt and stop strings, K chains and max tokens,
+T=0.4 (ThinkPRM's parallel scaling; its T=0 default is one chain, and vLLM refuses greedy n > 1):
 
 * prmkern, batch-synchronous: `cli.verify.verify_rows` over groups of 64 // K records (each group waits for its
   slowest chain), as `prmkern verify` ran before continuous batching;
@@ -103,6 +104,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=16)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--temperature", type=float, default=0.4, help="ThinkPRM's parallel-scaling T (n=4 at 0.4)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -112,7 +114,7 @@ def main() -> None:
     items = [Item(i, i + 1, rec) for i, rec in enumerate(records)]
     llm = LLM(path, device="cpu", dtype="float32")
     config = VerifyConfig(format="thinkprm", num_chains=args.chains, max_tokens=args.max_tokens, scoring="exact",
-                          seed=0)
+                          temperature=args.temperature, seed=0)
     v = Verifier(llm, config)
     prompts, stops = [], []
     for rec in records:

@@ -78,6 +78,9 @@ def run(engine: Any, requests: Sequence[Any], on_step: OnStep | None = None, wat
             finished = finished + apply_watch(engine, requests, watch)
         if on_step is not None:
             on_step(finished)
+    if watch is not None:  # a last look at every request, its chains as they ended (streamed verdicts)
+        for i, r in enumerate(requests):
+            watch(i, r.seqs)
 
 
 def generate(engine: Any, prompts: Sequence[Any], params: Sequence[SamplingParams],

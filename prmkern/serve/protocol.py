@@ -219,6 +219,7 @@ class VerifyRequest(_Request, _StrictBody):
     scoring: Literal["released", "exact"] | None = None  # None: the server's (--scoring, else the format's default)
     stop_at_first_error: StrictBool | None = None  # stop judging once the earliest error is decided
     include_chains: StrictBool = True
+    stream: StrictBool = False  # server-sent events: step verdicts as they are parsed, then the body
 
     @model_validator(mode="after")
     def _one_form(self) -> "VerifyRequest":

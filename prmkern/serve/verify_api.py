@@ -6,11 +6,15 @@ so each verify call runs it in a worker thread against `LoopLLM`, a stand-in for
 submits to the server's one engine loop and blocks until its requests finish. Verify chains and completion
 requests therefore share one engine, one prefix cache and one continuously batched step. A client that
 disconnects cancels its call: the worker's pending engine requests are aborted and their blocks freed.
+With `"stream": true` the answer is server-sent events: each streamed verdict event (verify/streaming.py: "step"
+per step verdict, "decided" once a solution's earliest error is settled, with the solution's index in the call),
+then one "result" event holding the body the call answers without streaming, then `data: [DONE]`.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import queue
 import threading
 import time
@@ -18,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 from fastapi import Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
 from prmkern.outputs import CompletionOutput, RequestOutput
 from prmkern.pooling import PoolingOutput, PoolingParams, PoolingRequestOutput
@@ -238,6 +242,8 @@ async def verify(state: Any, req: VerifyRequest, http: Request) -> Response:
         state.metrics.overloaded += 1
         raise overloaded(str(e)) from e
     cancel = threading.Event()
+    if req.stream:
+        return _stream(state, req, records, config, cost, cancel, start)
     try:
         try:
             verifier = Verifier(LoopLLM(state.loop, state.tokenizer, cancel), config)
@@ -263,23 +269,68 @@ async def verify(state: Any, req: VerifyRequest, http: Request) -> Response:
     finally:
         state.loop.unreserve(cost)
 
-    def build() -> dict[str, Any]:  # in a worker thread: decoding every chain's text is not the event loop's work
-        bodies = []
-        for rec, result in zip(records, results):
-            body = result.to_json(state.tokenizer, include_chains=req.include_chains)
-            body["id"] = rec.get("id")  # the client's id, or null (not the record's index within this call)
-            bodies.append(body)
-        usage = {"chains": sum(len(r.chains) for r in results),
-                 "completion_tokens": sum(len(t.token_ids) for r in results for c in r.chains for t in c.turns)}
-        settings = dict(model=state.model_name, format=config.format.name, num_chains=config.num_chains,
-                        usage=usage)
-        if req.solutions is None:
-            return {**bodies[0], **settings}
-        return {"object": "list", "data": bodies, **settings}
     if req.solutions is None and results[0].error is not None:
         raise BadRequest(results[0].error)
     state.metrics.observe_latency("verify", time.perf_counter() - start)
-    return await json_response(build)
+    return await json_response(lambda: _body(state, req, records, config, results))
+
+
+def _body(state: Any, req: VerifyRequest, records: list[dict[str, Any]], config: VerifyConfig,
+          results: list) -> dict[str, Any]:
+    """The call's answer (in a worker thread: decoding every chain's text is not the event loop's work)."""
+    bodies = []
+    for rec, result in zip(records, results):
+        body = result.to_json(state.tokenizer, include_chains=req.include_chains)
+        body["id"] = rec.get("id")  # the client's id, or null (not the record's index within this call)
+        bodies.append(body)
+    usage = {"chains": sum(len(r.chains) for r in results),
+             "completion_tokens": sum(len(t.token_ids) for r in results for c in r.chains for t in c.turns)}
+    settings = dict(model=state.model_name, format=config.format.name, num_chains=config.num_chains, usage=usage)
+    if req.solutions is None:
+        return {**bodies[0], **settings}
+    return {"object": "list", "data": bodies, **settings}
+
+
+def _stream(state: Any, req: VerifyRequest, records: list[dict[str, Any]], config: VerifyConfig, cost: int,
+            cancel: threading.Event, start: float) -> StreamingResponse:
+    """`"stream": true`: the worker's verdict events as server-sent events, then the body as a "result" event.
+    The reservation is released when the stream ends; a client that goes away cancels the worker."""
+    aio = asyncio.get_running_loop()
+    inbox: asyncio.Queue = asyncio.Queue()
+    try:
+        verifier = Verifier(LoopLLM(state.loop, state.tokenizer, cancel), config)
+    except ValueError as e:
+        state.loop.unreserve(cost)
+        raise BadRequest(str(e)) from e
+    verifier.on_event = lambda ev: aio.call_soon_threadsafe(inbox.put_nowait, ev)
+    work = aio.run_in_executor(state.verify_executor, verifier.verify, records)
+
+    async def events() -> Any:
+        try:
+            while True:
+                getter = asyncio.ensure_future(inbox.get())
+                done, _ = await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield f"data: {json.dumps(getter.result())}\n\n"
+                    continue
+                getter.cancel()
+                while not inbox.empty():
+                    yield f"data: {json.dumps(inbox.get_nowait())}\n\n"
+                break
+            try:
+                results = work.result()
+                body = await aio.run_in_executor(state.verify_executor, _body, state, req, records, config, results)
+                yield f"data: {json.dumps({'type': 'result', **body})}\n\n"
+            except Exception as e:  # noqa: BLE001 - the stream has begun: the failure is its last event
+                yield f"data: {json.dumps({'type': 'error', 'message': f'{type(e).__name__}: {e}'})}\n\n"
+            yield "data: [DONE]\n\n"
+            state.metrics.observe_latency("verify", time.perf_counter() - start)
+        finally:
+            if not work.done():  # the client went away mid-stream
+                cancel.set()
+                state.count_abort()
+            state.loop.unreserve(cost)
+    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 async def _disconnected(http: Request) -> None:

@@ -86,6 +86,13 @@ class ContinuousRunner:
     def run(self, starts: Iterable[tuple[Any, Callable[[], Protocol], Callable[[BaseException | None], None]]]) -> None:
         """starts: (key, start, done) per record, in admission order; start() builds the record's protocol;
         done(error) is called when the record's protocol ends (error: what it raised, or None)."""
+        for _ in self.iterate(starts):
+            pass
+
+    def iterate(self, starts: Iterable[tuple[Any, Callable[[], Protocol], Callable[[BaseException | None], None]]]
+                ) -> Iterator[None]:
+        """run(), yielding after every engine step (streaming.py hands out the events of the step); closing the
+        iterator aborts the requests in flight."""
         from prmkern.engine.engine import FatalEngineError
         queue: Iterator = iter(starts)
         nxt = next(queue, None)
@@ -104,6 +111,7 @@ class ContinuousRunner:
                 if not self.live:
                     if nxt is None:
                         return
+                    yield
                     continue
                 self.peak_chains = max(self.peak_chains, self.chains_in_flight())
                 finished: list = []
@@ -122,6 +130,9 @@ class ContinuousRunner:
                                 if self.engine.abort_request(r):
                                     finished += live
                     if all(r.finished for r in lv.requests):
+                        if lv.round is not None and lv.round.watch is not None:
+                            for i, r in enumerate(lv.requests):  # a last look: chains that ended in this step
+                                lv.round.watch(i, r.seqs)
                         if lv.round.pooling is not None:
                             outs = [self.engine.pooling_output(r) for r in lv.requests]
                         else:
@@ -129,6 +140,7 @@ class ContinuousRunner:
                         self._advance(lv, outs)
                 if self.on_step is not None:
                     self.on_step(finished)
+                yield
         except BaseException:
             for lv in self.live:  # interrupted or fatal: nothing of it outlives the call
                 for r in lv.requests:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from prmkern.verify.parsing import parse_output
 
@@ -65,9 +65,13 @@ class _ChainState:
 class RecordWatch:
     """One solution's chains while they generate: decides when its earliest error is settled."""
 
-    def __init__(self, verifier: Any, num_steps: int, chains: Sequence[Any] | int):
-        """chains: the record's Chain objects (their turns hold the earlier rounds), or K for a first round."""
+    def __init__(self, verifier: Any, num_steps: int, chains: Sequence[Any] | int,
+                 on_event: Callable[[dict[str, Any]], None] | None = None, stop: bool = True):
+        """chains: the record's Chain objects (their turns hold the earlier rounds), or K for a first round.
+        on_event: streamed verdicts (`step_event`, `decided_event`); stop: abort the chains once decided (False:
+        watch only, for the events)."""
         self.v = verifier
+        self.on_event, self.stop = on_event, stop
         self.n = num_steps
         if isinstance(chains, int):
             self.chains = [_ChainState([], []) for _ in range(chains)]
@@ -120,12 +124,12 @@ class RecordWatch:
     def check(self) -> bool:
         """True when the earliest error is settled (sets `decided`). Re-reads only the chains that wrote a token that
         may settle a verdict; scores a chain (the costly part) only when it has given a verdict on a new step."""
-        if self.decided is not None:
-            return True
+        if self.decided is not None and (self.stop or self.on_event is None):
+            return self.stop
         if not self.dirty:
             return False
         self.dirty = False
-        changed = False
+        changed: set[int] = set()
         for st in self.chains:
             if not st.stale:
                 continue
@@ -141,9 +145,49 @@ class RecordWatch:
                 finished = st.ended and st.finish_reason not in ("length", "error")
                 sc = self.v.chain_scores(self.v.tok.decode(ids), ids, lps, self.n, finished,
                                          failed=st.finish_reason == "error")
+                changed.update(range(len(st.values or ()), given))
                 st.values = [v.p_correct for v in sc.steps[:given]]
-                changed = True
-        return changed and self._decide()
+        if not changed:
+            return False
+        if self.on_event is not None:
+            for j in sorted(changed):
+                self.on_event(self.step_event(j))
+        if self.decided is not None:  # watched only (stop=False): decided earlier, the events go on
+            return False
+        decided = self._decide()
+        if decided and self.on_event is not None:
+            self.on_event({"type": "decided", "earliest_error": None if self.undecidable else
+                           -1 if self.no_error else self.decided, "chains_given": self._given_counts()})
+        return decided and self.stop
+
+    def _given_counts(self) -> list[int]:
+        return [st.given for st in self.chains]
+
+    def _step(self, j: int) -> tuple[list[float], int, int, str | None]:
+        """Step j as it stands: (scored values, chains that gave it, chains still to give it, settled state:
+        "correct" / "error" / "unscored" once the bounds (see _decide) settle it, else None)."""
+        thr = self.v.config.threshold
+        given = [st.values[j] for st in self.chains if st.given > j]
+        u = len(self.chains) - len(given)
+        vals = [x for x in given if x is not None]
+        if not vals:
+            return vals, len(given), u, None if u else "unscored"
+        s, m = sum(vals), len(vals)
+        if u == 0:
+            return vals, len(given), u, "error" if s / m < thr else "correct"
+        if (s + u) / (m + u) < thr - _MARGIN:
+            return vals, len(given), u, "error"
+        if s / (m + u) >= thr + _MARGIN:
+            return vals, len(given), u, "correct"
+        return vals, len(given), u, None
+
+    def step_event(self, j: int) -> dict[str, Any]:
+        """A streamed verdict event: step j's per-chain P(correct) (None: unscored; "pending": not given yet), the
+        running mean over the chains that scored it, and whether the bounds settle it."""
+        vals, _, u, settled = self._step(j)
+        return {"type": "step", "step": j,
+                "p_correct": [st.values[j] if st.given > j else "pending" for st in self.chains],
+                "mean": sum(vals) / len(vals) if vals else None, "pending": u, "settled": settled}
 
     def _decide(self) -> bool:
         """Walks the steps in order with bounds on each step's mean: a chain that has not given its verdict on step
@@ -154,27 +198,13 @@ class RecordWatch:
         scored it and none is left to (the one rule: the prediction is unknown). When every step is settled at or
         above, the answer is "no error". Where u > 0 the bounds must clear the threshold by a margin far above
         float rounding; where u = 0 the mean is computed exactly as scoring.aggregate computes it."""
-        thr = self.v.config.threshold
         for j in range(self.n):
-            vals = [st.values[j] for st in self.chains if st.given > j]
-            u = len(self.chains) - len(vals)
-            vals = [x for x in vals if x is not None]
-            if not vals:
-                if u:
-                    return False
-                self.decided, self.undecidable = j, True
-                return True
-            s, m = sum(vals), len(vals)
-            if u == 0:
-                if s / m < thr:
-                    self.decided = j
-                    return True
-                continue
-            if (s + u) / (m + u) < thr - _MARGIN:
-                self.decided = j
-                return True
-            if s / (m + u) < thr + _MARGIN:
+            settled = self._step(j)[3]
+            if settled is None:
                 return False
+            if settled != "correct":
+                self.decided, self.undecidable = j, settled == "unscored"
+                return True
         self.decided, self.no_error = self.n - 1, True
         return True
 
@@ -213,7 +243,7 @@ class ChainWatch:
 
     def __call__(self, i: int, views: Sequence[Any]) -> bool:
         record, chain, first = self.targets[i]
-        if record.decided is None:
+        if record.decided is None or not record.stop:  # watched only (streamed verdicts): read on after deciding
             for view in views:
                 k = first + view.chain_index if chain is None else chain
                 record.update(k, view)

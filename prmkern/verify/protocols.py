@@ -221,6 +221,8 @@ class Verifier:
         self._texts: dict[Any, str] = {}
         self._stops: dict[Any, tuple[str, ...]] = {}
         self.final_ids: tuple[int, int] | None = None
+        # streamed verdicts (streaming.py): called with each event, {"solution": record key, "type": ...}
+        self.on_event: Callable[[dict[str, Any]], None] | None = None
         if self.fmt.kind == "per_step":
             self.verdict_ids = self.fmt.verdict_token_ids(self.tok)
             if self.fmt.final_prefix:
@@ -397,7 +399,7 @@ class Verifier:
         c = self.config
         prompts, params = [], []
         watch = records = None
-        if c.stop_at_first_error:
+        if c.stop_at_first_error or self.on_event is not None:
             from prmkern.verify.early_exit import ChainWatch, RecordWatch
             watch, records = ChainWatch(), {}
         wave = self.first_wave()
@@ -408,7 +410,8 @@ class Verifier:
             params.append(self.params(wave, c.max_tokens, self.seed(i), stop=self._stops[i],
                                       logprob_ids=self.verdict_ids))
             if watch is not None:
-                records[i] = RecordWatch(self, len(steps), c.num_chains)
+                records[i] = RecordWatch(self, len(steps), c.num_chains, self._events_of(i),
+                                         stop=c.stop_at_first_error)
                 watch.add(records[i])
         outs = yield Round(prompts, params, watch)
         self._take_chains(jobs, prompts, outs, results)
@@ -423,13 +426,25 @@ class Verifier:
                                  for n, _ in later], watch)) if later else []
             self._take_chains([job for _, job in later], [prompts[n] for n, _ in later], outs, results)
         for i, _, _ in jobs:
-            if records is not None and records[i].decided is not None:
+            if c.stop_at_first_error and records[i].decided is not None:
                 results[i].stopped_at = records[i].decided
         steps_of = {i: steps for i, _, steps in jobs}
         if c.budget_tokens is not None:
             yield from self._force(jobs, results, steps_of)
         if self.final_ids is not None:
             yield from self._final_verdicts(jobs, results)
+
+    def _events_of(self, key: Any) -> Callable[[dict[str, Any]], None] | None:
+        if self.on_event is None:
+            return None
+        on_event = self.on_event
+        return lambda ev: on_event({"solution": key, **ev})
+
+    def stream(self, records: Sequence[dict[str, Any]]) -> Any:
+        """Verifies `records` like verify(), yielding events as verdicts are parsed (streaming.py): per step of a
+        solution its chains' P(correct) and running mean, when its earliest error is decided, and its result."""
+        from prmkern.verify.streaming import stream_verify
+        return stream_verify(self, records)
 
     def _take_chains(self, jobs, prompts, outs, results) -> None:
         for (i, _, _), prompt, out in zip(jobs, prompts, outs):
@@ -457,12 +472,13 @@ class Verifier:
                 params.append(self.params(1, c.max_tokens - len(turn.token_ids), self.seed(i, k, round_ + 1),
                                           stop=self._stops[i], logprob_ids=self.verdict_ids))
             watch = records = None
-            if c.stop_at_first_error:
+            if c.stop_at_first_error or self.on_event is not None:
                 from prmkern.verify.early_exit import ChainWatch, RecordWatch
                 watch, records = ChainWatch(), {}
                 for i, k, ch in pending:
                     if i not in records:
-                        records[i] = RecordWatch(self, len(steps_of[i]), results[i].chains)
+                        records[i] = RecordWatch(self, len(steps_of[i]), results[i].chains, self._events_of(i),
+                                                 stop=c.stop_at_first_error)
                     records[i].reopen(k)
                     watch.add(records[i], k)
             outs = yield Round(prompts, params, watch)
@@ -472,7 +488,7 @@ class Verifier:
                     continue
                 self._absorb(ch.turns[0], out.outputs[0])
             for i, rec in (records or {}).items():
-                if rec.decided is not None:
+                if c.stop_at_first_error and rec.decided is not None:
                     results[i].stopped_at = rec.decided
 
     def _wants_forcing(self, ch: Chain) -> bool:
