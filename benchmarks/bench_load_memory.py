@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--engine", action="store_true", help="also construct the whole LLM (packed weights included)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    from benchmarks.bench_engine import git_commit, shape_checkpoint
+    from benchmarks.bench_engine import emit_result, git_commit, shape_checkpoint
     from benchmarks.roofline import cpu_model
     if bool(args.shape) == bool(args.model):
         raise SystemExit("give one of --shape NAME or --model DIR")
@@ -84,10 +84,7 @@ def main() -> None:
               f"{r['load_over_weights']:.2f}x)", file=sys.stderr)
     doc = dict(bench="load_memory", model=args.shape or args.model, cpu_model=cpu_model(), commit=git_commit(),
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), rows=rows)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=1)
-    print(json.dumps(doc))
+    emit_result(doc, args.out)
 
 
 if __name__ == "__main__":
