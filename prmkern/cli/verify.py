@@ -24,6 +24,7 @@ from collections import Counter
 from typing import Any, Callable, Sequence
 
 from prmkern.cli import options
+from prmkern.cli.ensemble import add_ensemble_args, cmd_verify_ensemble
 from prmkern.cli.jobs import Item, JobRunner, failure_reason, json_safe, read_items, write_summary
 from prmkern.cli.options import UsageError
 from prmkern.cli.report import progress_bar, report_failures, resume_hint, summary_line
@@ -493,6 +494,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
             except ValueError as e:
                 it.error = str(e)
     items = limit_items(items, args.limit)
+    if args.ensemble is not None:
+        if args.format or args.model:
+            raise UsageError("--ensemble names each member's format and model (FORMAT:MODEL,...); drop --format "
+                             "and --model")
+        return cmd_verify_ensemble(args, items, path, given_options(args), _name_flags, all_rows)
     config = build_config(args)  # before the model: a bad option fails in a second, naming the flag
     runner, llm, verifier, chains = _verify_job(args, config, items, "verify", [path])
     if not runner.writes_summary:
@@ -577,6 +583,7 @@ def add_parsers(sub: Any, fmt: Any) -> None:
     v.add_argument("--subset-field", default="subset",
                    help="record field naming a labelled record's subset for F1 (records without it: 'all')")
     add_verify_args(v)
+    add_ensemble_args(v)
     options.add_engine_args(v)
     v.set_defaults(func=cmd_verify)
 
