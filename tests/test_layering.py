@@ -9,8 +9,9 @@ import os
 import prmkern
 
 ROOT = os.path.dirname(prmkern.__file__)
-# imports a function may make: optional extras (FastAPI and uvicorn for `prmkern serve`), not cycles
-OPTIONAL = {"uvicorn", "prmkern.serve.app", "prmkern.serve.connections"}
+# imports a function may make: optional extras (FastAPI and uvicorn for `prmkern serve`, matplotlib for
+# `prmkern report`), not cycles
+OPTIONAL = {"uvicorn", "prmkern.serve.app", "prmkern.serve.connections", "prmkern.report"}
 
 
 def _modules() -> dict[str, str]:

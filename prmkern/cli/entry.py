@@ -1,4 +1,4 @@
-"""The `prmkern` command line: the parser and `main` (generate, verify, eval processbench, bon, serve, demo).
+"""The `prmkern` command line: the parser and `main` (generate, verify, eval processbench, bon, serve, report, demo).
 
 Every command that reads a JSONL writes one row per record as it finishes (prmkern/cli/jobs.py: flushed, a bad line
 fails alone with its line number, `--resume`, `--summary FILE`, data-parallel under torchrun). Configuration is
@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from prmkern import __version__
-from prmkern.cli import bon, generate, serve, verify
+from prmkern.cli import bon, generate, report_html, serve, verify
 from prmkern.cli.jobs import check_output_paths
 from prmkern.cli.options import UsageError
 
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_parsers(sub, fmt)
     bon.add_parser(sub, fmt)
     serve.add_serve_parser(sub)  # the HTTP server (docs/server.md)
+    report_html.add_parser(sub, fmt)  # an HTML page of figures (prmkern/report/)
     return ap
 
 

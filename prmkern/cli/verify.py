@@ -514,8 +514,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print_metrics(metrics, f"labelled records, failed ones left out; subsets by '{field}'")
     write_summary(args.summary, runner.summary(len(items), stats, chains, command="verify", input=path,
                                                output=args.output, labels=metrics,
-                                               scoring=verifier.config.scoring, **_early(verifier)))
+                                               scoring=verifier.config.scoring, verifier=verifier_fields(config),
+                                               **_early(verifier)))
     return 130 if runner.interrupted else 0
+
+
+def verifier_fields(config: VerifyConfig) -> dict[str, Any]:
+    """--summary's `verifier`: the settings a run varies (prmkern report plots F1 and tokens against them)."""
+    return {"format": config.format.name, "num_chains": config.num_chains, "max_tokens": config.max_tokens,
+            "budget_tokens": config.budget_tokens, "temperature": config.temperature, "method": config.method}
 
 
 def cmd_eval_processbench(args: argparse.Namespace) -> int:
@@ -567,7 +574,8 @@ def cmd_eval_processbench(args: argparse.Namespace) -> int:
     print(json.dumps(json_safe(report)))  # an F1 of NaN (both accuracies 0) is null: the line stays valid JSON
     write_summary(args.summary, runner.summary(len(items), stats, chains, command="eval processbench",
                                                input=args.files, output=args.output,
-                                               scoring=verifier.config.scoring, **report, **_early(verifier)))
+                                               scoring=verifier.config.scoring, verifier=verifier_fields(config),
+                                               **report, **_early(verifier)))
     return 130 if runner.interrupted else 0
 
 
