@@ -105,7 +105,7 @@ def ensemble_rows(members: list[Member], configs: list[VerifyConfig], llms: dict
         row = combine(rows, how, threshold)
         row["combine"] = how
         row["members"] = {m.name: {"format": m.format, "model": m.model, "prediction": mr.prediction,
-                                   "step_scores": mr.step_scores, "error": mr.error,
+                                   "step_scores": mr.step_scores, "threshold": mr.threshold, "error": mr.error,
                                    "solution_score": r.scores.score if r.scores is not None else None}
                           for m, mr, r in zip(members, rows, got)}
         chains += sum(len(r.chains) for r in got)
