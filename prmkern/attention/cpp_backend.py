@@ -48,7 +48,6 @@ class CppBackend(TorchBackend):
     def __init__(self) -> None:
         super().__init__()
         self.ops = cpp_ops()
-        self._tables: tuple[DecodeMetadata, tuple] | None = None
 
     def rms_norm(self, x, weight, eps, residual=None):
         if (self.ops is None or x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _FUSED_DTYPES
@@ -71,12 +70,6 @@ class CppBackend(TorchBackend):
                                            all_valid)
         return self.ops.rotary_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
 
-    def _int32_tables(self, meta: DecodeMetadata) -> tuple:
-        if self._tables is None or self._tables[0] is not meta:  # once per step, shared by every layer
-            self._tables = (meta, tuple(t.to(torch.int32).contiguous() for t in (
-                meta.group_starts, meta.prefix_lens, meta.prefix_block_tables, meta.suffix_lens,
-                meta.suffix_block_tables)))
-        return self._tables[1]
 
     def prefill(self, q, k_cache, v_cache, meta: PrefillMetadata, scale):
         """Causal attention of the new tokens read in place from the pool (csrc `prefill_attention`: no per-sequence
@@ -92,5 +85,5 @@ class CppBackend(TorchBackend):
     def decode(self, q, k_cache, v_cache, meta: DecodeMetadata, scale):
         if self.ops is None or q.device.type != "cpu":
             return super().decode(q, k_cache, v_cache, meta, scale)
-        gs, pl, pt, sl, st = self._int32_tables(meta)
+        gs, pl, pt, sl, st = meta.cascade_tables_int32()
         return self.ops.cascade_decode(q, k_cache, v_cache, gs, pl, pt, sl, st, scale)

@@ -65,6 +65,17 @@ class DecodeMetadata:
     num_splits: int | None = None
     prefix_num_splits: int | None = None
 
+    def cascade_tables_int32(self) -> tuple[torch.Tensor, ...]:
+        """(group_starts, prefix_lens, prefix_block_tables, suffix_lens, suffix_block_tables) as contiguous int32,
+        the C++ kernels' layout; converted once per step (this object lives one step) and shared by every layer."""
+        tables = self.__dict__.get("_int32_tables")
+        if tables is None:
+            tables = tuple(t.to(torch.int32).contiguous() for t in (
+                self.group_starts, self.prefix_lens, self.prefix_block_tables, self.suffix_lens,
+                self.suffix_block_tables))
+            self.__dict__["_int32_tables"] = tables
+        return tables
+
 
 @dataclass
 class AttentionMetadata:

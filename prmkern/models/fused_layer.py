@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from prmkern.attention.metadata import DecodeMetadata
 from prmkern.ops.cpp import CPP_MAX_ROWS
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
@@ -27,16 +26,9 @@ class FusedDecoderLayer:
 
     def __init__(self, ops: ModuleType):
         self.ops = ops
-        self._tables: tuple[DecodeMetadata, tuple] | None = None
         # per decoder layer: (the objects its arguments came from, its static decode_layer arguments or None)
         self._layer_args: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def _int32_tables(self, meta: DecodeMetadata) -> tuple:
-        if self._tables is None or self._tables[0] is not meta:  # once per step, shared by every layer
-            self._tables = (meta, tuple(t.to(torch.int32).contiguous() for t in (
-                meta.group_starts, meta.prefix_lens, meta.prefix_block_tables, meta.suffix_lens,
-                meta.suffix_block_tables)))
-        return self._tables[1]
 
     def forward(self, layer: Any, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 ctx: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -63,7 +55,7 @@ class FusedDecoderLayer:
         static = cached[1]
         if static is None:
             return None
-        gs, pl, pt, sl, st = self._int32_tables(meta.decode)
+        gs, pl, pt, sl, st = meta.decode.cascade_tables_int32()
         before, after = static
         # the weights' column panels, checked against the weights' versions every call (a stale copy is re-packed)
         panels = tuple(m.decode_panels() for m in linears)
