@@ -3,8 +3,10 @@
 // not arithmetic. In bf16 the torch reference RMSNorm is ~8 ops (upcast, square, mean, rsqrt, mul, downcast, mul,
 // plus the residual add) and SiLU-and-mul 3; here each is one pass, single-threaded at decode sizes (rows split over
 // threads at prefill sizes). Math in float32; values are rounded to the dtype where the torch reference rounds (the
-// stored residual, the normalised value). SiLU's exp runs in AVX2 vectors where the CPU has them.
+// stored residual, the normalised value). Both run in AVX2 vectors where the CPU has them (8 lanes;
+// the conversions of vec8.h), the portable loops elsewhere and for the last columns.
 #include "elementwise.h"
+#include "vec8.h"
 
 #include <omp.h>
 
@@ -75,11 +77,50 @@ PRMKERN_AVX2 inline __m256 exp8(__m256 x) {
   return _mm256_blendv_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), _mm256_set1_ps(INFINITY), overflow);
 }
 
+// add_rms_norm_t in 8-lane vectors: the same roundings (the stored residual, the normalised value, the output, by
+// vec8.h's conversions, bit for bit the scalar ones); the sum of squares in double lanes (each float32 square is
+// exact in double, one rounding per add as in the scalar loop, in another order: the two agree to ~1e-16
+// relative, far below the float32 rounding of the inverse norm). The last H % 8 columns by the scalar loops.
 template <DType T>
-PRMKERN_AVX2 inline __m256 ld8(const void* p, int64_t i) {
-  if constexpr (T == DType::F32) return _mm256_loadu_ps(static_cast<const float*>(p) + i);
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+PRMKERN_AVX2 void add_rms_norm_avx2(const void* x, const void* residual, const void* weight, int64_t rows,
+                                    int64_t H, float eps, void* out, void* res_out) {
+  const int64_t H8 = H - H % 8;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t base = r * H;
+    __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+    for (int64_t i = 0; i < H8; i += 8) {
+      __m256 v = ld8<T>(x, base + i);
+      if (residual != nullptr) {
+        v = round8<T>(_mm256_add_ps(v, ld8<T>(residual, base + i)));
+        st8<T>(res_out, base + i, v);
+      }
+      const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+      s0 = _mm256_fmadd_pd(lo, lo, s0);
+      s1 = _mm256_fmadd_pd(hi, hi, s1);
+    }
+    alignas(32) double part[4];
+    _mm256_store_pd(part, _mm256_add_pd(s0, s1));
+    double sumsq = (part[0] + part[1]) + (part[2] + part[3]);
+    for (int64_t i = H8; i < H; ++i) {
+      float v = ld<T>(x, base + i);
+      if (residual != nullptr) {
+        v = round_to<T>(v + ld<T>(residual, base + i));
+        st<T>(res_out, base + i, v);
+      }
+      sumsq += static_cast<double>(v) * v;
+    }
+    const float inv = static_cast<float>(1.0 / std::sqrt(sumsq / H + eps));
+    const void* src = residual != nullptr ? res_out : x;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (int64_t i = 0; i < H8; i += 8) {
+      const __m256 normed = round8<T>(_mm256_mul_ps(ld8<T>(src, base + i), vinv));
+      st8<T>(out, base + i, _mm256_mul_ps(normed, ld8<T>(weight, i)));
+    }
+    for (int64_t i = H8; i < H; ++i) {
+      const float normed = round_to<T>(ld<T>(src, base + i) * inv);
+      st<T>(out, base + i, normed * ld<T>(weight, i));
+    }
+  }
 }
 
 // SiLU-and-mul of the first I - I % 8 columns in 8-lane vectors, the rest by silu_and_mul_t.
@@ -91,13 +132,7 @@ PRMKERN_AVX2 void silu_and_mul_avx2(const void* x, int64_t rows, int64_t I, void
       const __m256 g = ld8<T>(x, r * 2 * I + i), u = ld8<T>(x, r * 2 * I + I + i);
       const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
       const __m256 y = _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e)), u);
-      if constexpr (T == DType::F32) {
-        _mm256_storeu_ps(static_cast<float*>(out) + r * I + i, y);
-      } else {
-        alignas(32) float tmp[8];
-        _mm256_store_ps(tmp, y);
-        for (int j = 0; j < 8; ++j) st<T>(out, r * I + i + j, tmp[j]);
-      }
+      st8<T>(out, r * I + i, y);
     }
   }
   if (I8 < I) silu_and_mul_t<T>(x, rows, I, out, I8);
@@ -131,6 +166,13 @@ void add_rms_norm(const void* x, const void* residual, const void* weight, DType
   over_rows(T, H, [&](int64_t r0, int64_t r1) {
     void* o = static_cast<char*>(out) + r0 * rb;
     void* ro = res_out == nullptr ? nullptr : static_cast<char*>(res_out) + r0 * rb;
+#if PRMKERN_X86
+    if (cpu_has_avx2()) {
+      if (dtype == DType::F32) add_rms_norm_avx2<DType::F32>(at(x, r0), at(residual, r0), weight, r1 - r0, H, eps, o, ro);
+      else add_rms_norm_avx2<DType::BF16>(at(x, r0), at(residual, r0), weight, r1 - r0, H, eps, o, ro);
+      return;
+    }
+#endif
     if (dtype == DType::F32) add_rms_norm_t<DType::F32>(at(x, r0), at(residual, r0), weight, r1 - r0, H, eps, o, ro);
     else add_rms_norm_t<DType::BF16>(at(x, r0), at(residual, r0), weight, r1 - r0, H, eps, o, ro);
   });
