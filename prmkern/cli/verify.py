@@ -40,7 +40,8 @@ from prmkern.verify.scoring import METHODS, earliest_error
 FLAGS = {"num_chains": "--chains", "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
          "max_tokens": "--max-tokens",
          "budget_tokens": "--budget-tokens", "method": "--method", "threshold": "--threshold", "seed": "--verify-seed",
-         "format": "--format", "scoring": "--scoring", "stop_at_first_error": "--stop-at-first-error"}
+         "format": "--format", "scoring": "--scoring", "stop_at_first_error": "--stop-at-first-error",
+         "chains_min": "--chains-min", "chains_max": "--chains-max", "chains_risk": "--chains-risk"}
 
 
 def predict_earliest_error(step_scores: Sequence[float | None], threshold: float) -> int | None:
@@ -120,6 +121,15 @@ def add_verify_args(ap: argparse.ArgumentParser) -> None:
                    help="stop judging a solution once its earliest error is decided (its remaining chains are "
                         "aborted, later steps not judged; same prediction as a full run); not for --method "
                         "final / vote or --format critic")
+    g.add_argument("--chains-min", type=int, default=None,
+                   help="adaptive chain count: start each solution with this many chains and add waves (doubling) "
+                        "until the stopping rule holds or --chains-max; docs/adaptive_chains.md")
+    g.add_argument("--chains-max", type=int, default=None,
+                   help="adaptive chain count: at most this many chains per solution (None: --chains or the "
+                        "format's K); needs --chains-min")
+    g.add_argument("--chains-risk", type=float, default=None,
+                   help="adaptive chain count: stop a solution once the estimated chance that --chains-max chains "
+                        "would predict another earliest error is at most this (default 0.05)")
     g.add_argument("--batch-size", type=int, default=None,
                    help="records per engine batch, rows written per batch (None: verify/eval 64 // K, bon 1)")
 
@@ -158,12 +168,17 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
              "top_k": getattr(args, "verify_top_k", None), "max_tokens": args.max_tokens,
              "budget_tokens": args.budget_tokens, "method": args.method, "threshold": args.threshold,
              "seed": args.verify_seed, "scoring": getattr(args, "scoring", None),
-             "stop_at_first_error": getattr(args, "stop_at_first_error", False) or None}
+             "stop_at_first_error": getattr(args, "stop_at_first_error", False) or None,
+             "chains_min": getattr(args, "chains_min", None), "chains_max": getattr(args, "chains_max", None),
+             "chains_risk": getattr(args, "chains_risk", None)}
     return {k: v for k, v in given.items() if v is not None}
 
 
 def _name_flags(message: str) -> str:
     message = message.replace("stop_at_first_error does", "--stop-at-first-error does")
+    message = message.replace("chains_min does", "--chains-min does").replace(
+        "chains_min cannot", "--chains-min cannot").replace("with stop_at_first_error", "with --stop-at-first-error"
+                                                            ).replace("with budget_tokens", "with --budget-tokens")
     for field, flag in sorted(FLAGS.items(), key=lambda kv: -len(kv[0])):
         message = message.replace(f"{field}=", f"{flag} ").replace(f"({field}", f"({flag}")
     return message
@@ -334,8 +349,10 @@ def verify_continuous(verifier: Any, items: list[Item], emit: Callable, tokenize
 
     engine = llm.engine
     k = verifier.config.num_chains
+    # a record's first round: K chains, or the adaptive count's first wave (its later waves join as they come)
+    first = verifier.config.chains_min or k
     progress = getattr(verifier.llm, "step_progress", None)
-    runner = ContinuousRunner(engine, max_chains=max(1, batch_size) * k, chains_per_record=k,
+    runner = ContinuousRunner(engine, max_chains=max(1, batch_size) * k, chains_per_record=first,
                               on_step=progress(k * len(items)) if progress else None)
     runner.run(start_of(it) for it in sorted(items, key=lambda it: it.index))
     return chains
@@ -461,6 +478,17 @@ def _early(verifier: Any) -> dict[str, Any]:
     return {"early_exit": early}
 
 
+def _adaptive(config: VerifyConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """--summary's `adaptive_chains` under --chains-min (adaptive.summary_of_rows), printed too."""
+    if config.chains_min is None:
+        return {}
+    from prmkern.verify.adaptive import summary_of_rows
+    out = summary_of_rows(rows, config)
+    print(f"adaptive chains: {out['chains_run']} solutions per chain count, mean {out['mean_chains']}",
+          file=sys.stderr)
+    return {"adaptive_chains": out}
+
+
 def _verdict_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
     c: Counter = Counter()
     for r in rows:
@@ -515,7 +543,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     write_summary(args.summary, runner.summary(len(items), stats, chains, command="verify", input=path,
                                                output=args.output, labels=metrics,
                                                scoring=verifier.config.scoring, verifier=verifier_fields(config),
-                                               **_early(verifier)))
+                                               **_early(verifier), **_adaptive(config, all_rows(runner, args.output))))
     return 130 if runner.interrupted else 0
 
 
@@ -575,7 +603,7 @@ def cmd_eval_processbench(args: argparse.Namespace) -> int:
     write_summary(args.summary, runner.summary(len(items), stats, chains, command="eval processbench",
                                                input=args.files, output=args.output,
                                                scoring=verifier.config.scoring, verifier=verifier_fields(config),
-                                               **report, **_early(verifier)))
+                                               **report, **_early(verifier), **_adaptive(config, rows)))
     return 130 if runner.interrupted else 0
 
 

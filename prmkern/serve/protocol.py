@@ -218,6 +218,9 @@ class VerifyRequest(_Request, _StrictBody):
     seed: StrictInt | None = None
     scoring: Literal["released", "exact"] | None = None  # None: the server's (--scoring, else the format's default)
     stop_at_first_error: StrictBool | None = None  # stop judging once the earliest error is decided
+    chains_min: StrictInt | None = None  # adaptive chain count (verify/adaptive.py): the first wave
+    chains_max: StrictInt | None = None  # adaptive chain count: at most this many chains (sets num_chains)
+    chains_risk: Number | None = None  # adaptive chain count: the stopping rule's risk
     include_chains: StrictBool = True
     stream: StrictBool = False  # server-sent events: step verdicts as they are parsed, then the body
 

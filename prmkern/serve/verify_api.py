@@ -35,10 +35,10 @@ from prmkern.verify.protocols import Verifier, VerifyConfig
 
 # VerifyConfig fields that a format's published defaults set (formats.format_defaults and protocols._GENERIC).
 FORMAT_DERIVED = ("num_chains", "temperature", "top_p", "top_k", "max_tokens", "method", "max_code_rounds",
-                  "scoring")
+                  "scoring", "chains_max")
 TEMPLATE_TOKENS = 512  # the verifier format's instructions around a solution, at most (for the admission estimate)
 VERIFY_OVERRIDES = ("format", "num_chains", "temperature", "top_p", "max_tokens", "budget_tokens", "method",
-                    "threshold", "seed", "scoring", "stop_at_first_error")
+                    "threshold", "seed", "scoring", "stop_at_first_error", "chains_min", "chains_max", "chains_risk")
 
 
 class Cancelled(Exception):
@@ -174,6 +174,15 @@ def verify_config(defaults: VerifyConfig, req: VerifyRequest, max_n: int, max_to
     if "num_chains" in overrides and not 1 <= overrides["num_chains"] <= max_n:
         raise BadRequest(f"num_chains={overrides['num_chains']} is invalid; accepted: an int in [1, {max_n}]",
                          "num_chains")
+    if "chains_max" in overrides:  # the adaptive count's K is num_chains: the same limit
+        if not 1 <= overrides["chains_max"] <= max_n:
+            raise BadRequest(f"chains_max={overrides['chains_max']} is invalid; accepted: an int in [1, {max_n}]",
+                             "chains_max")
+        overrides.setdefault("num_chains", overrides["chains_max"])
+    elif "num_chains" in overrides and (overrides.get("chains_min") or defaults.chains_min) is not None:
+        overrides["chains_max"] = overrides["num_chains"]  # an adaptive count up to the request's K
+    elif "chains_min" in overrides:
+        overrides["chains_max"] = None  # up to the server's K (num_chains)
     if "max_tokens" in overrides and not 1 <= overrides["max_tokens"] <= max_tokens:
         raise BadRequest(f"max_tokens={overrides['max_tokens']} is invalid; accepted: an int in [1, {max_tokens}]",
                          "max_tokens")

@@ -69,9 +69,28 @@ class VerifyConfig:
     # Stop judging a solution once its earliest error is decided (early_exit.py): its remaining chains are aborted
     # and its later steps are not judged; the prediction equals a full run's. Not for final / vote / critic.
     stop_at_first_error: bool = False
+    # Adaptive chain count (adaptive.py): chains in waves from chains_min, doubling up to chains_max (num_chains), a
+    # solution stopping once the risk that chains_max chains predict otherwise is at most chains_risk.
+    chains_min: int | None = None
+    chains_max: int | None = None  # None with chains_min: num_chains
+    chains_risk: float = 0.05
 
     def __post_init__(self) -> None:
         self.format = get_format(self.format)
+        if self.chains_max is not None and self.chains_min is None:
+            raise ValueError(f"chains_max={self.chains_max!r} needs chains_min (the first wave); accepted: both, "
+                             f"or num_chains alone for a fixed count")
+        if self.chains_min is not None:
+            from prmkern.verify.adaptive import check_bounds
+            check_bounds(self.chains_min, self.chains_max if self.chains_max is not None else self.num_chains,
+                         self.chains_risk, "chains_max" if self.chains_max is not None else "num_chains")
+            if self.chains_max is None:
+                self.chains_max = self.num_chains
+            elif self.num_chains is not None and self.num_chains != self.chains_max:
+                raise ValueError(f"num_chains={self.num_chains!r} and chains_max={self.chains_max!r} disagree; "
+                                 f"accepted: chains_max alone (it sets num_chains), or equal values")
+            if self.chains_max is not None:
+                self.num_chains = self.chains_max
         self.scoring = default_scoring(self.format.name) if self.scoring is None else check_scoring(self.scoring)
         defaults = {**_GENERIC, **format_defaults(self.format)}
         for name, value in defaults.items():
@@ -96,6 +115,12 @@ class VerifyConfig:
         if self.stop_at_first_error:
             from prmkern.verify.early_exit import check_applies
             check_applies(self.format, self.method)
+        if self.chains_min is not None:
+            from prmkern.verify.adaptive import check_adaptive, check_bounds
+            check_bounds(self.chains_min, self.num_chains, self.chains_risk, *(
+                ("chains_max", "") if self.chains_max is not None else ("num_chains", " (the format's default)")))
+            self.chains_max = self.num_chains
+            check_adaptive(self)
         if (self.scoring == "released" and self.format.kind == "per_paragraph" and self.temperature >= 1e-5
                 and self.top_k <= 0):
             raise ValueError(f"scoring='released' with format {self.format.name!r} needs top_k >= 1 (vLLM 0.7.1's "
@@ -149,6 +174,8 @@ class VerificationResult:
     error: str | None = None
     scoring: str | None = None  # the VerifyConfig.scoring that produced the scores
     stopped_at: int | None = None  # stop_at_first_error: the step where judging stopped (steps after it not judged)
+    chains_run: int | None = None  # adaptive chain count: the chains this solution ran (adaptive.py)
+    adaptive_risk: float | None = None  # adaptive chain count: the stopping rule's risk after its last wave
 
     @property
     def prediction(self) -> int | None:
@@ -168,6 +195,8 @@ class VerificationResult:
                        final_scores=s.final_scores, vote=s.vote)
             if self.stopped_at is not None:
                 out["stopped_at"] = self.stopped_at
+        if self.chains_run is not None:
+            out.update(chains_run=self.chains_run, adaptive_risk=self.adaptive_risk)
         if include_chains:
             out["chains"] = [{"text": [t.text or tokenizer.decode(t.token_ids) for t in c.turns], "error": c.error,
                               "final": c.final,
@@ -391,6 +420,8 @@ class Verifier:
         only for a solution the first wave left undecided. Chain k samples as chain k of one n=K request whatever its
         wave (SamplingParams.first_chain), so the chains, and the prediction, are those of a full run."""
         c = self.config
+        if c.chains_min is not None:  # adaptive chain count: the first wave (adaptive.py)
+            return c.chains_min
         if not c.stop_at_first_error:
             return c.num_chains
         return min(c.num_chains, int(c.num_chains * max(c.threshold, 1 - c.threshold)) + 1)
@@ -399,7 +430,7 @@ class Verifier:
         c = self.config
         prompts, params = [], []
         watch = records = None
-        if c.stop_at_first_error or self.on_event is not None:
+        if (c.stop_at_first_error or self.on_event is not None) and c.chains_min is None:
             from prmkern.verify.early_exit import ChainWatch, RecordWatch
             watch, records = ChainWatch(), {}
         wave = self.first_wave()
@@ -413,9 +444,13 @@ class Verifier:
                 records[i] = RecordWatch(self, len(steps), c.num_chains, self._events_of(i),
                                          stop=c.stop_at_first_error)
                 watch.add(records[i])
-        outs = yield Round(prompts, params, watch)
-        self._take_chains(jobs, prompts, outs, results)
-        if wave < c.num_chains:  # the second wave: the solutions the first left undecided
+        if c.chains_min is not None:  # adaptive chain count: waves until the stopping rule holds (adaptive.py)
+            from prmkern.verify.adaptive import run_waves
+            yield from run_waves(self, jobs, prompts, params, results)
+        else:
+            outs = yield Round(prompts, params, watch)
+            self._take_chains(jobs, prompts, outs, results)
+        if wave < c.num_chains and c.chains_min is None:  # the second wave: the solutions the first left undecided
             later = [(n, job) for n, job in enumerate(jobs) if results[job[0]].error is None
                      and records[job[0]].decided is None]
             watch = ChainWatch()
