@@ -155,6 +155,12 @@ def test_bad_values_are_rejected(kw, msg):
     assert msg in str(e.value), str(e.value)
 
 
+def test_sessions_reject_the_adaptive_count(shipped_llm):
+    v = Verifier(shipped_llm, VerifyConfig(format="prmkern", chains_min=2, chains_max=4))
+    with pytest.raises(ValueError, match="verification sessions run a fixed num_chains; chains_min=2"):
+        v.open("Compute $1 + 1$.")
+
+
 def test_cli_flags_rows_continuous_and_resume(tmp_path):
     from tests.test_cli import _main, rows_of, run_cli, write_lines
     src = write_lines(tmp_path / "in.jsonl", heldout(6))

@@ -322,6 +322,10 @@ class Verifier:
 
     @property
     def sessions(self) -> Any:
+        if self.config.chains_min is not None:  # sessions run num_chains per step; no waves there
+            raise ValueError(f"verification sessions run a fixed num_chains; chains_min={self.config.chains_min} "
+                             f"(the adaptive chain count) does not apply to them; accepted: a VerifyConfig without "
+                             f"chains_min, or verify() / stream()")
         if self._sessions is None:
             from prmkern.verify.sessions import SessionManager
             self._sessions = SessionManager(self)
