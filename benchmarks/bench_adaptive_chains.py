@@ -149,40 +149,48 @@ def run_set(llm, name: str, records: list[dict], check: int, real=REAL) -> dict:
 
 
 def plot(results: dict, path: str) -> None:
-    """One panel per subset (held-out: all; ProcessBench: gsm8k, math): F1 against that subset's generated tokens."""
+    """One panel per subset (held-out: all; ProcessBench: gsm8k, math): F1 against that subset's generated tokens;
+    on a panel where F1 is 0 at every K (accuracy on error-free solutions 0), the accuracy on erroneous ones too."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
     panels = [(name, sub) for name, r in results.items() for sub in r["fixed"][0]["tokens_by_subset"]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.0), squeeze=False)
 
-    def y(row: dict, sub: str) -> float:
-        v = row["f1"][sub]
+    def y(row: dict, key: str) -> float:
+        v = row["f1"][key]
         return float("nan") if v is None else v
     for ax, (name, sub) in zip(axes[0], panels):
         r = results[name]
-        xs = [f["tokens_by_subset"][sub] for f in r["fixed"]]
-        ys = [y(f, sub) for f in r["fixed"]]
-        ax.plot(xs, ys, "o-", color="tab:blue", label="fixed K (first K of the K=16 chains)")
-        for f, x, yy in zip(r["fixed"], xs, ys):
-            ax.annotate(f"K={f['k']}", (x, yy), textcoords="offset points", xytext=(4, -10), fontsize=8)
-        for s in r["simulated"]:
-            ax.plot(s["tokens_by_subset"][sub], y(s, sub), ".", color="tab:gray", alpha=0.6)
-        for a in r["adaptive"]:
-            ax.plot(a["tokens_by_subset"][sub], y(a, sub), "*", markersize=12, color="tab:red")
-            ax.annotate(f"{a['chains_min']}..{a['chains_max']}, risk {a['chains_risk']}",
-                        (a["tokens_by_subset"][sub], y(a, sub)), textcoords="offset points", xytext=(4, 4),
-                        fontsize=8, color="tab:red")
-        ax.plot([], [], ".", color="tab:gray", label="adaptive, replayed (min 1/2/4, max 8/16, risk 0.01-0.2)")
-        ax.plot([], [], "*", color="tab:red", label="adaptive, run")
+        flat = all(y(f, sub) == 0 for f in r["fixed"])
+        keys = [(sub, "o-", "F1")] + ([(f"{sub}_acc_err", "s--", "accuracy on erroneous")] if flat else [])
+        for key, style, what in keys:
+            xs = [f["tokens_by_subset"][sub] for f in r["fixed"]]
+            ys = [y(f, key) for f in r["fixed"]]
+            ax.plot(xs, ys, style, color="tab:blue", label=f"fixed K: {what}")
+            for f, x, yy in zip(r["fixed"], xs, ys):
+                ax.annotate(f"K={f['k']}", (x, yy), textcoords="offset points", xytext=(3, -11), fontsize=7)
+            for s in r["simulated"]:
+                ax.plot(s["tokens_by_subset"][sub], y(s, key), ".", color="tab:gray", alpha=0.5)
+            for a in r["adaptive"]:
+                ax.plot(a["tokens_by_subset"][sub], y(a, key), "*", markersize=12, color="tab:red")
+                ax.annotate(f"{a['chains_min']}..{a['chains_max']}", (a["tokens_by_subset"][sub], y(a, key)),
+                            textcoords="offset points", xytext=(4, 4), fontsize=7, color="tab:red")
         ax.set_xscale("log")
-        ax.set_xlabel("generated tokens")
-        ax.set_ylabel("ProcessBench F1")
-        ax.set_title(f"{name}: {sub}" if sub != "all" else name, fontsize=10)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("generated tokens (log)")
+        ax.set_ylabel("F1" + (" / accuracy on erroneous (dashed)" if flat else ""))
+        ax.set_title(f"ProcessBench {sub}" if sub != "all" else name, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+    handles = [plt.Line2D([], [], marker="o", color="tab:blue", label="fixed K (first K of the K=16 chains)"),
+               plt.Line2D([], [], marker=".", ls="", color="tab:gray",
+                          label="adaptive, replayed (min 1/2/4, max 8/16, risk 0.01-0.2)"),
+               plt.Line2D([], [], marker="*", ls="", markersize=10, color="tab:red", label="adaptive, run (min..max)")]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8)
     fig.suptitle("shipped verifier (prmkern format, fp32, CPU): F1 against generated tokens", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=110)
 
@@ -200,7 +208,12 @@ def main() -> None:
     ap.add_argument("--sets", default="heldout,processbench")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "adaptive_chains.json"))
     ap.add_argument("--png", default=os.path.join(ROOT, "docs", "img", "adaptive_chains.png"))
+    ap.add_argument("--plot-only", action="store_true", help="redraw --png from the --out JSON, run nothing")
     args = ap.parse_args()
+    if args.plot_only:
+        with open(args.out) as f:
+            plot(json.load(f)["sets"], args.png)
+        return
     torch.set_num_threads(args.threads)
     llm = LLM(os.path.join(ROOT, "prmkern", "data", "verifier"), dtype="float32", device="cpu")
     results = {}
