@@ -21,26 +21,38 @@ namespace prmkern {
 
 namespace {
 
+// Columns i0..H of one row (from `base`): the residual add (rounded to T, stored) and the sum of its squares, in
+// double (H up to ~10^4 terms without drift; the cost is nothing here).
+template <DType T>
+double add_residual_sumsq(const void* x, const void* residual, void* res_out, int64_t base, int64_t i0, int64_t H) {
+  double sumsq = 0.0;
+  for (int64_t i = i0; i < H; ++i) {
+    float v = ld<T>(x, base + i);
+    if (residual != nullptr) {
+      v = round_to<T>(v + ld<T>(residual, base + i));
+      st<T>(res_out, base + i, v);
+    }
+    sumsq += static_cast<double>(v) * v;
+  }
+  return sumsq;
+}
+
+// Columns i0..H of one row: the normalised value (rounded to T, as torch's reference rounds it) times the weight.
+template <DType T>
+void scale_row(const void* src, const void* weight, float inv, void* out, int64_t base, int64_t i0, int64_t H) {
+  for (int64_t i = i0; i < H; ++i) {
+    const float normed = round_to<T>(ld<T>(src, base + i) * inv);
+    st<T>(out, base + i, normed * ld<T>(weight, i));
+  }
+}
+
 template <DType T>
 void add_rms_norm_t(const void* x, const void* residual, const void* weight, int64_t rows, int64_t H, float eps,
                     void* out, void* res_out) {
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t base = r * H;
-    double sumsq = 0.0;  // double: H up to ~10^4 terms without drift; the cost is nothing here
-    for (int64_t i = 0; i < H; ++i) {
-      float v = ld<T>(x, base + i);
-      if (residual != nullptr) {
-        v = round_to<T>(v + ld<T>(residual, base + i));
-        st<T>(res_out, base + i, v);
-      }
-      sumsq += static_cast<double>(v) * v;
-    }
+    const double sumsq = add_residual_sumsq<T>(x, residual, res_out, r * H, 0, H);
     const float inv = static_cast<float>(1.0 / std::sqrt(sumsq / H + eps));
-    const void* src = residual != nullptr ? res_out : x;
-    for (int64_t i = 0; i < H; ++i) {
-      const float normed = round_to<T>(ld<T>(src, base + i) * inv);
-      st<T>(out, base + i, normed * ld<T>(weight, i));
-    }
+    scale_row<T>(residual != nullptr ? res_out : x, weight, inv, out, r * H, 0, H);
   }
 }
 
@@ -100,15 +112,8 @@ PRMKERN_AVX2 void add_rms_norm_avx2(const void* x, const void* residual, const v
     }
     alignas(32) double part[4];
     _mm256_store_pd(part, _mm256_add_pd(s0, s1));
-    double sumsq = (part[0] + part[1]) + (part[2] + part[3]);
-    for (int64_t i = H8; i < H; ++i) {
-      float v = ld<T>(x, base + i);
-      if (residual != nullptr) {
-        v = round_to<T>(v + ld<T>(residual, base + i));
-        st<T>(res_out, base + i, v);
-      }
-      sumsq += static_cast<double>(v) * v;
-    }
+    const double sumsq = (part[0] + part[1]) + (part[2] + part[3]) +
+                         add_residual_sumsq<T>(x, residual, res_out, base, H8, H);
     const float inv = static_cast<float>(1.0 / std::sqrt(sumsq / H + eps));
     const void* src = residual != nullptr ? res_out : x;
     const __m256 vinv = _mm256_set1_ps(inv);
@@ -116,10 +121,7 @@ PRMKERN_AVX2 void add_rms_norm_avx2(const void* x, const void* residual, const v
       const __m256 normed = round8<T>(_mm256_mul_ps(ld8<T>(src, base + i), vinv));
       st8<T>(out, base + i, _mm256_mul_ps(normed, ld8<T>(weight, i)));
     }
-    for (int64_t i = H8; i < H; ++i) {
-      const float normed = round_to<T>(ld<T>(src, base + i) * inv);
-      st<T>(out, base + i, normed * ld<T>(weight, i));
-    }
+    scale_row<T>(src, weight, inv, out, base, H8, H);
   }
 }
 

@@ -2,6 +2,7 @@
 Hugging Face implementation loads the very same files as the reference."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 if "TRITON_INTERPRET" not in os.environ:
@@ -63,3 +64,25 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
 def random_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def offline(qwen2_dir):
+    """The tiny Qwen2 as an offline LLM: what a served result is compared with."""
+    from prmkern import LLM
+    return LLM(qwen2_dir, device="cpu")
+
+
+@contextlib.contextmanager
+def serve_llm(llm, **config):
+    """`llm` behind prmkern's server (ServerConfig(**config)) on a free local port, in a thread; yields its URL."""
+    from prmkern.serve.app import ServerConfig, build_app
+    from prmkern.serve.background import serve_in_thread
+    with serve_in_thread(build_app(llm, ServerConfig(**config))) as url:
+        yield url
+
+
+def openai_client(url: str):
+    """The openai package's client for a server at `url`, as a user script would make it (no retries)."""
+    import openai
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)

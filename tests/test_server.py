@@ -14,6 +14,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
+from tests.conftest import openai_client, serve_llm  # noqa: E402
 from prmkern import LLM, SamplingParams  # noqa: E402
 from prmkern.serve.app import ServerConfig, build_app  # noqa: E402
 from prmkern.serve.background import serve_in_thread  # noqa: E402
@@ -24,21 +25,15 @@ POOL_BLOCKS = 48  # 768 tokens of KV at block size 16: a 900-token prompt fits t
 
 
 @pytest.fixture(scope="module")
-def offline(qwen2_dir):
-    return LLM(qwen2_dir, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def served(qwen2_dir):
     llm = LLM(qwen2_dir, device="cpu", num_kvcache_blocks=POOL_BLOCKS)
-    app = build_app(llm, ServerConfig(model_name="tiny", max_n=8))
-    with serve_in_thread(app) as url:
+    with serve_llm(llm, model_name="tiny", max_n=8) as url:
         yield url, llm
 
 
 @pytest.fixture(scope="module")
 def client(served):
-    return openai.OpenAI(base_url=served[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(served[0])
 
 
 @pytest.fixture(scope="module")

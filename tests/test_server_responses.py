@@ -9,26 +9,20 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
+from tests.conftest import openai_client, serve_llm  # noqa: E402
 from prmkern import LLM, SamplingParams  # noqa: E402
-from prmkern.serve.app import ServerConfig, build_app  # noqa: E402
-from prmkern.serve.background import serve_in_thread  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def served(qwen2_dir):
     llm = LLM(qwen2_dir, device="cpu", num_kvcache_blocks=64)
-    with serve_in_thread(build_app(llm, ServerConfig(model_name="tiny"))) as url:
+    with serve_llm(llm, model_name="tiny") as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def client(served):
-    return openai.OpenAI(base_url=served + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def offline(qwen2_dir):
-    return LLM(qwen2_dir, device="cpu")
+    return openai_client(served)
 
 
 def _greedy_chat(offline, messages, max_tokens):

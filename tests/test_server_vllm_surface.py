@@ -10,27 +10,20 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
+from tests.conftest import openai_client, serve_llm  # noqa: E402
 from prmkern import LLM, SamplingParams, __version__  # noqa: E402
-from prmkern.serve.app import ServerConfig, build_app  # noqa: E402
-from prmkern.serve.background import serve_in_thread  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def served(qwen2_dir):
     llm = LLM(qwen2_dir, device="cpu", num_kvcache_blocks=64)
-    app = build_app(llm, ServerConfig(model_name="tiny", max_n=4))
-    with serve_in_thread(app) as url:
+    with serve_llm(llm, model_name="tiny", max_n=4) as url:
         yield url, llm
 
 
 @pytest.fixture(scope="module")
 def client(served):
-    return openai.OpenAI(base_url=served[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def offline(qwen2_dir):
-    return LLM(qwen2_dir, device="cpu")
+    return openai_client(served[0])
 
 
 def test_openai_client_script_with_ignored_fields_and_logit_bias(client, offline):

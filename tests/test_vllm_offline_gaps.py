@@ -13,18 +13,7 @@ import torch
 
 from prmkern import LLM, SamplingParams
 from tests.conftest import random_prompts
-from tests.test_vllm_compat import TOL, ref_logprobs
-
-
-@pytest.fixture(scope="module")
-def model64(qwen2_dir):
-    from tests.conftest import hf_model
-    return hf_model(qwen2_dir, torch.float64)
-
-
-@pytest.fixture(scope="module")
-def llm(qwen2_dir):
-    return LLM(qwen2_dir, device="cpu")
+from tests.test_vllm_compat import TOL, llm, model64, ref_logprobs  # noqa: F401 (llm, model64: fixtures)
 
 
 def test_generation_config_defaults(qwen2_dir, tmp_path):
