@@ -25,15 +25,19 @@ from prmkern.serve.metrics import ServerMetrics
 from prmkern.serve.openai_api import create_chat_completion, create_completion
 from prmkern.serve.pooling_api import PoolingRequest, create_pooling
 from prmkern.serve.responses_api import ResponsesRequest, create_response
+from prmkern.serve.sessions_api import (SessionOpenRequest, SessionStepRequest, SessionStore, add_step,
+                                        delete_session, fork_session, get_session, open_session)
 from prmkern.serve.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, VerifyRequest,
                                     accepted_fields)
 from prmkern.serve.tokenize_api import DetokenizeRequest, TokenizeRequest, detokenize, tokenize, version
 from prmkern.serve.verify_api import verify
 from prmkern.verify.protocols import VerifyConfig
+from prmkern.verify.sessions import SessionLimits
 
 BODY_MODELS = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
                "/v1/responses": ResponsesRequest, "/v1/verify": VerifyRequest, "/tokenize": TokenizeRequest,
-               "/detokenize": DetokenizeRequest, "/pooling": PoolingRequest}
+               "/detokenize": DetokenizeRequest, "/pooling": PoolingRequest, "/v1/sessions": SessionOpenRequest,
+               "/v1/sessions/{id}/steps": SessionStepRequest}
 
 
 @dataclass
@@ -60,10 +64,14 @@ class ServerConfig:
     # names another format gets that format's defaults with these on top, then its own fields.
     verify_options: dict[str, Any] = field(default_factory=dict)
     chat_template: str | None = None  # --chat-template: a Jinja template replacing the tokenizer's
+    max_sessions: int = 1024  # open /v1/sessions; past it the least recently used idle one is closed
+    # sessions holding pinned KV and the blocks they pin (None: SessionLimits' defaults, half the KV pool)
+    session_limits: SessionLimits | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_pending", "max_request_bytes", "max_n", "max_prompts", "max_messages", "max_steps",
-                     "max_verify", "max_logprobs", "max_token_ids", "max_pending_tokens", "max_solutions"):
+                     "max_verify", "max_logprobs", "max_token_ids", "max_pending_tokens", "max_solutions",
+                     "max_sessions"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ServerConfig.{name}={value!r} is invalid; accepted: an int >= 1")
@@ -95,6 +103,7 @@ class ServerState:
         self.loop = EngineLoop(engine, config.max_pending, config.max_pending_tokens)
         self.metrics = ServerMetrics()
         self.verify_executor = ThreadPoolExecutor(config.max_verify, thread_name_prefix="prmkern-verify")
+        self.sessions = SessionStore(self, config.max_sessions, config.session_limits)
         self.started = time.time()
         self._token_texts: dict[int, str] = {}
         self.max_token_chars = max_token_chars(self.tokenizer) if self.tokenizer is not None else 1
@@ -170,15 +179,24 @@ class Guard:
 
             await self.app(scope, replay, counting_send)
         finally:
-            self.state.metrics.count_http(path if path in KNOWN_PATHS else "other", status_seen[0])
+            self.state.metrics.count_http(path_label(path), status_seen[0])
 
 
 # With --api-key: /v1/*, /pooling (vLLM serves it at the root) and the OpenAPI schema need the key; /health (probes)
 # and /metrics (scrapers; counters only, no request content, as vLLM leaves it) stay open. docs/server.md says so.
 KEYED_PATHS = {"/openapi.json", "/pooling"}
 KNOWN_PATHS = {"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/verify", "/v1/models", "/health",
-               "/metrics", "/ping", "/version", "/tokenize", "/detokenize", "/pooling"}
+               "/metrics", "/ping", "/version", "/tokenize", "/detokenize", "/pooling", "/v1/sessions",
+               "/v1/sessions/{id}", "/v1/sessions/{id}/steps", "/v1/sessions/{id}/fork"}
 # /v1/models/{id} is counted under "other" in /metrics: one label value per path we serve, never client-chosen.
+
+
+def path_label(path: str) -> str:
+    """The path as /metrics counts it and BODY_MODELS names it: a session's id becomes "{id}"."""
+    if path.startswith("/v1/sessions/"):
+        rest = path[len("/v1/sessions/"):].split("/")
+        path = "/v1/sessions/{id}" + "".join("/" + p for p in rest[1:])
+    return path if path in KNOWN_PATHS else "other"
 
 
 def _check_model_name(state: ServerState, name: str | None) -> None:
@@ -216,7 +234,7 @@ def _validation_message(exc: RequestValidationError, path: str) -> tuple[str, st
             parts.append(f"the body is not a JSON object ({err.get('msg')})")
         else:
             parts.append(f"{where}: {err.get('msg')} (got {json.dumps(err.get('input'), default=str)[:80]})")
-    model = BODY_MODELS.get(path)
+    model = BODY_MODELS.get(path_label(path))
     accepted = f"; accepted fields: {accepted_fields(model)}" if model else ""
     return "; ".join(dict.fromkeys(parts)) + accepted, param
 
@@ -231,6 +249,7 @@ def build_app(llm: Any, config: ServerConfig) -> FastAPI:
         # uvicorn has drained in-flight requests (up to its graceful-shutdown timeout); answer what is left.
         state.loop.stop(timeout=10)
         state.verify_executor.shutdown(wait=False, cancel_futures=True)
+        state.sessions.close_all()  # their code sandboxes (GenPRM); pins go with the engine
 
     app = FastAPI(title="prmkern", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.prmkern = state
@@ -245,7 +264,7 @@ def build_app(llm: Any, config: ServerConfig) -> FastAPI:
         # FastAPI's own 400 for a body it cannot parse (bad UTF-8, nesting too deep), 404/405 for unknown routes.
         message = str(exc.detail)
         if exc.status_code == 400:
-            model = BODY_MODELS.get(request.url.path)
+            model = BODY_MODELS.get(path_label(request.url.path))
             message = (f"the body is not valid JSON ({exc.detail}); accepted: a JSON object"
                        + (f" with fields {accepted_fields(model)}" if model else ""))
         elif exc.status_code in (404, 405):
@@ -276,6 +295,26 @@ def build_app(llm: Any, config: ServerConfig) -> FastAPI:
     @app.post("/pooling")
     async def pooling_route(req: PoolingRequest, request: Request):
         return await create_pooling(state, req, request)
+
+    @app.post("/v1/sessions")
+    async def session_open_route(req: SessionOpenRequest):
+        return await open_session(state, req)
+
+    @app.post("/v1/sessions/{sid}/steps")
+    async def session_step_route(sid: str, req: SessionStepRequest):
+        return await add_step(state, sid, req)
+
+    @app.post("/v1/sessions/{sid}/fork")
+    async def session_fork_route(sid: str):
+        return await fork_session(state, sid)
+
+    @app.get("/v1/sessions/{sid}")
+    async def session_get_route(sid: str, include_chains: bool = True):
+        return await get_session(state, sid, include_chains)
+
+    @app.delete("/v1/sessions/{sid}")
+    async def session_delete_route(sid: str):
+        return await delete_session(state, sid)
 
     def model_card() -> dict[str, Any]:
         return {"id": state.model_name, "object": "model", "created": int(state.started), "owned_by": "prmkern",

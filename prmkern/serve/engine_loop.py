@@ -12,12 +12,15 @@ past `max_pending_tokens` (or `max_pending` requests) `submit` raises `Overloade
 without limit. Below the bound every submission queues in the engine's own scheduler (first come, first served,
 completions and verification chains alike) however many are waiting. A multi-round caller (a verify call)
 `reserve`s its whole estimated cost once and submits its rounds against the reservation, so that it is refused
-before its first round or not at all. Knows nothing of HTTP, JSON or tokenizers.
+before its first round or not at all. `call(fn)` runs fn on the loop thread between two steps: what else must touch
+the engine (verification sessions pin and unpin prefix-cache blocks: serve/sessions_api.py). Knows nothing of HTTP,
+JSON or tokenizers.
 """
 from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -93,6 +96,8 @@ class EngineLoop:
         self._aborts: list[Stream] = []
         self._pending = 0  # submitted and not yet closed (guarded by _cond)
         self._stopping = False
+        self._calls: list[tuple[Callable[[], Any], Future]] = []  # call(): run on the loop thread (guarded by _cond)
+        self._exited = False  # the loop thread returned: call() runs inline (guarded by _cond)
         self._active: dict[Any, Stream] = {}  # request_id -> stream (loop thread only)
         self.steps = 0
         self._thread = threading.Thread(target=self._run, name="prmkern-engine-loop", daemon=True)
@@ -167,6 +172,20 @@ class EngineLoop:
             self._aborts.append(stream)
             self._cond.notify()
 
+    def call(self, fn: Callable[[], Any], wait: bool = True) -> Any:
+        """Runs fn() on the loop thread between two engine steps (only that thread touches the engine) and returns
+        its result (its exception is raised here); wait=False returns the Future at once. Before the loop starts
+        or after it ended, fn runs here (no other thread steps the engine then)."""
+        future: Future = Future()
+        with self._cond:
+            queued = self._thread.is_alive() and not self._exited
+            if queued:
+                self._calls.append((fn, future))
+                self._cond.notify()
+        if not queued:
+            _run_call(fn, future)
+        return future.result() if wait else future
+
     def stop(self, timeout: float | None = None) -> None:
         """Answers every unfinished request with RequestFailed(503) and ends the thread. Callers that want in-flight
         requests to finish wait for them first (the HTTP server drains its connections before calling this)."""
@@ -181,11 +200,17 @@ class EngineLoop:
         engine = self.engine
         while True:
             with self._cond:
-                while not (self._inbox or self._aborts or self._stopping or engine.has_unfinished()):
+                while not (self._inbox or self._aborts or self._calls or self._stopping or engine.has_unfinished()):
                     self._cond.wait()
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
+                calls, self._calls = self._calls, []
                 stopping = self._stopping
+                if stopping:  # later call()s run inline
+                    self._exited = True
+                    calls, self._calls = calls + self._calls, []
+            for fn, future in calls:
+                _run_call(fn, future)
             for stream in inbox:
                 self._admit(stream)
             for stream in aborts:
@@ -290,3 +315,10 @@ class EngineLoop:
                 stream.released = True
                 self._pending -= 1
                 self._pending_tokens -= stream.cost
+
+
+def _run_call(fn: Callable[[], Any], future: Future) -> None:
+    try:
+        future.set_result(fn())
+    except BaseException as e:  # noqa: BLE001 - the caller gets it from the Future; the loop goes on
+        future.set_exception(e)

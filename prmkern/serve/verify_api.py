@@ -65,20 +65,29 @@ class LoopLLM:
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
         return self._run(prompts, params, None, watch)
 
-    def reward(self, prompts: Sequence[str | list[int]], pooling_params: PoolingParams | None = None,
+    def reward(self, prompts: Sequence[str | list[int]],
+               pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
                use_tqdm: bool = False) -> list[PoolingRequestOutput]:
-        """LLM.reward over the loop: the discriminative format's one pooled pass per solution."""
+        """LLM.reward over the loop: the discriminative format's one pooled pass per solution (a session step
+        gives one PoolingParams per prompt: where its pooling starts)."""
         prompts = list(prompts)
-        return self._run(prompts, [None] * len(prompts), pooling_params or PoolingParams(), None)
+        if pooling_params is None or isinstance(pooling_params, PoolingParams):
+            pooling = [pooling_params or PoolingParams()] * len(prompts)
+        else:
+            pooling = list(pooling_params)
+            if len(pooling) != len(prompts):
+                raise ValueError(f"got {len(pooling)} PoolingParams for {len(prompts)} prompts")
+        return self._run(prompts, [None] * len(prompts), pooling, None)
 
-    def _run(self, prompts: list, params: list, pooling: PoolingParams | None, watch: Any) -> list:
+    def _run(self, prompts: list, params: list, pooling: list | None, watch: Any) -> list:
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         streams = []
         views: list[dict[int, _ChainView]] = [{} for _ in prompts]
         try:
             for i, (prompt, sp) in enumerate(zip(prompts, params)):
                 streams.append(self.loop.submit(prompt, sp, lambda ev, i=i: inbox.put((i, ev)),
-                                                want_deltas=watch is not None, reserved=True, pooling=pooling))
+                                                want_deltas=watch is not None, reserved=True,
+                                                pooling=pooling[i] if pooling is not None else None))
             outs: list[Any] = [None] * len(prompts)
             left = len(prompts)
             while left:

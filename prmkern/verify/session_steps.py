@@ -27,14 +27,19 @@ class DiscriminativeState:
         self.last_sep = -1  # position of the last pooled separator in self.prompt
 
     @staticmethod
+    def check_step(v: Any, text: str) -> None:
+        """A step holding the separator would score as two: refused before the session changes."""
+        sep = v.fmt.step_template.replace("{text}", "")
+        if sep in text:
+            raise ValueError(f"a step contains the step separator {sep!r}; accepted: a step without it")
+
+    @staticmethod
     def run_batch(v: Any, items: list) -> list:
         """items: (state, problem, steps, key); one reward call for all: only each new separator is pooled."""
         from prmkern.verify.discriminative import step_chain
-        sep = v.fmt.step_template.replace("{text}", "")
         prompts, params = [], []
         for state, problem, steps, _ in items:
-            if sep in steps[-1]:
-                raise ValueError(f"a step contains the step separator {sep!r}")
+            DiscriminativeState.check_step(v, steps[-1])
             prompt = v.encode(v.fmt.render(problem, steps, v.tok))
             same = prompt[:state.last_sep + 1] == state.prompt[:state.last_sep + 1]
             prompts.append(prompt)

@@ -24,12 +24,17 @@ docs/verifiers.md#sessions states what differs from verify()):
   opening of its final verdict ("Is the solution correct?") or its format's stops. Nothing is generated twice; the
   carried text is prefilled again because the solution sits in the prompt before the chain. The first step equals
   verify() on the one-step solution exactly.
+Thread safety: the manager's pin bookkeeping is guarded by a lock, so sessions of one manager may add steps from
+several threads at once (the server's /v1/sessions, prmkern/serve/sessions_api.py); one session's own calls must not
+overlap. A session may carry its own Verifier (`open(..., verifier=)`: other format settings, one manager and one set
+of limits).
 This file holds the session objects, their pins and limits; it does not append steps (session_steps.py), search
-(prmkern/verify/search.py) or serve sessions over HTTP.
+(prmkern/verify/search.py) or serve sessions over HTTP (prmkern/serve/sessions_api.py).
 """
 from __future__ import annotations
 
 import copy
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -68,37 +73,49 @@ class SessionClosed(RuntimeError):
 class SessionManager:
     """The sessions of one Verifier: their pins on the engine's block manager and the limits over them."""
 
-    def __init__(self, verifier: Any, limits: SessionLimits | None = None):
+    def __init__(self, verifier: Any, limits: SessionLimits | None = None, block_manager: Any = None):
+        """block_manager: what pins blocks (pin, pin_blocks, unpin, num_blocks), default the verifier's engine's; the
+        server passes one that runs them on its engine loop's thread (pin_many: several lists in one call)."""
         self.verifier = verifier
         self.limits = limits or SessionLimits()
-        engine = getattr(verifier.llm, "engine", None)
-        self.bm = getattr(engine, "block_manager", None)  # None (e.g. tensor parallel): sessions run unpinned
+        engine = getattr(getattr(verifier, "llm", None), "engine", None)
+        # None (e.g. tensor parallel): sessions run unpinned
+        self.bm = block_manager if block_manager is not None else getattr(engine, "block_manager", None)
         if self.limits.max_pinned_blocks is None and self.bm is not None:
             self.limits.max_pinned_blocks = self.bm.num_blocks // 2
         self.pinned: OrderedDict[int, VerifySession] = OrderedDict()  # least recently used first
         self.evictions = 0
         self._next_id = 0
+        self._lock = threading.RLock()  # guards pinned, _next_id, evictions (steps of several sessions may overlap)
 
-    def open(self, problem: str, index: int = 0) -> "VerifySession":
+    def open(self, problem: str, index: int = 0, verifier: Any = None) -> "VerifySession":
+        """verifier: the session's own Verifier (default this manager's); it must run on the same engine."""
+        v = verifier if verifier is not None else self.verifier
         if not isinstance(problem, str) or not problem:
             raise ValueError(f"problem must be a non-empty str, got {type(problem).__name__}")
-        kind = self.verifier.fmt.kind
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ValueError(f"index={index!r} is invalid; accepted: an int >= 0 (the record index whose seeds the "
+                             f"session uses)")
+        kind = v.fmt.kind
         state = STATES.get(kind)
         if state is None:
-            raise ValueError(f"format {self.verifier.fmt.name!r} ({kind}) has no sessions: it names one earliest "
+            raise ValueError(f"format {v.fmt.name!r} ({kind}) has no sessions: it names one earliest "
                              f"error per whole solution; accepted kinds: per_step, per_paragraph, discriminative")
-        if kind == "per_step" and self.verifier.config.budget_tokens is not None:
+        if kind == "per_step" and v.config.budget_tokens is not None:
             raise ValueError("budget forcing (budget_tokens) is not applied in sessions; use budget_tokens=None")
-        if self.verifier.config.stop_at_first_error:
+        if v.config.stop_at_first_error:
             raise ValueError("stop_at_first_error does not apply to sessions: the caller adds (or stops adding) "
                              "steps; use stop_at_first_error=False (search prunes with best_of_n(prune=True))")
         # The same rule as verify(): a problem's or step's text cannot become chat control tokens.
-        problem = defuse_control_text(problem, self.verifier.control_words)
-        return VerifySession(self, problem, index, state(self.verifier, index))
+        problem = defuse_control_text(problem, v.control_words)
+        return VerifySession(self, problem, index, state(v, index), v)
 
     def add_steps(self, items: list[tuple["VerifySession", str]]) -> list[StepVerdicts]:
         """Adds one step to each of several sessions in shared engine batches (a search's siblings at one depth);
         the same results as calling add_step on each in turn. A failed batch closes its sessions."""
+        if not items:
+            return []
+        v = items[0][0].verifier
         for session, text in items:
             if session.closed:
                 raise SessionClosed("a session in this batch is closed")
@@ -106,15 +123,18 @@ class SessionManager:
                 raise ValueError(f"a step must be a non-empty str, got {text!r}")
             if session.manager is not self:
                 raise ValueError("every session of a batch must come from this verifier")
+            if session.verifier is not v:
+                raise ValueError("every session of a batch must share one Verifier (one format and its settings)")
+            check = getattr(type(session.state), "check_step", None)
+            if check is not None:  # refused before the session changes (a refused step leaves it open)
+                check(v, text)
         if len({id(s) for s, _ in items}) != len(items):
             raise ValueError("a session appears twice in one batch; add its steps one batch after the other")
-        if not items:
-            return []
         for session, text in items:
-            session.steps.append(defuse_control_text(text, self.verifier.control_words))
+            session.steps.append(defuse_control_text(text, v.control_words))
         try:
-            outcomes = type(items[0][0].state).run_batch(self.verifier, [(s.state, s.problem, s.steps, s.sid)
-                                                                         for s, _ in items])
+            outcomes = type(items[0][0].state).run_batch(v, [(s.state, s.problem, s.steps, s.sid)
+                                                             for s, _ in items])
         except BaseException:  # their chains may be half extended: these sessions end here
             for session, _ in items:
                 session.close()
@@ -131,33 +151,39 @@ class SessionManager:
 
     @property
     def pinned_blocks(self) -> int:
-        return len({b for s in self.pinned.values() for ids in s._pins for b in ids})
+        with self._lock:
+            return len({b for s in self.pinned.values() for ids in s._pins for b in ids})
 
     def _take_id(self) -> int:
-        self._next_id += 1
-        return self._next_id
+        with self._lock:
+            self._next_id += 1
+            return self._next_id
 
     def _repin(self, session: "VerifySession", token_lists: list[list[int]]) -> None:
-        self._unpin(session)
-        if self.bm is None:
-            return
-        session._pins = [self.bm.pin(ids) for ids in token_lists]
-        session.evicted = False
-        self.pinned[session.sid] = session
-        self._enforce(session)
+        with self._lock:
+            self._unpin(session)
+            if self.bm is None or session.closed:
+                return
+            pin_many = getattr(self.bm, "pin_many", None)
+            session._pins = pin_many(token_lists) if pin_many else [self.bm.pin(ids) for ids in token_lists]
+            session.evicted = False
+            self.pinned[session.sid] = session
+            self._enforce(session)
 
     def _share(self, parent: "VerifySession", child: "VerifySession") -> None:
         """The child of a fork takes its own references on its parent's pinned blocks."""
-        if self.bm is None or parent.sid not in self.pinned:
-            return
-        child._pins = [list(ids) for ids in parent._pins]
-        for ids in child._pins:
-            self.bm.pin_blocks(ids)
-        self.pinned[child.sid] = child
-        self._enforce(child)
+        with self._lock:
+            if self.bm is None or parent.sid not in self.pinned:
+                return
+            child._pins = [list(ids) for ids in parent._pins]
+            for ids in child._pins:
+                self.bm.pin_blocks(ids)
+            self.pinned[child.sid] = child
+            self._enforce(child)
 
     def _enforce(self, session: "VerifySession") -> None:
-        """Unpins the least recently used sessions (never `session`, unless it alone exceeds the block budget)."""
+        """Unpins the least recently used sessions (never `session`, unless it alone exceeds the block budget).
+        Caller holds _lock."""
         lim = self.limits
         while len(self.pinned) > 1 and (len(self.pinned) > lim.max_sessions
                                         or self.pinned_blocks > lim.max_pinned_blocks):
@@ -173,15 +199,17 @@ class SessionManager:
             self.evictions += 1
 
     def _unpin(self, session: "VerifySession") -> None:
-        if self.pinned.pop(session.sid, None) is not None and self.bm is not None:
-            for ids in session._pins:
-                self.bm.unpin(ids)
-        session._pins = []
+        with self._lock:
+            if self.pinned.pop(session.sid, None) is not None and self.bm is not None:
+                for ids in session._pins:
+                    self.bm.unpin(ids)
+            session._pins = []
 
 
 class VerifySession:
-    def __init__(self, manager: SessionManager, problem: str, index: int, state: Any):
+    def __init__(self, manager: SessionManager, problem: str, index: int, state: Any, verifier: Any = None):
         self.manager = manager
+        self.verifier = verifier if verifier is not None else manager.verifier  # its format and settings
         self.sid = manager._take_id()
         self.problem = problem
         self.index = index  # the record index whose seeds the session uses (as verify() would at that index)
@@ -201,7 +229,7 @@ class VerifySession:
         """A session that shares everything written so far (its own pins on the same blocks)."""
         if self.closed:
             raise SessionClosed("this session is closed")
-        child = VerifySession(self.manager, self.problem, self.index, self.state.fork())
+        child = VerifySession(self.manager, self.problem, self.index, self.state.fork(), self.verifier)
         child.steps = list(self.steps)
         child.scores = copy.deepcopy(self.scores)
         self.manager._share(self, child)
@@ -211,7 +239,7 @@ class VerifySession:
         """The steps so far as verify() reports a record (a VerificationResult)."""
         from prmkern.verify.protocols import VerificationResult
         return VerificationResult(self.index, len(self.steps), self.scores, self.state.chains(),
-                                  scoring=self.manager.verifier.config.scoring)
+                                  scoring=self.verifier.config.scoring)
 
     def close(self) -> None:
         if not self.closed:
