@@ -39,6 +39,11 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                    help="tokens admitted (prompts + n * max_tokens of unanswered calls) before new calls get 503 "
                         "with Retry-After; below it calls queue in the engine's scheduler")
     s.add_argument("--max-solutions", type=int, default=64, help="most solutions in one batch /v1/verify call")
+    s.add_argument("--max-sessions", type=int, default=1024,
+                   help="open /v1/sessions; past it the least recently used idle session is closed")
+    s.add_argument("--max-pinned-sessions", type=int, default=256,
+                   help="/v1/sessions holding pinned KV (SessionLimits.max_sessions); past it the least recently used "
+                        "is unpinned (it stays valid)")
     s.add_argument("--max-logprobs", type=int, default=20,
                    help="most logprobs / top_logprobs / prompt_logprobs per position (vLLM's max_logprobs)")
     s.add_argument("--max-token-ids", type=int, default=256,
@@ -65,6 +70,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
         from prmkern.serve.app import ServerConfig, build_app
         from prmkern.serve.connections import uvicorn_kwargs
+        from prmkern.verify.sessions import SessionLimits
     except ImportError as e:
         raise SystemExit(f"prmkern serve needs FastAPI and uvicorn ({e}); install them with "
                          f"`pip install 'prmkern[serve]'`")
@@ -89,10 +95,15 @@ def run_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"prmkern serve: --format {verify_config.format.name} runs the model's Python code for "
                          f"every /v1/verify call; add --allow-code-execution to allow it")
     name = args.served_model_name or os.path.basename(os.path.normpath(llm.config.model))
+    for flag, value in (("--max-sessions", args.max_sessions), ("--max-pinned-sessions", args.max_pinned_sessions)):
+        if value < 1:
+            raise SystemExit(f"prmkern serve: {flag} {value} is invalid; accepted: an int >= 1")
     config = ServerConfig(model_name=name, api_key=args.api_key, max_pending=args.max_pending,
                           max_request_bytes=args.max_request_bytes, max_n=args.max_n, max_prompts=args.max_prompts,
                           max_verify=args.max_verify, max_pending_tokens=args.max_pending_tokens,
-                          max_solutions=args.max_solutions, verify_options=given_options(args), chat_template=chat_template,
+                          max_solutions=args.max_solutions, max_sessions=args.max_sessions,
+                          session_limits=SessionLimits(max_sessions=args.max_pinned_sessions),
+                          verify_options=given_options(args), chat_template=chat_template,
                           max_logprobs=args.max_logprobs, max_token_ids=args.max_token_ids,
                           allow_code_execution=args.allow_code_execution, request_timeout_s=args.header_timeout,
                           **({"verify": verify_config} if verify_config else {}))
