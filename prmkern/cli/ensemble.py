@@ -1,7 +1,8 @@
 """`prmkern verify --ensemble FORMAT:MODEL,...`: every solution scored by each member, combined (verify/ensemble.py).
 
-Members on one checkpoint (the same directory) share one engine, so its prefix cache serves every member whose
-prompt starts with the same tokens: a member run after another finds their common leading blocks already computed.
+Members on one checkpoint (the same directory) share one engine and run together (verify/merged_rounds.py): each
+round of every member goes into one engine call, so their chains decode in the same engine steps and prompts that
+start with the same tokens share those blocks within the batch.
 Different checkpoints cannot share KV (the cache holds each model's own keys and values), even fine-tunes of one
 base. The verifier options given on the command line apply to every member whose format takes them (a
 discriminative member, qwen-prm, takes none of the sampling options); a member repeated on the same checkpoint and
@@ -27,6 +28,7 @@ from prmkern.cli.report import progress_bar, report_failures, resume_hint, summa
 from prmkern.sampling_params import derive_seed
 from prmkern.verify.ensemble import COMBINE, Member, MemberRow, agreement, combine, parse_ensemble
 from prmkern.verify.formats import get_format
+from prmkern.verify.merged_rounds import verify_together
 from prmkern.verify.processbench import evaluate_subsets
 from prmkern.verify.protocols import Verifier, VerifyConfig
 
@@ -93,11 +95,20 @@ def ensemble_rows(members: list[Member], configs: list[VerifyConfig], llms: dict
     records: list[Any] = [None] * (max(it.index for it in batch) - start + 1)
     for it in batch:
         records[it.index - start] = it.record
-    per_member, chains = [], 0
-    for m, config in zip(members, configs):
-        if config.seed is not None:
-            config = dataclasses.replace(config, seed=derive_seed(config.seed, group))
-        per_member.append(Verifier(llms[os.path.realpath(m.model)], config).verify(records))
+    per_member: list[Any] = [None] * len(members)
+    chains = 0
+    by_engine: dict[str, list[int]] = {}  # members on one checkpoint run together: one engine call per round
+    for j, m in enumerate(members):
+        by_engine.setdefault(os.path.realpath(m.model), []).append(j)
+    for key, group_members in by_engine.items():
+        verifiers = []
+        for j in group_members:
+            config = configs[j]
+            if config.seed is not None:
+                config = dataclasses.replace(config, seed=derive_seed(config.seed, group))
+            verifiers.append(Verifier(llms[key], config))
+        for j, results in zip(group_members, verify_together(verifiers, records)):
+            per_member[j] = results
     for it in batch:
         got = [res[it.index - start] for res in per_member]
         rows = [MemberRow([s.score for s in r.scores.steps] if r.scores is not None else None,
