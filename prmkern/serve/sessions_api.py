@@ -17,7 +17,7 @@ session, whose id then answers 404 saying so. One session runs one step at a tim
 or DELETE of a session waits for its running step. A step that fails (an engine error, a prompt past the context)
 closes its session alone (its chains may be half extended) and answers the error; the server goes on. A step keeps
 running when its client goes away (its result stays in the session). Sessions ignore the server's
---budget-tokens and --stop-at-first-error (they do not apply to sessions: docs/sessions.md).
+--budget-tokens, --stop-at-first-error and adaptive chain count (--chains-min: they do not apply to sessions).
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ from pydantic import Field, StrictInt, StrictStr
 from prmkern.serve.engine_loop import EngineLoop, Overloaded
 from prmkern.serve.protocol import ApiError, BadRequest, Number, _Request, _StrictBody, overloaded
 from prmkern.serve.responses import json_response
-from prmkern.serve.verify_api import TEMPLATE_TOKENS, LoopLLM, _check_code_execution, verify_config
+from prmkern.serve.verify_api import (TEMPLATE_TOKENS, VERIFY_OVERRIDES, LoopLLM, _check_code_execution,
+                                      verify_config)
 from prmkern.verify.protocols import Verifier
 from prmkern.verify.sessions import SessionClosed, SessionLimits, SessionManager, StepVerdicts, VerifySession
 
@@ -197,11 +198,14 @@ async def open_session(state: Any, req: SessionOpenRequest) -> Any:
     fields = {k: getattr(req, k) for k in ("format", "num_chains", "temperature", "top_p", "max_tokens", "method",
                                            "threshold", "seed", "scoring")}
     _check_code_execution(state, SimpleNamespace(**fields))
-    overrides = SimpleNamespace(**fields, budget_tokens=None, stop_at_first_error=None)
+    # every other field verify_config reads (VERIFY_OVERRIDES) is the server's
+    overrides = SimpleNamespace(**{**{k: None for k in VERIFY_OVERRIDES}, **fields})
     config = verify_config(state.verify_defaults, overrides, state.max_n, state.max_model_len - 1,
                            state.verify_options)
-    # Budget forcing and stopping at the first error are whole-solution settings: sessions run without them.
-    config = dataclasses.replace(config, budget_tokens=None, stop_at_first_error=False)
+    # Budget forcing, stopping at the first error and the adaptive chain count are whole-solution settings: sessions
+    # run without them (a session's K is num_chains).
+    config = dataclasses.replace(config, budget_tokens=None, stop_at_first_error=False, chains_min=None,
+                                 chains_max=None)
     try:
         verifier = Verifier(LoopLLM(state.loop, state.tokenizer, threading.Event()), config)
         session = state.sessions.manager.open(req.problem, req.index, verifier=verifier)
