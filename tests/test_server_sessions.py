@@ -236,3 +236,17 @@ def test_qwen_prm_sessions_over_http_equal_the_python_api(tmp_path):
     assert [g["p_correct"] for g in got] == [w.p_correct for w in want]
     assert sep.status_code == 400 and "separator" in sep.json()["error"]["message"]
     assert final["steps"] == steps and final["prediction"] == ref.result().prediction  # the refused step left it open
+
+
+def test_a_server_with_adaptive_chains_opens_fixed_k_sessions(records):
+    """The server's --chains-min (adaptive chain count) is a whole-solution setting: sessions run num_chains."""
+    config = VerifyConfig(format="prmkern", num_chains=4, chains_min=2, temperature=0.6, max_tokens=64, seed=3)
+    app = build_app(fresh(), ServerConfig(model_name="verifier", verify=config))
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=300) as c:
+        opened = c.post("/v1/sessions", json={"problem": records[0]["problem"], "num_chains": 3})
+        step = c.post(f"/v1/sessions/{opened.json()['id']}/steps", json={"text": records[0]["steps"][0]})
+    assert opened.status_code == 200 and opened.json()["num_chains"] == 3, opened.text
+    assert step.status_code == 200 and len(step.json()["p_correct"]) == 3
+    session = app.state.prmkern.sessions.manager
+    with pytest.raises(ValueError, match="chains_min"):
+        session.open("x", verifier=Verifier(fresh(), config))

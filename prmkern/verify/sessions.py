@@ -103,6 +103,10 @@ class SessionManager:
                              f"error per whole solution; accepted kinds: per_step, per_paragraph, discriminative")
         if kind == "per_step" and v.config.budget_tokens is not None:
             raise ValueError("budget forcing (budget_tokens) is not applied in sessions; use budget_tokens=None")
+        if getattr(v.config, "chains_min", None) is not None:  # a session's own verifier (the server's) included
+            raise ValueError(f"verification sessions run a fixed num_chains; chains_min={v.config.chains_min} (the "
+                             f"adaptive chain count) does not apply to them; accepted: a VerifyConfig without "
+                             f"chains_min")
         if v.config.stop_at_first_error:
             raise ValueError("stop_at_first_error does not apply to sessions: the caller adds (or stops adding) "
                              "steps; use stop_at_first_error=False (search prunes with best_of_n(prune=True))")
