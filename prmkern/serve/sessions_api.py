@@ -272,7 +272,7 @@ async def add_step(state: Any, sid: str, req: SessionStepRequest) -> Any:
         state.sessions.remove(sid, f"its step {len(session.steps) - 1} failed ({e})")
         raise ApiError(status, f"step {len(session.steps) - 1} failed: {type(e).__name__}: {e}; session "
                                f"{sid!r} is closed (its chains may be half extended)", None, "server_error") from e
-    state.metrics.observe_latency("verify", time.perf_counter() - start)
+    state.metrics.observe_latency("session_step", time.perf_counter() - start)
     return await json_response(step_body, state, sid, entry, verdicts)
 
 
