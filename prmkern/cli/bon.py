@@ -35,6 +35,7 @@ def cmd_bon(args: argparse.Namespace) -> int:
         if it.error is None and not isinstance(it.record.get("problem"), str):
             it.error = f"a record needs 'problem' (str); got keys {sorted(it.record)}"
     config = build_config(args)
+    options.check_search_args(args, config)
     llm = options.make_llm(args, default="verifier")
     generator = llm if args.generator is None else options.make_llm(argparse.Namespace(**{**vars(args),
                                                                                           "model": args.generator}))
@@ -46,7 +47,7 @@ def cmd_bon(args: argparse.Namespace) -> int:
 
     def process(batch: list[Item], emit) -> None:
         results = best_of_n(generator, verifier, [it.record for it in batch], n=args.n, select=args.select,
-                            params=params)
+                            params=params, prune=args.prune or False)
         for it, r in zip(batch, results):
             c = r.chosen
             emit(it.index, {**it.row(error=None), "id": _problem_id(it), "scoring": config.scoring,
@@ -54,7 +55,9 @@ def cmd_bon(args: argparse.Namespace) -> int:
                             "reference": it.record.get("answer"), "correct": r.correct,
                             "chosen": r.candidates.index(c) if c in r.candidates else None,
                             "candidates": [{"answer": x.answer, "score": x.score, "step_scores": x.step_scores,
-                                            "text": x.text} for x in r.candidates]})
+                                            "text": x.text, **({"pruned": x.pruned} if args.prune else {})}
+                                           for x in r.candidates],
+                            **({"pruned": r.pruned} if args.prune else {})})
 
     runner = JobRunner(args.output, args.resume, resume_hint(args.argv), inputs=[args.input])
     chains0 = llm.engine.metrics.verification_chains  # the Verifier counts its chains there (prmkern/metrics.py)
@@ -72,9 +75,10 @@ def cmd_bon(args: argparse.Namespace) -> int:
           + (f", accuracy {acc:.3f} over {len(graded)} with a reference answer" if graded else ""), file=sys.stderr)
     stats = llm.stats.as_dict()
     print(summary_line(stats, runner.seconds, chains), file=sys.stderr)
+    pruned = {"rule": args.prune, "candidates_pruned": sum(r.get("pruned", 0) for r in rows)} if args.prune else None
     write_summary(args.summary, runner.summary(len(items), stats, chains, command="bon", input=args.input,
                                                output=args.output, accuracy=acc, graded=len(graded),
-                                               scoring=config.scoring))
+                                               scoring=config.scoring, **({"prune": pruned} if pruned else {})))
     return 130 if runner.interrupted else 0
 
 
@@ -89,6 +93,7 @@ def add_parser(sub: Any, fmt: Any) -> None:
     b.add_argument("--generator", default=None, help="generator checkpoint (default: the verifier's)")
     b.add_argument("--gen-temperature", type=float, default=0.8, help="generator sampling temperature")
     b.add_argument("--gen-max-tokens", type=int, default=512, help="tokens per sampled solution")
+    options.add_search_args(b)
     add_verify_args(b)
     options.add_engine_args(b)
     b.set_defaults(func=cmd_bon)

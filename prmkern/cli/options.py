@@ -120,6 +120,38 @@ def add_job_args(ap: argparse.ArgumentParser, unit: str, limit_help: str | None 
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
+def add_search_args(ap: argparse.ArgumentParser) -> None:
+    """The options of a search that verifies candidates (bon): pruning on streamed verdicts."""
+    from prmkern.verify.pruning import PRUNE_RULES
+    ap.add_argument("--prune", nargs="?", const="exact", default=None, choices=PRUNE_RULES,
+                    help="drop a candidate whose earliest error is decided (its chains aborted, its blocks freed) "
+                         "while the others go on in the same batch; exact (the default when given bare): once a "
+                         "sibling is known to score above it, so the choice is the unpruned one; error: at once "
+                         "(the same choice whenever the chosen candidate scores at or above the threshold). Needs "
+                         "--select score, --method min, a step-verdict format (thinkprm, prmkern), no "
+                         "--budget-tokens and no --stop-at-first-error (docs/early_exit.md)")
+
+
+def check_search_args(args: argparse.Namespace, config: Any) -> None:
+    """UsageError, before a model loads, when --prune cannot apply to the other options."""
+    if getattr(args, "prune", None) is None:
+        return
+    from prmkern.verify.pruning import check_prune
+    if getattr(args, "select", "score") != "score":
+        raise UsageError(f"--prune applies to --select score only: a weighted vote sums every candidate's score, so "
+                         f"dropping one can change the vote; got --select {args.select}")
+    try:
+        check_prune(args.prune, config)
+    except ValueError as e:
+        message = str(e)
+        message = "--" + message if message.startswith("prune ") else message
+        for word, name in (("--prune=", "--prune "), ("budget_tokens=None", "no --budget-tokens"),
+                           ("(budget_tokens)", "(--budget-tokens)"), ("method ", "--method "),
+                           ("format ", "--format "), ("stop_at_first_error", "--stop-at-first-error")):
+            message = message.replace(word, name)
+        raise UsageError(message) from e
+
+
 def shipped_verifier_dir() -> str | None:
     """The small generative verifier trained on the synthetic task (train/make_default_verifier.sh), if shipped."""
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "verifier")

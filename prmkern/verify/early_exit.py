@@ -66,11 +66,14 @@ class RecordWatch:
     """One solution's chains while they generate: decides when its earliest error is settled."""
 
     def __init__(self, verifier: Any, num_steps: int, chains: Sequence[Any] | int,
-                 on_event: Callable[[dict[str, Any]], None] | None = None, stop: bool = True):
+                 on_event: Callable[[dict[str, Any]], None] | None = None, stop: bool = True, key: Any = None):
         """chains: the record's Chain objects (their turns hold the earlier rounds), or K for a first round.
         on_event: streamed verdicts (`step_event`, `decided_event`); stop: abort the chains once decided (False:
-        watch only, for the events)."""
+        watch only, for the events). key: the record's key; once it is in the verifier's `drop_keys` (a search
+        pruning it, streaming.py) and the record is decided, its chains are aborted as `stop` would (`dropped`)."""
         self.v = verifier
+        self.key = key
+        self.dropped = False
         self.on_event, self.stop = on_event, stop
         self.n = num_steps
         if isinstance(chains, int):
@@ -124,6 +127,9 @@ class RecordWatch:
     def check(self) -> bool:
         """True when the earliest error is settled (sets `decided`). Re-reads only the chains that wrote a token that
         may settle a verdict; scores a chain (the costly part) only when it has given a verdict on a new step."""
+        if self.decided is not None and self._drop_asked():
+            self.dropped = True
+            return True
         if self.decided is not None and (self.stop or self.on_event is None):
             return self.stop
         if not self.dirty:
@@ -158,7 +164,19 @@ class RecordWatch:
         if decided and self.on_event is not None:
             self.on_event({"type": "decided", "earliest_error": None if self.undecidable else
                            -1 if self.no_error else self.decided, "chains_given": self._given_counts()})
+        if decided and self._drop_asked():
+            self.dropped = True
+            return True
         return decided and self.stop
+
+    def _drop_asked(self) -> bool:
+        keys = getattr(self.v, "drop_keys", None)
+        return bool(keys) and self.key is not None and self.key in keys
+
+    @property
+    def halted(self) -> bool:
+        """Its chains were aborted once decided: stop_at_first_error, or a search dropped it."""
+        return self.decided is not None and (self.stop or self.dropped)
 
     def _given_counts(self) -> list[int]:
         return [st.given for st in self.chains]
@@ -243,7 +261,7 @@ class ChainWatch:
 
     def __call__(self, i: int, views: Sequence[Any]) -> bool:
         record, chain, first = self.targets[i]
-        if record.decided is None or not record.stop:  # watched only (streamed verdicts): read on after deciding
+        if record.decided is None or not (record.stop or record.dropped):  # watched only (streamed verdicts): read on after deciding
             for view in views:
                 k = first + view.chain_index if chain is None else chain
                 record.update(k, view)

@@ -252,6 +252,8 @@ class Verifier:
         self.final_ids: tuple[int, int] | None = None
         # streamed verdicts (streaming.py): called with each event, {"solution": record key, "type": ...}
         self.on_event: Callable[[dict[str, Any]], None] | None = None
+        # record keys a search dropped while streaming: their chains are aborted once decided (early_exit.py)
+        self.drop_keys: set | None = None
         if self.fmt.kind == "per_step":
             self.verdict_ids = self.fmt.verdict_token_ids(self.tok)
             if self.fmt.final_prefix:
@@ -446,7 +448,7 @@ class Verifier:
                                       logprob_ids=self.verdict_ids))
             if watch is not None:
                 records[i] = RecordWatch(self, len(steps), c.num_chains, self._events_of(i),
-                                         stop=c.stop_at_first_error)
+                                         stop=c.stop_at_first_error, key=i)
                 watch.add(records[i])
         if c.chains_min is not None:  # adaptive chain count: waves until the stopping rule holds (adaptive.py)
             from prmkern.verify.adaptive import run_waves
@@ -465,7 +467,7 @@ class Verifier:
                                  for n, _ in later], watch)) if later else []
             self._take_chains([job for _, job in later], [prompts[n] for n, _ in later], outs, results)
         for i, _, _ in jobs:
-            if c.stop_at_first_error and records[i].decided is not None:
+            if records is not None and records[i].halted:  # stopped, or dropped by a search (streaming.py)
                 results[i].stopped_at = records[i].decided
         steps_of = {i: steps for i, _, steps in jobs}
         if c.budget_tokens is not None:
@@ -479,11 +481,12 @@ class Verifier:
         on_event = self.on_event
         return lambda ev: on_event({"solution": key, **ev})
 
-    def stream(self, records: Sequence[dict[str, Any]]) -> Any:
+    def stream(self, records: Sequence[dict[str, Any]], max_chains: int = 64, drops: set | None = None) -> Any:
         """Verifies `records` like verify(), yielding events as verdicts are parsed (streaming.py): per step of a
-        solution its chains' P(correct) and running mean, when its earliest error is decided, and its result."""
+        solution its chains' P(correct) and running mean, when its earliest error is decided, and its result.
+        drops: solution indices the caller adds while iterating, to abort them once decided (a search's pruning)."""
         from prmkern.verify.streaming import stream_verify
-        return stream_verify(self, records)
+        return stream_verify(self, records, max_chains=max_chains, drops=drops)
 
     def _take_chains(self, jobs, prompts, outs, results) -> None:
         for (i, _, _), prompt, out in zip(jobs, prompts, outs):
@@ -517,7 +520,7 @@ class Verifier:
                 for i, k, ch in pending:
                     if i not in records:
                         records[i] = RecordWatch(self, len(steps_of[i]), results[i].chains, self._events_of(i),
-                                                 stop=c.stop_at_first_error)
+                                                 stop=c.stop_at_first_error, key=i)
                     records[i].reopen(k)
                     watch.add(records[i], k)
             outs = yield Round(prompts, params, watch)
@@ -527,7 +530,7 @@ class Verifier:
                     continue
                 self._absorb(ch.turns[0], out.outputs[0])
             for i, rec in (records or {}).items():
-                if c.stop_at_first_error and rec.decided is not None:
+                if rec.halted:
                     results[i].stopped_at = rec.decided
 
     def _wants_forcing(self, ch: Chain) -> bool:

@@ -40,6 +40,9 @@ class Candidate:
     answer: str | None
     score: float | None  # verifier solution score
     step_scores: list[float | None] = field(default_factory=list)
+    # prune: verification stopped at its decided error (score and step_scores cover the steps judged until then)
+    pruned: bool = False
+    earliest_error: int | None = None
 
 
 @dataclass
@@ -49,6 +52,7 @@ class SearchResult:
     candidates: list[Candidate]
     correct: bool | None = None  # against the reference answer, when one was given
     seconds: float = 0.0
+    pruned: int = 0  # candidates (beam search: proposals) whose verification was dropped (prune)
 
 
 def weighted_vote(candidates: Sequence[Candidate]) -> Candidate | None:
@@ -71,20 +75,34 @@ def weighted_vote(candidates: Sequence[Candidate]) -> Candidate | None:
 
 def best_of_n(generator: Any, verifier: Verifier, problems: Sequence[dict[str, Any]], n: int = 8,
               params: SamplingParams | None = None, select: str = "score", sessions: bool = False,
-              prune: bool = False) -> list[SearchResult]:
+              prune: bool | str = False) -> list[SearchResult]:
     """problems: dicts with 'problem' and optionally 'answer' (the reference). select: 'score' | 'vote'.
 
-    sessions: the candidates are verified step by step in verification sessions (all candidates' step d in one
-    engine batch); prune (with sessions, select 'score' and method 'min'): a candidate stops being verified once its
-    running minimum is below the best finished candidate's score (a minimum only falls, so it cannot win; its
-    reported score is then that running minimum, an upper bound)."""
+    prune (select 'score', method 'min'; docs/early_exit.md#pruning-the-search):
+    * without sessions, on streamed verdicts (pruning.py): all candidates are verified in one continuous batch and a
+      candidate whose earliest error is decided is dropped (chains aborted, blocks freed) by the rule: True or
+      'exact' once a sibling is known to score strictly above it (the choice is provably the unpruned one);
+      'error' at once. Selection is the highest score among the candidates not dropped; when every scored
+      candidate was dropped ('error' only), the one whose decided error comes latest, ties by the higher score
+      over its judged steps, then the first. With 'error' the choice equals the unpruned one whenever the
+      unpruned choice scores at or above the threshold (every dropped candidate scores below it).
+    * sessions: the candidates are verified step by step in verification sessions (all candidates' step d in one
+      engine batch); prune (True) stops a candidate once its running minimum is below the best finished
+      candidate's score (a minimum only falls, so it cannot win; its reported score is then that running minimum,
+      an upper bound)."""
     if select not in ("score", "vote"):
         raise ValueError(f"select={select!r} is invalid; accepted: 'score' (highest verifier score) or 'vote' "
                          f"(verifier-weighted majority over equivalent answers)")
-    if prune and not (sessions and select == "score" and verifier.config.method == "min"):
-        raise ValueError("prune needs sessions=True, select='score' and the verifier's method 'min' (a running "
-                         f"minimum only falls); got sessions={sessions}, select={select!r}, "
-                         f"method={verifier.config.method!r}")
+    if prune and select != "score":
+        raise ValueError(f"prune applies to select='score' only: a weighted vote sums the scores of every "
+                         f"candidate, so dropping one can change the vote; got select={select!r}")
+    if prune and sessions and not (prune is True and verifier.config.method == "min"):
+        raise ValueError("prune with sessions=True needs prune=True and the verifier's method 'min' (a running "
+                         f"minimum only falls); got prune={prune!r}, method={verifier.config.method!r}")
+    rule = None
+    if prune and not sessions:
+        from prmkern.verify.pruning import check_prune
+        rule = check_prune(prune, verifier.for_best_of_n().config)
     start = time.perf_counter()
     tok = generator.tokenizer
     base = params or SamplingParams(temperature=0.8, top_p=0.95, max_tokens=1024)
@@ -98,24 +116,46 @@ def best_of_n(generator: Any, verifier: Verifier, problems: Sequence[dict[str, A
             steps = verifier.best_of_n_steps(c.text) or split_steps(c.text) or [c.text.strip() or "(empty)"]
             records.append({"id": f"{i}:{c.index}", "problem": prob["problem"], "steps": steps})
             owners.append((i, c.text))
-    verdicts = _verify_in_sessions(verifier, records, prune) if sessions else verifier.verify(records)
+    dropped = [False] * len(records)
+    if sessions:
+        verdicts = _verify_in_sessions(verifier, records, bool(prune))
+    elif rule is not None:
+        from prmkern.verify.pruning import verify_pruned
+        run = verify_pruned(verifier, records, [i for i, _ in owners], rule, keep=1)
+        verdicts, dropped = run.results, run.dropped
+    else:
+        verdicts = verifier.verify(records)
     results = [SearchResult(p["problem"], None, []) for p in problems]
-    for (i, text), rec, v in zip(owners, records, verdicts):
-        scores = v.scores
+    for (i, text), rec, v, cut in zip(owners, records, verdicts, dropped):
+        scores = v.scores if v is not None else None
         results[i].candidates.append(Candidate(
             text, rec["steps"], extract_answer(text), scores.score if scores else None,
-            [s.score for s in scores.steps] if scores else []))
+            [s.score for s in scores.steps] if scores else [], pruned=cut,
+            earliest_error=scores.earliest_error if scores else None))
+        results[i].pruned += cut
     for prob, res in zip(problems, results):
         if select == "vote":
             res.chosen = weighted_vote(res.candidates)
         else:
-            scored = [c for c in res.candidates if c.score is not None]
-            res.chosen = max(scored, key=lambda c: c.score) if scored else (res.candidates or [None])[0]
+            res.chosen = select_by_score(res.candidates)
         if prob.get("answer") is not None:
             res.correct = bool(res.chosen and res.chosen.answer is not None and
                                is_equivalent(res.chosen.answer, str(prob["answer"])))
         res.seconds = time.perf_counter() - start
     return results
+
+
+def select_by_score(candidates: Sequence[Candidate]) -> Candidate | None:
+    """The highest score among the candidates not pruned (the first of equals); when every scored candidate was
+    pruned, the one whose decided error comes latest, then the higher score over its judged steps; when none is
+    scored, the first."""
+    scored = [c for c in candidates if c.score is not None and not c.pruned]
+    if scored:
+        return max(scored, key=lambda c: c.score)
+    cut = [c for c in candidates if c.pruned]
+    if cut:
+        return max(cut, key=lambda c: (c.earliest_error if c.earliest_error is not None else -1, c.score or 0.0))
+    return (list(candidates) or [None])[0]
 
 
 def _verify_in_sessions(verifier: Verifier, records: list[dict[str, Any]], prune: bool) -> list[Any]:
@@ -145,16 +185,32 @@ def _verify_in_sessions(verifier: Verifier, records: list[dict[str, Any]], prune
 
 def beam_search(generator: Any, verifier: Verifier, problem: str, beam_width: int = 4, expand: int = 4,
                 max_steps: int = 8, step_tokens: int = 256, temperature: float = 0.8,
-                seed: int | None = 0, sessions: bool = False) -> SearchResult:
+                seed: int | None = 0, sessions: bool = False, prune: bool = False) -> SearchResult:
     """Step-level beam search: each beam proposes `expand` next steps (generation stops at a blank line), the
     verifier scores every partial solution, and the best `beam_width` survive. A beam is complete once its text
     holds a boxed answer or the generator ends it.
 
     sessions: each beam holds a verification session; a proposal forks its beam's session and adds only its own
     step (all proposals of a depth in one engine batch), instead of verifying the partial solution from its first
-    step again."""
+    step again.
+
+    prune (method 'min', sessions=False; pruning.py's 'exact' rule): a depth's proposals are verified in one
+    continuous batch on streamed verdicts, and an unfinished proposal whose earliest error is decided is dropped
+    (chains aborted, blocks freed) once beam_width other unfinished proposals are known to score strictly above it,
+    so it could not have entered the beam: the beams, candidates and choice are those of the unpruned search.
+    Finished proposals (candidates) are never dropped."""
     if beam_width < 1 or expand < 1 or max_steps < 1:
         raise ValueError(f"beam_width, expand and max_steps must be >= 1, got {beam_width}, {expand}, {max_steps}")
+    if prune is not False and prune is not True:
+        raise ValueError(f"beam search prune={prune!r} is invalid; accepted: True (drop a proposal that cannot enter "
+                         f"the beam) or False")
+    if prune:
+        if sessions:
+            raise ValueError("beam search prune=True runs on streamed whole-solution verdicts (sessions=False): a "
+                             "session's step round already ends at that step's verdict, so there is nothing left "
+                             "to abort; use sessions=False or prune=False")
+        from prmkern.verify.pruning import check_prune
+        check_prune(True, verifier.config)
     start = time.perf_counter()
     tok = generator.tokenizer
     prompt = solver_prompt(tok, problem)
@@ -162,9 +218,10 @@ def beam_search(generator: Any, verifier: Verifier, problem: str, beam_width: in
     beams: list[tuple[list[int], list[str], float, Any]] = [([], [], 1.0, verifier.open(problem) if sessions
                                                               else None)]
     done: list[Candidate] = []
+    dropped = [0]
     try:
         _beam_loop(generator, verifier, problem, prompt, beams, done, beam_width, expand, max_steps, step_tokens,
-                   temperature, seed)
+                   temperature, seed, dropped if prune else None)
     finally:
         for *_, session in beams:
             if session is not None:
@@ -173,13 +230,14 @@ def beam_search(generator: Any, verifier: Verifier, problem: str, beam_width: in
         text = tok.decode(ids, skip_special_tokens=True)
         done.append(Candidate(text, steps, extract_answer(text), score))
     chosen = max(done, key=lambda c: c.score or 0.0) if done else None
-    return SearchResult(problem, chosen, done, seconds=time.perf_counter() - start)
+    return SearchResult(problem, chosen, done, seconds=time.perf_counter() - start, pruned=dropped[0])
 
 
 def _beam_loop(generator: Any, verifier: Verifier, problem: str, prompt: list[int], beams: list, done: list,
                beam_width: int, expand: int, max_steps: int, step_tokens: int, temperature: float,
-               seed: int | None) -> None:
-    """Grows `beams` in place (closing the sessions of the partial solutions that drop out)."""
+               seed: int | None, dropped: list[int] | None = None) -> None:
+    """Grows `beams` in place (closing the sessions of the partial solutions that drop out). dropped: [count] to
+    prune (beam_search's prune), counting the proposals dropped."""
     tok = generator.tokenizer
     for depth in range(max_steps):
         params = [SamplingParams(n=expand, temperature=temperature, max_tokens=step_tokens, stop=[STEP_DELIMITER],
@@ -206,6 +264,15 @@ def _beam_loop(generator: Any, verifier: Verifier, problem: str, prompt: list[in
             added = verifier.sessions.add_steps([(p[3], p[1][-1]) for p in proposals])
             verdicts = [p[3].result() for p in proposals]
             assert len(added) == len(verdicts)
+        elif dropped is not None:
+            from prmkern.verify.pruning import verify_pruned
+            run = verify_pruned(verifier, [{"problem": problem, "steps": s} for _, s, _, _ in proposals],
+                                [0] * len(proposals), "exact", keep=beam_width,
+                                competes=[not final for _, _, final, _ in proposals])
+            keep = [not cut for cut in run.dropped]
+            dropped[0] += len(proposals) - sum(keep)
+            proposals = [p for p, k in zip(proposals, keep) if k]
+            verdicts = [v for v, k in zip(run.results, keep) if k]
         else:
             verdicts = verifier.verify([{"problem": problem, "steps": s} for _, s, _, _ in proposals])
         scored = []

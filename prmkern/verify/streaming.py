@@ -13,6 +13,12 @@ and yields, after every engine step, the events of that step, each a dict with t
   is settled (with stop_at_first_error its remaining chains are aborted at this point; a search can drop it);
 * {"type": "result", "result": VerificationResult}: the solution's final result, as Verifier.verify computes it.
 
+A search prunes through `drops`: a set the caller adds solution indices to while it iterates. At the next engine step
+a listed solution whose earliest error is decided has its chains aborted (their blocks freed; a listed solution
+not yet decided is aborted when it is), its later rounds (budget forcing, the forced final verdict) are skipped,
+and its result is the one stop_at_first_error gives (the steps up to the decided one judged, `stopped_at` set);
+the other solutions go on in the same batch, unaffected (each chain has its own seeded RNG).
+
 GenPRM (per_paragraph) yields only "result" events. Closing the generator early aborts the requests in flight.
 It does not serialise events (the server's SSE does: serve/verify_api.py) or write files.
 """
@@ -26,7 +32,8 @@ from prmkern.verify.continuous import ContinuousRunner
 __all__ = ["stream_verify"]
 
 
-def stream_verify(verifier: Any, records: Sequence[dict[str, Any]], max_chains: int = 64) -> Iterator[dict]:
+def stream_verify(verifier: Any, records: Sequence[dict[str, Any]], max_chains: int = 64,
+                  drops: set | None = None) -> Iterator[dict]:
     from prmkern.verify.protocols import VerificationResult
     engine = getattr(getattr(verifier.llm, "_llm", verifier.llm), "engine", None)
     if engine is None or not hasattr(engine, "add_request"):
@@ -54,6 +61,7 @@ def stream_verify(verifier: Any, records: Sequence[dict[str, Any]], max_chains: 
     runner = ContinuousRunner(engine, max_chains=max(max_chains, config.num_chains),
                               chains_per_record=config.num_chains)
     previous, verifier.on_event = verifier.on_event, events.append
+    previous_drops, verifier.drop_keys = verifier.drop_keys, drops
     try:
         for _ in runner.iterate(start_of(i, rec) for i, rec in enumerate(records)):
             while events:
@@ -61,4 +69,4 @@ def stream_verify(verifier: Any, records: Sequence[dict[str, Any]], max_chains: 
         while events:
             yield events.popleft()
     finally:
-        verifier.on_event = previous
+        verifier.on_event, verifier.drop_keys = previous, previous_drops
