@@ -17,7 +17,8 @@ the JSON has the wall seconds, the verifier's generated, prompt and prefilled to
 requests, candidates pruned, accuracy against the reference answer, and how many problems chose the same candidate
 as the unpruned run (beam: the same candidates, texts and scores to 1e-4).
 
-    python benchmarks/bench_search_pruning.py --threads 2 --out benchmarks/results/search_pruning_cpu.json
+    python benchmarks/bench_search_pruning.py --problems 3 --beam-problems 2 --max-steps 3 --threads 2 \
+        --out benchmarks/results/search_pruning_cpu.json
 
 The last stdout line is one JSON document.
 """
@@ -102,6 +103,13 @@ def run_set(name, problems, args) -> dict:
         return Verifier(llm, VerifyConfig(format="prmkern", num_chains=args.chains, seed=args.verify_seed,
                                           max_tokens=args.verify_max_tokens, method="min"))
     best_of_n(gen, verifier(), problems[:1], n=2)  # warm-up: first-call costs outside the timings
+    reps = [one_rep(llm, gen, verifier, problems, args) for _ in range(args.reps)]
+    return {"problems": len(problems), "beam_problems": min(args.beam_problems, len(problems)),
+            "runs": {mode: [r[mode] for r in reps] for mode in reps[0]}}
+
+
+def one_rep(llm, gen, verifier, problems, args) -> dict:
+    """Every mode once, in a fixed order (the machine's load moves between them: compare within a rep)."""
     runs: dict[str, dict] = {}
     res, st = measure(llm, gen, lambda: best_of_n(gen, verifier(), problems, n=args.n))
     runs["bon/full"] = bon_row(res, st)
@@ -124,14 +132,14 @@ def run_set(name, problems, args) -> dict:
             and all(abs((x.score or 0) - (y.score or 0)) <= 1e-4 * max(abs(x.score or 0), 1e-3)
                     for x, y in zip(a.candidates, b.candidates))
     runs["beam/exact"]["same_search"] = sum(same(a, b) for a, b in zip(beams[False], beams[True]))
-    return {"problems": len(problems), "beam_problems": min(args.beam_problems, len(problems)), "runs": runs}
+    return runs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=MATH500)
     ap.add_argument("--sets", default="math500,heldout")
-    ap.add_argument("--problems", type=int, default=4)
+    ap.add_argument("--problems", type=int, default=3)
     ap.add_argument("--max-chars", type=int, default=400, help="MATH-500: problem + reference solution, at most")
     ap.add_argument("--n", type=int, default=4, help="best-of-N candidates per problem")
     ap.add_argument("--chains", type=int, default=4, help="K: verifier chains per candidate")
@@ -140,8 +148,9 @@ def main() -> None:
     ap.add_argument("--beam-problems", type=int, default=2)
     ap.add_argument("--beam-width", type=int, default=1)
     ap.add_argument("--expand", type=int, default=3)
-    ap.add_argument("--max-steps", type=int, default=4, help="reference paragraphs used per problem")
+    ap.add_argument("--max-steps", type=int, default=3, help="reference paragraphs used per problem")
     ap.add_argument("--kv-blocks", type=int, default=2048)
+    ap.add_argument("--reps", type=int, default=2, help="times every mode runs (reported one by one)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

@@ -206,9 +206,9 @@ def beam_search(generator: Any, verifier: Verifier, problem: str, beam_width: in
                          f"the beam) or False")
     if prune:
         if sessions:
-            raise ValueError("beam search prune=True runs on streamed whole-solution verdicts (sessions=False): a "
-                             "session's step round already ends at that step's verdict, so there is nothing left "
-                             "to abort; use sessions=False or prune=False")
+            raise ValueError("beam search prune=True runs on streamed whole-solution verdicts (sessions=False); "
+                             "sessions are not pruned (a session's step round ends at that step's verdict); use "
+                             "sessions=False or prune=False")
         from prmkern.verify.pruning import check_prune
         check_prune(True, verifier.config)
     start = time.perf_counter()
