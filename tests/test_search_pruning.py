@@ -158,7 +158,7 @@ def test_options_that_cannot_prune_fail_clearly(llm, qwen2_dir):
         with pytest.raises(ValueError, match=words.replace("(", r"\(")):
             best_of_n(llm, v, problems, n=2, **kw)
     for cfg, words in ((config(method="mean"), "method 'min'"), (config(stop_at_first_error=True), "use one"),
-                       (config(budget_tokens=16), "budget forcing"),
+                       (config(budget_tokens=16), "budget forcing"), (config(chains_min=2), "fixed chain count"),
                        (VerifyConfig(format="genprm", num_chains=1, scoring="exact"), "step-verdict format")):
         with pytest.raises(ValueError, match=words):
             best_of_n(llm, Verifier(llm, cfg), problems, n=2, prune=True)
@@ -190,7 +190,8 @@ def test_bon_cli_refuses_prune_with_what_cannot_prune(tmp_path):
     for extra, words in ((["--select", "vote"], "--prune applies to --select score only"),
                          (["--stop-at-first-error"], "--prune and --stop-at-first-error do not go together"),
                          (["--method", "mean"], "--method 'mean'"), (["--format", "genprm"], "--format 'genprm'"),
-                         (["--budget-tokens", "8"], "--budget-tokens")):
+                         (["--budget-tokens", "8"], "--budget-tokens"),
+                         (["--chains-min", "2", "--chains", "8"], "--chains-min 2")):
         code, err = _main("bon", str(src), "--device", "cpu", "--prune", *extra)
         assert code == 2 and words in err and "Traceback" not in err, (extra, err)
     code, err = _main("bon", str(src), "--device", "cpu", "--prune", "sometimes")

@@ -147,7 +147,8 @@ def check_search_args(args: argparse.Namespace, config: Any) -> None:
         message = "--" + message if message.startswith("prune ") else message
         for word, name in (("--prune=", "--prune "), ("budget_tokens=None", "no --budget-tokens"),
                            ("(budget_tokens)", "(--budget-tokens)"), ("method ", "--method "),
-                           ("format ", "--format "), ("stop_at_first_error", "--stop-at-first-error")):
+                           ("format ", "--format "), ("stop_at_first_error", "--stop-at-first-error"),
+                           ("chains_min=", "--chains-min "), ("num_chains alone", "--chains alone")):
             message = message.replace(word, name)
         raise UsageError(message) from e
 

@@ -57,6 +57,9 @@ def check_prune(prune: Any, config: Any) -> str | None:
         raise ValueError("prune and stop_at_first_error do not go together: stop_at_first_error stops every "
                          "candidate once decided (its score then covers the judged steps only), prune stops only "
                          "those that cannot be chosen; use one")
+    if getattr(c, "chains_min", None) is not None:
+        raise ValueError(f"prune needs a fixed chain count: with chains_min={c.chains_min} (the adaptive chain "
+                         f"count) chains come in waves and stream no step verdicts; use num_chains alone")
     if c.budget_tokens is not None:
         raise ValueError("prune does not apply with budget forcing (budget_tokens): a forced round reopens chains "
                          "whose verdicts the bounds took as given; use budget_tokens=None")
