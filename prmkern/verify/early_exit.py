@@ -261,7 +261,8 @@ class ChainWatch:
 
     def __call__(self, i: int, views: Sequence[Any]) -> bool:
         record, chain, first = self.targets[i]
-        if record.decided is None or not (record.stop or record.dropped):  # watched only (streamed verdicts): read on after deciding
+        # watched only (streamed verdicts, not dropped): read on after deciding
+        if record.decided is None or not (record.stop or record.dropped):
             for view in views:
                 k = first + view.chain_index if chain is None else chain
                 record.update(k, view)
