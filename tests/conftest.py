@@ -86,3 +86,21 @@ def openai_client(url: str):
     """The openai package's client for a server at `url`, as a user script would make it (no retries)."""
     import openai
     return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "prmkern", "data", "verifier")
+
+
+@pytest.fixture(scope="module")
+def shipped_llm():
+    """The shipped verifier (prmkern/data/verifier) in float32 on the CPU, with room for many chains' KV."""
+    from prmkern import LLM
+    return LLM(SHIPPED, device="cpu", dtype="float32", num_kvcache_blocks=2048)
+
+
+def heldout(n: int | None = None) -> list[dict]:
+    """The shipped verifier's held-out examples (its examples.jsonl), the first n when given."""
+    import json
+    with open(os.path.join(SHIPPED, "examples.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    return recs[:n] if n else recs

@@ -5,31 +5,16 @@ messages naming what was given and what is accepted."""
 from __future__ import annotations
 
 import json
-import os
 from fractions import Fraction
 from math import comb
 
 import pytest
 import torch
 
-from prmkern import LLM
 from prmkern.verify.adaptive import beta_binomial_pmf, flip_risk, next_total, step_flip_risk
 from prmkern.verify.protocols import Verifier, VerifyConfig
 from prmkern.verify.scoring import aggregate
-
-SHIPPED = os.path.join(os.path.dirname(__file__), "..", "prmkern", "data", "verifier")
-
-
-@pytest.fixture(scope="module")
-def shipped_llm():
-    return LLM(SHIPPED, device="cpu", dtype="float32", num_kvcache_blocks=2048)
-
-
-def heldout(n: int | None = None) -> list[dict]:
-    with open(os.path.join(SHIPPED, "examples.jsonl")) as f:
-        recs = [json.loads(line) for line in f]
-    return recs[:n] if n else recs
-
+from tests.conftest import heldout
 
 @pytest.mark.parametrize("r,alpha,beta", [(1, 1, 1), (4, 4, 2), (14, 3, 1), (12, 5, 1), (6, 2, 5)])
 def test_beta_binomial_against_a_float64_integral(r, alpha, beta):

@@ -8,20 +8,12 @@ import os
 
 import pytest
 
-from prmkern import LLM
 from prmkern.cli.jobs import Item
 from prmkern.cli.verify import verify_continuous, verify_rows
 from prmkern.sampling_params import SamplingParams
 from prmkern.verify.continuous import ContinuousRunner, Round
 from prmkern.verify.protocols import Verifier, VerifyConfig
-
-SHIPPED = os.path.join(os.path.dirname(__file__), "..", "prmkern", "data", "verifier")
-
-
-@pytest.fixture(scope="module")
-def shipped_llm():
-    return LLM(SHIPPED, device="cpu", dtype="float32", num_kvcache_blocks=2048)
-
+from tests.conftest import SHIPPED
 
 def items(n: int) -> list[Item]:
     with open(os.path.join(SHIPPED, "examples.jsonl")) as f:

@@ -4,7 +4,6 @@ whole chains reject the flag (Python API, CLI, server body)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import pytest
@@ -12,20 +11,7 @@ import pytest
 from prmkern import LLM
 from prmkern.outputs import CompletionOutput, RequestOutput
 from prmkern.verify.protocols import Verifier, VerifyConfig
-
-SHIPPED = os.path.join(os.path.dirname(__file__), "..", "prmkern", "data", "verifier")
-
-
-@pytest.fixture(scope="module")
-def shipped_llm():
-    return LLM(SHIPPED, device="cpu", dtype="float32", num_kvcache_blocks=2048)
-
-
-def heldout(n: int | None = None) -> list[dict]:
-    with open(os.path.join(SHIPPED, "examples.jsonl")) as f:
-        recs = [json.loads(line) for line in f]
-    return recs[:n] if n else recs
-
+from tests.conftest import SHIPPED, heldout
 
 def bundled_sets() -> dict[str, list[dict]]:
     from prmkern.verify.processbench import sample_path

@@ -8,16 +8,8 @@ import os
 
 import pytest
 
-from prmkern import LLM
 from prmkern.verify.protocols import Verifier, VerifyConfig
-
-SHIPPED = os.path.join(os.path.dirname(__file__), "..", "prmkern", "data", "verifier")
-
-
-@pytest.fixture(scope="module")
-def shipped_llm():
-    return LLM(SHIPPED, device="cpu", dtype="float32", num_kvcache_blocks=2048)
-
+from tests.conftest import SHIPPED
 
 def records() -> list[dict]:
     with open(os.path.join(SHIPPED, "examples.jsonl")) as f:
