@@ -14,27 +14,25 @@ record, not only on the last run's.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import os
 import sys
-import time
 from collections import Counter
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from prmkern.cli import options
 from prmkern.cli.ensemble import add_ensemble_args, cmd_verify_ensemble
 from prmkern.cli.jobs import Item, JobRunner, failure_reason, json_safe, read_items, write_summary
 from prmkern.cli.options import UsageError
 from prmkern.cli.report import progress_bar, report_failures, resume_hint, summary_line
-from prmkern.engine import driver
-from prmkern.sampling_params import derive_seed
 from prmkern.verify.formats import load_formats
-from prmkern.verify.processbench import balanced_limit, evaluate_subsets, sample_path
-from prmkern.verify.continuous import ContinuousRunner
-from prmkern.verify.protocols import VerificationResult, Verifier, VerifyConfig, check_label, check_record
+from prmkern.verify.processbench import balanced_limit, sample_path
+from prmkern.verify.protocols import Verifier, VerifyConfig, check_label, check_record
 from prmkern.verify.scoring import METHODS, earliest_error
+# re-exported: tests and benchmarks import them from here
+from prmkern.cli.verify_metrics import label_metrics, print_metrics  # noqa: F401
+from prmkern.cli.verify_runs import ChainProgress, verify_continuous, verify_rows  # noqa: F401
 
 # flag <- VerifyConfig field, for messages that name what to change
 FLAGS = {"num_chains": "--chains", "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
@@ -193,215 +191,6 @@ def check_verify_record(rec: dict[str, Any], need_label: bool = False) -> None:
     """ValueError naming what a record lacks (protocols.check_record); labels are optional unless need_label."""
     check_record(rec)
     check_label(rec, need_label)
-
-
-class ChainProgress:
-    """The LLM, as the Verifier sees it, with the progress bar's postfix counting generated tokens and finished chains
-    at every engine step (redrawn at most 4 times a second): a batch of solutions ends all at once, and one long
-    chain takes many seconds, so per-solution ticks alone would leave the bar still."""
-
-    def __init__(self, llm: Any, bar: Any):
-        self._llm, self._bar = llm, bar
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._llm, name)
-
-    def generate(self, prompts: list, params: Any = None, use_tqdm: bool | None = None, watch: Any = None) -> list:
-        engine = getattr(self._llm, "engine", None)
-        if params is not None and not isinstance(params, (list, tuple)) and isinstance(prompts, list):
-            params = [params] * len(prompts)  # one SamplingParams for all prompts
-        if self._bar is None or not isinstance(params, list) or not hasattr(engine, "add_request"):
-            return self._llm.generate(prompts, params, use_tqdm=False, **({"watch": watch} if watch else {}))
-        chains = sum(sp.n for sp in params)
-        tokens0, shown, finished_chains = engine.stats.generated_tokens, [0.0], [0]
-
-        def show() -> None:
-            self._bar.set_postfix_str(f"{engine.stats.generated_tokens - tokens0} tokens, "
-                                      f"{finished_chains[0]}/{chains} chains done")
-
-        def on_step(finished: list) -> None:  # every engine step: tokens so far, chains finished (<= 4 redraws/s)
-            finished_chains[0] += len(finished)
-            now = time.monotonic()
-            if now - shown[0] >= 0.25:
-                shown[0] = now
-                show()
-        outs = driver.generate(engine, prompts, params, on_step, watch)
-        show()  # the call's final count, whatever the redraw throttle skipped
-        return outs
-
-    def step_progress(self, chains: int) -> Callable[[list], None] | None:
-        """The continuous runner's per-step callback: the bar's postfix counts generated tokens and finished chains
-        of `chains` (redrawn at most 4 times a second); None without a bar."""
-        engine = getattr(self._llm, "engine", None)
-        if self._bar is None or engine is None:
-            return None
-        tokens0, shown, done = engine.stats.generated_tokens, [0.0], [0]
-
-        def on_step(finished: list) -> None:
-            done[0] += len(finished)
-            now = time.monotonic()
-            if now - shown[0] >= 0.25 or done[0] >= chains:
-                shown[0] = now
-                self._bar.set_postfix_str(f"{engine.stats.generated_tokens - tokens0} tokens, "
-                                          f"{done[0]}/{chains} chains done")
-        return on_step
-
-
-def early_exit_counts(results: list, counts: dict[str, int], num_chains: int) -> None:
-    """Adds what --stop-at-first-error did for these results to `counts` (the summary's `early_exit`)."""
-    for res in results:
-        if res.scores is None:
-            continue
-        tokens = sum(len(t.token_ids) for c in res.chains for t in c.turns)
-        counts["solutions"] = counts.get("solutions", 0) + 1
-        counts["generated_tokens"] = counts.get("generated_tokens", 0) + tokens
-        if res.stopped_at is None:
-            continue
-        judged, left = res.stopped_at + 1, res.num_steps - res.stopped_at - 1
-        counts["stopped"] = counts.get("stopped", 0) + 1
-        counts["steps_not_judged"] = counts.get("steps_not_judged", 0) + left
-        counts["chains_aborted"] = counts.get("chains_aborted", 0) + sum(
-            1 for c in res.chains if c.turns and c.turns[-1].finish_reason == "abort")
-        # the second wave of chains (Verifier.first_wave) that never ran: the first settled the answer
-        counts["chains_not_started"] = counts.get("chains_not_started", 0) + max(0, num_chains - len(res.chains))
-        # an estimate, not a measurement: this solution's tokens per judged step times the steps not judged, plus
-        # its tokens per chain times the chains not started
-        not_started = max(0, num_chains - len(res.chains))
-        counts["estimated_tokens_saved"] = counts.get("estimated_tokens_saved", 0) + round(
-            tokens * left / judged + tokens / max(1, len(res.chains)) * not_started)
-
-
-def verify_rows(verifier: Any, batch: list[Item], emit: Callable, tokenizer: Any, no_chains: bool,
-                batch_size: int, early: dict[str, int] | None = None) -> int:
-    """Verifies a batch of records aligned to `batch_size` (all with index // batch_size == g); emits one row per
-    record; returns the number of chains run.
-
-    Sampling must not depend on what else ran (or on what a resumed run skips): group g gets its own seed, and each
-    record keeps its position in the group, the finished and the bad records' places held by None (the Verifier
-    fails a None record at once, without the engine)."""
-    group = batch[0].index // batch_size
-    assert all(it.index // batch_size == group for it in batch), [it.index for it in batch]
-    start = group * batch_size
-    records: list[Any] = [None] * (max(it.index for it in batch) - start + 1)
-    for it in batch:
-        records[it.index - start] = it.record
-    config = verifier.config
-    if config.seed is not None:
-        config = dataclasses.replace(config, seed=derive_seed(config.seed, group))
-    results = Verifier(verifier.llm, config).verify(records)
-    if early is not None:
-        early_exit_counts([results[it.index - start] for it in batch], early, config.num_chains)
-    chains = 0
-    for it in batch:
-        res = results[it.index - start]
-        row = res.to_json(tokenizer, include_chains=not no_chains)
-        row.pop("id", None)
-        chains += len(res.chains)
-        emit(it.index, it.row(**row))
-    return chains
-
-
-def verify_continuous(verifier: Any, items: list[Item], emit: Callable, tokenizer: Any, no_chains: bool,
-                      batch_size: int, early: dict[str, int] | None = None) -> int:
-    """Verifies `items` keeping the engine full across records (verify.continuous.ContinuousRunner): records are
-    admitted while fewer than batch_size x K chains are in flight, and each record's row is emitted as soon as that
-    record finishes (the JobRunner writes rows in input order: a row waits for the records before it). Returns the
-    chains run.
-
-    Sampling is verify_rows': record r samples as position r % batch_size of group r // batch_size with the group's
-    seed, so what a record samples does not depend on what else runs, what ran before, or a resumed run's skips."""
-    llm = getattr(verifier.llm, "_llm", verifier.llm)  # ChainProgress: the runner steps the engine itself
-    by_group: dict[int, Any] = {}
-    chains = 0
-
-    def verifier_of(group: int) -> Any:
-        if group not in by_group:
-            config = verifier.config
-            if config.seed is not None:
-                config = dataclasses.replace(config, seed=derive_seed(config.seed, group))
-            by_group.clear()  # records arrive in index order: an earlier group's verifier is not needed again
-            by_group[group] = Verifier(llm, config)
-        return by_group[group]
-
-    def start_of(it: Item) -> tuple[Any, Callable, Callable]:
-        group, pos = divmod(it.index, batch_size)
-        v = verifier_of(group)
-        results: dict[int, VerificationResult] = {}
-
-        def start() -> Any:
-            problem, steps = v.prepare(it.record)
-            results[pos] = VerificationResult(pos, len(steps), None, [], scoring=v.config.scoring)
-            return v.protocol([(pos, problem, steps)], results)
-
-        def done(error: BaseException | None) -> None:
-            nonlocal chains
-            res = results.get(pos) or VerificationResult(pos, 0, None, [], scoring=v.config.scoring)
-            if error is not None:
-                res.error = f"{type(error).__name__} while processing: {error}" if not isinstance(
-                    error, ValueError) else str(error)
-            elif early is not None:
-                early_exit_counts([res], early, v.config.num_chains)
-            row = res.to_json(tokenizer, include_chains=not no_chains)
-            row.pop("id", None)
-            chains += len(res.chains)
-            emit(it.index, it.row(**row))
-        return it.index, start, done
-
-    engine = llm.engine
-    k = verifier.config.num_chains
-    # a record's first round: K chains, or the adaptive count's first wave (its later waves join as they come)
-    first = verifier.config.chains_min or k
-    progress = getattr(verifier.llm, "step_progress", None)
-    runner = ContinuousRunner(engine, max_chains=max(1, batch_size) * k, chains_per_record=first,
-                              on_step=progress(k * len(items)) if progress else None)
-    runner.run(start_of(it) for it in sorted(items, key=lambda it: it.index))
-    return chains
-
-
-def label_metrics(items: list[Item], rows: list[dict], threshold: float, subset_of: Callable[[Item], str],
-                  count_failed: bool) -> dict | None:
-    """Agreement with gold labels and ProcessBench F1 per subset, over labelled records; None when none is."""
-    by_index = {it.index: it for it in items}
-    subsets: dict[str, tuple[list, list]] = {}
-    right = total = exact = labelled = failed = 0
-    for row in rows:
-        it = by_index.get(row["index"])
-        if it is None or it.error is not None or not isinstance(it.record, dict) or "label" not in it.record:
-            continue
-        label = it.record["label"]
-        if row.get("error"):
-            failed += 1
-            if not count_failed:
-                continue
-        labelled += 1
-        exact += row.get("prediction") == label
-        labels, preds = subsets.setdefault(subset_of(it), ([], []))
-        labels.append(label)
-        preds.append(row.get("prediction"))
-        last = len(it.record["steps"]) - 1 if label == -1 else label
-        for i, s in enumerate((row.get("step_scores") or [])[:last + 1]):
-            if s is not None:
-                total += 1
-                right += (s >= threshold) == (label == -1 or i < label)
-    if not labelled:
-        return None
-    f1 = evaluate_subsets(subsets)
-    return {"solutions": labelled, "failed": failed, "failed_counted_wrong": count_failed,
-            "step_verdicts_right": right / total if total else None, "scored_steps": total,
-            "earliest_error_exact": exact / labelled,
-            "f1": {k: dataclasses.asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in f1.items()}}
-
-
-def print_metrics(m: dict, what: str) -> None:
-    share = m["step_verdicts_right"]
-    print(f"against the gold labels ({what}): {'n/a' if share is None else f'{share:.1%}'} of {m['scored_steps']} "
-          f"scored step verdicts right; earliest error exact on {m['earliest_error_exact']:.1%} of "
-          f"{m['solutions']} solutions", file=sys.stderr)
-    for name, r in m["f1"].items():
-        if isinstance(r, dict):
-            print(f"{name:>12}: F1 {r['f1']:.4f}  acc_err {r['acc_err']:.4f} (n={r['n_err']})  "
-                  f"acc_ok {r['acc_ok']:.4f} (n={r['n_ok']})", file=sys.stderr)
-    print(f"{'mean F1':>12}: {m['f1']['mean_f1']:.4f}", file=sys.stderr)
 
 
 def default_input(args: argparse.Namespace) -> str:

@@ -33,7 +33,7 @@ from prmkern.serve.responses import json_response
 from prmkern.verify.formats import get_format
 from prmkern.verify.protocols import Verifier, VerifyConfig
 
-# VerifyConfig fields that a format's published defaults set (formats.format_defaults and protocols._GENERIC).
+# VerifyConfig fields that a format's published defaults set (formats.format_defaults and verify_config._GENERIC).
 FORMAT_DERIVED = ("num_chains", "temperature", "top_p", "top_k", "max_tokens", "method", "max_code_rounds",
                   "scoring", "chains_max")
 TEMPLATE_TOKENS = 512  # the verifier format's instructions around a solution, at most (for the admission estimate)

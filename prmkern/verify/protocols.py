@@ -13,7 +13,7 @@
 * ProcessBench critic: K chains, the plurality of their boxed answers (method "vote").
 * Discriminative PRMs (Qwen2.5-Math-PRM, format qwen-prm): discriminative.py (one pooled forward pass per solution).
 
-Settings a field leaves None take the format's published defaults (formats.format_defaults). Verdicts are parsed
+Its settings are a VerifyConfig (verify_config.py); what it produces, results.py. Verdicts are parsed
 (parsing.py) and scored from the engine's chosen-token log-probabilities (scoring.py).
 It does not load models, render data sets or write files; see prmkern/cli/.
 """
@@ -21,214 +21,18 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from prmkern.sampling_params import SamplingParams, derive_seed
-from prmkern.sandbox import SandboxLimits
 from prmkern.textcheck import control_strings, defuse_control_text
 from prmkern.verify.continuous import Round
-from prmkern.verify.formats import VerifierFormat, format_defaults, get_format
+from prmkern.verify.formats import VerifierFormat
 from prmkern.verify.parsing import parse_output
-from prmkern.verify.released_scoring import (SGLANG_FAILED_SCORE, check_scoring, default_scoring,
-                                             sglang_select_score)
-from prmkern.verify.scoring import (METHODS, ChainScores, Generated, SolutionScores, aggregate, score_chain,
-                                    token_char_offsets, verdict_probability)
-
-
-_GENERIC = dict(num_chains=8, temperature=0.6, top_p=0.95, top_k=-1, max_tokens=2048, method="min",
-                max_code_rounds=3)
-
-
-@dataclass
-class VerifyConfig:
-    """None fields take the format's published defaults (formats.format_defaults), then _GENERIC."""
-
-    format: str | VerifierFormat = "thinkprm"
-    num_chains: int | None = None  # K: parallel chains per record (GenPRM: N judgements per paragraph, Maj@N)
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    max_tokens: int | None = None  # per chain, all rounds together (GenPRM: per paragraph turn)
-    method: str | None = None  # solution score: min | last | mean | product | final | vote
-    threshold: float = 0.5  # earliest error: first step whose score is below this
-    seed: int | None = 0
-    budget_tokens: int | None = None  # budget forcing: a chain may not end before this many generated tokens
-    continuation: str | None = None  # None: the format's continuations, by round
-    max_forcing_rounds: int = 4
-    max_code_rounds: int | None = None  # GenPRM: generation rounds after the analysis (its time_limit, 3)
-    # GenPRM: interrupted in-process at 5 s (the release's signal.alarm(5)); killed at 10 s wall or 8 s CPU (backstops)
-    code_limits: SandboxLimits = field(
-        default_factory=lambda: SandboxLimits(wall_time_s=10, cpu_time_s=8, interrupt_s=5))
-    # GenPRM code execution: items [(chain key, code)] -> one sandbox result per item (default: a SessionPool).
-    code_runner: Callable[[list[tuple[Any, str]]], list[Any]] | None = None
-    # "released": the arithmetic and text handling of the engine the format's release ran on (SGLang's select for
-    # ThinkPRM, vLLM 0.7.1 V0's processed log-probabilities for GenPRM; released_scoring.py); "exact": prmkern's
-    # exact probabilities. None: "released" for the released formats, "exact" for the others.
-    scoring: str | None = None
-    # Stop judging a solution once its earliest error is decided (early_exit.py): its remaining chains are aborted
-    # and its later steps are not judged; the prediction equals a full run's. Not for final / vote / critic.
-    stop_at_first_error: bool = False
-    # Adaptive chain count (adaptive.py): chains in waves from chains_min, doubling up to chains_max (num_chains), a
-    # solution stopping once the risk that chains_max chains predict otherwise is at most chains_risk.
-    chains_min: int | None = None
-    chains_max: int | None = None  # None with chains_min: num_chains
-    chains_risk: float = 0.05
-
-    def __post_init__(self) -> None:
-        self.format = get_format(self.format)
-        if self.chains_max is not None and self.chains_min is None:
-            raise ValueError(f"chains_max={self.chains_max!r} needs chains_min (the first wave); accepted: both, "
-                             f"or num_chains alone for a fixed count")
-        if self.chains_min is not None:
-            from prmkern.verify.adaptive import check_bounds
-            check_bounds(self.chains_min, self.chains_max if self.chains_max is not None else self.num_chains,
-                         self.chains_risk, "chains_max" if self.chains_max is not None else "num_chains")
-            if self.chains_max is None:
-                self.chains_max = self.num_chains
-            elif self.num_chains is not None and self.num_chains != self.chains_max:
-                raise ValueError(f"num_chains={self.num_chains!r} and chains_max={self.chains_max!r} disagree; "
-                                 f"accepted: chains_max alone (it sets num_chains), or equal values")
-            if self.chains_max is not None:
-                self.num_chains = self.chains_max
-        self.scoring = default_scoring(self.format.name) if self.scoring is None else check_scoring(self.scoring)
-        defaults = {**_GENERIC, **format_defaults(self.format)}
-        for name, value in defaults.items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
-        if isinstance(self.num_chains, bool) or not isinstance(self.num_chains, int) or self.num_chains < 1:
-            raise ValueError(f"num_chains={self.num_chains!r} is invalid; accepted: an int >= 1")
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens!r} is invalid; accepted: an int >= 1")
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r} is invalid; accepted: {METHODS}")
-        if self.method == "final" and not self.format.final_prefix:
-            raise ValueError(f"method 'final' needs a format with a forced final verdict (final_prefix); "
-                             f"{self.format.name!r} has none")
-        # The sampling settings fail here, before any model work, with SamplingParams' own messages.
-        SamplingParams(n=1, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                       max_tokens=self.max_tokens)
-        if not isinstance(self.threshold, (int, float)) or not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold={self.threshold!r} is invalid; accepted: a float in [0, 1]")
-        if not isinstance(self.stop_at_first_error, bool):
-            raise ValueError(f"stop_at_first_error={self.stop_at_first_error!r} is invalid; accepted: True or False")
-        if self.stop_at_first_error:
-            from prmkern.verify.early_exit import check_applies
-            check_applies(self.format, self.method)
-        if self.chains_min is not None:
-            from prmkern.verify.adaptive import check_adaptive, check_bounds
-            check_bounds(self.chains_min, self.num_chains, self.chains_risk, *(
-                ("chains_max", "") if self.chains_max is not None else ("num_chains", " (the format's default)")))
-            self.chains_max = self.num_chains
-            check_adaptive(self)
-        if (self.scoring == "released" and self.format.kind == "per_paragraph" and self.temperature >= 1e-5
-                and self.top_k <= 0):
-            raise ValueError(f"scoring='released' with format {self.format.name!r} needs top_k >= 1 (vLLM 0.7.1's "
-                             f"returned log-probabilities come after top-k; the release ran top_k=20) or "
-                             f"temperature 0, got top_k={self.top_k}; accepted: a top_k >= 1, or scoring='exact'")
-        if self.budget_tokens is not None and not 0 < self.budget_tokens <= self.max_tokens:
-            raise ValueError(f"budget_tokens={self.budget_tokens!r} is invalid; accepted: None or an int in "
-                             f"(0, max_tokens={self.max_tokens}]")
-
-    def continuation_for(self, round_: int) -> str:
-        if self.continuation is not None:
-            return self.continuation
-        phrases = self.format.continuations or ("\nWait, let me check that again.\n",)
-        return phrases[round_ % len(phrases)]
-
-
-@dataclass
-class Chain:
-    """One verification chain. For single-turn formats `turns` has one entry; GenPRM has one per paragraph."""
-
-    turns: list["Turn"] = field(default_factory=list)
-    scores: ChainScores | None = None
-    forced_rounds: int = 0
-    code_runs: list[dict[str, Any]] = field(default_factory=list)
-    final: float | None = None  # ThinkPRM: the forced final verdict's P(yes)
-    error: str | None = None  # this chain failed (engine error, sandbox failure); the rest of the record goes on
-
-
-@dataclass
-class Turn:
-    prompt_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)  # generated and appended tokens of this turn
-    token_logprobs: list[dict[int, float]] = field(default_factory=list)  # {} at appended (not generated) tokens
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-    last_round_start: int = 0  # index in token_ids where the last generation round began
-    stop_cut: int | None = None  # character offset in decode(token_ids) where the last round's stop string starts
-    done: bool = False
-    text: str = ""  # GenPRM: the whole assistant turn as released code keeps it (openers, rounds, code outputs)
-    masks: list[tuple[int, int]] = field(default_factory=list)  # GenPRM: spans of `text` that code printed
-    score: float | None = None  # GenPRM: this paragraph judgement's score (None: unscored)
-    score_source: str | None = None  # GenPRM: how it was scored, or why not
-
-
-@dataclass
-class VerificationResult:
-    record_id: Any
-    num_steps: int
-    scores: SolutionScores | None
-    chains: list[Chain]
-    error: str | None = None
-    scoring: str | None = None  # the VerifyConfig.scoring that produced the scores
-    stopped_at: int | None = None  # stop_at_first_error: the step where judging stopped (steps after it not judged)
-    chains_run: int | None = None  # adaptive chain count: the chains this solution ran (adaptive.py)
-    adaptive_risk: float | None = None  # adaptive chain count: the stopping rule's risk after its last wave
-
-    @property
-    def prediction(self) -> int | None:
-        """Earliest wrong step (-1: none); None when unknown (see scoring's rule for unscored steps)."""
-        if self.scores is None:
-            return None
-        return self.scores.earliest_error
-
-    def to_json(self, tokenizer: Any, include_chains: bool = True) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": self.record_id, "error": self.error, "prediction": self.prediction,
-                               "scoring": self.scoring}
-        if self.scores is not None:
-            s = self.scores
-            out.update(step_scores=[st.score for st in s.steps], step_coverage=[st.coverage for st in s.steps],
-                       solution_score=s.score, method=s.method, earliest_error=s.earliest_error,
-                       threshold=s.threshold, verdict_counts=s.counts, unscored_steps=s.unscored_steps,
-                       final_scores=s.final_scores, vote=s.vote)
-            if self.stopped_at is not None:
-                out["stopped_at"] = self.stopped_at
-        if self.chains_run is not None:
-            out.update(chains_run=self.chains_run, adaptive_risk=self.adaptive_risk)
-        if include_chains:
-            out["chains"] = [{"text": [t.text or tokenizer.decode(t.token_ids) for t in c.turns], "error": c.error,
-                              "final": c.final,
-                              "verdicts": [v.status for v in c.scores.steps] if c.scores else None,
-                              "p_correct": [v.p_correct for v in c.scores.steps] if c.scores else None,
-                              "finish_reason": c.turns[-1].finish_reason if c.turns else None,
-                              "forced_rounds": c.forced_rounds, "code_runs": c.code_runs} for c in self.chains]
-        return out
-
-
-def check_record(rec: Any) -> tuple[str, list[str]]:
-    """(problem, steps) of a verification record, or a ValueError naming what it lacks: the one rule for records,
-    used by the Verifier and by the command line (before a model loads, with `check_label`)."""
-    if not isinstance(rec, dict) or not isinstance(rec.get("problem"), str) or not isinstance(rec.get("steps"), list):
-        raise ValueError("a record needs 'problem' (str) and 'steps' (list of str); got keys "
-                         f"{sorted(rec) if isinstance(rec, dict) else type(rec).__name__}")
-    if not rec["steps"] or not all(isinstance(s, str) and s.strip() for s in rec["steps"]):
-        raise ValueError("'steps' must be a non-empty list of non-empty strings")
-    return rec["problem"], rec["steps"]
-
-
-def check_label(rec: dict[str, Any], need_label: bool = False) -> None:
-    """A checked record's `label` (the first wrong step, -1 for none): optional unless need_label, checked when
-    present. The Verifier does not read labels; evaluations against them do."""
-    if "label" not in rec:
-        if need_label:
-            raise ValueError("a ProcessBench record needs 'label' (the first wrong step, -1 for none)")
-        return
-    label, steps = rec["label"], rec["steps"]
-    if isinstance(label, bool) or not isinstance(label, int) or not -1 <= label < len(steps):
-        raise ValueError(f"'label' is {label!r}; accepted: -1 (no error) or a step index in [0, {len(steps)}), "
-                         f"or no 'label' at all")
+from prmkern.verify.released_scoring import SGLANG_FAILED_SCORE, sglang_select_score
+from prmkern.verify.scoring import Generated, aggregate, score_chain, token_char_offsets, verdict_probability
+# re-exported here, their historical home: `from prmkern.verify.protocols import VerifyConfig, VerificationResult`
+from prmkern.verify.results import Chain, Turn, VerificationResult, check_label, check_record  # noqa: F401
+from prmkern.verify.verify_config import VerifyConfig  # noqa: F401
 
 
 class Verifier:
