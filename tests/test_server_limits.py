@@ -235,5 +235,7 @@ def test_flood_of_260_connections_at_nofile_200(qwen2_dir, tmp_path):
         log.close()
     size = os.path.getsize(tmp_path / "server.log")
     text = open(tmp_path / "server.log", errors="replace").read()
-    # the backlog keeps accept() off EMFILE almost always; a rare EMFILE in a race is logged, rate-limited
-    assert size < 64_000 and text.count("Too many open files") <= 3, (size, text[-2000:])
+    # the backlog keeps accept() off EMFILE almost always; an EMFILE in a race is logged through RateLimitedLog
+    # (connections.install_log_limits: a burst of 5 per 10 s window), so this ~10 s flood logs at most two bursts
+    # (5 seen on a quiet machine, 2026-12-07, before and after this change); before the limits it wrote 233 MB
+    assert size < 64_000 and text.count("Too many open files") <= 2 * 5, (size, text[-2000:])

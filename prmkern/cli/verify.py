@@ -26,6 +26,7 @@ from prmkern.cli.ensemble import add_ensemble_args, cmd_verify_ensemble
 from prmkern.cli.jobs import Item, JobRunner, failure_reason, json_safe, read_items, write_summary
 from prmkern.cli.options import UsageError
 from prmkern.cli.report import progress_bar, report_failures, resume_hint, summary_line
+from prmkern.verify.adaptive import summary_of_rows
 from prmkern.verify.formats import load_formats
 from prmkern.verify.processbench import balanced_limit, sample_path
 from prmkern.verify.protocols import Verifier, VerifyConfig, check_label, check_record
@@ -271,7 +272,6 @@ def _adaptive(config: VerifyConfig, rows: list[dict[str, Any]]) -> dict[str, Any
     """--summary's `adaptive_chains` under --chains-min (adaptive.summary_of_rows), printed too."""
     if config.chains_min is None:
         return {}
-    from prmkern.verify.adaptive import summary_of_rows
     out = summary_of_rows(rows, config)
     print(f"adaptive chains: {out['chains_run']} solutions per chain count, mean {out['mean_chains']}",
           file=sys.stderr)
