@@ -25,6 +25,7 @@ from prmkern.config import EngineConfig, EngineConfigError, check_values
 from prmkern.llm import LLM
 from prmkern.models.loader import DTYPES as DTYPE_NAMES
 from prmkern.tiny import default_model_dir
+from prmkern.verify.pruning import PRUNE_RULES, check_prune
 
 DTYPES = ("auto", *DTYPE_NAMES)
 # model, dtype and device are taken as text (LLM resolves them: a directory, "auto", the default device)
@@ -122,7 +123,6 @@ def add_job_args(ap: argparse.ArgumentParser, unit: str, limit_help: str | None 
 
 def add_search_args(ap: argparse.ArgumentParser) -> None:
     """The options of a search that verifies candidates (bon): pruning on streamed verdicts."""
-    from prmkern.verify.pruning import PRUNE_RULES
     ap.add_argument("--prune", nargs="?", const="exact", default=None, choices=PRUNE_RULES,
                     help="drop a candidate whose earliest error is decided (its chains aborted, its blocks freed) "
                          "while the others go on in the same batch; exact (the default when given bare): once a "
@@ -136,7 +136,6 @@ def check_search_args(args: argparse.Namespace, config: Any) -> None:
     """UsageError, before a model loads, when --prune cannot apply to the other options."""
     if getattr(args, "prune", None) is None:
         return
-    from prmkern.verify.pruning import check_prune
     if getattr(args, "select", "score") != "score":
         raise UsageError(f"--prune applies to --select score only: a weighted vote sums every candidate's score, so "
                          f"dropping one can change the vote; got --select {args.select}")

@@ -15,6 +15,7 @@ import sys
 
 from prmkern.cli import options
 from prmkern.cli.verify import add_verify_args, build_config, given_options
+from prmkern.verify.sessions import SessionLimits
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -70,7 +71,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
         from prmkern.serve.app import ServerConfig, build_app
         from prmkern.serve.connections import uvicorn_kwargs
-        from prmkern.verify.sessions import SessionLimits
     except ImportError as e:
         raise SystemExit(f"prmkern serve needs FastAPI and uvicorn ({e}); install them with "
                          f"`pip install 'prmkern[serve]'`")
