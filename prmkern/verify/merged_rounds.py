@@ -69,7 +69,6 @@ def run_merged(llm: Any, protocols: Sequence[Any]) -> None:
 
 def verify_together(verifiers: Sequence[Any], records: Sequence[dict[str, Any]]) -> list[list[Any]]:
     """What [v.verify(records) for v in verifiers] returns, every verifier on the same LLM, their rounds merged."""
-    from prmkern.verify.protocols import VerificationResult
     if not verifiers:
         return []
     llm = verifiers[0].llm
@@ -77,15 +76,7 @@ def verify_together(verifiers: Sequence[Any], records: Sequence[dict[str, Any]])
         raise ValueError("verify_together needs verifiers on one LLM (members on one checkpoint)")
     all_results, protocols = [], []
     for v in verifiers:  # as Verifier.verify prepares its records (a malformed record fails alone)
-        results, jobs = [], []
-        for i, rec in enumerate(records):
-            rid = rec.get("id", i) if isinstance(rec, dict) else i
-            try:
-                problem, steps = v.prepare(rec)
-                jobs.append((i, problem, steps))
-                results.append(VerificationResult(rid, len(steps), None, [], scoring=v.config.scoring))
-            except ValueError as e:
-                results.append(VerificationResult(rid, 0, None, [], str(e), scoring=v.config.scoring))
+        results, jobs = v.prepare_records(records)
         all_results.append(results)
         protocols.append(v.protocol(jobs, results))
     run_merged(llm, protocols)

@@ -140,16 +140,7 @@ class Verifier:
     def verify(self, records: Sequence[dict[str, Any]],
                progress: Callable[[int], None] | None = None) -> list[VerificationResult]:
         """One VerificationResult per record, in order. A malformed record fails alone (`.error`)."""
-        results: list[VerificationResult] = []
-        jobs: list[tuple[int, str, list[str]]] = []
-        for i, rec in enumerate(records):
-            rid = rec.get("id", i) if isinstance(rec, dict) else i
-            try:
-                problem, steps = self.prepare(rec)
-                jobs.append((i, problem, steps))
-                results.append(VerificationResult(rid, len(steps), None, [], scoring=self.config.scoring))
-            except ValueError as e:
-                results.append(VerificationResult(rid, 0, None, [], str(e), scoring=self.config.scoring))
+        results, jobs = self.prepare_records(records)
         from prmkern.verify.continuous import run_rounds
         run_rounds(self.llm, self.protocol(jobs, results))
         if progress is not None:
@@ -201,6 +192,21 @@ class Verifier:
 
     def seed(self, *parts: Any) -> int | None:
         return None if self.config.seed is None else derive_seed(self.config.seed, *parts)
+
+    def prepare_records(self, records: Sequence[Any]) -> tuple[list[VerificationResult], list[tuple[int, str, list]]]:
+        """(one VerificationResult per record, the (index, problem, steps) jobs of the well-formed ones): a malformed
+        record's result carries its error and it gets no job, so it fails alone."""
+        results: list[VerificationResult] = []
+        jobs: list[tuple[int, str, list[str]]] = []
+        for i, rec in enumerate(records):
+            rid = rec.get("id", i) if isinstance(rec, dict) else i
+            try:
+                problem, steps = self.prepare(rec)
+                jobs.append((i, problem, steps))
+                results.append(VerificationResult(rid, len(steps), None, [], scoring=self.config.scoring))
+            except ValueError as e:
+                results.append(VerificationResult(rid, 0, None, [], str(e), scoring=self.config.scoring))
+        return results, jobs
 
     def prepare(self, rec: Any) -> tuple[str, list[str]]:
         """A record's (problem, steps), checked (ValueError says what is wrong), its text unable to become control
