@@ -16,6 +16,7 @@ import torch
 from prmkern.attention import AttentionMetadata, DecodeMetadata, PrefillMetadata, get_backend
 from prmkern.engine.block_manager import BlockManager
 from prmkern.config import EngineConfig
+from prmkern.engine.cpu_malloc import keep_freed_memory
 from prmkern.engine.cuda_graphs import DecodeGraphs
 from prmkern.models import DecoderForCausalLM, ForwardContext
 from prmkern.models.loader import k_major_weights
@@ -45,6 +46,8 @@ class ModelRunner:
         self.model = model
         self.block_manager = block_manager
         self.backend = get_backend(config.attention_backend)
+        if config.device.type == "cpu":
+            keep_freed_memory()  # a prefill's temporaries reuse freed pages instead of faulting in new ones
         spec = model.spec
         shape = (num_blocks, config.block_size, spec.num_kv_heads, spec.head_dim)
         # On the CPU the torch and C++ backends read only slots inside a sequence's length (padded decode entries
