@@ -8,6 +8,8 @@ ENV_VARS: dict[str, str] = {
     "PRMKERN_API_KEY": "Default of `prmkern serve --api-key`: when set, /v1/* needs 'Authorization: Bearer KEY'.",
     "PRMKERN_BUILD_CPP": "0: never build the C++ kernels on first use (the torch paths run instead).",
     "PRMKERN_DISABLE_CPP": "1: do not load the C++ kernels even when built (the torch paths run instead).",
+    "PRMKERN_CPU_MALLOC": "default: leave glibc's malloc as it is; otherwise a CPU engine keeps freed memory in the "
+                          "process (no page faults on a prefill's temporaries: prmkern/engine/cpu_malloc.py).",
     "PRMKERN_DP_TIMEOUT_S": "Data-parallel jobs: seconds the ranks wait for each other at the end (default 7 days).",
     "PRMKERN_DP_FAULT": "Tests only: 'RANK:CHUNKS[:raise]' makes rank RANK fail after CHUNKS chunks.",
     "RANK": "Set by torchrun: this process's rank; with WORLD_SIZE, MASTER_ADDR and MASTER_PORT it makes a "
