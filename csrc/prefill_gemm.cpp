@@ -15,9 +15,9 @@
 #include "prefill_gemm.h"
 
 #include "aligned_buffer.h"
+#include "gemm_vectors.h"  // Avx2::loadw: 8 weights of any dtype as 8 float lanes
 
 #include <algorithm>
-#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -46,18 +46,6 @@ void gemm_scalar(const float* x, int64_t M, int64_t K, const void* w, int64_t N,
 }
 
 #if PRMKERN_X86
-// 8 weights from w + i (fp32, or bf16 / fp16 widened), in 8 float lanes.
-template <DType T>
-PRMKERN_AVX2 inline __m256 load8(const void* w, int64_t i) {
-  if constexpr (T == DType::F32) {
-    return _mm256_loadu_ps(static_cast<const float*>(w) + i);
-  } else {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + i));
-    if constexpr (T == DType::BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    else return _mm256_cvtph_ps(h);
-  }
-}
-
 // r[i][j] -> r[j][i] for an 8 x 8 float block in 8 registers.
 PRMKERN_AVX2 inline void transpose8x8(__m256* r) {
   __m256 t[8], u[8];
@@ -88,7 +76,7 @@ PRMKERN_AVX2 void pack_panel(const void* w, const int64_t* base, int64_t kc, flo
     for (int h = 0; h < 2; ++h) {
       __m256 r[8];
 #pragma GCC unroll 8
-      for (int c = 0; c < 8; ++c) r[c] = load8<T>(w, base[h * 8 + c] + k);
+      for (int c = 0; c < 8; ++c) r[c] = Avx2::loadw<T>(w, base[h * 8 + c] + k);  // 8 weights, widened
       transpose8x8(r);  // r[d] = depth k + d of rows h * 8 .. h * 8 + 7
 #pragma GCC unroll 8
       for (int d = 0; d < 8; ++d) _mm256_storeu_ps(dst + (k + d) * NR + h * 8, r[d]);
