@@ -66,9 +66,9 @@ PRMKERN_AVX2 inline void transpose8x8(__m256* r) {
 }
 
 // One full panel: 16 weight rows (element offsets base[0..15]) x kc depths into dst[k][16], widened. Eight depths
-// of eight rows at a time are loaded along the rows (contiguous) and transposed in registers: ~6x fewer
-// instructions than an element-by-element gather, and the packing is the part of a bf16 GEMM that the fp32 one
-// does not have.
+// of eight rows at a time are loaded along the rows (contiguous) and transposed in registers: per 64 weights 8
+// vector loads, 8 widenings, 24 shuffles and 8 vector stores, where the element-by-element copy took 64 scalar
+// loads, conversions and stores.
 template <DType T>
 PRMKERN_AVX2 void pack_panel(const void* w, const int64_t* base, int64_t kc, float* dst) {
   int64_t k = 0;
