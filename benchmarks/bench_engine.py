@@ -170,7 +170,8 @@ class Prmkern:
 class VllmPeer:
     """vLLM's CPU build in its own interpreter (benchmarks/vllm_peer.py), kept alive to alternate with prmkern."""
 
-    def __init__(self, python: str, path: str, dtype: str, chains: int, gen: int, threads: int | None):
+    def __init__(self, python: str, path: str, dtype: str, chains: int, gen: int, threads: int | None,
+                 enforce_eager: bool = False):
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
         if threads:
@@ -178,7 +179,8 @@ class VllmPeer:
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_peer.py")
         self.proc = subprocess.Popen([python, script, "--model", path, "--dtype", dtype, "--chains", str(chains),
-                                      "--gen-len", str(gen)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      "--gen-len", str(gen)] + (["--enforce-eager"] if enforce_eager else []),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env)
         self._read()  # {"ready": true} once the model is loaded
 
@@ -276,6 +278,9 @@ def main() -> None:
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--peer", choices=["vllm"], default=None, help="also time vLLM's CPU build (needs --vllm-python)")
     ap.add_argument("--vllm-python", default=None, help="interpreter of the vLLM venv (scripts/setup_vllm_venv.sh)")
+    ap.add_argument("--vllm-enforce-eager", action="store_true",
+                    help="run the vLLM peer without torch.compile (its compile of the 1.5B shape did not finish in "
+                         "18 minutes on a 2-core AVX2 CPU; eager, it starts in ~70 s)")
     ap.add_argument("--roofline", action="store_true",
                     help="report each prmkern decode step against max(bytes / read bandwidth, FLOPs / GEMM rate), "
                          "and the whole run against its floor")
@@ -332,7 +337,8 @@ def main() -> None:
     if not args.skip_transformers:
         engines["transformers"] = Transformers(path, dtype, args.device, args.chains, args.gen_len)
     if args.peer == "vllm":
-        engines["vllm"] = VllmPeer(args.vllm_python, path, args.dtype, args.chains, args.gen_len, args.threads)
+        engines["vllm"] = VllmPeer(args.vllm_python, path, args.dtype, args.chains, args.gen_len, args.threads,
+                                   enforce_eager=args.vllm_enforce_eager)
     if warm:  # the same shape once, untimed, on a prompt of its own: one-time costs are paid here by all
         for eng in engines.values():
             eng(prompts[0])
@@ -392,6 +398,7 @@ def main() -> None:
                   speedup=round(med(ratios), 3) if ratios else None, prmkern_runs_s=[round(t, 4) for t in ours_s],
                   transformers_runs_s=[round(t, 4) for t in theirs_s], threads=torch.get_num_threads(),
                   enforce_eager=args.enforce_eager, packed_gemm_bytes=args.packed_gemm_bytes,
+                  vllm_enforce_eager=args.vllm_enforce_eager if args.peer == "vllm" else None,
                   tensor_parallel_size=args.tensor_parallel_size,
                   warmup="none" if args.no_warmup else "same shape, another prompt, every engine",
                   settle_s=args.settle,

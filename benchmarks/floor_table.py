@@ -75,6 +75,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vllm-python", default="/work/vllm-venv/bin/python")
     ap.add_argument("--no-vllm", action="store_true", help="prmkern alone")
+    ap.add_argument("--vllm-enforce-eager", action="store_true",
+                    help="vLLM without torch.compile (on a 2-core AVX2 CPU its compile of the 1.5B shape does not "
+                         "finish in 18 minutes)")
     ap.add_argument("--only", default=None, help=f"comma-separated subset of {list(RUNS)}")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
@@ -83,7 +86,8 @@ def main() -> None:
     docs = {}
     for key in keys:
         out = os.path.join(args.out_dir, f"floors_{key}_{stamp}.json")
-        peer = [] if args.no_vllm else ["--peer", "vllm", "--vllm-python", args.vllm_python]
+        peer = [] if args.no_vllm else ["--peer", "vllm", "--vllm-python", args.vllm_python,
+                                        *(["--vllm-enforce-eager"] if args.vllm_enforce_eager else [])]
         docs[key] = run_json([sys.executable, os.path.join(HERE, "bench_engine.py"), *RUNS[key], "--threads", "2",
                               "--skip-transformers", "--roofline", *peer, "--out", out], out)
     memory = None
