@@ -244,6 +244,14 @@ def execute(proc: SandboxProcess, code: str, limits: SandboxLimits, res: Sandbox
         proc.reap()
         if proc.exit_code == bootstrap.EXIT_SETUP and bootstrap.SETUP_MSG in stderr:
             res.status, res.error = _from_exit(proc.exit_code, None, limits, stderr)
+        elif memory_events > 0 and proc.exit_code == -signal.SIGKILL:
+            # The session's cgroup counted an OOM kill during this snippet and the supervisor died of SIGKILL: the
+            # kernel took it too, after (or instead of) the code's process, e.g. while memfd pages the code left
+            # were still charged to the group. The cause is the code's memory, so the status says so.
+            res.status = "memory_limit"
+            res.error = (f"session memory over {limits.memory_bytes} bytes (its memory cgroup: processes, tmpfs "
+                         "files, memfds and shared memory together); the kernel killed the code's process and the "
+                         "sandbox's supervisor with it")
         elif proc.mode == "none" and proc.exit_code is not None and proc.exit_code < 0:
             # Without a PID namespace the code may signal its supervisor (NOT_ISOLATED["none"]).
             res.status = "killed"
