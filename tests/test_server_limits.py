@@ -5,7 +5,6 @@ of half-open connections that starved /health, and an accept loop that logged wi
 every connection count and wait is bounded."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket

@@ -337,8 +337,11 @@ def build_app(llm: Any, config: ServerConfig) -> FastAPI:
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return {"status": "ok"}
 
-    @app.api_route("/ping", methods=["GET", "POST"])
-    async def ping():  # vLLM's (SageMaker's) liveness route: 200 while the engine loop runs
+    # vLLM's (SageMaker's) liveness route: 200 while the engine loop runs. One operation id per method (one
+    # api_route for both gave the OpenAPI schema a duplicate id, and FastAPI a warning).
+    @app.get("/ping", operation_id="ping_get")
+    @app.post("/ping", operation_id="ping_post")
+    async def ping():
         return await health()
 
     @app.get("/version")

@@ -197,7 +197,23 @@ class VerifySolution(_StrictBody):
     id: StrictStr | StrictInt | None = None
 
 
-class VerifyRequest(_Request, _StrictBody):
+class VerifySettings(_Request, _StrictBody):
+    """The verification settings a request may override for itself (the `prmkern serve` flags of the same names):
+    /v1/verify's and /v1/sessions' shared fields."""
+
+    model: StrictStr | None = None
+    format: StrictStr | None = None
+    num_chains: StrictInt | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    max_tokens: StrictInt | None = None
+    method: Literal["min", "last", "mean", "product", "final", "vote"] | None = None  # scoring.METHODS
+    threshold: Number | None = None
+    seed: StrictInt | None = None
+    scoring: Literal["released", "exact"] | None = None  # None: the server's (--scoring, else the format's default)
+
+
+class VerifyRequest(VerifySettings):
     """prmkern's /v1/verify: one solution (`problem` and `steps`) or a batch (`solutions`: a list of them), scored
     step by step by the verifier. Every other field overrides the server's verification config (the `prmkern serve`
     flags) for this request only."""
@@ -206,17 +222,7 @@ class VerifyRequest(_Request, _StrictBody):
     steps: list[StrictStr] | None = Field(default=None, min_length=1)
     solutions: list[VerifySolution] | None = Field(default=None, min_length=1)
     id: StrictStr | StrictInt | None = None
-    model: StrictStr | None = None
-    format: StrictStr | None = None
-    num_chains: StrictInt | None = None
-    temperature: Number | None = None
-    top_p: Number | None = None
-    max_tokens: StrictInt | None = None
     budget_tokens: StrictInt | None = None
-    method: Literal["min", "last", "mean", "product", "final", "vote"] | None = None  # scoring.METHODS
-    threshold: Number | None = None
-    seed: StrictInt | None = None
-    scoring: Literal["released", "exact"] | None = None  # None: the server's (--scoring, else the format's default)
     stop_at_first_error: StrictBool | None = None  # stop judging once the earliest error is decided
     chains_min: StrictInt | None = None  # adaptive chain count (verify/adaptive.py): the first wave
     chains_max: StrictInt | None = None  # adaptive chain count: at most this many chains (sets num_chains)

@@ -28,12 +28,12 @@ import time
 import uuid
 from collections import OrderedDict
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, StrictInt, StrictStr
 
 from prmkern.serve.engine_loop import EngineLoop, Overloaded
-from prmkern.serve.protocol import ApiError, BadRequest, Number, _Request, _StrictBody, overloaded
+from prmkern.serve.protocol import ApiError, BadRequest, VerifySettings, _Request, _StrictBody, overloaded
 from prmkern.serve.responses import json_response
 from prmkern.serve.verify_api import (TEMPLATE_TOKENS, VERIFY_OVERRIDES, LoopLLM, _check_code_execution,
                                       verify_config)
@@ -41,22 +41,12 @@ from prmkern.verify.protocols import Verifier
 from prmkern.verify.sessions import SessionClosed, SessionLimits, SessionManager, StepVerdicts, VerifySession
 
 
-class SessionOpenRequest(_Request, _StrictBody):
+class SessionOpenRequest(VerifySettings):
     """POST /v1/sessions: the problem, the record index whose seeds the session uses, and /v1/verify's format
     settings (budget_tokens and stop_at_first_error do not apply to sessions)."""
 
     problem: StrictStr
     index: StrictInt = Field(default=0, ge=0)
-    model: StrictStr | None = None
-    format: StrictStr | None = None
-    num_chains: StrictInt | None = None
-    temperature: Number | None = None
-    top_p: Number | None = None
-    max_tokens: StrictInt | None = None
-    method: Literal["min", "last", "mean", "product", "final", "vote"] | None = None  # scoring.METHODS
-    threshold: Number | None = None
-    seed: StrictInt | None = None
-    scoring: Literal["released", "exact"] | None = None
 
 
 class SessionStepRequest(_Request, _StrictBody):
