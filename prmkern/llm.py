@@ -68,6 +68,18 @@ def _is_single_prompt(prompts: Any) -> bool:
              all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompts)))
 
 
+def _prompt_list(prompts: Any) -> list:
+    """`prompts` as a list of prompts: one prompt, or a list / tuple of them. Anything else (bytes, an array, a
+    tensor, an int, None) is a TypeError naming it: iterating it gave one failed request per element."""
+    if _is_single_prompt(prompts):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        return list(prompts)
+    hint = " (token ids: pass a list of ints, e.g. .tolist())" if hasattr(prompts, "tolist") else ""
+    raise TypeError(f"prompts must be a str, a list of int token ids, a TextPrompt {{'prompt': str}} or TokensPrompt "
+                    f"{{'prompt_token_ids': [...]}} dict, or a list of those; got {type(prompts).__name__}{hint}")
+
+
 class LLM:
     def __init__(self, model: str, tokenizer: str | None = None, dtype: str | torch.dtype = "auto",
                  device: str | torch.device | None = None, block_size: int = _D.block_size,
@@ -187,7 +199,7 @@ class LLM:
         with finish_reason "abort" and their blocks are freed, the other prompts go on (stop at the first error)."""
         if lora_request is not None:
             raise NotImplementedError("lora_request is not supported: merge the adapter into the weights")
-        prompts = [prompts] if _is_single_prompt(prompts) else list(prompts)
+        prompts = _prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, (dict, str)):
@@ -210,7 +222,7 @@ class LLM:
         Prompts sharing a prefix (one problem, several solutions) compute it once (prefix cache)."""
         if lora_request is not None:
             raise NotImplementedError("lora_request is not supported: merge the adapter into the weights")
-        prompts = [prompts] if _is_single_prompt(prompts) else list(prompts)
+        prompts = _prompt_list(prompts)
         if pooling_params is None:
             pooling_params = PoolingParams()
         if isinstance(pooling_params, PoolingParams):

@@ -181,8 +181,12 @@ def test_limits_evict_cleanly_and_a_failing_step_fails_alone(records):
         a_state = c.get(f"/v1/sessions/{a}?include_chains=false").json()  # unpinned by b's pins, still valid
         third = c.post("/v1/sessions", json={"problem": "What is 2 + 2?"}).json()["id"]  # closes b (a was read)
         gone = c.get(f"/v1/sessions/{b}")
-        # a step past the context (1,024 tokens) fails; its session is closed, the others go on
-        long = c.post(f"/v1/sessions/{third}/steps", json={"text": "2 + 2 = 4. " * 400})
+        # a step whose text alone is past the context (1,024 tokens) is refused before the session changes
+        too_long = c.post(f"/v1/sessions/{third}/steps", json={"text": "2 + 2 = 4. " * 400})
+        unchanged = c.get(f"/v1/sessions/{third}")
+        # one that fits alone (982 tokens) but not inside the verifier's prompt fails in the engine: its session is
+        # closed (its chains may be half extended), the others go on
+        long = c.post(f"/v1/sessions/{third}/steps", json={"text": "2 + 2 = 4. " * 108})
         after = c.get(f"/v1/sessions/{third}")
         a_more = c.post(f"/v1/sessions/{a}/steps", json={"text": rec["steps"][1]})
         health = c.get("/health")
@@ -195,6 +199,9 @@ def test_limits_evict_cleanly_and_a_failing_step_fails_alone(records):
     assert step_b.status_code == 200 and a_state["evicted"] is True and evictions >= 1
     assert len(a_state["step_scores"]) == 1
     assert gone.status_code == 404 and "--max-sessions" in gone.json()["error"]["message"]
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "text", too_long.text
+    assert "longer than the context" in too_long.json()["error"]["message"]
+    assert unchanged.status_code == 200 and unchanged.json()["steps"] == []
     assert long.status_code == 400 and "is closed" in long.json()["error"]["message"], long.text
     assert after.status_code == 404 and "failed" in after.json()["error"]["message"]
     assert a_more.status_code == 200 and a_more.json()["step"] == 1 and health.status_code == 200

@@ -160,8 +160,10 @@ class LLMEngine:
             error = str(e)
         except Exception as e:  # e.g. the tokenizer failing on this text: this request fails, nothing else
             error = f"the prompt could not be prepared: {type(e).__name__}: {e}"
-        request = Request(request_id, text, token_ids, params if params is not None else SamplingParams(),
-                          error=error, pooling=pooling)
+        # A failed request keeps its params only when they are SamplingParams (outputs read them); anything else
+        # (a dict in a list of params) is what the error names.
+        kept = params if isinstance(params, SamplingParams) else SamplingParams()
+        request = Request(request_id, text, token_ids, kept, error=error, pooling=pooling)
         if error is None:
             request.bad_words_token_ids = bad_words
         else:
@@ -445,17 +447,20 @@ class LLMEngine:
         if p.logprob_token_ids:
             seq.token_logprobs.append(chosen)
         n_out = seq.num_output_tokens
-        if n_out >= p.min_tokens:
+        if n_out >= p.min_tokens:  # the sampler banned these before: the (min_tokens + 1)-th token may be one
             if not p.ignore_eos and token in self.eos_token_ids:
                 seq.finish_reason = "stop"
                 return True
             if token in p.stop_token_ids:
                 seq.finish_reason, seq.stop_reason = "stop", token
                 return True
-            if p.stop_strings and self._check_stop_strings(seq):
-                return True
-        elif p.stop_strings:
-            self._detokenize(seq)
+        if p.stop_strings:
+            # vLLM's rule: a stop string may end only in the text of tokens past the first min_tokens
+            if n_out > p.min_tokens:
+                if self._check_stop_strings(seq):
+                    return True
+            else:
+                self._detokenize(seq)
         if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
             return True
@@ -479,9 +484,8 @@ class LLMEngine:
         if not new:
             return False
         p = seq.params
-        longest = max(len(s) for s in p.stop_strings)
-        window_start = max(0, len(seq.text) - len(new) - longest + 1)
-        hits = [(seq.text.find(s, window_start), s) for s in p.stop_strings]
+        # each stop string ends in the new text (it may start before it), as vLLM's check_stop_strings
+        hits = [(seq.text.find(s, max(0, len(seq.text) - len(new) - len(s) + 1)), s) for s in p.stop_strings]
         hits = [(i, s) for i, s in hits if i >= 0]
         if not hits:
             return False

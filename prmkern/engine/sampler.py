@@ -213,8 +213,7 @@ class Sampler:
     def _finish(self, logprobs: torch.Tensor | None, seqs: list[Sequence], tokens: torch.Tensor,
                 bad: torch.Tensor) -> SampleResult:
         """Failed rows (non-finite logits) and the requested log-probabilities of the drawn tokens."""
-        failed = {r: f"the model produced non-finite logits (NaN or inf) at position {seqs[r].num_tokens - 1} of "
-                     f"this request" for r in bad.nonzero()[:, 0].tolist()}
+        failed = {r: _nonfinite_message(seqs[r]) for r in bad.nonzero()[:, 0].tolist()}
         if failed:
             tokens[list(failed)] = 0  # a placeholder id: these rows' requests fail and their tokens are dropped
         token_list = tokens.tolist()
@@ -238,3 +237,18 @@ class Sampler:
                     chosen[r] = dict(zip(ids, values.tolist()))
                     sampled_lp[r].extra = {t: (lp, rank) for t, lp, rank in zip(ids, chosen[r].values(), ranks)}
         return SampleResult(token_list, sampled_lp, chosen, failed)
+
+
+def _nonfinite_message(seq: Sequence) -> str:
+    """Why a row could not be sampled: its logits were NaN / inf, from the model or from this request's own
+    logit processing (a huge logit_bias or penalty overflows float32; allowed_token_ids with min_tokens can ban every
+    token), which the message names when the request set any of them."""
+    p = seq.params
+    own = [name for name, on in (("logit_bias", bool(p.logit_bias)), ("allowed_token_ids", p.allowed_token_ids),
+                                 ("repetition_penalty", p.repetition_penalty != 1.0),
+                                 ("frequency_penalty", p.frequency_penalty != 0.0),
+                                 ("presence_penalty", p.presence_penalty != 0.0), ("min_tokens", p.min_tokens > 0))
+           if on]
+    cause = (f"the model, or this request's {', '.join(own)} (a value that overflows float32, or that bans every "
+             f"token)" if own else "the model")
+    return f"non-finite logits (NaN or inf) at position {seq.num_tokens - 1} of this request, from {cause}"

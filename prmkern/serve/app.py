@@ -30,6 +30,7 @@ from prmkern.serve.sessions_api import (SessionOpenRequest, SessionStepRequest, 
 from prmkern.serve.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, VerifyRequest,
                                     accepted_fields)
 from prmkern.serve.tokenize_api import DetokenizeRequest, TokenizeRequest, detokenize, tokenize, version
+from prmkern.serve.responses import json_response
 from prmkern.serve.verify_api import verify
 from prmkern.verify.protocols import VerifyConfig
 from prmkern.verify.sessions import SessionLimits
@@ -220,7 +221,8 @@ def _validation_message(exc: RequestValidationError, path: str) -> tuple[str, st
     parts, param = [], None
     for err in exc.errors():
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        param = param or (loc[0] if loc else None)
+        whole_body = err.get("type") in ("json_invalid", "model_attributes_type", "dict_type")
+        param = param or (loc[0] if loc and not whole_body else None)  # json_invalid's loc is a byte offset
         where = ".".join(loc) or "body"
         if err.get("type") == "value_error" and "lone surrogate" in str(err.get("msg")):
             text = str(err.get("msg")).removeprefix("Value error, ")
@@ -230,7 +232,7 @@ def _validation_message(exc: RequestValidationError, path: str) -> tuple[str, st
             parts.append(str(err.get("msg")).removeprefix("Value error, "))
         elif err.get("type") == "extra_forbidden":
             parts.append(f"unknown field {where!r}")
-        elif err.get("type") in ("json_invalid", "model_attributes_type", "dict_type") or not loc:
+        elif whole_body or not loc:
             parts.append(f"the body is not a JSON object ({err.get('msg')})")
         else:
             parts.append(f"{where}: {err.get('msg')} (got {json.dumps(err.get('input'), default=str)[:80]})")
@@ -351,12 +353,12 @@ def build_app(llm: Any, config: ServerConfig) -> FastAPI:
     @app.post("/tokenize")
     async def tokenize_route(req: TokenizeRequest):
         _check_model_name(state, req.model)
-        return tokenize(state, req)
+        return await json_response(tokenize, state, req)  # a megabyte prompt takes seconds: not on the event loop
 
     @app.post("/detokenize")
     async def detokenize_route(req: DetokenizeRequest):
         _check_model_name(state, req.model)
-        return detokenize(state, req)
+        return await json_response(detokenize, state, req)
 
     @app.get("/metrics")
     async def metrics():

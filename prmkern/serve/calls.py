@@ -91,7 +91,7 @@ class ChainText:
         self.skip_special = params.skip_special_tokens
         self.holdback = max((len(s) for s in params.stop_strings), default=1) - 1  # chars a stop string may cut
         self.token_ids: list[int] = []
-        self.sent = prefix  # what the client has received (echoed prompt included)
+        self.sent = ""  # what the client has received: an echoed prompt goes out with the first text
         self.prefix = prefix
 
     def push(self, token_ids: list[int], engine_text: str | None = None) -> str:

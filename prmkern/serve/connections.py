@@ -3,8 +3,8 @@ the accept loop may log. Everything here is uvicorn configuration; the routes kn
 
 * ``LimitedH11Protocol`` (built by ``limited_protocol``): uvicorn's h11 protocol with a cap on open connections,
   kept below the process's file-descriptor limit. A connection over the cap first evicts the oldest connection
-  that has no request in progress (a half-open or idle keep-alive one); if every connection is busy with a request,
-  the newcomer gets HTTP 503 and is closed. A connection must deliver its request headers within
+  that has no request in progress and none waiting to be read (a half-open or idle keep-alive one); if every
+  connection has a request, the newcomer gets HTTP 503 and is closed. A connection must deliver its request headers within
   ``header_timeout_s`` of opening (or of its previous response, on keep-alive), else it is closed: a client that
   opens connections and sends nothing (or a byte at a time) holds nothing for long.
 * ``RateLimitedLog``: at most ``burst`` records per message per ``window_s`` on the server's loggers (asyncio's
@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import socket
 import threading
 import time
 from typing import Any
@@ -55,6 +56,20 @@ def _busy(conn: H11Protocol) -> bool:
     return conn.cycle is not None and not conn.cycle.response_complete
 
 
+def _has_unread_bytes(conn: H11Protocol) -> bool:
+    """The client has sent bytes the server has not read yet. In a burst, asyncio makes every accepted connection
+    before it reads any of them, so a connection whose whole request is waiting in the kernel still looks idle to
+    `_busy`: evicting it dropped a complete request without an answer. A peek tells them apart."""
+    sock = conn.transport.get_extra_info("socket")
+    raw = getattr(sock, "_sock", sock)  # asyncio's TransportSocket wraps the socket
+    try:
+        return bool(raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))  # b"": the client closed its side
+    except (BlockingIOError, InterruptedError):
+        return False
+    except (OSError, AttributeError, ValueError):
+        return False
+
+
 _REFUSED = (b'{"error": {"message": "server overloaded: too many open connections (--max-connections); retry '
             b'later", "type": "overloaded_error", "param": null, "code": 503}}')
 _REFUSED_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
@@ -80,8 +95,10 @@ class LimitedH11Protocol(H11Protocol):
         self._arm()
 
     def _make_room(self) -> bool:
-        """Closes the oldest connection without a request in progress; False if every other one is busy."""
-        idle = [c for c in self.connections if c is not self and not _busy(c) and not c.transport.is_closing()]
+        """Closes the oldest connection without a request in progress or waiting to be read; False if every other
+        one has one."""
+        idle = [c for c in self.connections if c is not self and not _busy(c) and not c.transport.is_closing()
+                and not _has_unread_bytes(c)]
         if not idle:
             return False
         oldest = min(idle, key=lambda c: getattr(c, "_opened", 0.0))

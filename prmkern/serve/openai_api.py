@@ -82,7 +82,8 @@ def _completion_prompts(state: Any, prompt: Any) -> tuple[list[list[int]], list[
     return ids, texts
 
 
-def _max_tokens(state: Any, requested: int | None, prompt_len: int) -> int:
+def _max_tokens(state: Any, requested: int | None, prompt_len: int, name: str = "max_tokens") -> int:
+    """The completion's token limit: `requested` (the body's field `name`) or the room left in the context."""
     room = state.max_model_len - prompt_len
     if room < 1:
         raise BadRequest(f"the prompt has {prompt_len} tokens and this model's context is {state.max_model_len}; "
@@ -90,11 +91,11 @@ def _max_tokens(state: Any, requested: int | None, prompt_len: int) -> int:
     if requested is None:
         return room
     if requested < 1:
-        raise BadRequest(f"max_tokens={requested} is invalid; accepted: an int >= 1", "max_tokens")
+        raise BadRequest(f"{name}={requested} is invalid; accepted: an int >= 1", name)
     if requested > room:
         raise BadRequest(f"this model's maximum context length is {state.max_model_len} tokens, but "
                          f"{prompt_len + requested} were requested ({prompt_len} in the prompt, {requested} in the "
-                         f"completion); accepted: max_tokens <= {room} for this prompt", "max_tokens")
+                         f"completion); accepted: {name} <= {room} for this prompt", name)
     return requested
 
 
@@ -324,7 +325,8 @@ async def create_chat_completion(state: Any, req: ChatCompletionRequest, http: R
     prompt = _chat_prompt(state, req)
     lp_arg = _logprobs_arg(state, req.top_logprobs or 0, "top_logprobs") if req.logprobs else None
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    params = _params(state, req, _max_tokens(state, requested, len(prompt)), lp_arg)
+    name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    params = _params(state, req, _max_tokens(state, requested, len(prompt), name), lp_arg)
     k = req.top_logprobs or 0
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     base = {"id": rid, "object": "chat.completion", "created": created, "model": state.model_name}

@@ -264,7 +264,8 @@ def logit_bias(bias: dict[str, float] | None, vocab: int) -> dict[int, float] | 
         return None
     out = {}
     for key, value in bias.items():
-        if not key.isdigit() or int(key) >= vocab:
+        # ASCII digits only: str.isdigit() also takes "²" (int() then fails) and "٣" (which int() reads as 3)
+        if not (key.isascii() and key.isdigit()) or int(key) >= vocab:
             raise BadRequest(f"logit_bias has key {key!r}; accepted: token ids (as strings) in [0, {vocab})",
                              "logit_bias")
         out[int(key)] = min(100.0, max(-100.0, float(value)))
@@ -272,7 +273,9 @@ def logit_bias(bias: dict[str, float] | None, vocab: int) -> dict[int, float] | 
 
 
 def accepted_fields(model: type[BaseModel]) -> str:
-    return ", ".join(model.model_fields)
+    """The body's field names, the model's own first (problem, steps), then those it inherits (VerifySettings)."""
+    own = [name for name in model.__dict__.get("__annotations__", {}) if name in model.model_fields]
+    return ", ".join(own + [name for name in model.model_fields if name not in own])
 
 
 def sampling_params(req: _SamplingFields, *, max_tokens: int, logprobs: int | None, max_n: int, vocab: int,
@@ -302,5 +305,5 @@ def sampling_params(req: _SamplingFields, *, max_tokens: int, logprobs: int | No
             seed=req.seed, logprobs=logprobs, prompt_logprobs=req.prompt_logprobs,
             logprob_token_ids=req.logprob_token_ids, skip_special_tokens=req.skip_special_tokens, **penalties)
     except (TypeError, ValueError) as e:
-        named = re.match(r"SamplingParams\.(\w+)=", str(e))
-        raise BadRequest(str(e), named.group(1) if named else None) from e
+        named = re.match(r"SamplingParams\.(\w+)=|(\w+) must ", str(e))  # ours, or vLLM's "n must be 1 when ..."
+        raise BadRequest(str(e), (named.group(1) or named.group(2)) if named else None) from e

@@ -170,7 +170,7 @@ async def create_response(state: Any, req: ResponsesRequest, http: Request) -> R
     chat = _as_chat(req)
     prompt = _chat_prompt(state, chat)
     lp_arg = _logprobs_arg(state, chat.top_logprobs or 0, "top_logprobs") if chat.logprobs else None
-    params = _params(state, chat, _max_tokens(state, req.max_output_tokens, len(prompt)), lp_arg)
+    params = _params(state, chat, _max_tokens(state, req.max_output_tokens, len(prompt), "max_output_tokens"), lp_arg)
     k = chat.top_logprobs or 0
     rid, msg_id = req.request_id or f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
     base = {"id": rid, "object": "response", "created_at": int(time.time()), "model": state.model_name,

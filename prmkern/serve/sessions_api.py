@@ -14,8 +14,9 @@ batched steps and its prefix cache. Each session carries its own Verifier (its f
 
 Limits: at most `max_sessions` sessions are open; opening or forking past it closes the least recently used idle
 session, whose id then answers 404 saying so. One session runs one step at a time (a second is a 409); a fork, GET
-or DELETE of a session waits for its running step. A step that fails (an engine error, a prompt past the context)
-closes its session alone (its chains may be half extended) and answers the error; the server goes on. A step keeps
+or DELETE of a session waits for its running step (on the event loop, holding no thread). A step whose text
+with the session's is longer than the context is refused (400 naming `text`) and leaves the session as it was; one
+that fails once running (an engine error, a verifier prompt past the context) closes its session alone (its chains may be half extended) and answers the error; the server goes on. A step keeps
 running when its client goes away (its result stays in the session). Sessions ignore the server's
 --budget-tokens, --stop-at-first-error and adaptive chain count (--chains-min: they do not apply to sessions).
 """
@@ -36,7 +37,7 @@ from prmkern.serve.engine_loop import EngineLoop, Overloaded
 from prmkern.serve.protocol import ApiError, BadRequest, VerifySettings, _Request, _StrictBody, overloaded
 from prmkern.serve.responses import json_response
 from prmkern.serve.verify_api import (TEMPLATE_TOKENS, VERIFY_OVERRIDES, LoopLLM, _check_code_execution,
-                                      verify_config)
+                                      named_field, prompt_tokens, verify_config)
 from prmkern.verify.protocols import Verifier
 from prmkern.verify.sessions import SessionClosed, SessionLimits, SessionManager, StepVerdicts, VerifySession
 
@@ -185,6 +186,9 @@ async def open_session(state: Any, req: SessionOpenRequest) -> Any:
                        "model", "not_found_error")
     if not req.problem.strip():
         raise BadRequest("problem is empty; accepted: a non-empty string", "problem")
+    if await asyncio.to_thread(prompt_tokens, state, req.problem) is None:  # bounded tokenizing, off the loop
+        raise BadRequest(f"problem is longer than the context: more than {state.max_model_len - 1} tokens "
+                         f"(max_model_len {state.max_model_len}); accepted: a problem that fits", "problem")
     fields = {k: getattr(req, k) for k in ("format", "num_chains", "temperature", "top_p", "max_tokens", "method",
                                            "threshold", "seed", "scoring")}
     _check_code_execution(state, SimpleNamespace(**fields))
@@ -200,16 +204,21 @@ async def open_session(state: Any, req: SessionOpenRequest) -> Any:
         verifier = Verifier(LoopLLM(state.loop, state.tokenizer, threading.Event()), config)
         session = state.sessions.manager.open(req.problem, req.index, verifier=verifier)
     except ValueError as e:
-        raise BadRequest(str(e), "format" if "format" in str(e) else None) from e
+        raise BadRequest(str(e), named_field(str(e), VERIFY_OVERRIDES)) from e
     sid = state.sessions.add(session)
     return {"id": sid, "object": "verification.session", "model": state.model_name, "format": config.format.name,
             "num_chains": config.num_chains, "index": req.index, "scoring": config.scoring, "steps": []}
 
 
 def _step_cost(state: Any, session: VerifySession, text: str) -> int:
-    """The tokens one step may put in the engine (as /v1/verify's estimate for the whole solution so far)."""
+    """The tokens one step may put in the engine (as /v1/verify's estimate for the whole solution so far); a 400
+    naming `text` when the solution with this step no longer fits the context (the session stays as it was)."""
     words = session.problem + "\n".join(session.steps) + text
-    prompt = len(state.tokenizer.encode(words)) if state.tokenizer is not None else len(words) // 4
+    prompt = prompt_tokens(state, words)
+    if prompt is None:
+        raise BadRequest(f"the problem and the steps with this one are longer than the context: more than "
+                         f"{state.max_model_len - 1} tokens (max_model_len {state.max_model_len}); accepted: a "
+                         f"solution that fits", "text")
     c = session.verifier.config
     return prompt + TEMPLATE_TOKENS + c.num_chains * c.max_tokens
 
@@ -229,7 +238,7 @@ async def add_step(state: Any, sid: str, req: SessionStepRequest) -> Any:
     try:
         if session.closed:  # closed between get() and the lock (deleted, or closed to make room)
             state.sessions.get(sid)
-        cost = _step_cost(state, session, req.text)
+        cost = await asyncio.to_thread(_step_cost, state, session, req.text)  # tokenizing: off the event loop
         state.loop.reserve(cost)
     except Overloaded as e:
         entry.lock.release()
@@ -267,16 +276,31 @@ async def add_step(state: Any, sid: str, req: SessionStepRequest) -> Any:
 
 
 async def _with_session(state: Any, sid: str, fn: Any) -> Any:
-    """fn(entry) in a worker thread once the session's running step, if any, is done (a client that leaves
-    while it waits cannot leave the session locked: the thread releases it)."""
+    """fn(entry) in a worker thread once the session's running step, if any, is done.
+
+    The wait for the step holds no thread: the lock is tried from the event loop, with a sleep between tries (a
+    thread blocked on it would hold one of the default executor's few workers, which every JSON answer of the
+    server is rendered in, so a few polls of a running session stalled everyone's completions). Once taken, the
+    lock belongs to the job, which releases it; the job is shielded, so a client that leaves cannot strand it."""
     entry = state.sessions.get(sid)
+    delay = 0.002
+    while not entry.lock.acquire(blocking=False):
+        await asyncio.sleep(delay)
+        delay = min(2 * delay, 0.05)
 
     def job() -> Any:
-        with entry.lock:
+        try:
             if entry.session.closed:
                 state.sessions.get(sid)  # 404 with the reason
             return fn(entry)
-    return await asyncio.get_running_loop().run_in_executor(None, job)
+        finally:
+            entry.lock.release()
+    try:
+        work = asyncio.get_running_loop().run_in_executor(None, job)
+    except BaseException:
+        entry.lock.release()
+        raise
+    return await asyncio.shield(work)
 
 
 async def fork_session(state: Any, sid: str) -> Any:

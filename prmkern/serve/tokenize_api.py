@@ -2,7 +2,8 @@
 
 /tokenize takes a completion-style `prompt` or chat `messages` (rendered by the chat template, as /v1/chat/completions
 renders them) and answers {count, max_model_len, tokens[, token_strs]}; /detokenize takes {tokens} and answers
-{prompt}. They run on the handler's thread (tokenizing is cheap and bounded by --max-request-bytes), not the engine.
+{prompt}. They run in a worker thread (a prompt of a megabyte, under --max-request-bytes, takes seconds to tokenize:
+not on the event loop, which would stall every other client), not the engine.
 """
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import json
 import queue
+import re
 import threading
 import time
 from typing import Any, Sequence
@@ -26,6 +27,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from prmkern.outputs import CompletionOutput, RequestOutput
 from prmkern.pooling import PoolingOutput, PoolingParams, PoolingRequestOutput
+from prmkern.prompts import encode_bounded
 from prmkern.sampling_params import SamplingParams
 from prmkern.serve.engine_loop import ChainDelta, ChainDone, EngineLoop, Overloaded, RequestDone
 from prmkern.serve.protocol import ApiError, BadRequest, VerifyRequest, overloaded
@@ -201,8 +203,15 @@ def verify_config(defaults: VerifyConfig, req: VerifyRequest, max_n: int, max_to
         # Sampling values are checked where the engine checks them, before any chain runs.
         SamplingParams(temperature=config.temperature, top_p=config.top_p, max_tokens=max(1, config.max_tokens))
     except (TypeError, ValueError, KeyError) as e:
-        raise BadRequest(str(e).strip("'\"")) from e
+        message = str(e).strip("'\"")
+        raise BadRequest(message, named_field(message, list(overrides) + ["temperature", "top_p"])) from e
     return config
+
+
+def named_field(message: str, fields: Sequence[str]) -> str | None:
+    """Of `fields`, the one an error message names first (the 400's `param`), or None."""
+    found = [(m.start(), f) for f in fields if (m := re.search(rf"\b{re.escape(f)}\b", message))]
+    return min(found)[1] if found else None
 
 
 def _check_code_execution(state: Any, req: VerifyRequest) -> None:
@@ -233,13 +242,34 @@ def _records(state: Any, req: VerifyRequest) -> list[dict[str, Any]]:
     return [{k: v for k, v in sol.items() if v is not None} for sol in sols]
 
 
+def prompt_tokens(state: Any, text: str) -> int | None:
+    """Tokens of `text`, or None when it has more than the context holds (max_model_len - 1); the tokenizing is
+    bounded (prompts.encode_bounded: a megabyte of text costs a prefix's worth). Without a tokenizer: len / 4."""
+    if state.tokenizer is None:
+        return len(text) // 4
+    try:
+        return len(encode_bounded(state.tokenizer, text, state.max_model_len - 1, state.max_token_chars))
+    except ValueError:
+        return None
+
+
 def estimated_cost(state: Any, records: list[dict[str, Any]], config: VerifyConfig) -> int:
     """The tokens a verify call may put in the engine: each solution's text (tokenized) plus the template's
-    words, and K chains of max_tokens each. Reserved once, before the first round (EngineLoop.reserve)."""
+    words, and K chains of max_tokens each. Reserved once, before the first round (EngineLoop.reserve).
+
+    A solution longer than the context is a 400 naming it before anything is reserved when it is the call's only
+    one; in a batch it fails alone (its row says why) and counts as one context's worth."""
     total = 0
-    for rec in records:
-        text = rec["problem"] + "\n".join(rec["steps"])
-        prompt = len(state.tokenizer.encode(text)) if state.tokenizer is not None else len(text) // 4
+    for i, rec in enumerate(records):
+        prompt = prompt_tokens(state, rec["problem"] + "\n".join(rec["steps"]))
+        if prompt is None:
+            if len(records) == 1:
+                fits = prompt_tokens(state, rec["problem"]) is not None
+                raise BadRequest(f"{'the steps make the solution' if fits else 'problem is'} longer than the "
+                                 f"context: more than {state.max_model_len - 1} tokens (max_model_len "
+                                 f"{state.max_model_len}); accepted: a solution that fits",
+                                 "steps" if fits else "problem")
+            prompt = state.max_model_len
         total += prompt + TEMPLATE_TOKENS + config.num_chains * config.max_tokens
     return total
 
@@ -253,7 +283,7 @@ async def verify(state: Any, req: VerifyRequest, http: Request) -> Response:
     _check_code_execution(state, req)
     config = verify_config(state.verify_defaults, req, state.max_n, state.max_model_len - 1,
                            state.verify_options)
-    cost = estimated_cost(state, records, config)
+    cost = await asyncio.to_thread(estimated_cost, state, records, config)  # tokenizing: off the event loop
     try:
         state.loop.reserve(cost)  # queued below the bound (the engine's scheduler), refused above it
     except Overloaded as e:
@@ -266,7 +296,7 @@ async def verify(state: Any, req: VerifyRequest, http: Request) -> Response:
         try:
             verifier = Verifier(LoopLLM(state.loop, state.tokenizer, cancel), config)
         except ValueError as e:
-            raise BadRequest(str(e)) from e
+            raise BadRequest(str(e), named_field(str(e), VERIFY_OVERRIDES)) from e
         work = asyncio.get_running_loop().run_in_executor(state.verify_executor, verifier.verify, records)
         gone = asyncio.ensure_future(_disconnected(http))
         done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -288,7 +318,7 @@ async def verify(state: Any, req: VerifyRequest, http: Request) -> Response:
         state.loop.unreserve(cost)
 
     if req.solutions is None and results[0].error is not None:
-        raise BadRequest(results[0].error)
+        raise BadRequest(results[0].error, named_field(results[0].error, ("steps", "problem")))
     state.metrics.observe_latency("verify", time.perf_counter() - start)
     return await json_response(lambda: _body(state, req, records, config, results))
 
@@ -319,7 +349,7 @@ def _stream(state: Any, req: VerifyRequest, records: list[dict[str, Any]], confi
         verifier = Verifier(LoopLLM(state.loop, state.tokenizer, cancel), config)
     except ValueError as e:
         state.loop.unreserve(cost)
-        raise BadRequest(str(e)) from e
+        raise BadRequest(str(e), named_field(str(e), VERIFY_OVERRIDES)) from e
     verifier.on_event = lambda ev: aio.call_soon_threadsafe(inbox.put_nowait, ev)
     work = aio.run_in_executor(state.verify_executor, verifier.verify, records)
 
@@ -347,6 +377,8 @@ def _stream(state: Any, req: VerifyRequest, records: list[dict[str, Any]], confi
             if not work.done():  # the client went away mid-stream
                 cancel.set()
                 state.count_abort()
+                # the worker ends with Cancelled, which nobody awaits: retrieved here, not logged as an error
+                work.add_done_callback(lambda f: f.cancelled() or f.exception())
             state.loop.unreserve(cost)
     return StreamingResponse(events(), media_type="text/event-stream")
 
