@@ -56,8 +56,11 @@ def member_configs(given: dict[str, Any], members: list[Member],
     for m in members:
         try:
             kind = get_format(m.format).kind
-        except KeyError as e:
-            raise UsageError(f"--ensemble member {m.name}: {e}") from e
+        except (KeyError, ValueError) as e:
+            raise UsageError(f"--ensemble member {m.name}: {str(e).strip(chr(39))}") from e
+        if not os.path.isfile(os.path.join(m.model, "config.json")):  # found before any member loads
+            raise UsageError(f"--ensemble member {m.name}: {m.model}: no config.json there; give a local Hugging "
+                             f"Face checkpoint directory (nothing is downloaded)")
         opts = {k: v for k, v in given.items() if not (kind == "discriminative" and k in SAMPLING)}
         try:
             config = VerifyConfig(format=m.format, **opts)

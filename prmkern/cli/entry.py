@@ -13,7 +13,7 @@ import sys
 
 from prmkern import __version__
 from prmkern.cli import bon, generate, report_html, serve, verify
-from prmkern.cli.jobs import check_output_paths
+from prmkern.cli.jobs import check_input_paths, check_output_paths
 from prmkern.cli.options import UsageError
 
 __all__ = ["UsageError", "build_parser", "main"]
@@ -34,13 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_job_paths(args: argparse.Namespace) -> None:
-    """Before anything loads or is written: no output (-o, --summary) may be one of the command's inputs."""
+    """Before anything loads or is written: every input exists and is a file, and no output (-o, --summary) is
+    one of the command's inputs, another output, a directory, or in a directory that does not exist."""
     if not hasattr(args, "output"):
         return
     if args.command == "verify":
         inputs = [verify.default_input(args)]
+    elif args.command == "report":  # its run files, summaries and labels are all read
+        inputs = [*args.runs, *(args.summaries or []), *([args.labels] if args.labels else [])]
     else:
         inputs = [p for p in [getattr(args, "input", None), *(getattr(args, "files", None) or [])] if p]
+    check_input_paths(inputs)
     check_output_paths(inputs, {"-o": args.output, "--summary": getattr(args, "summary", None)})
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from prmkern.cli import options
 from prmkern.cli.jobs import Item, JobRunner, read_items, write_summary
+from prmkern.cli.options import UsageError
 from prmkern.cli.report import progress_bar, report_failures, resume_hint, summary_line
 from prmkern.sampling_params import SamplingParams
 from prmkern.tiny import DEFAULT_MODEL
@@ -26,8 +27,16 @@ _DEFAULTS = {"n": "n", "temperature": "temperature", "top_p": "top_p", "top_k": 
 
 def generate_params(args: argparse.Namespace, rec: dict[str, Any]) -> SamplingParams:
     """A record's SamplingParams: its own keys over the command's sampling options."""
-    if "prompt" not in rec and "prompt_token_ids" not in rec:
-        raise ValueError("a record needs 'prompt' (text) or 'prompt_token_ids' (list of ints)")
+    if ("prompt" in rec) == ("prompt_token_ids" in rec):
+        raise ValueError("a record needs 'prompt' (text) or 'prompt_token_ids' (list of ints), one of them; got "
+                         + ("both" if "prompt" in rec else f"keys {sorted(rec)}"))
+    if "prompt" in rec and not isinstance(rec["prompt"], str):
+        raise ValueError(f"'prompt' is a {type(rec['prompt']).__name__}; accepted: a string (token ids go in "
+                         f"'prompt_token_ids')")
+    ids = rec.get("prompt_token_ids")
+    if "prompt_token_ids" in rec and (not isinstance(ids, list) or not ids or
+                                      any(isinstance(t, bool) or not isinstance(t, int) for t in ids)):
+        raise ValueError(f"'prompt_token_ids' is {json.dumps(ids)[:60]}; accepted: a non-empty list of int token ids")
     unknown = set(rec) - set(SAMPLING_KEYS) - {"prompt", "prompt_token_ids", "id"}
     if unknown:
         raise ValueError(f"unknown keys {sorted(unknown)}; accepted: prompt, prompt_token_ids, id, "
@@ -51,7 +60,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     def process(batch: list[Item], emit) -> None:
         nonlocal chains
-        outs = llm.generate([it.record.get("prompt", it.record.get("prompt_token_ids")) for it in batch],
+        outs = llm.generate([it.record["prompt"] if "prompt" in it.record else {"prompt_token_ids":
+                                                                                it.record["prompt_token_ids"]}
+                             for it in batch],
                             [params[it.index] for it in batch], use_tqdm=False)
         for it, r in zip(batch, outs):
             chains += len(r.outputs)
@@ -79,6 +90,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Many chains over one prompt on the embedded default: the prompt is prefilled once and shared."""
     options.check_engine_args(args)
+    for flag, value in (("--chains", args.chains), ("--gen-len", args.gen_len), ("--prompt-len", args.prompt_len)):
+        if value < 1:
+            raise UsageError(f"{flag} {value} is invalid; accepted: an int >= 1")
     llm = options.make_llm(args)
     print(f"model: {llm.config.model} ({DEFAULT_MODEL['arch']}, random weights)" if args.model is None
           else f"model: {args.model}", file=sys.stderr)
@@ -88,6 +102,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = llm.generate([prompt_ids], params, use_tqdm=not args.no_progress)[0]
     seconds = time.perf_counter() - start
+    if out.error is not None:  # e.g. a prompt longer than the context (--prompt-len)
+        raise UsageError(f"the demo's request failed: {out.error}")
     print(f"{len(out.outputs)} chains of {args.gen_len} tokens over one {len(prompt_ids)}-token prompt; chain 0 "
           f"starts: {out.outputs[0].text[:60]!r}")
     print(summary_line(llm.stats.as_dict(), seconds, len(out.outputs)))

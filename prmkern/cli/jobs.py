@@ -25,6 +25,7 @@ import fcntl
 import json
 import math
 import os
+import stat
 import sys
 import time
 from collections import Counter
@@ -82,6 +83,15 @@ def _parse_line(text: str) -> tuple[Any, str | None]:
     return _check_record(rec)
 
 
+def _one_json_value(raw: bytes) -> bool:
+    """The line is one whole JSON value (a JSONL record), not the first line of a pretty-printed array."""
+    try:
+        json.loads(raw.decode("utf-8"))
+        return True
+    except (ValueError, RecursionError):
+        return False
+
+
 def read_items(path: str) -> list[Item]:
     """Items of a JSONL file ('-': stdin) or of a JSON array file. Blank lines are skipped, never fatal. Lines are
     split on "\\n" in the bytes (a U+2028 inside a JSON string does not end a record) and decoded one by one, so
@@ -89,13 +99,22 @@ def read_items(path: str) -> list[Item]:
     data = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]
+    lines = [raw for raw in data.split(b"\n") if raw.strip()]
     if data.lstrip().startswith(b"["):
         try:
             array = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
         except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-            why = _TOO_DEEP if isinstance(e, RecursionError) else e
-            raise SystemExit(f"{path}: starts with '[' but is not a valid JSON array ({why}); give a JSON array or "
-                             f"JSONL (one object per line)")
+            if len(lines) > 1 and _one_json_value(lines[0]):  # JSONL whose first record is not an object (say
+                array = None                                      # "[1, 2]"): that line fails alone, below
+            else:
+                why = _TOO_DEEP if isinstance(e, RecursionError) else e
+                raise SystemExit(f"{path}: starts with '[' but is not a valid JSON array ({why}); give a JSON array "
+                                 f"or JSONL (one object per line)")
+    else:
+        array = None
+    if array is not None:
+        if not isinstance(array, list):
+            raise SystemExit(f"{path}: not a JSON array or JSONL")
         items = []
         for i, rec in enumerate(array):
             rec, bad = _check_record(rec)
@@ -117,14 +136,40 @@ def read_items(path: str) -> list[Item]:
     return items
 
 
+def check_input_paths(inputs: list[str]) -> None:
+    """Refuses (SystemExit, one line naming the path) an input that is missing, a directory or unreadable, before
+    anything loads: opening it later gave a traceback. '-' is stdin."""
+    for path in inputs:
+        if not path or path == "-":
+            continue
+        if os.path.isdir(path):
+            raise SystemExit(f"{path} is a directory; accepted: a JSONL or JSON array file, or - for stdin")
+        if not os.path.exists(path):
+            raise SystemExit(f"{path}: no such file")
+        if not os.access(path, os.R_OK):
+            raise SystemExit(f"{path}: not readable (permission denied)")
+
+
 def check_output_paths(inputs: list[str], outputs: dict[str, str | None]) -> None:
-    """Refuses (SystemExit) an output that is one of the inputs: the same file after realpath, or the same inode
-    through a hard link. outputs: flag -> path ('-' and None are stdout / not written). Call before writing."""
+    """Refuses (SystemExit) an output that is one of the inputs (the same file after realpath, or the same inode
+    through a hard link), two outputs that are one file, an output that is a directory, and one whose directory
+    does not exist. outputs: flag -> path ('-' and None are stdout / not written). Call before writing: these
+    were found only after the model loaded, or after the whole job (a --summary path), as tracebacks."""
     real_in = {os.path.realpath(p): p for p in inputs if p and p != "-"}
+    written: dict[str, str] = {}
     for flag, out in outputs.items():
         if not out or out == "-":
             continue
+        if os.path.isdir(out):
+            raise SystemExit(f"{flag} {out} is a directory; give {flag} a file path")
+        parent = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(parent):
+            raise SystemExit(f"{flag} {out}: the directory {parent} does not exist; create it or give another path")
         real = os.path.realpath(out)
+        if real in written:
+            raise SystemExit(f"{flag} {out} is the same file as {written[real]}; each output needs its own path "
+                             f"(one would overwrite the other)")
+        written[real] = f"{flag} {out}"
         same = real_in.get(real)
         if same is None and os.path.exists(out):
             same = next((p for p in real_in.values() if os.path.exists(p) and os.path.samefile(p, out)), None)
@@ -143,7 +188,7 @@ def _open_locked(path: str, resume: bool) -> IO[str]:
         os.close(fd)
         raise SystemExit(f"{path} is being written by another run (it holds the file's lock); wait for it to end "
                          f"or give -o another path") from None
-    if not resume:
+    if not resume and stat.S_ISREG(os.fstat(fd).st_mode):  # /dev/null, a FIFO: nothing to truncate
         os.ftruncate(fd, 0)
     return os.fdopen(fd, "a")
 
@@ -154,7 +199,9 @@ def failure_reason(error: str) -> str:
     for key, reason in (("nested too deeply", "nested too deeply"), ("lone surrogate", "invalid text"),
                         ("malformed json", "malformed JSON"), ("not a json object", "not a JSON object"),
                         ("non-finite", "non-finite number"), ("max_model_len", "prompt exceeds the context"),
-                        ("exceeds the context", "prompt exceeds the context"), ("needs", "missing or invalid field"),
+                        ("exceeds the context", "prompt exceeds the context"),
+                        ("kv block", "KV pool too small"), ("'steps'", "missing or invalid field"),
+                        ("'problem'", "missing or invalid field"), ("needs", "missing or invalid field"),
                         ("unknown keys", "unknown keys"), ("accepted", "invalid value")):
         if key in e:
             return reason
@@ -170,11 +217,11 @@ def _finished_rows(path: str) -> list[dict[str, Any]]:
     if keep != len(data):
         with open(path, "r+b") as f:
             f.truncate(keep)
-    for lineno, line in enumerate(data[:keep].decode().splitlines(), 1):
-        if not line.strip():
+    for lineno, raw in enumerate(data[:keep].split(b"\n"), 1):
+        if not raw.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(raw.decode("utf-8"))  # UnicodeDecodeError is a ValueError: said below, per line
             int(row["index"])
             done.append(row)
         except (ValueError, KeyError, TypeError) as e:

@@ -209,4 +209,5 @@ def make_llm(args: argparse.Namespace, default: str = "random") -> LLM:
     except EngineConfigError as e:  # the engine's config check: name the flag
         raise UsageError(f"{e} (set with {flag(e.field)})") from e
     except ValueError as e:
-        raise UsageError(f"{e} (set with --{str(e).split('=')[0].replace('_', '-')})") from e
+        named = re.match(r"(?:\w+\.)?(\w+)=", str(e))  # "LLM.max_model_len=..." names its argument; others do not
+        raise UsageError(f"{e} (set with {flag(named.group(1))})" if named else str(e)) from e

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
 from prmkern.cli import options
@@ -60,7 +61,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                    help="on SIGINT/SIGTERM, seconds to let in-flight requests finish before answering them 503")
     s.add_argument("--chat-template", default=None,
                    help="vLLM's: a Jinja chat template (a file, or the template text) replacing the tokenizer's")
-    s.add_argument("--log-level", default="info")
+    s.add_argument("--log-level", default="info", type=str.lower,
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
     s.set_defaults(func=run_serve)
     return s
 
@@ -86,6 +88,14 @@ def run_serve(args: argparse.Namespace) -> int:
                 chat_template = f.read()
     options.check_engine_args(args)
     verify_config = build_config(args)  # the verifier options, checked before the model loads
+    if not 0 <= args.port <= 65535:
+        raise SystemExit(f"prmkern serve: --port {args.port} is invalid; accepted: an int in [0, 65535]")
+    server_args = _server_args(args, chat_template)
+    try:  # the server's limits, checked before the model loads (the same ServerConfig is built after it)
+        ServerConfig(model_name="-", **server_args)
+    except (TypeError, ValueError) as e:  # "ServerConfig.max_n=0 is invalid" names the flag --max-n
+        raise SystemExit("prmkern serve: " + re.sub(r"ServerConfig\.(\w+)=", lambda m: f"--{m.group(1).replace('_', '-')} ",
+                                                    str(e)))
     llm = options.make_llm(args, default="verifier")
     if llm.tokenizer is None:
         print("warning: the checkpoint has no tokenizer; only token-id prompts on /v1/completions will work",
@@ -98,15 +108,7 @@ def run_serve(args: argparse.Namespace) -> int:
     for flag, value in (("--max-sessions", args.max_sessions), ("--max-pinned-sessions", args.max_pinned_sessions)):
         if value < 1:
             raise SystemExit(f"prmkern serve: {flag} {value} is invalid; accepted: an int >= 1")
-    config = ServerConfig(model_name=name, api_key=args.api_key, max_pending=args.max_pending,
-                          max_request_bytes=args.max_request_bytes, max_n=args.max_n, max_prompts=args.max_prompts,
-                          max_verify=args.max_verify, max_pending_tokens=args.max_pending_tokens,
-                          max_solutions=args.max_solutions, max_sessions=args.max_sessions,
-                          session_limits=SessionLimits(max_sessions=args.max_pinned_sessions),
-                          verify_options=given_options(args), chat_template=chat_template,
-                          max_logprobs=args.max_logprobs, max_token_ids=args.max_token_ids,
-                          allow_code_execution=args.allow_code_execution, request_timeout_s=args.header_timeout,
-                          **({"verify": verify_config} if verify_config else {}))
+    config = ServerConfig(model_name=name, **server_args, **({"verify": verify_config} if verify_config else {}))
     app = build_app(llm, config)
     try:
         limits = uvicorn_kwargs(args.max_connections, args.header_timeout)
@@ -119,3 +121,14 @@ def run_serve(args: argparse.Namespace) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.shutdown_timeout, **limits)
     return 0
+
+
+def _server_args(args: argparse.Namespace, chat_template: str | None) -> dict:
+    """ServerConfig's fields from the flags (all but the model name and the verifier config)."""
+    return dict(api_key=args.api_key, max_pending=args.max_pending, max_request_bytes=args.max_request_bytes,
+                max_n=args.max_n, max_prompts=args.max_prompts, max_verify=args.max_verify,
+                max_pending_tokens=args.max_pending_tokens, max_solutions=args.max_solutions,
+                max_sessions=args.max_sessions, session_limits=SessionLimits(max_sessions=args.max_pinned_sessions),
+                verify_options=given_options(args), chat_template=chat_template, max_logprobs=args.max_logprobs,
+                max_token_ids=args.max_token_ids, allow_code_execution=args.allow_code_execution,
+                request_timeout_s=args.header_timeout)

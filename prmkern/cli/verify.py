@@ -17,6 +17,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import sys
 from collections import Counter
 from typing import Any, Sequence
@@ -149,7 +150,10 @@ def build_config(args: argparse.Namespace):
     except (ValueError, KeyError, TypeError) as e:
         raise UsageError(_name_flags(str(e))) from e
     budget = given.get("budget_tokens")
-    if budget is not None and not 0 < budget <= probe.max_tokens:
+    if budget is not None and budget < 1:
+        raise UsageError(f"--budget-tokens {budget} is invalid; accepted: an int >= 1 (the tokens a chain may use "
+                         f"before it is forced to its final verdict)")
+    if budget is not None and budget > probe.max_tokens:
         src = "" if args.max_tokens is not None else f" (the {fmt} default)"
         raise UsageError(f"--budget-tokens {budget} is more than --max-tokens {probe.max_tokens}{src}: a chain "
                          f"cannot be forced past its token limit; raise --max-tokens to at least {budget} "
@@ -179,7 +183,9 @@ def _name_flags(message: str) -> str:
         "chains_min cannot", "--chains-min cannot").replace("with stop_at_first_error", "with --stop-at-first-error"
                                                             ).replace("with budget_tokens", "with --budget-tokens")
     for field, flag in sorted(FLAGS.items(), key=lambda kv: -len(kv[0])):
+        message = message.replace(f"SamplingParams.{field}=", f"{flag} ")  # SamplingParams' own messages
         message = message.replace(f"{field}=", f"{flag} ").replace(f"({field}", f"({flag}")
+        message = re.sub(rf"\b{field}\b(?= alone| needs)|(?<=needs ){field}\b", flag, message)  # "needs chains_min"
     return message
 
 
@@ -296,6 +302,11 @@ def limit_items(items: list[Item], limit: int | None) -> list[Item]:
     good = [it for it in items if it.error is None]
     if good and all(isinstance(it.record.get("label"), int) for it in good):
         keep = {id(r) for r in balanced_limit([it.record for it in good], limit)}
+        bad = [it for it in items if it.error is not None]
+        if bad:  # said, not silent: they get no row in a balanced slice
+            print(f"--limit {limit}: {len(bad)} malformed record(s) left out of the balanced slice (lines "
+                  f"{', '.join(str(it.line) for it in bad[:10])}{', ...' if len(bad) > 10 else ''}); without "
+                  f"--limit each gets an error row", file=sys.stderr)
         return [it for it in good if id(it.record) in keep]
     return items[:limit]
 

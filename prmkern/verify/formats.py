@@ -427,7 +427,13 @@ def load_formats(path: str | Path, *, register: bool = True, replace: bool = Fal
         merged.update(item)
         for key in ("stop", "code_stop", "final_labels", "continuations", "analyze_stop"):
             if key in merged:
-                merged[key] = tuple(merged[key])
+                value = merged[key]
+                if isinstance(value, str):  # one string, as vLLM reads stop="..." (tuple() split it into characters)
+                    value = [value]
+                if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                    raise ValueError(f"{path}: format {item.get('name', base)!r} field {key!r} is {value!r}; "
+                                     f"accepted: a string or a list of strings")
+                merged[key] = tuple(value)
         fmt = VerifierFormat(**merged)
         if register:
             register_format(fmt, replace=replace)
