@@ -164,7 +164,8 @@ class SamplingParams:
             raise bad("allowed_token_ids", "None or a non-empty list of non-negative token ids (ints)")
         bias = self.logit_bias
         if bias is not None and (not isinstance(bias, dict) or
-                                 any(not (_is_int(k) and k >= 0 or isinstance(k, str) and k.isascii() and k.isdigit()) or
+                                 any(not (_is_int(k) and k >= 0 or
+                                          isinstance(k, str) and k.isascii() and k.isdigit()) or
                                      not _is_real(v) for k, v in bias.items())):
             raise bad("logit_bias", "None or a dict {token_id >= 0: finite float bias}")
         if bias is not None:  # OpenAI-style string keys ("50256") are token ids too

@@ -94,8 +94,8 @@ def run_serve(args: argparse.Namespace) -> int:
     try:  # the server's limits, checked before the model loads (the same ServerConfig is built after it)
         ServerConfig(model_name="-", **server_args)
     except (TypeError, ValueError) as e:  # "ServerConfig.max_n=0 is invalid" names the flag --max-n
-        raise SystemExit("prmkern serve: " + re.sub(r"ServerConfig\.(\w+)=", lambda m: f"--{m.group(1).replace('_', '-')} ",
-                                                    str(e)))
+        flag = lambda m: f"--{m.group(1).replace('_', '-')} "  # noqa: E731
+        raise SystemExit("prmkern serve: " + re.sub(r"ServerConfig\.(\w+)=", flag, str(e)))
     llm = options.make_llm(args, default="verifier")
     if llm.tokenizer is None:
         print("warning: the checkpoint has no tokenizer; only token-id prompts on /v1/completions will work",

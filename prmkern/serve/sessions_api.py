@@ -14,10 +14,10 @@ batched steps and its prefix cache. Each session carries its own Verifier (its f
 
 Limits: at most `max_sessions` sessions are open; opening or forking past it closes the least recently used idle
 session, whose id then answers 404 saying so. One session runs one step at a time (a second is a 409); a fork, GET
-or DELETE of a session waits for its running step (on the event loop, holding no thread). A step whose text
-with the session's is longer than the context is refused (400 naming `text`) and leaves the session as it was; one
-that fails once running (an engine error, a verifier prompt past the context) closes its session alone (its chains may be half extended) and answers the error; the server goes on. A step keeps
-running when its client goes away (its result stays in the session). Sessions ignore the server's
+or DELETE of a session waits for its running step (on the event loop, holding no thread). A step whose text with
+the session's is longer than the context is refused (400 naming `text`) and leaves the session as it was; one that
+fails once running (an engine error, a verifier prompt past the context) closes its session alone (its chains may
+be half extended) and answers the error; the server goes on. A step keeps running when its client goes away (its result stays in the session). Sessions ignore the server's
 --budget-tokens, --stop-at-first-error and adaptive chain count (--chains-min: they do not apply to sessions).
 """
 from __future__ import annotations
