@@ -50,7 +50,7 @@ def cmd_bon(args: argparse.Namespace) -> int:
                             params=params, prune=args.prune or False)
         for it, r in zip(batch, results):
             c = r.chosen
-            emit(it.index, {**it.row(error=None), "id": _problem_id(it), "scoring": config.scoring,
+            emit(it.index, {**it.row(error=r.error), "id": _problem_id(it), "scoring": config.scoring,
                             "answer": c.answer if c else None, "score": c.score if c else None,
                             "reference": it.record.get("answer"), "correct": r.correct,
                             "chosen": r.candidates.index(c) if c in r.candidates else None,

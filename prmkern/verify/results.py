@@ -91,7 +91,20 @@ def check_record(rec: Any) -> tuple[str, list[str]]:
                          f"{sorted(rec) if isinstance(rec, dict) else type(rec).__name__}")
     if not rec["steps"] or not all(isinstance(s, str) and s.strip() for s in rec["steps"]):
         raise ValueError("'steps' must be a non-empty list of non-empty strings")
+    check_text(rec["problem"], "problem")
+    for i, step in enumerate(rec["steps"]):
+        check_text(step, f"steps[{i}]")
     return rec["problem"], rec["steps"]
+
+
+def check_text(text: str, where: str) -> None:
+    """ValueError when `text` cannot be encoded (a lone surrogate such as "\ud800", which the tokenizer fails on
+    deep inside, taking its whole batch with it); the command line and the server refuse the same text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"invalid text: {where} holds a lone surrogate {text[e.start]!r} at character {e.start}; "
+                         f"accepted: Unicode text that UTF-8 can encode") from None
 
 
 def check_label(rec: dict[str, Any], need_label: bool = False) -> None:

@@ -17,6 +17,7 @@ from prmkern.verify.grading import extract_answer, is_equivalent
 from prmkern.sampling_params import SamplingParams, derive_seed
 from prmkern.verify.formats import render_messages
 from prmkern.verify.protocols import Verifier
+from prmkern.verify.results import check_text
 
 SOLVE_INSTRUCTION = ("Solve the problem step by step. Separate the steps with a blank line and put the final answer "
                      "in \\boxed{{}}.\n\n{problem}")
@@ -53,6 +54,31 @@ class SearchResult:
     correct: bool | None = None  # against the reference answer, when one was given
     seconds: float = 0.0
     pruned: int = 0  # candidates (beam search: proposals) whose verification was dropped (prune)
+    # why this problem has no usable result (its solutions could not be generated, or none could be verified);
+    # None when it has one
+    error: str | None = None
+
+
+def _check_problem(problem: Any, where: str) -> None:
+    """ValueError / TypeError naming `where` unless `problem` is a non-empty str that UTF-8 can encode."""
+    if not isinstance(problem, str):
+        raise TypeError(f"{where} must be a str; got {type(problem).__name__}")
+    if not problem.strip():
+        raise ValueError(f"{where} is empty; accepted: the problem's text")
+    check_text(problem, where)
+
+
+def _failure(result: Any) -> str | None:
+    """Why a verification result has no score: the record's own error, else its first chain's (a verifier prompt
+    past the context fails each chain, not the record)."""
+    if result.error is not None:
+        return result.error
+    return next((c.error for c in getattr(result, "chains", []) if getattr(c, "error", None)), None)
+
+
+def _check_count(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} is invalid; accepted: an int >= 1")
 
 
 def weighted_vote(candidates: Sequence[Candidate]) -> Candidate | None:
@@ -90,6 +116,15 @@ def best_of_n(generator: Any, verifier: Verifier, problems: Sequence[dict[str, A
       engine batch); prune (True) stops a candidate once its running minimum is below the best finished
       candidate's score (a minimum only falls, so it cannot win; its reported score is then that running minimum,
       an upper bound)."""
+    if isinstance(problems, (str, dict)) or not isinstance(problems, Sequence):
+        raise TypeError(f"problems must be a list of {{'problem': str[, 'answer': str]}} dicts; got "
+                        f"{type(problems).__name__}")
+    for i, p in enumerate(problems):
+        if not isinstance(p, dict) or "problem" not in p:
+            raise TypeError(f"problems[{i}] must be a dict with 'problem' (str); got "
+                            f"{sorted(p) if isinstance(p, dict) else type(p).__name__}")
+        _check_problem(p["problem"], f"problems[{i}]['problem']")
+    _check_count("n", n)
     if select not in ("score", "vote"):
         raise ValueError(f"select={select!r} is invalid; accepted: 'score' (highest verifier score) or 'vote' "
                          f"(verifier-weighted majority over equivalent answers)")
@@ -111,7 +146,11 @@ def best_of_n(generator: Any, verifier: Verifier, problems: Sequence[dict[str, A
     outs = generator.generate([solver_prompt(tok, p["problem"]) for p in problems], gen_params, use_tqdm=False)
     verifier = verifier.for_best_of_n()  # released ThinkPRM: its best-of-N wording (no "Step i:" labels)
     records, owners = [], []
+    results = [SearchResult(p["problem"], None, []) for p in problems]
     for i, (prob, out) in enumerate(zip(problems, outs)):
+        if out.error is not None:  # this problem's solutions could not be generated (a prompt past the context)
+            results[i].error = f"generating its solutions failed: {out.error}"
+            continue
         for c in out.outputs:
             steps = verifier.best_of_n_steps(c.text) or split_steps(c.text) or [c.text.strip() or "(empty)"]
             records.append({"id": f"{i}:{c.index}", "problem": prob["problem"], "steps": steps})
@@ -125,15 +164,19 @@ def best_of_n(generator: Any, verifier: Verifier, problems: Sequence[dict[str, A
         verdicts, dropped = run.results, run.dropped
     else:
         verdicts = verifier.verify(records)
-    results = [SearchResult(p["problem"], None, []) for p in problems]
+    failed: dict[int, str] = {}
     for (i, text), rec, v, cut in zip(owners, records, verdicts, dropped):
+        if v is not None and _failure(v) is not None:
+            failed.setdefault(i, _failure(v))
         scores = v.scores if v is not None else None
         results[i].candidates.append(Candidate(
             text, rec["steps"], extract_answer(text), scores.score if scores else None,
             [s.score for s in scores.steps] if scores else [], pruned=cut,
             earliest_error=scores.earliest_error if scores else None))
         results[i].pruned += cut
-    for prob, res in zip(problems, results):
+    for i, (prob, res) in enumerate(zip(problems, results)):
+        if res.error is None and res.candidates and all(c.score is None for c in res.candidates) and i in failed:
+            res.error = f"no candidate could be verified: {failed[i]}"
         if select == "vote":
             res.chosen = weighted_vote(res.candidates)
         else:
@@ -199,8 +242,12 @@ def beam_search(generator: Any, verifier: Verifier, problem: str, beam_width: in
     (chains aborted, blocks freed) once beam_width other unfinished proposals are known to score strictly above it,
     so it could not have entered the beam: the beams, candidates and choice are those of the unpruned search.
     Finished proposals (candidates) are never dropped."""
-    if beam_width < 1 or expand < 1 or max_steps < 1:
-        raise ValueError(f"beam_width, expand and max_steps must be >= 1, got {beam_width}, {expand}, {max_steps}")
+    _check_problem(problem, "problem")
+    for name, value in (("beam_width", beam_width), ("expand", expand), ("max_steps", max_steps),
+                        ("step_tokens", step_tokens)):
+        _check_count(name, value)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed={seed!r} is invalid; accepted: an int or None")
     if prune is not False and prune is not True:
         raise ValueError(f"beam search prune={prune!r} is invalid; accepted: True (drop a proposal that cannot enter "
                          f"the beam) or False")
@@ -218,10 +265,10 @@ def beam_search(generator: Any, verifier: Verifier, problem: str, beam_width: in
     beams: list[tuple[list[int], list[str], float, Any]] = [([], [], 1.0, verifier.open(problem) if sessions
                                                               else None)]
     done: list[Candidate] = []
-    dropped = [0]
+    dropped, failed = [0], []  # failed: why proposals could not be generated or verified
     try:
         _beam_loop(generator, verifier, problem, prompt, beams, done, beam_width, expand, max_steps, step_tokens,
-                   temperature, seed, dropped if prune else None)
+                   temperature, seed, dropped if prune else None, failed)
     finally:
         for *_, session in beams:
             if session is not None:
@@ -229,15 +276,20 @@ def beam_search(generator: Any, verifier: Verifier, problem: str, beam_width: in
     for ids, steps, score, _ in beams:  # unfinished beams still count as candidates
         text = tok.decode(ids, skip_special_tokens=True)
         done.append(Candidate(text, steps, extract_answer(text), score))
-    chosen = max(done, key=lambda c: c.score or 0.0) if done else None
-    return SearchResult(problem, chosen, done, seconds=time.perf_counter() - start, pruned=dropped[0])
+    scored = [c for c in done if c.score is not None]  # an unscored candidate (its verification failed) is last
+    chosen = max(scored, key=lambda c: c.score) if scored else (done[0] if done else None)
+    error = None if scored or not failed else failed[0]
+    return SearchResult(problem, chosen, done, seconds=time.perf_counter() - start, pruned=dropped[0], error=error)
 
 
 def _beam_loop(generator: Any, verifier: Verifier, problem: str, prompt: list[int], beams: list, done: list,
                beam_width: int, expand: int, max_steps: int, step_tokens: int, temperature: float,
-               seed: int | None, dropped: list[int] | None = None) -> None:
+               seed: int | None, dropped: list[int] | None = None, failed: list[str] | None = None) -> None:
     """Grows `beams` in place (closing the sessions of the partial solutions that drop out). dropped: [count] to
-    prune (beam_search's prune), counting the proposals dropped."""
+    prune (beam_search's prune), counting the proposals dropped. failed: gets why generations or verifications
+    failed (a beam whose generation fails proposes nothing; a proposal whose verification fails scores None and
+    ranks last)."""
+    failed = failed if failed is not None else []
     tok = generator.tokenizer
     for depth in range(max_steps):
         params = [SamplingParams(n=expand, temperature=temperature, max_tokens=step_tokens, stop=[STEP_DELIMITER],
@@ -247,6 +299,9 @@ def _beam_loop(generator: Any, verifier: Verifier, problem: str, prompt: list[in
         outs = generator.generate([prompt + ids for ids, _, _, _ in beams], params, use_tqdm=False)
         proposals = []
         for (ids, steps, _, session), out in zip(beams, outs):
+            if out.error is not None:
+                failed.append(f"generating a step failed: {out.error}")
+                continue
             for c in out.outputs:
                 step = c.text.strip()
                 if not step:
@@ -277,7 +332,10 @@ def _beam_loop(generator: Any, verifier: Verifier, problem: str, prompt: list[in
             verdicts = verifier.verify([{"problem": problem, "steps": s} for _, s, _, _ in proposals])
         scored = []
         for (ids, steps, final, session), v in zip(proposals, verdicts):
-            score = v.scores.score if v.scores and v.scores.score is not None else 0.0
+            score = v.scores.score if v.scores and v.scores.score is not None else None
+            why = _failure(v)
+            if score is None and why is not None:
+                failed.append(f"verifying a proposal failed: {why}")
             if final:
                 text = tok.decode(ids, skip_special_tokens=True)
                 done.append(Candidate(text, steps, extract_answer(text), score,
@@ -286,7 +344,7 @@ def _beam_loop(generator: Any, verifier: Verifier, problem: str, prompt: list[in
                     session.close()
             else:
                 scored.append((ids, steps, score, session))
-        scored.sort(key=lambda b: b[2], reverse=True)
+        scored.sort(key=lambda b: (b[2] is not None, b[2] or 0.0), reverse=True)  # unscored last
         for *_, session in scored[beam_width:]:
             if session is not None:
                 session.close()

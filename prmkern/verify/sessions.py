@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prmkern.textcheck import defuse_control_text
+from prmkern.verify.results import check_text
 from prmkern.verify.scoring import SolutionScores
 from prmkern.verify.session_steps import STATES
 
@@ -93,6 +94,7 @@ class SessionManager:
         v = verifier if verifier is not None else self.verifier
         if not isinstance(problem, str) or not problem:
             raise ValueError(f"problem must be a non-empty str, got {type(problem).__name__}")
+        check_text(problem, "problem")
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             raise ValueError(f"index={index!r} is invalid; accepted: an int >= 0 (the record index whose seeds the "
                              f"session uses)")
@@ -125,6 +127,7 @@ class SessionManager:
                 raise SessionClosed("a session in this batch is closed")
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"a step must be a non-empty str, got {text!r}")
+            check_text(text, "the step")  # refused before the session changes: it stays open
             if session.manager is not self:
                 raise ValueError("every session of a batch must come from this verifier")
             if session.verifier is not v:

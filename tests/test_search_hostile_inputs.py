@@ -1,0 +1,91 @@
+"""What an audit of the search API found on 2026-12-07, each a case that misbehaved before its fix: best-of-N and
+beam search swallowed errors (a problem whose solutions could not be generated came back with no candidates and no
+reason, `prmkern bon` wrote `"error": null` and counted it as a success; beam search scored unverifiable proposals
+0.0 and chose one), bad arguments failed deep inside, and a lone surrogate in a problem or a step crashed the
+tokenizer for its whole batch (in a session, after the step was recorded, closing the session)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from prmkern import SamplingParams
+from prmkern.verify.protocols import Verifier, VerifyConfig
+from prmkern.verify.search import beam_search, best_of_n
+from tests.test_cli import run_cli, write_lines
+
+PROBLEM = "Compute $13 - 5 + 10$."
+TOO_LONG = "1 + 1 " * 2000  # past the shipped verifier's 1,024-token context
+PARAMS = SamplingParams(temperature=0.8, max_tokens=24, seed=1)
+
+
+@pytest.fixture(scope="module")
+def verifier(shipped_llm):
+    return Verifier(shipped_llm, VerifyConfig(format="prmkern", num_chains=1, max_tokens=48, seed=1))
+
+
+def test_best_of_n_gives_a_problem_it_cannot_run_its_reason(shipped_llm, verifier):
+    results = best_of_n(shipped_llm, verifier, [{"problem": PROBLEM}, {"problem": TOO_LONG}], n=2, params=PARAMS)
+    assert results[0].error is None and len(results[0].candidates) == 2 and results[0].chosen is not None
+    assert results[1].error is not None and "generating its solutions failed" in results[1].error
+    assert results[1].chosen is None and results[1].candidates == []
+
+
+@pytest.mark.parametrize("problems,error", [
+    ("Compute 2 + 2.", TypeError), ([{"question": PROBLEM}], TypeError), ([{"problem": 5}], TypeError),
+    ([{"problem": "  "}], ValueError), ([{"problem": "a \ud800 b"}], ValueError),
+])
+def test_best_of_n_refuses_bad_problems_before_anything_runs(shipped_llm, verifier, problems, error):
+    tokens = shipped_llm.engine.stats.generated_tokens
+    with pytest.raises(error, match="problem"):
+        best_of_n(shipped_llm, verifier, problems, n=2, params=PARAMS)
+    assert shipped_llm.engine.stats.generated_tokens == tokens
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    ({"problem": 5}, TypeError), ({"problem": "a \udc80 b"}, ValueError), ({"beam_width": 1.5}, ValueError),
+    ({"max_steps": True}, ValueError), ({"expand": "2"}, ValueError), ({"seed": "x"}, ValueError),
+])
+def test_beam_search_refuses_bad_arguments_by_name(shipped_llm, verifier, kwargs, error):
+    args = {"problem": PROBLEM, "beam_width": 2, "expand": 2, "max_steps": 1, "step_tokens": 16, **kwargs}
+    name = next(iter(kwargs))
+    with pytest.raises(error, match=name if name != "problem" else "problem"):
+        beam_search(shipped_llm, verifier, **args)
+
+
+def test_beam_search_does_not_score_what_it_could_not_verify(shipped_llm, verifier):
+    # the solver's prompt fits the context, the verifier's leaves no room for a verdict: nothing is scored, and the
+    # candidates say so (before: 0.0 each, one of them "chosen" by that score)
+    problem = "1+1 " * 230
+    res = beam_search(shipped_llm, verifier, problem, beam_width=2, expand=2, max_steps=1, step_tokens=8)
+    assert res.candidates and all(c.score is None for c in res.candidates), [c.score for c in res.candidates]
+    assert res.chosen is res.candidates[0]  # none scored: the first, as best_of_n's select_by_score
+
+
+def test_a_surrogate_fails_its_record_alone_and_leaves_a_session_open(shipped_llm, verifier):
+    out = verifier.verify([{"problem": "a \ud800 b", "steps": ["x"]}, {"problem": PROBLEM, "steps": ["13 - 5 = 8."]}])
+    assert out[0].error is not None and "lone surrogate" in out[0].error
+    assert out[1].error is None and out[1].scores is not None
+    session = verifier.open(PROBLEM)
+    try:
+        session.add_step("13 minus 5 is 8.")
+        with pytest.raises(ValueError, match="lone surrogate"):
+            session.add_step("8 \udc80 plus")
+        assert not session.closed and session.steps == ["13 minus 5 is 8."]
+        with pytest.raises(ValueError, match="lone surrogate"):
+            verifier.open("a \ud800 b")
+    finally:
+        session.close()
+
+
+def test_bon_rows_carry_the_error_and_count_as_failed(tmp_path):
+    src = write_lines(tmp_path / "p.jsonl", [{"problem": "Compute 2 + 2.", "answer": "4"}, {"problem": TOO_LONG}])
+    out, summary = tmp_path / "bon.jsonl", tmp_path / "s.json"
+    proc = run_cli("bon", src, "--n", "2", "--gen-max-tokens", "16", "--max-tokens", "16", "--chains", "1",
+                   "--device", "cpu", "--no-progress", "-o", str(out), "--summary", str(summary))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["error"] is None and len(rows[0]["candidates"]) == 2
+    assert rows[1]["error"] is not None and "generating its solutions failed" in rows[1]["error"]
+    s = json.loads(summary.read_text())
+    assert s["failed"] == 1 and s["succeeded"] == 1, s
