@@ -79,7 +79,8 @@ def test_a_surrogate_fails_its_record_alone_and_leaves_a_session_open(shipped_ll
 
 
 def test_bon_rows_carry_the_error_and_count_as_failed(tmp_path):
-    src = write_lines(tmp_path / "p.jsonl", [{"problem": "Compute 2 + 2.", "answer": "4"}, {"problem": TOO_LONG}])
+    src = write_lines(tmp_path / "p.jsonl", [{"problem": "Compute 2 + 2.", "answer": "4"}, {"problem": TOO_LONG},
+                                             {"problem": "   "}])
     out, summary = tmp_path / "bon.jsonl", tmp_path / "s.json"
     proc = run_cli("bon", src, "--n", "2", "--gen-max-tokens", "16", "--max-tokens", "16", "--chains", "1",
                    "--device", "cpu", "--no-progress", "-o", str(out), "--summary", str(summary))
@@ -87,5 +88,6 @@ def test_bon_rows_carry_the_error_and_count_as_failed(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows[0]["error"] is None and len(rows[0]["candidates"]) == 2
     assert rows[1]["error"] is not None and "generating its solutions failed" in rows[1]["error"]
+    assert "'problem' is empty" in rows[2]["error"]  # fails alone, not its batch (best_of_n refuses it)
     s = json.loads(summary.read_text())
-    assert s["failed"] == 1 and s["succeeded"] == 1, s
+    assert s["failed"] == 2 and s["succeeded"] == 1, s

@@ -34,6 +34,8 @@ def cmd_bon(args: argparse.Namespace) -> int:
     for it in items:
         if it.error is None and not isinstance(it.record.get("problem"), str):
             it.error = f"a record needs 'problem' (str); got keys {sorted(it.record)}"
+        elif it.error is None and not it.record["problem"].strip():  # best_of_n refuses it for the whole batch
+            it.error = "'problem' is empty; accepted: the problem's text"
     config = build_config(args)
     options.check_search_args(args, config)
     llm = options.make_llm(args, default="verifier")
