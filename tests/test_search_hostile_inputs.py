@@ -48,8 +48,7 @@ def test_best_of_n_refuses_bad_problems_before_anything_runs(shipped_llm, verifi
 ])
 def test_beam_search_refuses_bad_arguments_by_name(shipped_llm, verifier, kwargs, error):
     args = {"problem": PROBLEM, "beam_width": 2, "expand": 2, "max_steps": 1, "step_tokens": 16, **kwargs}
-    name = next(iter(kwargs))
-    with pytest.raises(error, match=name if name != "problem" else "problem"):
+    with pytest.raises(error, match=next(iter(kwargs))):
         beam_search(shipped_llm, verifier, **args)
 
 

@@ -19,15 +19,12 @@ httpx = pytest.importorskip("httpx")
 from prmkern import LLM  # noqa: E402
 from prmkern.serve.app import ServerConfig, build_app  # noqa: E402
 from prmkern.serve.background import serve_in_thread  # noqa: E402
-from prmkern.verify.protocols import VerifyConfig  # noqa: E402
 from tests.conftest import serve_llm  # noqa: E402
 from tests.test_server_load import SlowSteps, wait_until  # noqa: E402
+from tests.test_server_sessions import CONFIG, VERIFIER  # noqa: E402 (the sessions tests' verifier and config)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VERIFIER = os.path.join(ROOT, "prmkern", "data", "verifier")
 needs_verifier = pytest.mark.skipif(not os.path.isfile(os.path.join(VERIFIER, "model.safetensors")),
                                     reason="no shipped verifier")
-CONFIG = VerifyConfig(format="prmkern", num_chains=3, temperature=0.6, max_tokens=160, seed=3)
 
 
 @pytest.fixture(scope="module")

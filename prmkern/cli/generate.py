@@ -60,9 +60,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     def process(batch: list[Item], emit) -> None:
         nonlocal chains
-        outs = llm.generate([it.record["prompt"] if "prompt" in it.record else {"prompt_token_ids":
-                                                                                it.record["prompt_token_ids"]}
-                             for it in batch],
+        outs = llm.generate([it.record.get("prompt", it.record.get("prompt_token_ids")) for it in batch],
                             [params[it.index] for it in batch], use_tqdm=False)
         for it, r in zip(batch, outs):
             chains += len(r.outputs)

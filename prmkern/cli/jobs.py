@@ -99,22 +99,17 @@ def read_items(path: str) -> list[Item]:
     data = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]
-    lines = [raw for raw in data.split(b"\n") if raw.strip()]
+    array = None
     if data.lstrip().startswith(b"["):
         try:
             array = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
         except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-            if len(lines) > 1 and _one_json_value(lines[0]):  # JSONL whose first record is not an object (say
-                array = None                                      # "[1, 2]"): that line fails alone, below
-            else:
-                why = _TOO_DEEP if isinstance(e, RecursionError) else e
+            lines = [raw for raw in data.split(b"\n") if raw.strip()]
+            if len(lines) < 2 or not _one_json_value(lines[0]):  # else JSONL whose first record is not an object
+                why = _TOO_DEEP if isinstance(e, RecursionError) else e  # (say "[1, 2]"): it fails alone, below
                 raise SystemExit(f"{path}: starts with '[' but is not a valid JSON array ({why}); give a JSON array "
                                  f"or JSONL (one object per line)")
-    else:
-        array = None
     if array is not None:
-        if not isinstance(array, list):
-            raise SystemExit(f"{path}: not a JSON array or JSONL")
         items = []
         for i, rec in enumerate(array):
             rec, bad = _check_record(rec)

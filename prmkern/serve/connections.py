@@ -5,8 +5,8 @@ the accept loop may log. Everything here is uvicorn configuration; the routes kn
   kept below the process's file-descriptor limit. A connection over the cap first evicts the oldest connection
   that has no request in progress and none waiting to be read (a half-open or idle keep-alive one); if every
   connection has a request, the newcomer gets HTTP 503 and is closed. A connection must deliver its request headers
-  within ``header_timeout_s`` of opening (or of its previous response, on keep-alive), else it is closed: a client that
-  opens connections and sends nothing (or a byte at a time) holds nothing for long.
+  within ``header_timeout_s`` of opening (or of its previous response, on keep-alive), else it is closed: a client
+  that opens connections and sends nothing (or a byte at a time) holds nothing for long.
 * ``RateLimitedLog``: at most ``burst`` records per message per ``window_s`` on the server's loggers (asyncio's
   "socket.accept() out of system resource" and uvicorn's errors can otherwise repeat thousands of times a second);
   the next record let through says how many were dropped.
@@ -64,9 +64,7 @@ def _has_unread_bytes(conn: H11Protocol) -> bool:
     raw = getattr(sock, "_sock", sock)  # asyncio's TransportSocket wraps the socket
     try:
         return bool(raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))  # b"": the client closed its side
-    except (BlockingIOError, InterruptedError):
-        return False
-    except (OSError, AttributeError, ValueError):
+    except (OSError, AttributeError, ValueError):  # BlockingIOError (nothing sent) is an OSError
         return False
 
 

@@ -42,6 +42,12 @@ def check_bounds(m: Any, k: Any, risk: Any, k_name: str = "chains_max", note: st
         raise ValueError(f"chains_min={m!r} is invalid; accepted: an int >= 1")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < m):
         raise ValueError(f"{k_name}={k!r}{note} is invalid with chains_min={m}; accepted: an int >= {m}")
+    check_risk(risk)
+
+
+def check_risk(risk: Any) -> None:
+    """ValueError unless chains_risk is in [0, 1) (checked with or without chains_min: a bad value is refused, not
+    silently unused)."""
     if isinstance(risk, bool) or not isinstance(risk, (int, float)) or not 0.0 <= risk < 1.0:
         raise ValueError(f"chains_risk={risk!r} is invalid; accepted: a float in [0, 1)")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from prmkern.textcheck import find_lone_surrogate
 from prmkern.verify.scoring import ChainScores, SolutionScores
 
 __all__ = ["Chain", "Turn", "VerificationResult", "check_record", "check_label"]
@@ -91,20 +92,18 @@ def check_record(rec: Any) -> tuple[str, list[str]]:
                          f"{sorted(rec) if isinstance(rec, dict) else type(rec).__name__}")
     if not rec["steps"] or not all(isinstance(s, str) and s.strip() for s in rec["steps"]):
         raise ValueError("'steps' must be a non-empty list of non-empty strings")
-    check_text(rec["problem"], "problem")
-    for i, step in enumerate(rec["steps"]):
-        check_text(step, f"steps[{i}]")
+    check_text({"problem": rec["problem"], "steps": rec["steps"]})
     return rec["problem"], rec["steps"]
 
 
-def check_text(text: str, where: str) -> None:
-    """ValueError when `text` cannot be encoded (a lone surrogate such as "\ud800", which the tokenizer fails on
-    deep inside, taking its whole batch with it); the command line and the server refuse the same text."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"invalid text: {where} holds a lone surrogate {text[e.start]!r} at character {e.start}; "
-                         f"accepted: Unicode text that UTF-8 can encode") from None
+def check_text(value: Any, where: str = "the text") -> None:
+    """ValueError naming where a str (or a record's fields) holds a lone surrogate such as "\ud800", which the
+    tokenizer fails on deep inside, taking its whole batch with it; the command line and the server refuse the
+    same text (textcheck.find_lone_surrogate)."""
+    found = find_lone_surrogate(value)
+    if found is not None:
+        raise ValueError(f"invalid text: {found[0] or where} holds a lone surrogate {found[1]} (half of a UTF-16 "
+                         f"pair); accepted: Unicode text that UTF-8 can encode")
 
 
 def check_label(rec: dict[str, Any], need_label: bool = False) -> None:

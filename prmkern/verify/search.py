@@ -166,8 +166,9 @@ def best_of_n(generator: Any, verifier: Verifier, problems: Sequence[dict[str, A
         verdicts = verifier.verify(records)
     failed: dict[int, str] = {}
     for (i, text), rec, v, cut in zip(owners, records, verdicts, dropped):
-        if v is not None and _failure(v) is not None:
-            failed.setdefault(i, _failure(v))
+        why = _failure(v) if v is not None else None
+        if why is not None:
+            failed.setdefault(i, why)
         scores = v.scores if v is not None else None
         results[i].candidates.append(Candidate(
             text, rec["steps"], extract_answer(text), scores.score if scores else None,

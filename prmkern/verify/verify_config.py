@@ -59,9 +59,8 @@ class VerifyConfig:
 
     def __post_init__(self) -> None:
         self.format = get_format(self.format)
-        risk = self.chains_risk  # checked even without chains_min: a bad value is refused, not silently unused
-        if isinstance(risk, bool) or not isinstance(risk, (int, float)) or not 0.0 <= risk < 1.0:
-            raise ValueError(f"chains_risk={risk!r} is invalid; accepted: a float in [0, 1)")
+        from prmkern.verify.adaptive import check_risk
+        check_risk(self.chains_risk)
         if self.chains_max is not None and self.chains_min is None:
             raise ValueError(f"chains_max={self.chains_max!r} needs chains_min (the first wave); accepted: both, "
                              f"or num_chains alone for a fixed count")
