@@ -76,6 +76,29 @@ def test_min_tokens_eos_and_stop_token_ids(llm):
     assert llm.engine.eos_token_ids == (0,)
 
 
+def test_stop_token_text_is_left_out_as_vllm(llm):
+    """vLLM's detokenizer leaves the text of the stop token that ended a chain out of `text` (token_ids keep it)
+    unless include_stop_str_in_output; a chain ended by max_tokens keeps all of its text."""
+    tok = llm.get_tokenizer()
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731 - the output's own rule
+    prompt = random_prompts([20], 509, seed=27)[0]
+    greedy = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0]
+    # a stop token first generated at position >= 2 that adds whole characters to the text
+    texts = [decode(greedy.token_ids[:i]) for i in range(len(greedy.token_ids) + 1)]
+    pos = next(i for i, t in enumerate(greedy.token_ids)
+               if i >= 2 and t not in greedy.token_ids[:i] and texts[i] != texts[i + 1]
+               and not texts[i].endswith("\ufffd") and not texts[i + 1].endswith("\ufffd"))
+    stop = greedy.token_ids[pos]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop],
+                                                ignore_eos=True))[0].outputs[0]
+    assert out.token_ids == greedy.token_ids[:pos + 1] and out.stop_reason == stop
+    assert out.text == texts[pos] != texts[pos + 1]
+    kept = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop], ignore_eos=True,
+                                                 include_stop_str_in_output=True))[0].outputs[0]
+    assert kept.text == texts[pos + 1]
+    assert greedy.text == texts[-1]
+
+
 def test_stop_strings_cut_text(llm):
     prompt = random_prompts([20], 509, seed=25)[0]
     full = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))[0].outputs[0]

@@ -197,6 +197,31 @@ def test_streaming_adds_up_to_the_full_text(client, offline):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_streamed_text_leaves_out_the_stop_token_as_offline(client, offline):
+    prompt = "so the total sum is"
+    tok = offline.get_tokenizer()
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731 - the output's own rule
+    full = offline.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0]
+    # a stop token first generated at position >= 2 that adds whole characters to the text
+    texts = [decode(full.token_ids[:i]) for i in range(len(full.token_ids) + 1)]
+    pos = next(i for i, t in enumerate(full.token_ids)
+               if i >= 2 and t not in full.token_ids[:i] and texts[i] != texts[i + 1]
+               and not texts[i].endswith("\ufffd") and not texts[i + 1].endswith("\ufffd"))
+    stop = full.token_ids[pos]
+    for keep in (False, True):
+        want = offline.generate([prompt], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop],
+                                                         ignore_eos=True, include_stop_str_in_output=keep))[0]
+        want = want.outputs[0]
+        assert want.text == texts[pos + keep]
+        extra = {"stop_token_ids": [stop], "ignore_eos": True, "include_stop_str_in_output": keep}
+        chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,
+                                                stream=True, extra_body=extra))
+        assert "".join(c.choices[0].text for c in chunks) == want.text
+        whole = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,
+                                          extra_body=extra)
+        assert whole.choices[0].text == want.text and whole.choices[0].finish_reason == "stop"
+
+
 def test_chat_streaming_n2(client, offline):
     messages = [{"role": "user", "content": "what is 3 * 4?"}]
     kw = dict(model="tiny", messages=messages, n=2, temperature=1.0, max_tokens=12, seed=7)

@@ -531,8 +531,9 @@ class LLMEngine:
                 text = seq.text
             elif self.tokenizer is not None and p.detokenize:
                 # vLLM's text: its incremental detokenizer never emits a trailing incomplete UTF-8 character (a
-                # chain cut by max_tokens inside one ends before it, as streamed text does)
-                text = self.tokenizer.decode(seq.output_token_ids,
+                # chain cut by max_tokens inside one ends before it, as streamed text does), nor the text of the
+                # stop token that ended the chain
+                text = self.tokenizer.decode(seq.text_token_ids,
                                              skip_special_tokens=p.skip_special_tokens).rstrip("\ufffd")
             else:
                 text = ""

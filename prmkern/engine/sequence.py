@@ -118,6 +118,20 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens:]
 
     @property
+    def hides_stop_token(self) -> bool:
+        """Whether the last generated token is a stop token (EOS or one of stop_token_ids) that ended the chain and
+        whose text the output leaves out (unless include_stop_str_in_output), as vLLM's detokenizer does; token_ids
+        keep it."""
+        return (self.finish_reason == "stop" and not isinstance(self.stop_reason, str)
+                and self.num_output_tokens > 0 and not self.params.include_stop_str_in_output)
+
+    @property
+    def text_token_ids(self) -> list[int]:
+        """The generated tokens whose text is the output's text (see hides_stop_token)."""
+        out = self.output_token_ids
+        return out[:-1] if self.hides_stop_token else out
+
+    @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 

@@ -94,13 +94,15 @@ class ChainText:
         self.sent = ""  # what the client has received: an echoed prompt goes out with the first text
         self.prefix = prefix
 
-    def push(self, token_ids: list[int], engine_text: str | None = None) -> str:
+    def push(self, token_ids: list[int], engine_text: str | None = None, hide_last: bool = False) -> str:
+        """hide_last: the newest token is the stop token that ended the chain, whose text is not output."""
         self.token_ids.extend(token_ids)
         if engine_text is not None:
             text = self.prefix + engine_text
             safe = text[:max(len(self.prefix), len(text) - self.holdback)]
         else:
-            text = self.prefix + self.tok.decode(self.token_ids, skip_special_tokens=self.skip_special)
+            shown = self.token_ids[:-1] if hide_last else self.token_ids
+            text = self.prefix + self.tok.decode(shown, skip_special_tokens=self.skip_special)
             safe = text.rstrip("\ufffd")  # an incomplete multi-byte character: wait for its other bytes
         if len(safe) > len(self.sent) and safe.startswith(self.sent):
             delta, self.sent = safe[len(self.sent):], safe

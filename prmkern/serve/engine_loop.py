@@ -42,6 +42,7 @@ class ChainDelta:
     logprobs: list[Any] | None  # the engine's per-token log-probability entries for those tokens
     token_logprobs: list[dict[int, float]] | None  # {id: logprob} for SamplingParams.logprob_token_ids
     text: str | None = None  # with stop strings: the engine's text so far, the text its stop check reads
+    hide_last: bool = False  # the last token ended the chain as a stop token: its text is not output (as vLLM)
 
 
 @dataclass
@@ -273,7 +274,7 @@ class EngineLoop:
                         seq.chain_index, seq.output_token_ids[sent:],
                         list(seq.logprobs[sent:n_out]) if seq.logprobs else None,
                         list(seq.token_logprobs[sent:n_out]) if seq.token_logprobs else None,
-                        seq.text if seq.params.stop_strings else None))
+                        seq.text if seq.params.stop_strings else None, seq.hides_stop_token))
         done_requests: dict[Any, Any] = {}
         for seq in finished:
             request = seq.request

@@ -271,7 +271,7 @@ async def create_completion(state: Any, req: CompletionRequest, http: Request) -
         return chains[i, c]
 
     def on_delta(i: int, ev: ChainDelta) -> dict | None:
-        text = chain(i, ev.index).push(ev.token_ids, ev.text)
+        text = chain(i, ev.index).push(ev.token_ids, ev.text, ev.hide_last)
         lps = None
         if req.logprobs is not None:
             entries = lp_entries(state, ev.token_ids, ev.logprobs, k)
@@ -349,7 +349,8 @@ async def create_chat_completion(state: Any, req: ChatCompletionRequest, http: R
     chains: dict[int, ChainText] = {}
 
     def on_delta(_: int, ev: ChainDelta) -> dict | None:
-        text = chains.setdefault(ev.index, ChainText(state.tokenizer, params)).push(ev.token_ids, ev.text)
+        text = chains.setdefault(ev.index, ChainText(state.tokenizer, params)).push(ev.token_ids, ev.text,
+                                                                                  ev.hide_last)
         c: dict[str, Any] = {"index": ev.index, "delta": {"content": text} if text else {}, "finish_reason": None}
         if req.logprobs:
             c["logprobs"] = chat_logprobs(lp_entries(state, ev.token_ids, ev.logprobs, k), k)

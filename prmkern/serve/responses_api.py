@@ -236,7 +236,7 @@ async def _stream(state: Any, call: Any, start: float, base: dict, msg_id: str, 
                 if first:
                     state.metrics.observe_ttft("responses", time.perf_counter() - start)
                     first = False
-                text = chain.push(ev.token_ids, ev.text)
+                text = chain.push(ev.token_ids, ev.text, ev.hide_last)
                 if text:
                     yield event("response.output_text.delta", **where, delta=text,
                                 logprobs=logprobs_of(ev.token_ids, ev.logprobs))
