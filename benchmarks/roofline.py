@@ -7,8 +7,10 @@ Ceilings (each recorded with the CPU model and the instruction sets it was measu
   by the threads' CPU time; the highest is the peak (a floor must be unbeatable: a busy neighbour on a shared
   machine can only lower a measurement, and the CPU time is what it cannot stretch). The peak of a dtype is
   the best instruction that dtype's products can use: fp32 and fp16 (widened) -> the fp32 FMA peak, bf16 -> the
-  better of that and the bf16 dot peak. AMX (Intel) is not measured: on a CPU with amx_bf16 the bf16 floor is not
-  physical, and `isa_flags()` says so.
+  better of that, the bf16 dot peak and, on a CPU with AMX-BF16 (Intel), the AMX rate: prmkern has no AMX kernel,
+  but a peer's oneDNN multiplies bf16 on AMX tiles there, so its floor must count them. That rate is torch's bf16
+  matmul (oneDNN, on AMX there) at 2048^3, the best of 5 at the threads used (`amx_bf16_torch`): a rate reached,
+  so a lower bound of the AMX peak, the best available without an AMX micro-kernel.
 - read bandwidth: the best of several methods (csrc's AVX2 sweep over the threads, and on one thread also timed by
   its CPU time; torch's sum) over a buffer the size of the step's working set (capped at 512 MiB), so a working
   set that fits the caches gets the caches' rate.
@@ -24,7 +26,8 @@ import time
 
 import torch
 
-PEAK_KINDS = ("fma_avx2", "fma_avx512", "bf16_dot")
+PEAK_KINDS = ("fma_avx2", "fma_avx512", "bf16_dot")  # csrc/peak.cpp's micro-kernels
+BF16_ONLY_KINDS = ("bf16_dot", "amx_bf16_torch")  # peaks only bf16 products reach
 
 
 def cpu_model() -> str:
@@ -88,12 +91,30 @@ def peak_gflops(threads: int, repeats: int = 9, seconds: float = 0.02) -> dict:
         together = max(ops.peak_gflops(kind, threads, iters, repeats)) if threads > 1 else one
         out["per_core"][kind] = round(one, 2)
         out[kind] = round(max(threads * one, together), 2)
+    amx = amx_bf16_gflops(threads)
+    if amx is not None:
+        out["amx_bf16_torch"] = round(amx, 2)
     return out
+
+
+def amx_bf16_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float | None:
+    """On a CPU with AMX-BF16: torch's bf16 matmul rate at n^3 on `threads` threads (oneDNN runs it on the AMX
+    tiles), a lower bound of the AMX peak; None elsewhere (never measured there: a bf16 matmul without AMX is slow
+    and below the vdpbf16ps / FMA peaks anyway)."""
+    if not isa_flags()["amx_bf16"]:
+        return None
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return sgemm_gflops(n, repeats, torch.bfloat16)
+    finally:
+        torch.set_num_threads(before)
 
 
 def compute_peak(peaks: dict, dtype: torch.dtype) -> tuple[float, str]:
     """The peak GFLOP/s a `dtype` model's products can reach, and the instruction that gives it."""
-    kinds = [k for k in PEAK_KINDS if k in peaks and (k != "bf16_dot" or dtype == torch.bfloat16)]
+    kinds = [k for k in PEAK_KINDS + ("amx_bf16_torch",)
+             if k in peaks and (k not in BF16_ONLY_KINDS or dtype == torch.bfloat16)]
     if not kinds:
         raise ValueError(f"no measured peak for {dtype} in {peaks}")
     best = max(kinds, key=lambda k: peaks[k])
@@ -134,7 +155,8 @@ def ceilings(dtype: torch.dtype, working_set_bytes: int, threads: int | None = N
     peaks = peak_gflops(threads)
     if any(k in peaks for k in PEAK_KINDS):
         gflops, kind = compute_peak(peaks, dtype)
-        method = f"csrc/peak.cpp micro-kernel ({kind})"
+        method = (f"csrc/peak.cpp micro-kernel ({kind})" if kind in PEAK_KINDS
+                  else "torch bf16 matmul 2048^3 on AMX (oneDNN): a lower bound of the AMX peak")
     else:
         gflops, kind = sgemm_gflops(), "torch.mm"
         method = "torch.mm fp32 1024^3 (prmkern._C unavailable: not a physical peak)"

@@ -63,6 +63,27 @@ def test_nothing_beats_the_compute_peak():
     peak = max(compute_peak(before, torch.float32)[0], compute_peak(after, torch.float32)[0])
     assert mm <= peak and gemm <= peak, f"torch.mm {mm:.1f}, decode_linear {gemm:.1f} > peak {peak:.1f} GFLOP/s"
     assert compute_peak(before, torch.bfloat16)[0] >= compute_peak(before, torch.float32)[0]
+    # bf16: torch's matmul (oneDNN: vdpbf16ps on AVX-512 BF16, AMX tiles where the CPU has them) stays under the
+    # bf16 peak, which counts AMX through amx_bf16_torch
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    mm16 = _best_rate(lambda: torch.mm(a16, b16), 2 * 384 ** 3) / 1e9
+    peak16 = max(compute_peak(before, torch.bfloat16)[0], compute_peak(after, torch.bfloat16)[0])
+    assert mm16 <= peak16, f"torch.mm bf16 {mm16:.1f} > bf16 peak {peak16:.1f} GFLOP/s ({before})"
+
+
+def test_amx_counts_in_the_bf16_peak_only(monkeypatch):
+    """On a CPU with AMX-BF16 the bf16 peak includes torch's AMX matmul rate; fp32's never does; elsewhere it is
+    not measured. (The AMX path is exercised here by claiming the flag: the rate is then torch's bf16 matmul.)"""
+    import benchmarks.roofline as roofline
+    flags = isa_flags()
+    assert ("amx_bf16_torch" in peak_gflops(1, repeats=1, seconds=0.002)) == flags["amx_bf16"]
+    monkeypatch.setattr(roofline, "isa_flags", lambda: dict(flags, amx_bf16=True))
+    monkeypatch.setattr(roofline, "sgemm_gflops", lambda n, repeats, dtype: 1e6 if dtype == torch.bfloat16 else 0)
+    peaks = roofline.peak_gflops(1, repeats=1, seconds=0.002)
+    assert peaks["amx_bf16_torch"] == 1e6
+    assert compute_peak(peaks, torch.bfloat16) == (1e6, "amx_bf16_torch")
+    assert compute_peak(peaks, torch.float32)[1] in ("fma_avx2", "fma_avx512")
+    assert compute_peak(peaks, torch.float16)[0] < 1e6
 
 
 def test_nothing_beats_the_read_bandwidth():
