@@ -136,6 +136,32 @@ def test_pruned_beam_search_keeps_the_unpruned_beams(llm):
     assert found > 0
 
 
+def test_pruned_best_of_n_on_sessions_marks_what_it_stopped(llm):
+    """Sessions prune (a running minimum below the best finished score): the stopped candidates are marked `pruned`
+    and counted as without sessions (before: none was marked), and the choice is the unpruned sessions' one."""
+    from benchmarks.bench_search_sessions import ReplayGenerator
+    from tests.test_search_hostile_inputs import FixedGenerator
+    ex = held_out(3)
+    problems = [{"problem": e["problem"]} for e in ex]
+    texts = []
+    for e in ex:  # one single-step candidate finishes first; the longer ones may be stopped behind it
+        steps = e["solution"].split("\n\n")
+        texts.append([steps[0]] + ["\n\n".join(steps[:-1] + [ReplayGenerator.perturb(steps[-1], j)])
+                                   for j in range(3)])
+    out = {}
+    for prune in (False, True):
+        gen = FixedGenerator(llm.tokenizer, texts)
+        out[prune] = best_of_n(gen, Verifier(llm, config()), problems, n=4, sessions=True, prune=prune)
+    assert sum(r.pruned for r in out[True]) > 0  # the case prunes something
+    for full, cut in zip(out[False], out[True]):
+        assert full.pruned == 0 and cut.pruned == sum(c.pruned for c in cut.candidates)
+        assert full.candidates.index(full.chosen) == cut.candidates.index(cut.chosen) and not cut.chosen.pruned
+        for c in cut.candidates:
+            assert c.pruned == (len(c.step_scores) < len(c.steps)), (c.pruned, c.step_scores, c.steps)
+            if c.pruned:  # stopped at a running minimum below a finished sibling's score: it could not win
+                assert c.score < cut.chosen.score
+
+
 def test_bounds_follow_the_step_events():
     b = Bounds(3, 4)
     assert b.upper() == 1.0 and b.lower() is None

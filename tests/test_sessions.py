@@ -156,6 +156,56 @@ def test_per_step_fork_eviction_and_close(records):
         root.add_step("more")
 
 
+def test_a_fork_is_a_use_of_its_parent(records):
+    """Under the LRU limit, forking a session counts as using it: the root of several forks outlives an older
+    session nobody touched since (before, the root stayed least recently used and was evicted first)."""
+    rec = records[0]
+    llm = fresh()
+    verifier = Verifier(llm, VerifyConfig(format="prmkern", num_chains=1, max_tokens=16))
+    manager = verifier.sessions
+    manager.limits = SessionLimits(max_sessions=6, max_pinned_blocks=10_000)
+    root = verifier.open(rec["problem"])
+    root.add_step(rec["steps"][0])
+    other = verifier.open(rec["problem"], index=1)
+    other.add_step(rec["steps"][0])
+    forks = [root.fork() for _ in range(3)]
+    assert len(manager.pinned) == 5 and manager.evictions == 0
+    newer = [verifier.open(rec["problem"], index=2 + k) for k in range(2)]
+    for s in newer:  # the first reaches the limit of 6, the second passes it: one session is unpinned
+        s.add_step(rec["steps"][0])
+    assert manager.evictions == 1 and other.evicted and other.sid not in manager.pinned
+    assert not root.evicted and root.sid in manager.pinned and len(manager.pinned) == 6
+    for s in [root, other, *forks, *newer]:
+        s.close()
+    bm = llm.engine.block_manager
+    assert manager.pinned_blocks == 0 and bm.num_free_blocks == bm.num_blocks
+
+
+def test_a_step_past_the_context_fails_its_session_alone(records):
+    """In one add_steps batch, a session whose verifier prompt is past the context (1,024 tokens) is closed with
+    the engine's reason and the others get their normal verdicts (before: the batch raised, closing them all)."""
+    rec, too_long = records[0], "1 + 1 " * 600
+    config = VerifyConfig(format="prmkern", num_chains=2, max_tokens=96)
+    alone_llm = fresh()
+    alone = Verifier(alone_llm, config).open(rec["problem"])
+    alone.add_step(rec["steps"][0])
+    llm = fresh()
+    verifier = Verifier(llm, config)
+    a, b = verifier.open(rec["problem"]), verifier.open(rec["problem"], index=1)
+    out = verifier.sessions.add_steps([(a, rec["steps"][0]), (b, too_long)])
+    assert out[0].error is None and rows(a.result(), llm.tokenizer) == rows(alone.result(), alone_llm.tokenizer)
+    assert out[1].error.startswith("step 1: prompt has") and "max_model_len" in out[1].error, out[1].error
+    assert b.closed and b.error == out[1].error and out[1].score is None
+    assert b.result().error == b.error and b.result().scores is None  # as verify() reports a failed record
+    child = a.fork()
+    with pytest.raises(RuntimeError, match=r"step 2: prompt has .*\(max_model_len\)"):
+        child.add_step(too_long)  # a later step alone: add_step raises, the parent goes on
+    assert child.closed and not a.closed and a.add_step(rec["steps"][1]).error is None
+    for s in (a, alone):
+        s.close()
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
 def test_block_budget_and_bad_input(records):
     rec = records[0]
     llm = fresh()

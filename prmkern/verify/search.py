@@ -44,6 +44,7 @@ class Candidate:
     # prune: verification stopped at its decided error (score and step_scores cover the steps judged until then)
     pruned: bool = False
     earliest_error: int | None = None
+    error: str | None = None  # why it has no score: its verification failed (e.g. its verifier prompt is too long)
 
 
 @dataclass
@@ -57,6 +58,13 @@ class SearchResult:
     # why this problem has no usable result (its solutions could not be generated, or none could be verified);
     # None when it has one
     error: str | None = None
+    # how the choice was made when not as `select` asked (select='vote' with no final answer to count: the highest
+    # verifier score instead); None otherwise
+    note: str | None = None
+
+
+VOTE_FALLBACK = ("select='vote' had no answers to count (no candidate has a final answer: \\boxed{...} or 'The "
+                 "answer is ...'); chosen by the highest verifier score instead, as select='score'")
 
 
 def _check_problem(problem: Any, where: str) -> None:
@@ -102,7 +110,14 @@ def weighted_vote(candidates: Sequence[Candidate]) -> Candidate | None:
 def best_of_n(generator: Any, verifier: Verifier, problems: Sequence[dict[str, Any]], n: int = 8,
               params: SamplingParams | None = None, select: str = "score", sessions: bool = False,
               prune: bool | str = False) -> list[SearchResult]:
-    """problems: dicts with 'problem' and optionally 'answer' (the reference). select: 'score' | 'vote'.
+    """problems: dicts with 'problem' and optionally 'answer' (the reference). select: 'score' | 'vote'; when no
+    candidate of a problem has a final answer, 'vote' has nothing to count and chooses as 'score' does, saying so in
+    the result's `note` (VOTE_FALLBACK).
+
+    A candidate whose verification fails (its verifier prompt past the engine's context: a very long problem or
+    candidate) gets no score and its reason in `Candidate.error`; a problem none of whose candidates could be
+    verified gets it in `SearchResult.error`; every other candidate and problem of the batch is unaffected, with or
+    without sessions.
 
     prune (select 'score', method 'min'; docs/early_exit.md#pruning-the-search):
     * without sessions, on streamed verdicts (pruning.py): all candidates are verified in one continuous batch and a
@@ -115,7 +130,7 @@ def best_of_n(generator: Any, verifier: Verifier, problems: Sequence[dict[str, A
     * sessions: the candidates are verified step by step in verification sessions (all candidates' step d in one
       engine batch); prune (True) stops a candidate once its running minimum is below the best finished
       candidate's score (a minimum only falls, so it cannot win; its reported score is then that running minimum,
-      an upper bound)."""
+      an upper bound, and the candidate is marked `pruned` as without sessions)."""
     if isinstance(problems, (str, dict)) or not isinstance(problems, Sequence):
         raise TypeError(f"problems must be a list of {{'problem': str[, 'answer': str]}} dicts; got "
                         f"{type(problems).__name__}")
@@ -157,7 +172,7 @@ def best_of_n(generator: Any, verifier: Verifier, problems: Sequence[dict[str, A
             owners.append((i, c.text))
     dropped = [False] * len(records)
     if sessions:
-        verdicts = _verify_in_sessions(verifier, records, bool(prune))
+        verdicts, dropped = _verify_in_sessions(verifier, records, [i for i, _ in owners], bool(prune))
     elif rule is not None:
         from prmkern.verify.pruning import verify_pruned
         run = verify_pruned(verifier, records, [i for i, _ in owners], rule, keep=1)
@@ -170,16 +185,19 @@ def best_of_n(generator: Any, verifier: Verifier, problems: Sequence[dict[str, A
         if why is not None:
             failed.setdefault(i, why)
         scores = v.scores if v is not None else None
+        score = scores.score if scores else None
         results[i].candidates.append(Candidate(
-            text, rec["steps"], extract_answer(text), scores.score if scores else None,
-            [s.score for s in scores.steps] if scores else [], pruned=cut,
-            earliest_error=scores.earliest_error if scores else None))
+            text, rec["steps"], extract_answer(text), score, [s.score for s in scores.steps] if scores else [],
+            pruned=cut, earliest_error=scores.earliest_error if scores else None,
+            error=f"verifying this candidate failed: {why}" if score is None and why is not None else None))
         results[i].pruned += cut
     for i, (prob, res) in enumerate(zip(problems, results)):
         if res.error is None and res.candidates and all(c.score is None for c in res.candidates) and i in failed:
             res.error = f"no candidate could be verified: {failed[i]}"
         if select == "vote":
             res.chosen = weighted_vote(res.candidates)
+            if res.chosen is None and res.candidates:  # no answer to count: the highest score, said in `note`
+                res.chosen, res.note = select_by_score(res.candidates), VOTE_FALLBACK
         else:
             res.chosen = select_by_score(res.candidates)
         if prob.get("answer") is not None:
@@ -202,26 +220,34 @@ def select_by_score(candidates: Sequence[Candidate]) -> Candidate | None:
     return (list(candidates) or [None])[0]
 
 
-def _verify_in_sessions(verifier: Verifier, records: list[dict[str, Any]], prune: bool) -> list[Any]:
+def _verify_in_sessions(verifier: Verifier, records: list[dict[str, Any]], groups: list[Any],
+                        prune: bool) -> tuple[list[Any], list[bool]]:
     """verify() of whole solutions, run as one session per record fed step by step (each step d of every record in
-    one batch). With prune, records of one problem (same 'problem') stop once they cannot beat the best finished."""
+    one batch): the results, and which records prune stopped. With prune, the records of one group (groups[i]: its
+    problem) stop once they cannot beat the best finished one. A record whose step fails in the engine (its verifier
+    prompt past the context) fails alone, its reason in its result's `error` (verify() puts it on its chains)."""
     opened = [verifier.open(r["problem"], index=i) for i, r in enumerate(records)]
     live = list(range(len(records)))
+    stopped = [False] * len(records)
     depth = 0
     try:
         while live:
-            verifier.sessions.add_steps([(opened[i], records[i]["steps"][depth]) for i in live])
+            added = verifier.sessions.add_steps([(opened[i], records[i]["steps"][depth]) for i in live])
             depth += 1
-            live = [i for i in live if depth < len(records[i]["steps"])]
+            live = [i for i, v in zip(live, added) if v.error is None and depth < len(records[i]["steps"])]
             if prune:
-                best: dict[str, float] = {}
+                best: dict[Any, float] = {}
                 for i, r in enumerate(records):
-                    score = opened[i].scores.score if opened[i].scores else None
-                    if len(opened[i].steps) == len(r["steps"]) and score is not None:
-                        best[r["problem"]] = max(best.get(r["problem"], score), score)
-                live = [i for i in live if opened[i].scores.score is None
-                        or opened[i].scores.score >= best.get(records[i]["problem"], -1.0)]
-        return [s.result() for s in opened]
+                    s = opened[i]
+                    score = s.scores.score if s.scores and s.error is None else None
+                    if len(s.steps) == len(r["steps"]) and score is not None:
+                        best[groups[i]] = max(best.get(groups[i], score), score)
+                keep = [i for i in live if opened[i].scores.score is None
+                        or opened[i].scores.score >= best.get(groups[i], -1.0)]
+                for i in set(live) - set(keep):
+                    stopped[i] = True
+                live = keep
+        return [s.result() for s in opened], stopped
     finally:
         for s in opened:
             s.close()
@@ -340,10 +366,12 @@ def _beam_loop(generator: Any, verifier: Verifier, problem: str, prompt: list[in
             if final:
                 text = tok.decode(ids, skip_special_tokens=True)
                 done.append(Candidate(text, steps, extract_answer(text), score,
-                                      [s.score for s in v.scores.steps] if v.scores else []))
+                                      [s.score for s in v.scores.steps] if v.scores else [],
+                                      error=f"verifying this candidate failed: {why}" if score is None and why
+                                      else None))
                 if session is not None:
                     session.close()
-            else:
+            elif session is None or session.error is None:  # a failed session step closed its session: no beam
                 scored.append((ids, steps, score, session))
         scored.sort(key=lambda b: (b[2] is not None, b[2] or 0.0), reverse=True)  # unscored last
         for *_, session in scored[beam_width:]:

@@ -3,7 +3,9 @@
 Each class keeps one session's chains (text, token ids, scores) and has `run_batch(verifier, items)`: items are
 (state, problem, steps, key) of several sessions that each gained one step; it runs their new step in shared engine
 rounds (the protocol coroutines of protocols.py / genprm_protocol.py / discriminative.py, driven by
-continuous.run_rounds) and returns per item (SolutionScores so far, the token lists whose KV the session pins).
+continuous.run_rounds) and returns per item (SolutionScores so far, the token lists whose KV the session pins, None),
+or (None, [], why) when that item's step failed alone (its verifier prompt past the context): the other items'
+steps are complete all the same, and sessions.py closes the failed one.
 `fork()` copies a state for a child session; `close()` frees what it holds (GenPRM's code sandboxes).
 It does not pin blocks, enforce limits or defuse control text (sessions.py does).
 """
@@ -47,15 +49,16 @@ class DiscriminativeState:
         outcomes = []
         for (state, _, steps, _), prompt, pp, out in zip(items, prompts, params,
                                                          v.llm.reward(prompts, params, use_tqdm=False)):
-            if out.error is not None:
-                raise RuntimeError(f"step {len(steps)}: {out.error}")
+            if out.error is not None:  # this session alone fails (a prompt past the context)
+                outcomes.append((None, [], f"step {len(steps)}: {out.error}"))
+                continue
             rewards = (state.rewards if pp.first_position else []) + out.outputs.data[:, 1].tolist()
             if len(rewards) != len(steps):
                 raise RuntimeError(f"{len(rewards)} step separators for {len(steps)} steps")
             state.rewards, state.prompt, state.last_sep = rewards, prompt, out.pooled_positions[-1]
             state.scores = step_chain(rewards, v.config.threshold, v.fmt.name)
             outcomes.append((aggregate([state.scores], len(steps), method=v.config.method,
-                                       threshold=v.config.threshold), [prompt]))
+                                       threshold=v.config.threshold), [prompt], None))
         return outcomes
 
     def chain_scores(self):
@@ -114,13 +117,14 @@ class ParagraphState:
         outcomes = []
         for state, problem, steps, key in items:
             res = state.result
-            if res.error is not None:
-                raise RuntimeError(res.error)
+            if res.error is not None:  # this session alone fails (run_paragraphs records it per key)
+                outcomes.append((None, [], res.error))
+                continue
             # The conversation the next paragraph extends: the last prompt and judgement 0's turn.
             text = v.fmt.render(problem, steps, v.tok, paragraph=len(steps) - 1, history=state.history[:-1])
             opener = v.fmt.prefix(len(steps) - 1)
             convo = (text[:len(text) - len(opener)] if opener else text) + state.history[-1]
-            outcomes.append((res.scores, [v.encode(convo)]))
+            outcomes.append((res.scores, [v.encode(convo)], None))
         return outcomes
 
     def chain_scores(self):
@@ -191,7 +195,7 @@ class PerStepState:
             v._texts[key] = text  # released ThinkPRM scoring reads the prompt text (Verifier._select_verdicts)
             stops = tuple(dict.fromkeys(v.stops(text, n) + (state._header(n + 1),) + _final_stop(fmt)))
             if not state.bodies:  # the first step: K chains in one request, as verify() runs a one-step record
-                targets.append((state, None))
+                targets.append((state, None, key))
                 prompts.append(prompt)
                 params.append(v.params(c.num_chains, c.max_tokens, v.seed(state.index), stop=stops,
                                        logprob_ids=v.verdict_ids))
@@ -202,46 +206,56 @@ class PerStepState:
                     continue  # out of tokens: the new step stays unscored on this chain
                 state._carry(turn, n)
                 turn.prompt_ids = prompt
-                targets.append((state, turn))
+                targets.append((state, turn, key))
                 prompts.append(prompt + turn.token_ids)
                 params.append(v.params(1, c.max_tokens - len(turn.token_ids), v.seed(state.index, k, n),
                                        stop=stops, logprob_ids=v.verdict_ids))
         try:
-            results = PerStepState._run(v, items, targets, prompts, params)
+            results, failed = PerStepState._run(v, items, targets, prompts, params)
         finally:
             for _, _, _, key in items:
                 v._texts.pop(key, None)
         outcomes = []
         for state, problem, steps, key in items:
+            if key in failed:
+                outcomes.append((None, [], f"step {len(steps)}: {failed[key]}"))
+                continue
             res = results[key]
             v._score(res, steps)
             state.result_chains = res.chains
-            outcomes.append((res.scores, [state.prompt + t.token_ids for t in state.bodies]))
+            outcomes.append((res.scores, [state.prompt + t.token_ids for t in state.bodies], None))
         return outcomes
 
     @staticmethod
-    def _run(v: Any, items: list, targets: list, prompts: list, params: list) -> dict:
-        """The new step's chains, then the final verdicts; returns the VerificationResult per key."""
+    def _run(v: Any, items: list, targets: list, prompts: list, params: list) -> tuple[dict, dict]:
+        """The new step's chains, then the final verdicts; returns the VerificationResult per key, and why a key's
+        step failed (its first step's request, or every chain it extended this round, failed in the engine: a
+        prompt past the context) for the keys that failed; the others go on."""
         from prmkern.verify.protocols import Chain, Turn, VerificationResult
         outs = v.llm.generate(prompts, params, use_tqdm=False) if prompts else []
-        for (state, turn), out in zip(targets, outs):
+        errors: dict[Any, list[str]] = {}
+        extended: dict[Any, int] = {}
+        for (state, turn, key), out in zip(targets, outs):
+            extended[key] = extended.get(key, 0) + 1
+            if out.error is not None:
+                errors.setdefault(key, []).append(out.error)
             if turn is None:
-                if out.error is not None:
-                    raise RuntimeError(f"step 1: {out.error}")
-                for o in out.outputs:
+                for o in out.outputs if out.error is None else []:
                     body = Turn(prompt_ids=state.prompt)
                     v._absorb(body, o)
                     state.bodies.append(body)
             elif out.error is not None:
-                turn.finish_reason = "error"
+                turn.finish_reason = "error"  # one chain past the context: the step stays unscored on it
             else:
                 v._absorb(turn, out.outputs[0])
+        failed = {key: errs[0] for key, errs in errors.items() if len(errs) == extended[key]}
+        live = [(state, problem, steps, key) for state, problem, steps, key in items if key not in failed]
         results = {key: VerificationResult(state.index, len(steps), None,
                                            [Chain(turns=[copy.deepcopy(t)]) for t in state.bodies])
-                   for state, _, steps, key in items}
-        if v.final_ids is not None:  # the protocol's own coroutine (Verifier._final_verdicts), one round
-            run_rounds(v.llm, v._final_verdicts([(key, problem, steps) for _, problem, steps, key in items], results))
-        return results
+                   for state, _, steps, key in live}
+        if v.final_ids is not None and live:  # the protocol's own coroutine (Verifier._final_verdicts), one round
+            run_rounds(v.llm, v._final_verdicts([(key, problem, steps) for _, problem, steps, key in live], results))
+        return results, failed
 
     def _carry(self, turn: Any, n: int) -> None:
         """Cuts the chain where it would start judging step n (its stop, or the start of its final verdict) and

@@ -64,7 +64,10 @@ class StepVerdicts:
     score: float | None  # mean P(correct) over the chains that scored it (None: no chain did)
     p_correct: list[float | None]  # per chain
     verdicts: list[str]  # per chain: the parse status of its verdict for this step
-    solution: SolutionScores  # the solution so far: step scores, solution score, earliest error
+    solution: SolutionScores | None  # the solution so far: step scores, solution score, earliest error
+    # add_steps: why this session's step failed alone (its verifier prompt past the context); the session is then
+    # closed with this reason in VerifySession.error. add_step raises it instead.
+    error: str | None = None
 
 
 class SessionClosed(RuntimeError):
@@ -118,7 +121,9 @@ class SessionManager:
 
     def add_steps(self, items: list[tuple["VerifySession", str]]) -> list[StepVerdicts]:
         """Adds one step to each of several sessions in shared engine batches (a search's siblings at one depth);
-        the same results as calling add_step on each in turn. A failed batch closes its sessions."""
+        the same results as calling add_step on each in turn. A session whose own step fails in the engine (its
+        verifier prompt past the context) fails alone: it is closed, its reason is in its verdict's `error` and in
+        `session.error`, and the others' steps are added. A batch that fails as a whole closes its sessions."""
         if not items:
             return []
         v = items[0][0].verifier
@@ -147,10 +152,15 @@ class SessionManager:
                 session.close()
             raise
         out = []
-        for (session, _), (scores, pins) in zip(items, outcomes):
+        for (session, _), (scores, pins, error) in zip(items, outcomes):
+            k = len(session.steps) - 1
+            if error is not None:  # its chains may be half extended: this session ends here
+                session.error = error
+                session.close()
+                out.append(StepVerdicts(k, None, [], [], session.scores, error=error))
+                continue
             session.scores = scores
             self._repin(session, pins)
-            k = len(session.steps) - 1
             per = [ch.steps[k] if k < len(ch.steps) else None for ch in session.state.chain_scores()]
             out.append(StepVerdicts(k, scores.steps[k].score, [x.p_correct if x else None for x in per],
                                     [x.status if x else "missing" for x in per], scores))
@@ -178,10 +188,12 @@ class SessionManager:
             self._enforce(session)
 
     def _share(self, parent: "VerifySession", child: "VerifySession") -> None:
-        """The child of a fork takes its own references on its parent's pinned blocks."""
+        """The child of a fork takes its own references on its parent's pinned blocks. A fork is a use of the
+        parent: it becomes the most recently used but for its child (the root of many forks is not evicted first)."""
         with self._lock:
             if self.bm is None or parent.sid not in self.pinned:
                 return
+            self.pinned.move_to_end(parent.sid)
             child._pins = [list(ids) for ids in parent._pins]
             for ids in child._pins:
                 self.bm.pin_blocks(ids)
@@ -225,12 +237,16 @@ class VerifySession:
         self.scores: SolutionScores | None = None
         self.evicted = False  # its pins were dropped by the manager's limits (results are unaffected)
         self.closed = False
+        self.error: str | None = None  # why a step failed (add_steps; the session was closed)
         self._pins: list[list[int]] = []
 
     def add_step(self, text: str) -> StepVerdicts:
         """Verifies the new step (the chains already written are extended, not regenerated). A step that fails
-        (an engine error) closes the session."""
-        return self.manager.add_steps([(self, text)])[0]
+        (an engine error, a verifier prompt past the context) closes the session and raises RuntimeError."""
+        verdict = self.manager.add_steps([(self, text)])[0]
+        if verdict.error is not None:
+            raise RuntimeError(verdict.error)
+        return verdict
 
     def fork(self) -> "VerifySession":
         """A session that shares everything written so far (its own pins on the same blocks)."""
@@ -243,10 +259,11 @@ class VerifySession:
         return child
 
     def result(self) -> Any:
-        """The steps so far as verify() reports a record (a VerificationResult)."""
+        """The steps so far as verify() reports a record (a VerificationResult); after a failed step, as verify()
+        reports a record that failed: no scores, the reason in `error`."""
         from prmkern.verify.protocols import VerificationResult
-        return VerificationResult(self.index, len(self.steps), self.scores, self.state.chains(),
-                                  scoring=self.verifier.config.scoring)
+        return VerificationResult(self.index, len(self.steps), None if self.error else self.scores,
+                                  self.state.chains(), error=self.error, scoring=self.verifier.config.scoring)
 
     def close(self) -> None:
         if not self.closed:
