@@ -7,11 +7,12 @@ device's default backend.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import torch
 
-from prmkern.attention.backend import default_backend
+from prmkern.attention.backend import backend_class, backend_names, default_backend
 
 
 class EngineConfigError(ValueError):
@@ -65,8 +66,13 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         check_values(self)
+        self.seed = 0 if self.seed is None else int(self.seed)  # numpy ints too: random.Random takes int only
         if self.attention_backend is None:
             self.attention_backend = default_backend(self.device)
+        why = backend_class(self.attention_backend).unavailable_on(self.device)
+        if why is not None:  # found here, not by every request's first step after the model loaded
+            raise EngineConfigError("attention_backend", self.attention_backend,
+                                    f"a backend that runs on {self.device}: {why}")
 
 
 def check_values(c) -> None:
@@ -82,7 +88,8 @@ def check_values(c) -> None:
     check(is_int(c.block_size) and c.block_size >= 1, "block_size", "an int >= 1 (default 16)")
     check(c.num_kvcache_blocks is None or (is_int(c.num_kvcache_blocks) and c.num_kvcache_blocks >= 1),
           "num_kvcache_blocks", "None or an int >= 1")
-    check(c.kv_cache_memory is None or c.kv_cache_memory > 0, "kv_cache_memory", "None or bytes > 0")
+    check(c.kv_cache_memory is None or (is_int(c.kv_cache_memory) and c.kv_cache_memory > 0), "kv_cache_memory",
+          "None or bytes > 0 (an int)")
     check(c.gpu_memory_utilization is None or
           (isinstance(c.gpu_memory_utilization, (int, float)) and not isinstance(c.gpu_memory_utilization, bool)
            and 0 < c.gpu_memory_utilization <= 1), "gpu_memory_utilization", "None or a float in (0, 1]")
@@ -92,6 +99,10 @@ def check_values(c) -> None:
     check(c.max_model_len is None or (is_int(c.max_model_len) and c.max_model_len >= 1), "max_model_len",
           "None or an int >= 1")
     check(isinstance(c.enable_prefix_caching, bool), "enable_prefix_caching", "True or False")
+    check(c.seed is None or (isinstance(c.seed, numbers.Integral) and not isinstance(c.seed, bool)), "seed",
+          "an int or None (None: 0)")
+    check(c.attention_backend is None or c.attention_backend in backend_names(), "attention_backend",
+          f"None (the device's default) or one of {', '.join(backend_names())}")
     check(isinstance(c.enforce_eager, bool), "enforce_eager", "True or False")
     check(is_int(c.max_graph_batch) and c.max_graph_batch >= 1, "max_graph_batch", "an int >= 1")
     check(is_int(c.packed_gemm_bytes) and c.packed_gemm_bytes >= 0, "packed_gemm_bytes",

@@ -80,6 +80,34 @@ def _prompt_list(prompts: Any) -> list:
                     f"{{'prompt_token_ids': [...]}} dict, or a list of those; got {type(prompts).__name__}{hint}")
 
 
+def _check_arguments(model: Any, tokenizer: Any, seed: Any, tensor_parallel_size: Any) -> None:
+    """The LLM arguments that EngineConfig does not hold, checked before anything is read or loaded: the wrong
+    type was taken silently (seed="x", tensor_parallel_size=True) or failed late with a message not naming it."""
+    def is_int(v: Any) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    for name, value in (("model", model), ("tokenizer", tokenizer)):
+        if not (isinstance(value, (str, os.PathLike)) or (name == "tokenizer" and value is None)):
+            accepted = "a local checkpoint directory (str or path)" + (", or None" if name == "tokenizer" else "")
+            raise TypeError(f"{name}={value!r} is invalid ({type(value).__name__}); accepted: {accepted}")
+    if seed is not None and not is_int(seed):
+        raise TypeError(f"seed={seed!r} is invalid ({type(seed).__name__}); accepted: an int or None (None: 0)")
+    if not is_int(tensor_parallel_size) or tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size={tensor_parallel_size!r} is invalid; accepted: an int >= 1 (not a "
+                         f"bool)")
+
+
+def _resolve_device(device: Any) -> torch.device:
+    """`device` as a torch.device: None or "auto" (vLLM's) is cuda when available, else cpu."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is invalid; accepted: None or 'auto' (cuda when available), 'cpu', "
+                         f"'cuda', 'cuda:N' or a torch.device ({e})") from None
+
+
 class LLM:
     def __init__(self, model: str, tokenizer: str | None = None, dtype: str | torch.dtype = "auto",
                  device: str | torch.device | None = None, block_size: int = _D.block_size,
@@ -98,11 +126,10 @@ class LLM:
         with an error naming what is supported)."""
         if "kv_cache_memory_bytes" in vllm_kwargs:  # vLLM's name for prmkern's kv_cache_memory
             kv_cache_memory = vllm_kwargs.pop("kv_cache_memory_bytes")
+        _check_arguments(model=model, tokenizer=tokenizer, seed=seed, tensor_parallel_size=tensor_parallel_size)
         used = check_vllm_args(vllm_kwargs)
         hf_config = read_config(model)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
+        device = _resolve_device(device)
         if gpu_memory_utilization is not None and (
                 not isinstance(gpu_memory_utilization, (int, float)) or isinstance(gpu_memory_utilization, bool)
                 or not 0 < gpu_memory_utilization <= 1):

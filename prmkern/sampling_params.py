@@ -3,9 +3,11 @@ creation; and vLLM's BeamSearchParams for LLM.beam_search (prmkern/beam_search.p
 for a float)."""
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def _is_int(x: object) -> bool:
@@ -94,6 +96,10 @@ class SamplingParams:
     # tokenizes them at admission (LLMEngine.add_request).
     bad_words: list[str] | None = None
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
+    # vLLM's: the stop ids the engine adds at admission (update_from_generation_config: the model's EOS ids);
+    # all_stop_token_ids is stop_token_ids plus these.
+    _eos_stop_ids: set[int] = field(default_factory=set, init=False, repr=False, compare=False)
+    _eos_token_id: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         def bad(name: str, accepted: str) -> ValueError:
@@ -206,6 +212,50 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.prompt_logprob_start={start!r} is invalid; accepted: None or an int "
                              f">= 0 (the first causal prompt row scored)")
         self.prompt_logprob_start = None if start is None else int(start)
+
+    @property
+    def all_stop_token_ids(self) -> set[int]:
+        """vLLM's: every token id that ends a chain or that min_tokens holds back: stop_token_ids, plus the EOS ids
+        the engine added with update_from_generation_config (vLLM adds them whatever ignore_eos says, for
+        min_tokens). A new SamplingParams holds stop_token_ids only, as vLLM's does: its engines add EOS to a
+        copy at admission. A fresh set each time, so stop_token_ids set after construction is counted."""
+        return set(self.stop_token_ids or ()) | self._eos_stop_ids
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """vLLM's: the model's EOS id as update_from_generation_config set it; None with ignore_eos."""
+        return self._eos_token_id
+
+    def update_from_generation_config(self, generation_config: dict[str, Any],
+                                      eos_token_id: int | None = None) -> None:
+        """vLLM's: the model's EOS ids join the stop ids. `eos_token_id` (the tokenizer's) joins
+        all_stop_token_ids and, unless ignore_eos, becomes eos_token_id; generation_config's other "eos_token_id"
+        ids (an int or a list) join all_stop_token_ids and, unless ignore_eos, stop_token_ids."""
+        if not isinstance(generation_config, dict):
+            raise TypeError(f"generation_config must be a dict (generation_config.json's fields), got "
+                            f"{type(generation_config).__name__}")
+        if eos_token_id is not None and (not _is_int(eos_token_id) or eos_token_id < 0):
+            raise ValueError(f"eos_token_id={eos_token_id!r} is invalid; accepted: None or a token id (an int >= 0)")
+        if not self.ignore_eos:
+            self._eos_token_id = None if eos_token_id is None else int(eos_token_id)
+        if eos_token_id is not None:
+            self._eos_stop_ids.add(int(eos_token_id))
+        ids = generation_config.get("eos_token_id")
+        if ids is None:
+            return
+        ids = [ids] if not isinstance(ids, (list, tuple)) else list(ids)
+        if any(not _is_int(i) or i < 0 for i in ids):
+            raise ValueError(f"generation_config eos_token_id={generation_config['eos_token_id']!r} is invalid; "
+                             f"accepted: a token id or a list of token ids (ints >= 0)")
+        extra = {int(i) for i in ids} - {eos_token_id}
+        self._eos_stop_ids |= extra
+        if extra and not self.ignore_eos:
+            self.stop_token_ids = list(dict.fromkeys([*self.stop_token_ids, *sorted(extra)]))
+
+    def clone(self) -> "SamplingParams":
+        """vLLM's: a deep copy (lists and dicts included), so editing the copy leaves this one as it is. vLLM copies
+        its logits processors shallowly; prmkern has none (vllm_args.py rejects them)."""
+        return copy.deepcopy(self)
 
     @property
     def greedy(self) -> bool:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from prmkern import SamplingParams
+from prmkern import LLM, SamplingParams
 
 PROMPT = "<|im_start|>user\nCompute $13 - 5 + 10$.<|im_end|>\n<|im_start|>assistant\n"
 
@@ -74,3 +74,59 @@ def test_an_overflowing_logit_bias_is_named_in_the_error(shipped_llm):
                                                                             logit_bias={5: 1e300}), sp])
     assert outs[0].error is not None and "logit_bias" in outs[0].error, outs[0].error
     assert outs[1].error is None and len(outs[1].outputs[0].token_ids) == 3
+
+
+class _Loaded(Exception):
+    """Raised in place of loading the model: an argument got past LLM's checks."""
+
+
+@pytest.fixture
+def no_engine(monkeypatch):
+    def load(*a, **k):
+        raise _Loaded
+    monkeypatch.setattr("prmkern.llm.LLMEngine", load)
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    ({"seed": "x"}, TypeError), ({"seed": 1.5}, TypeError), ({"seed": True}, TypeError),
+    ({"tensor_parallel_size": 0}, ValueError), ({"tensor_parallel_size": 1.0}, ValueError),
+    ({"tensor_parallel_size": True}, ValueError), ({"tensor_parallel_size": "2"}, ValueError),
+    ({"kv_cache_memory": "1GiB"}, ValueError), ({"kv_cache_memory": 1.5}, ValueError),
+    ({"kv_cache_memory": True}, ValueError), ({"attention_backend": "nope"}, ValueError),
+    ({"attention_backend": 3}, ValueError), ({"device": "nope"}, ValueError), ({"tokenizer": 3}, TypeError),
+    ({"gpu_memory_utilization": "0.5"}, ValueError), ({"max_model_len": "512"}, ValueError),
+])
+def test_llm_arguments_of_the_wrong_type_fail_before_the_model_loads(qwen2_dir, no_engine, kwargs, error):
+    # Before: seed="x" / 1.5 / True, tensor_parallel_size=1.0 / True, kv_cache_memory=1.5 / True and an unknown
+    # attention_backend were taken silently (the last failed every request after the load); kv_cache_memory="1GiB"
+    # and device="nope" raised errors that did not name the argument; tokenizer=3 went to the network.
+    (name, value), = kwargs.items()
+    with pytest.raises(error) as e:
+        LLM(qwen2_dir, **{"device": "cpu", **kwargs})
+    assert f"{name}={value!r} is invalid" in str(e.value) and "accepted" in str(e.value), str(e.value)
+
+
+def test_llm_takes_int_seeds_and_none(qwen2_dir, monkeypatch):
+    made = []
+
+    def load(config, *a, **k):
+        made.append(config)
+        raise _Loaded
+    monkeypatch.setattr("prmkern.llm.LLMEngine", load)
+    for seed, want in ((None, 0), (7, 7), (np.int64(9), 9), (-3, -3)):
+        with pytest.raises(_Loaded):
+            LLM(qwen2_dir, device="cpu", seed=seed)
+        assert made[-1].seed == want and type(made[-1].seed) is int
+
+
+def test_triton_without_a_gpu_or_the_interpreter_fails_before_the_model_loads(qwen2_dir, no_engine, monkeypatch):
+    # Before: accepted; every request then failed on its first step with TritonUnavailableError.
+    from prmkern.config import EngineConfigError
+    monkeypatch.setattr("prmkern.kernels.interpreted", lambda: False)  # as in a process without TRITON_INTERPRET=1
+    with pytest.raises(EngineConfigError, match=r"attention_backend='triton' is invalid; accepted: a backend that "
+                                                r"runs on cpu: .*TRITON_INTERPRET=1") as e:
+        LLM(qwen2_dir, device="cpu", attention_backend="triton")
+    assert e.value.field == "attention_backend"
+    monkeypatch.setattr("prmkern.kernels.interpreted", lambda: True)
+    with pytest.raises(_Loaded):
+        LLM(qwen2_dir, device="cpu", attention_backend="triton")

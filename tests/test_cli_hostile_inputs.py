@@ -7,13 +7,18 @@ serve's --port / --log-level / --max-n and several verify flags gave tracebacks 
 before a model loads unless the case needs one (the tiny random Qwen2 then)."""
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 
 import pytest
 
 from prmkern.cli.jobs import read_items
+from prmkern.cli.options import UsageError
 from prmkern.verify.formats import load_formats
-from tests.test_cli import FAST, run_cli, write_lines
+from tests.test_cli import FAST, REPO, _main, run_cli, write_lines
+
+EXAMPLES = os.path.join(REPO, "prmkern/data/verifier/examples.jsonl")
 
 SOLUTION = {"problem": "Compute 2 + 3 then double it.", "steps": ["2 plus 3 is 5.", "5 times 2 is 10."]}
 NO_MODEL = ("--model", "/nonexistent-model-dir")  # a case that gets past its check fails on this instead
@@ -108,3 +113,115 @@ def test_verify_fast_flags_still_run(tmp_path, qwen2_dir):
                    str(tmp_path / "s.json"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "s.json").read_text())["records"] == 1
+
+
+class _Loaded(Exception):
+    """Raised in place of loading a model: the command got past its checks."""
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    def load(*a, **k):
+        raise _Loaded
+    monkeypatch.setattr("prmkern.cli.options.make_llm", load)  # the one factory every command calls
+
+
+def test_triton_without_a_gpu_is_a_usage_error_before_the_model_loads(tmp_path, no_model, monkeypatch):
+    # Before: the model loaded, then every record failed with TritonUnavailableError and the run exited 0.
+    src = write_lines(tmp_path / "in.jsonl", [SOLUTION])
+    monkeypatch.setattr("prmkern.kernels.interpreted", lambda: False)  # a process without TRITON_INTERPRET=1
+    code, _, err = _main("verify", src, "--device", "cpu", "--attention-backend", "triton", "-o",
+                         str(tmp_path / "o.jsonl"))
+    assert code == 2 and err.startswith("prmkern verify: error: --attention-backend triton: ") and \
+        "TRITON_INTERPRET=1" in err and "cpu" in err and err.count("\n") == 1, err
+    monkeypatch.setattr("prmkern.kernels.interpreted", lambda: True)  # the interpreter runs it: on to the model
+    with pytest.raises(_Loaded):
+        _main("verify", src, "--device", "cpu", "--attention-backend", "triton", "-o", str(tmp_path / "o.jsonl"))
+
+
+@pytest.mark.parametrize("fmt,says", [
+    ({"base": "prmkern", "user_template": "{problme}\n{solution}"}, "user_template names unknown field(s) {problme}"),
+    ({"base": "prmkern", "user_template": "{problem} {"}, "user_template is not a valid str.format template"),
+    ({"base": "prmkern", "user_template": "{problem}{0}"}, "unknown field(s) {0}"),
+    ({"base": "prmkern", "step_template": "Step {k}: {txt}"}, "step_template names unknown field(s) {txt}"),
+    ({"base": "genprm", "user_template": "{text} of {solution}"}, "unknown field(s) {solution}; accepted for a "
+                                                                  "per_paragraph format: {k}, {problem}, {text}"),
+])
+def test_a_formats_file_template_with_an_unknown_field_is_a_usage_error(tmp_path, no_model, fmt, says):
+    # Before: the file loaded, the model loaded, then every record failed with KeyError: 'problme' (exit 0).
+    src = write_lines(tmp_path / "in.jsonl", [SOLUTION])
+    path = tmp_path / "f.json"
+    path.write_text(json.dumps([{"name": "mine", **fmt}]))
+    code, _, err = _main("verify", src, "--device", "cpu", "--formats-file", str(path), "--format", "mine")
+    assert code == 2 and err.startswith(f"prmkern verify: error: --formats-file {path}: format 'mine': ") and \
+        says in err and err.count("\n") == 1, err
+
+
+def test_formats_file_templates_with_the_fields_they_are_given_still_load(tmp_path):
+    path = tmp_path / "f.json"
+    path.write_text(json.dumps([
+        {"base": "prmkern", "name": "ok1", "user_template": "{{braces}} {problem!r}\n{solution:>3}",
+         "step_template": "({k:02d}) {text}"},
+        {"base": "critic", "name": "ok2", "user_template": "{problem} {tagged_response}"},
+        {"base": "thinkprm", "name": "ok3", "user_template": "{problme} is left as text by 'replace'"},
+    ]))
+    ok1, ok2, ok3 = load_formats(str(path), register=False)
+    text = ok1.messages("P", ["a", "b"])[0]["content"]
+    assert text == "{braces} 'P'\n" + "(01) a\n(02) b".rjust(3)
+    assert ok2.messages("P", ["a"])[0]["content"].startswith("P ")
+    assert "{problme}" in ok3.messages("P", ["a"])[0]["content"]
+
+
+@pytest.mark.parametrize("command,record", [
+    ("verify", SOLUTION), ("generate", {"prompt": "one two", "max_tokens": 2}), ("bon", {"problem": "What is 2+3?"}),
+])
+def test_a_second_run_on_a_locked_output_stops_before_its_model_loads(tmp_path, no_model, command, record):
+    # Before: the lock was taken after the model loaded, so a second run spent the load and then stopped.
+    src = write_lines(tmp_path / "in.jsonl", [record])
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"index": 0, "line": 1, "error": None}) + "\n")
+    before = out.read_text()
+    holder = os.open(out, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # what the first run holds while it writes
+    try:
+        for resume in ((), ("--resume",)):
+            code, _, err = _main(command, src, "--device", "cpu", "-o", str(out), *resume)
+            assert "being written by another run" in str(code), (code, err)
+            assert out.read_text() == before
+    finally:
+        os.close(holder)
+
+
+def test_a_run_that_fails_to_load_leaves_its_output_as_it_was(tmp_path, monkeypatch):
+    def fail(*a, **k):
+        raise UsageError("no model here")
+    monkeypatch.setattr("prmkern.cli.options.make_llm", fail)
+    src = write_lines(tmp_path / "in.jsonl", [SOLUTION])
+    new, old = tmp_path / "new.jsonl", tmp_path / "old.jsonl"
+    old.write_text(json.dumps({"index": 0, "line": 1, "error": None}) + "\n")
+    before = old.read_text()
+    for out in (new, old):
+        code, _, err = _main("verify", src, "--device", "cpu", "-o", str(out))
+        assert code == 2 and "no model here" in err, err
+    assert not new.exists() and old.read_text() == before  # not created, not truncated
+
+
+def test_an_interrupted_verify_summary_counts_the_chains_of_the_records_written(tmp_path, monkeypatch):
+    # Before: Ctrl-C during the one continuous call over all records lost its count: "chains": 0.
+    from prmkern.cli.verify_runs import ChainProgress
+    recs = [json.loads(line) for line in open(EXAMPLES)][:6]
+    src = write_lines(tmp_path / "in.jsonl", recs)
+    out, summ = tmp_path / "out.jsonl", tmp_path / "s.json"
+
+    def step_progress(self, chains):
+        def on_step(finished):  # Ctrl-C at the first engine step after two rows were written
+            if out.exists() and out.read_text().count("\n") >= 2:
+                raise KeyboardInterrupt
+        return on_step
+    monkeypatch.setattr(ChainProgress, "step_progress", step_progress)
+    code, _, err = _main("verify", src, *FAST, "--batch-size", "1", "-o", str(out), "--summary", str(summ))
+    assert code == 130 and "interrupted" in err, err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    s = json.loads(summ.read_text())
+    assert s["interrupted"] and s["written"] == len(rows) and 2 <= len(rows) < len(recs)
+    assert s["chains"] == sum(len(r["chains"]) for r in rows) > 0

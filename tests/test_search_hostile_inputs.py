@@ -98,10 +98,14 @@ def test_bon_rows_carry_the_error_and_count_as_failed(tmp_path):
                                              {"problem": "   "}])
     out, summary = tmp_path / "bon.jsonl", tmp_path / "s.json"
     proc = run_cli("bon", src, "--n", "2", "--gen-max-tokens", "16", "--max-tokens", "16", "--chains", "1",
-                   "--device", "cpu", "--no-progress", "-o", str(out), "--summary", str(summary))
+                   "--select", "vote", "--device", "cpu", "--no-progress", "-o", str(out), "--summary", str(summary))
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows[0]["error"] is None and len(rows[0]["candidates"]) == 2
+    assert all(c["error"] is None for c in rows[0]["candidates"])
+    # vote: a choice always, and the row says when there was no answer to count
+    assert rows[0]["chosen"] is not None
+    assert (rows[0]["note"] == VOTE_FALLBACK) == all(c["answer"] is None for c in rows[0]["candidates"])
     assert rows[1]["error"] is not None and "generating its solutions failed" in rows[1]["error"]
     assert "'problem' is empty" in rows[2]["error"]  # fails alone, not its batch (best_of_n refuses it)
     s = json.loads(summary.read_text())

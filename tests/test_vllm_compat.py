@@ -268,3 +268,49 @@ def test_prompt_logprobs_on_the_triton_backend_match_torch(qwen2_dir):
     assert [list(d) for d in got["triton"]] == [list(d) for d in got["torch"]]
     for a, b in zip(got["triton"], got["torch"]):
         assert list(a.values()) == pytest.approx(list(b.values()), abs=1e-4)
+
+
+def test_sampling_params_clone_is_a_deep_copy_as_vllm():
+    """vLLM's clone(): an equal SamplingParams sharing no list or dict with the original, so an engine may edit its
+    copy (as vLLM's do at admission) and leave the caller's as it was."""
+    sp = SamplingParams(n=2, temperature=0.7, stop=["\n\n", "Step"], stop_token_ids=[7, 3], logit_bias={5: 1.5},
+                        allowed_token_ids=[3, 5, 7], bad_words=["no"], logprob_token_ids=[4], seed=11)
+    before = repr(sp)
+    c = sp.clone()
+    assert c == sp and c is not sp and type(c) is SamplingParams and repr(c) == before
+    for name in ("stop", "stop_token_ids", "logit_bias", "allowed_token_ids", "bad_words", "logprob_token_ids"):
+        assert getattr(c, name) is not getattr(sp, name), name
+    c.stop_token_ids.append(9)
+    c.logit_bias[6] = -2.0
+    c.allowed_token_ids.append(8)
+    c.update_from_generation_config({"eos_token_id": [1, 2]}, eos_token_id=1)
+    assert repr(sp) == before and sp.all_stop_token_ids == {7, 3} and sp.eos_token_id is None
+    assert c.all_stop_token_ids == {7, 3, 9, 1, 2}
+
+
+def test_all_stop_token_ids_as_vllm():
+    """vLLM's rule: a new SamplingParams holds its stop_token_ids; update_from_generation_config (what the engine
+    does at admission) adds the EOS id and generation_config's other EOS ids whatever ignore_eos says (min_tokens
+    holds them all back), while stop_token_ids gains those other ids, and eos_token_id is set, only without
+    ignore_eos."""
+    assert SamplingParams().all_stop_token_ids == set()
+    sp = SamplingParams(stop_token_ids=[11, 4])
+    assert sp.all_stop_token_ids == {11, 4} and isinstance(sp.all_stop_token_ids, set)
+    sp.stop_token_ids = [12]  # set after construction: counted (the engine re-checks fields at admission too)
+    assert sp.all_stop_token_ids == {12}
+    eos, others = 2, [2, 6, 8]
+    sp.update_from_generation_config({"eos_token_id": others}, eos_token_id=eos)
+    assert sp.all_stop_token_ids == {12, *others} and sp.eos_token_id == eos
+    assert sorted(sp.stop_token_ids) == sorted({12, *others} - {eos})  # the primary EOS stops on its own
+    ig = SamplingParams(stop_token_ids=[12], ignore_eos=True)
+    ig.update_from_generation_config({"eos_token_id": others}, eos_token_id=eos)
+    assert ig.all_stop_token_ids == {12, *others} and ig.stop_token_ids == [12] and ig.eos_token_id is None
+    one = SamplingParams()
+    one.update_from_generation_config({"eos_token_id": 5})  # an int, no tokenizer EOS
+    assert one.all_stop_token_ids == {5} and one.stop_token_ids == [5] and one.eos_token_id is None
+    one.update_from_generation_config({})
+    assert one.all_stop_token_ids == {5}
+    with pytest.raises(ValueError, match=r"eos_token_id=-1 is invalid; accepted"):
+        SamplingParams().update_from_generation_config({}, eos_token_id=-1)
+    with pytest.raises(ValueError, match=r"eos_token_id='x' is invalid; accepted"):
+        SamplingParams().update_from_generation_config({"eos_token_id": "x"})

@@ -22,6 +22,12 @@ class AttentionBackend(ABC):
     cuda_graphs: bool = False  # its decode steps can be captured in CUDA graphs (prmkern/engine/cuda_graphs.py)
     cpu_kernels: bool = False  # runs prmkern's C++ CPU kernels, which the model and the sampler may use too
 
+    @classmethod
+    def unavailable_on(cls, device: torch.device) -> str | None:
+        """Why this backend cannot run on `device`, or None when it can: asked before a model loads (EngineConfig),
+        so a backend that would fail every request's first step fails the configuration instead."""
+        return None
+
     @abstractmethod
     def store_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor, all_valid: bool = False) -> None:

@@ -6,7 +6,8 @@ group, each chain's own suffix, and reduces and merges the float32 partial state
 every row runs plain paged_decode over its full block table. Everything else maps one method to one kernel.
 
 Importing this module needs triton but no GPU. On a CPU the kernels only run when TRITON_INTERPRET=1 was set before
-triton was imported (tests do that); otherwise calls raise `TritonUnavailableError`. Does not capture CUDA graphs
+triton was imported (tests do that); otherwise an EngineConfig naming it is refused before a model loads
+(`unavailable_on`) and calls raise `TritonUnavailableError`. Does not capture CUDA graphs
 (prmkern/engine/cuda_graphs.py does; a captured step's metadata fixes the path and launch sizes, see `_decode_fixed`) and
 holds no per-step state.
 """
@@ -46,6 +47,13 @@ class TritonBackend(AttentionBackend):
             raise ValueError(f"min_prefix_tokens must be an int >= 1, got {min_prefix_tokens!r}")
         self.min_chains = min_chains
         self.min_prefix_tokens = min_prefix_tokens
+
+    @classmethod
+    def unavailable_on(cls, device: torch.device) -> str | None:
+        if device.type == "cuda" or K.interpreted():
+            return None
+        return (f"the Triton kernels need a CUDA device, or TRITON_INTERPRET=1 set before triton is imported to run "
+                f"them on the CPU; got device {device}. Use the 'cpp' or 'torch' backend there")
 
     @staticmethod
     def _check_device(t: torch.Tensor) -> None:

@@ -38,9 +38,11 @@ def cmd_bon(args: argparse.Namespace) -> int:
             it.error = "'problem' is empty; accepted: the problem's text"
     config = build_config(args)
     options.check_search_args(args, config)
-    llm = options.make_llm(args, default="verifier")
-    generator = llm if args.generator is None else options.make_llm(argparse.Namespace(**{**vars(args),
-                                                                                          "model": args.generator}))
+    runner = JobRunner(args.output, args.resume, resume_hint(args.argv), inputs=[args.input])
+    with runner.locked():  # before the models: a second run on this output stops at once
+        llm = options.make_llm(args, default="verifier")
+        generator = llm if args.generator is None else options.make_llm(
+            argparse.Namespace(**{**vars(args), "model": args.generator}))
     bar = progress_bar(args, len(items), f"best-of-{args.n}", "problem")
     verifier = Verifier(ChainProgress(llm, bar), config)
     generator = ChainProgress(generator, bar)  # the sampling of candidates shows progress too
@@ -56,12 +58,13 @@ def cmd_bon(args: argparse.Namespace) -> int:
                             "answer": c.answer if c else None, "score": c.score if c else None,
                             "reference": it.record.get("answer"), "correct": r.correct,
                             "chosen": r.candidates.index(c) if c in r.candidates else None,
+                            "note": r.note,  # how the choice was made when not as --select asked
                             "candidates": [{"answer": x.answer, "score": x.score, "step_scores": x.step_scores,
-                                            "text": x.text, **({"pruned": x.pruned} if args.prune else {})}
+                                            "text": x.text, "error": x.error,
+                                            **({"pruned": x.pruned} if args.prune else {})}
                                            for x in r.candidates],
                             **({"pruned": r.pruned} if args.prune else {})})
 
-    runner = JobRunner(args.output, args.resume, resume_hint(args.argv), inputs=[args.input])
     chains0 = llm.engine.metrics.verification_chains  # the Verifier counts its chains there (prmkern/metrics.py)
     runner.run(items, process, batch_size=args.batch_size or 1, progress=bar.update if bar else None, align=True)
     chains = llm.engine.metrics.verification_chains - chains0

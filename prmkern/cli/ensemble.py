@@ -179,7 +179,9 @@ def cmd_verify_ensemble(args: argparse.Namespace, items: list[Item], path: str, 
     configs = member_configs(given, members, name_flags)  # before any model loads: a bad option fails at once
     threshold = args.threshold if args.threshold is not None else 0.5
     size = args.batch_size or min(max(1, 64 // c.num_chains) for c in configs)
-    llms = load_members(args, members, configs)
+    runner = JobRunner(args.output, args.resume, resume_hint(args.argv), inputs=[path])
+    with runner.locked():  # before the models: a second run on this output stops at once
+        llms = load_members(args, members, configs)
     bar = progress_bar(args, len(items), "verify --ensemble", "solution")
     print(f"verify --ensemble: {len(items)} solutions, {len(members)} members on {len(llms)} engine(s) "
           f"({', '.join(m.name for m in members)}), combine {args.combine}", file=sys.stderr)
@@ -189,7 +191,6 @@ def cmd_verify_ensemble(args: argparse.Namespace, items: list[Item], path: str, 
         nonlocal chains
         chains += ensemble_rows(members, configs, llms, batch, emit, args.combine, threshold, size)
 
-    runner = JobRunner(args.output, args.resume, resume_hint(args.argv), inputs=[path])
     runner.run(items, process, batch_size=size, progress=bar.update if bar else None, align=True)
     if bar is not None:
         bar.close()

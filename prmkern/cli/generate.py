@@ -55,7 +55,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 params[it.index] = generate_params(args, it.record)
             except (TypeError, ValueError) as e:
                 it.error = str(e)
-    llm = options.make_llm(args)
+    runner = JobRunner(args.output, args.resume, resume_hint(args.argv), inputs=[args.input])
+    with runner.locked():  # before the model: a second run on this output stops at once
+        llm = options.make_llm(args)
     chains = 0
 
     def process(batch: list[Item], emit) -> None:
@@ -70,7 +72,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
                  **({"token_logprobs": c.token_logprobs} if c.token_logprobs is not None else {})}
                 for c in r.outputs]))
 
-    runner = JobRunner(args.output, args.resume, resume_hint(args.argv), inputs=[args.input])
     bar = progress_bar(args, len(items), "generate", "prompt")
     runner.run(items, process, batch_size=args.batch_size, progress=bar.update if bar else None, align=True)
     if bar is not None:

@@ -13,14 +13,16 @@ fails alone.
 Ctrl-C loses at most the batch in flight. `--resume` reads an existing output, skips the indices it already holds
 (a truncated last line is dropped) and appends. Under torchrun the runner is data-parallel (shards.py): each rank
 runs its share of the same batches, with their global indices, and rank 0 merges the rows into the file one
-process writes; the command around it does not change. The output file is locked (flock, exclusive) for the whole run, so a second run on the same output stops
-at once instead of interleaving duplicate rows; an output or summary path that is an input file (same file after
-realpath) is refused before anything is written (`check_output_paths`). It does not load models or know any
-command's schema.
+process writes; the command around it does not change. The output file is locked (flock, exclusive) from before the
+command's model loads (`JobRunner.locked()`) to the end of the run, so a second run on the same output stops at once
+instead of loading a model and then failing, or interleaving duplicate rows; an output or summary path that is an
+input file (same file after realpath) is refused before anything is written (`check_output_paths`). It does not
+load models or know any command's schema.
 """
 from __future__ import annotations
 
 import codecs
+import contextlib
 import fcntl
 import json
 import math
@@ -30,7 +32,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 from prmkern.cli import shards
 from prmkern.engine.engine import FatalEngineError
@@ -173,19 +175,21 @@ def check_output_paths(inputs: list[str], outputs: dict[str, str | None]) -> Non
                              f"the input. Give {flag} a different path")
 
 
-def _open_locked(path: str, resume: bool) -> IO[str]:
-    """The output, opened for appending and flock'ed (exclusive, not waiting); truncated after the lock unless
-    resuming, so a run that finds the file locked has changed nothing."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+def _open_locked(path: str) -> tuple[IO[str], bool]:
+    """The output, opened for appending and flock'ed (exclusive, not waiting), and whether this call created it.
+    Not truncated here (JobRunner.run does, unless resuming), so a run that finds the file locked, or that stops
+    before it runs, has changed nothing."""
+    try:
+        fd, created = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644), True
+    except FileExistsError:
+        fd, created = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644), False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise SystemExit(f"{path} is being written by another run (it holds the file's lock); wait for it to end "
                          f"or give -o another path") from None
-    if not resume and stat.S_ISREG(os.fstat(fd).st_mode):  # /dev/null, a FIFO: nothing to truncate
-        os.ftruncate(fd, 0)
-    return os.fdopen(fd, "a")
+    return os.fdopen(fd, "a"), created
 
 
 def failure_reason(error: str) -> str:
@@ -239,6 +243,39 @@ class JobRunner:
     interrupted: bool = False
     seconds: float = 0.0
     shard: shards.Shard | None = field(default_factory=shards.Shard.from_env)  # data-parallel: this rank
+    _out: IO[str] | None = field(default=None, init=False, repr=False)  # the locked output (lock() to run())
+    _created: bool = field(default=False, init=False, repr=False)
+
+    def lock(self) -> "JobRunner":
+        """Opens and locks the output now (run() does it otherwise): a command calls this before its model loads,
+        so a second run on the same output stops at once instead of after loading. Nothing is written or
+        truncated until run(). No-op for stdout and for a data-parallel rank (each writes its own part file)."""
+        check_output_paths(self.inputs, {"-o": self.output})
+        if self.resume and self.output == "-":
+            raise SystemExit("--resume needs -o FILE (the output of the run to continue), not stdout")
+        if self._out is None and self.output != "-" and self.shard is None:
+            self._out, self._created = _open_locked(self.output)
+        return self
+
+    def unlock(self) -> None:
+        """Gives the lock back without running (what lock() took when the model then fails to load); removes the
+        output when lock() created it, so a failed start leaves no empty file behind."""
+        if self._out is not None:
+            if self._created:
+                os.unlink(self.output)
+            self._out.close()
+            self._out = None
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator["JobRunner"]:
+        """`with runner.locked(): llm = load()`: takes the output's lock before the block (a second run on this
+        output stops before its model loads) and keeps it for run(); if the block raises, unlock()s."""
+        self.lock()
+        try:
+            yield self
+        except BaseException:
+            self.unlock()
+            raise
 
     @property
     def writes_summary(self) -> bool:
@@ -253,16 +290,18 @@ class JobRunner:
         record's batch, and whatever depends on it, is the same in a resumed run as in an uninterrupted one.
         whole: one process call over every pending good item (a process that keeps its engine full across records
         and emits rows as they finish); a data-parallel rank still gets its share batch by batch."""
-        check_output_paths(self.inputs, {"-o": self.output})
         if self.shard is not None:
+            check_output_paths(self.inputs, {"-o": self.output})
             return self._run_sharded(items, process, max(1, batch_size), progress, align)
-        if self.resume and self.output == "-":
-            raise SystemExit("--resume needs -o FILE (the output of the run to continue), not stdout")
         # Locked before the earlier rows are read: a second run on this output stops here, having read nothing.
-        out: IO[str] = sys.stdout if self.output == "-" else _open_locked(self.output, self.resume)
+        self.lock()
+        out: IO[str] = sys.stdout if self._out is None else self._out
+        self._out = None  # run() owns it now: closed below
         try:
             if self.resume:
                 self.earlier = _finished_rows(self.output)
+            elif out is not sys.stdout and stat.S_ISREG(os.fstat(out.fileno()).st_mode):  # /dev/null: no truncate
+                os.ftruncate(out.fileno(), 0)
         except BaseException:
             out.close()
             raise

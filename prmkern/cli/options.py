@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from prmkern.attention.backend import backend_names
+from prmkern.attention.backend import backend_class, backend_names
 from prmkern.cli import shards
 from prmkern.cli.vllm_flags import add_vllm_flags, llm_kwargs
 from prmkern.config import EngineConfig, EngineConfigError, check_values
@@ -176,6 +176,11 @@ def check_engine_args(args: argparse.Namespace) -> None:
     names = backend_names()
     if args.attention_backend is not None and args.attention_backend not in names:
         raise UsageError(f"--attention-backend {args.attention_backend}: accepted: {', '.join(names)}")
+    if args.attention_backend is not None:  # the device LLM picks: --device, else cuda when available
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        why = backend_class(args.attention_backend).unavailable_on(device)
+        if why is not None:
+            raise UsageError(f"--attention-backend {args.attention_backend}: {why}")
     try:  # EngineConfig's own rules, on the values given
         check_values(types.SimpleNamespace(**{f.name: getattr(args, f.name) for f in ENGINE_FIELDS}))
     except EngineConfigError as e:

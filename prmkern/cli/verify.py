@@ -219,10 +219,13 @@ def all_rows(runner: JobRunner, output: str) -> list[dict[str, Any]]:
 
 def _verify_job(args: argparse.Namespace, config: VerifyConfig, items: list[Item], desc: str,
                 inputs: list[str]) -> tuple[JobRunner, Any, Any, int]:
-    """Loads the model and verifies every good item; returns the runner, the llm, the verifier and the chains."""
-    llm = options.make_llm(args, default="verifier")
-    bar = progress_bar(args, len(items), desc, "solution")
-    verifier = Verifier(ChainProgress(llm, bar), config)
+    """Loads the model and verifies every good item; returns the runner, the llm, the verifier and the chains (of
+    the records that finished: an interrupted run counts the records it wrote)."""
+    runner = JobRunner(args.output, args.resume, resume_hint(args.argv), inputs=inputs)
+    with runner.locked():  # before the model: a second run on this output stops at once
+        llm = options.make_llm(args, default="verifier")
+        bar = progress_bar(args, len(items), desc, "solution")
+        verifier = Verifier(ChainProgress(llm, bar), config)
     for it in items:  # every row records the scoring mode, the rows of records that failed before the engine too
         it.extra = {**it.extra, "scoring": config.scoring}
     print(f"{desc}: {len(items)} solutions with {llm.config.model} ({config.format.name}, K={config.num_chains}, "
@@ -236,11 +239,13 @@ def _verify_job(args: argparse.Namespace, config: VerifyConfig, items: list[Item
     continuous = config.format.kind != "per_paragraph"
     verify_items = verify_continuous if continuous else verify_rows
 
-    def process(batch: list[Item], emit) -> None:
+    def count(n: int) -> None:  # per finished record, so Ctrl-C in the middle of a call keeps the count so far
         nonlocal chains
-        chains += verify_items(verifier, batch, emit, llm.tokenizer, args.no_chains, size, early)
+        chains += n
 
-    runner = JobRunner(args.output, args.resume, resume_hint(args.argv), inputs=inputs)
+    def process(batch: list[Item], emit) -> None:
+        verify_items(verifier, batch, emit, llm.tokenizer, args.no_chains, size, early, count=count)
+
     size = verify_batch_size(args, config)
     runner.run(items, process, batch_size=size, progress=bar.update if bar else None, align=True,
                whole=continuous)

@@ -99,9 +99,10 @@ def early_exit_counts(results: list, counts: dict[str, int], num_chains: int) ->
 
 
 def verify_rows(verifier: Any, batch: list[Item], emit: Callable, tokenizer: Any, no_chains: bool,
-                batch_size: int, early: dict[str, int] | None = None) -> int:
+                batch_size: int, early: dict[str, int] | None = None,
+                count: Callable[[int], None] | None = None) -> int:
     """Verifies a batch of records aligned to `batch_size` (all with index // batch_size == g); emits one row per
-    record; returns the number of chains run.
+    record; returns the number of chains run. count(n): called with each record's chains as its row is emitted.
 
     Sampling must not depend on what else ran (or on what a resumed run skips): group g gets its own seed, and each
     record keeps its position in the group, the finished and the bad records' places held by None (the Verifier
@@ -124,16 +125,20 @@ def verify_rows(verifier: Any, batch: list[Item], emit: Callable, tokenizer: Any
         row = res.to_json(tokenizer, include_chains=not no_chains)
         row.pop("id", None)
         chains += len(res.chains)
+        if count is not None:
+            count(len(res.chains))
         emit(it.index, it.row(**row))
     return chains
 
 
 def verify_continuous(verifier: Any, items: list[Item], emit: Callable, tokenizer: Any, no_chains: bool,
-                      batch_size: int, early: dict[str, int] | None = None) -> int:
+                      batch_size: int, early: dict[str, int] | None = None,
+                      count: Callable[[int], None] | None = None) -> int:
     """Verifies `items` keeping the engine full across records (verify.continuous.ContinuousRunner): records are
     admitted while fewer than batch_size x K chains are in flight, and each record's row is emitted as soon as that
     record finishes (the JobRunner writes rows in input order: a row waits for the records before it). Returns the
-    chains run.
+    chains run. count(n): called with each record's chains as its row is emitted, so a caller interrupted in the
+    middle of this one call (Ctrl-C) still knows the chains of the records that finished.
 
     Sampling is verify_rows': record r samples as position r % batch_size of group r // batch_size with the group's
     seed, so what a record samples does not depend on what else runs, what ran before, or a resumed run's skips."""
@@ -171,6 +176,8 @@ def verify_continuous(verifier: Any, items: list[Item], emit: Callable, tokenize
             row = res.to_json(tokenizer, include_chains=not no_chains)
             row.pop("id", None)
             chains += len(res.chains)
+            if count is not None:
+                count(len(res.chains))
             emit(it.index, it.row(**row))
         return it.index, start, done
 

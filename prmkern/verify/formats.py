@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import re
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -120,6 +121,36 @@ class VerifierFormat:
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if len(self.final_labels) != 2 or self.final_labels[0] == self.final_labels[1]:
             raise ValueError(f"final_labels must be two different words, got {self.final_labels!r}")
+        self._check_templates()
+
+    def _check_templates(self) -> None:
+        """Every str.format field a template names is one its renderer passes (a typo such as {problme} failed each
+        record's render after the model loaded); "replace" templates leave unknown fields as text."""
+        # the fields _fill is given: {tagged_response} is ProcessBench's name for {solution}
+        turn = {"problem", "text", "k"} if self.kind == "per_paragraph" else (
+            {"problem"} if self.kind == "discriminative" else {"problem", "solution", "tagged_response"})
+        checks = {"step_template": {"k", "text"}, "generation_prefix": {"k"}, "code_output_template": {"output"}}
+        if self.step_stop_template is not None:
+            checks["step_stop_template"] = {"n"}
+        if self.substitution == "format":
+            checks["user_template"] = turn
+            if self.kind == "per_paragraph":
+                checks["first_turn_template"] = turn
+        for name, accepted in checks.items():
+            template = getattr(self, name)
+            if not isinstance(template, str):
+                raise ValueError(f"format {self.name!r}: {name}={template!r} is invalid; accepted: a str")
+            try:
+                used = _format_fields(template)
+            except ValueError as e:
+                raise ValueError(f"format {self.name!r}: {name} is not a valid str.format template ({e}); write a "
+                                 f"literal brace as {{{{ or }}}}") from None
+            unknown = sorted(used - accepted)
+            if unknown:
+                raise ValueError(f"format {self.name!r}: {name} names unknown field(s) "
+                                 f"{', '.join('{' + f + '}' for f in unknown)}; accepted for a {self.kind} format: "
+                                 f"{', '.join('{' + f + '}' for f in sorted(accepted))} (a literal brace is "
+                                 f"written {{{{ or }}}})")
 
     # -- prompts ---------------------------------------------------------------------------------------
 
@@ -218,6 +249,19 @@ class VerifierFormat:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+
+def _format_fields(template: str) -> set[str]:
+    """The fields a str.format template names ("" for a positional {}); the name as written when it reaches into a
+    value ({problem.x}, {k[0]}), which no renderer supports. ValueError for a malformed template (a lone brace)."""
+    out: set[str] = set()
+    for _, name, spec, _ in string.Formatter().parse(template):
+        if name is None:
+            continue
+        out.add(name)
+        if spec:
+            out |= _format_fields(spec)  # nested fields of a format spec: {text:>{width}}
+    return out
 
 
 def _check_steps(steps: Sequence[str]) -> None:
