@@ -67,9 +67,10 @@ def test_cpu_limit_holds_when_sigxcpu_is_ignored():
 
 
 def test_memory_hog_stopped_by_memory_limit():
-    # 64 MiB blocks take ~0.3 s each on a loaded machine: a wall clock that cannot interrupt the eight of them
+    # 64 MiB blocks take ~0.3 s each on a loaded machine: a wall clock and a CPU budget that cannot interrupt the
+    # eight of them (with FAST's 1 s of CPU, zeroing them on a busy machine once ran out of CPU time first)
     r = run_code("blocks = []\nwhile True:\n    blocks.append(bytearray(64 << 20))",
-                 dataclasses.replace(FAST, wall_time_s=10.0))
+                 dataclasses.replace(FAST, wall_time_s=10.0, cpu_time_s=8))
     assert r.status == "memory_limit", r
     assert "MemoryError" in r.stderr and "memory over" in r.error
 

@@ -1,6 +1,6 @@
 """/v1/sessions over a real HTTP client against a running server: each answer equals the Python session API
-(prmkern/verify/sessions.py) on a fresh engine with the same seeds, exactly; concurrent steps of different sessions
-share engine steps; the session-count and pinned-KV limits evict cleanly; unknown ids are 404s saying why, bad
+(prmkern/verify/sessions.py) on a fresh engine with the same seeds, exactly (concurrent sessions: to float32
+rounding, see expect_step); concurrent steps of different sessions share engine steps; the session-count and pinned-KV limits evict cleanly; unknown ids are 404s saying why, bad
 bodies 400s naming the field; a failing step closes its session alone and the server goes on."""
 from __future__ import annotations
 
@@ -45,11 +45,29 @@ def solution(result, tok) -> dict:
     return out
 
 
-def expect_step(body: dict, verdict, tok, session) -> None:
+def same(got, want, rel: float = 0.0):
+    """got == want, floats within `rel` (relative) when rel > 0; containers compared element by element."""
+    if isinstance(want, dict):
+        return isinstance(got, dict) and got.keys() == want.keys() and all(same(got[k], want[k], rel) for k in want)
+    if isinstance(want, (list, tuple)):
+        return isinstance(got, (list, tuple)) and len(got) == len(want) and all(
+            same(g, w, rel) for g, w in zip(got, want))
+    if isinstance(want, float) and rel > 0:
+        return isinstance(got, float) and got == pytest.approx(want, rel=rel, abs=1e-12)
+    return got == want
+
+
+def expect_step(body: dict, verdict, tok, session, rel: float = 0.0) -> None:
+    """rel 0: bit-for-bit. Concurrent sessions share engine steps, and a step's row count picks the GEMM (the
+    decode GEMM up to prmkern.ops.cpp.CPP_MAX_ROWS rows, the blocked prefill GEMM above, which round float32 sums
+    in a different order), so what ran beside another session's rows equals the sequential run to float32
+    rounding of its log-probabilities: rel 1e-6 there."""
     assert body["object"] == "verification.session.step"
-    assert (body["step"], body["score"], body["p_correct"], body["verdicts"]) == \
-        (verdict.step, verdict.score, verdict.p_correct, verdict.verdicts)
-    assert body["solution"] == solution(session.result(), tok)
+    assert (body["step"], body["verdicts"]) == (verdict.step, verdict.verdicts)
+    assert same((body["score"], body["p_correct"]), (verdict.score, verdict.p_correct), rel), \
+        ((body["score"], body["p_correct"]), (verdict.score, verdict.p_correct))
+    want = solution(session.result(), tok)
+    assert same(body["solution"], want, rel), (body["solution"], want)
 
 
 def test_steps_forks_and_results_equal_the_python_api(records):
@@ -162,8 +180,8 @@ def test_concurrent_sessions_share_engine_steps_and_equal_sequential_runs(record
     for n, (verdicts, session, tok) in refs.items():
         for r, v in zip(got[n], verdicts):
             assert r.status_code == 200, r.text
-        expect_step(got[n][-1].json(), verdicts[-1], tok, session)
-        assert [r.json()["p_correct"] for r in got[n]] == [v.p_correct for v in verdicts]
+        expect_step(got[n][-1].json(), verdicts[-1], tok, session, rel=1e-6)
+        assert same([r.json()["p_correct"] for r in got[n]], [v.p_correct for v in verdicts], rel=1e-6)
     # engine steps that ran chains of both sessions (2 and 3 chains per request) in one batch
     assert any(b >= {2, 3} for b in slow.batches), slow.batches[:20]
 
