@@ -104,3 +104,14 @@ def heldout(n: int | None = None) -> list[dict]:
     with open(os.path.join(SHIPPED, "examples.jsonl")) as f:
         recs = [json.loads(line) for line in f]
     return recs[:n] if n else recs
+
+
+def stop_token_position(tok, token_ids: list[int]) -> tuple[int, list[str]]:
+    """A position >= 2 of greedy output `token_ids` whose token appears there first and adds whole characters to
+    the text (so a stop token there changes `text` visibly), and the text of every prefix (skip_special_tokens, the
+    output's own rule): texts[i] is the text of token_ids[:i]."""
+    texts = [tok.decode(token_ids[:i], skip_special_tokens=True) for i in range(len(token_ids) + 1)]
+    pos = next(i for i, t in enumerate(token_ids)
+               if i >= 2 and t not in token_ids[:i] and texts[i] != texts[i + 1]
+               and not texts[i].endswith("\ufffd") and not texts[i + 1].endswith("\ufffd"))
+    return pos, texts

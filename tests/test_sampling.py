@@ -8,7 +8,7 @@ import torch
 
 from prmkern import LLM, SamplingParams
 from prmkern.engine.sampler import _apply_top_k_top_p
-from tests.conftest import hf_model, random_prompts
+from tests.conftest import hf_model, random_prompts, stop_token_position
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +80,9 @@ def test_stop_token_text_is_left_out_as_vllm(llm):
     """vLLM's detokenizer leaves the text of the stop token that ended a chain out of `text` (token_ids keep it)
     unless include_stop_str_in_output; a chain ended by max_tokens keeps all of its text."""
     tok = llm.get_tokenizer()
-    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731 - the output's own rule
     prompt = random_prompts([20], 509, seed=27)[0]
     greedy = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0]
-    # a stop token first generated at position >= 2 that adds whole characters to the text
-    texts = [decode(greedy.token_ids[:i]) for i in range(len(greedy.token_ids) + 1)]
-    pos = next(i for i, t in enumerate(greedy.token_ids)
-               if i >= 2 and t not in greedy.token_ids[:i] and texts[i] != texts[i + 1]
-               and not texts[i].endswith("\ufffd") and not texts[i + 1].endswith("\ufffd"))
+    pos, texts = stop_token_position(tok, greedy.token_ids)
     stop = greedy.token_ids[pos]
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop],
                                                 ignore_eos=True))[0].outputs[0]

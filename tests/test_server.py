@@ -14,7 +14,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
-from tests.conftest import openai_client, serve_llm  # noqa: E402
+from tests.conftest import openai_client, serve_llm, stop_token_position  # noqa: E402
 from prmkern import LLM, SamplingParams  # noqa: E402
 from prmkern.serve.app import ServerConfig, build_app  # noqa: E402
 from prmkern.serve.background import serve_in_thread  # noqa: E402
@@ -200,13 +200,8 @@ def test_streaming_adds_up_to_the_full_text(client, offline):
 def test_streamed_text_leaves_out_the_stop_token_as_offline(client, offline):
     prompt = "so the total sum is"
     tok = offline.get_tokenizer()
-    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731 - the output's own rule
     full = offline.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0]
-    # a stop token first generated at position >= 2 that adds whole characters to the text
-    texts = [decode(full.token_ids[:i]) for i in range(len(full.token_ids) + 1)]
-    pos = next(i for i, t in enumerate(full.token_ids)
-               if i >= 2 and t not in full.token_ids[:i] and texts[i] != texts[i + 1]
-               and not texts[i].endswith("\ufffd") and not texts[i + 1].endswith("\ufffd"))
+    pos, texts = stop_token_position(tok, full.token_ids)
     stop = full.token_ids[pos]
     for keep in (False, True):
         want = offline.generate([prompt], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop],
