@@ -10,7 +10,9 @@ Ceilings (each recorded with the CPU model and the instruction sets it was measu
   better of that, the bf16 dot peak and, on a CPU with AMX-BF16 (Intel), the AMX rate: prmkern has no AMX kernel,
   but a peer's oneDNN multiplies bf16 on AMX tiles there, so its floor must count them. That rate is torch's bf16
   matmul (oneDNN, on AMX there) at 2048^3, the best of 5 at the threads used (`amx_bf16_torch`): a rate reached,
-  so a lower bound of the AMX peak, the best available without an AMX micro-kernel.
+  so a lower bound of the AMX peak, the best available without an AMX micro-kernel. Likewise fp16 on a CPU with
+  AVX512-FP16 or AMX-FP16 (`fp16_torch`: torch's fp16 matmul, which oneDNN runs on them there), so a peer's native
+  fp16 products cannot beat the fp16 floor either.
 - read bandwidth: the best of several methods (csrc's AVX2 sweep over the threads, and on one thread also timed by
   its CPU time; torch's sum) over a buffer the size of the step's working set (capped at 512 MiB), so a working
   set that fits the caches gets the caches' rate.
@@ -28,6 +30,7 @@ import torch
 
 PEAK_KINDS = ("fma_avx2", "fma_avx512", "bf16_dot")  # csrc/peak.cpp's micro-kernels
 BF16_ONLY_KINDS = ("bf16_dot", "amx_bf16_torch")  # peaks only bf16 products reach
+FP16_ONLY_KINDS = ("fp16_torch",)  # peaks only fp16 products reach
 
 
 def cpu_model() -> str:
@@ -45,7 +48,7 @@ def cpu_model() -> str:
 
 def isa_flags() -> dict:
     """The vector instruction sets /proc/cpuinfo lists that matter to the floors (empty off Linux)."""
-    names = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
+    names = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16")
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
@@ -91,9 +94,11 @@ def peak_gflops(threads: int, repeats: int = 9, seconds: float = 0.02) -> dict:
         together = max(ops.peak_gflops(kind, threads, iters, repeats)) if threads > 1 else one
         out["per_core"][kind] = round(one, 2)
         out[kind] = round(max(threads * one, together), 2)
-    amx = amx_bf16_gflops(threads)
-    if amx is not None:
-        out["amx_bf16_torch"] = round(amx, 2)
+    flags = isa_flags()
+    if flags["amx_bf16"]:
+        out["amx_bf16_torch"] = round(_library_gflops(threads, torch.bfloat16), 2)
+    if flags["avx512_fp16"] or flags["amx_fp16"]:
+        out["fp16_torch"] = round(_library_gflops(threads, torch.float16), 2)
     return out
 
 
@@ -101,20 +106,25 @@ def amx_bf16_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float | No
     """On a CPU with AMX-BF16: torch's bf16 matmul rate at n^3 on `threads` threads (oneDNN runs it on the AMX
     tiles), a lower bound of the AMX peak; None elsewhere (never measured there: a bf16 matmul without AMX is slow
     and below the vdpbf16ps / FMA peaks anyway)."""
-    if not isa_flags()["amx_bf16"]:
-        return None
+    return _library_gflops(threads, torch.bfloat16, n, repeats) if isa_flags()["amx_bf16"] else None
+
+
+def _library_gflops(threads: int, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """torch's `dtype` matmul rate at n^3 on `threads` threads: what oneDNN reaches with the CPU's native
+    instructions for that dtype (AMX, AVX512-FP16), which prmkern's micro-kernels do not measure."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return sgemm_gflops(n, repeats, torch.bfloat16)
+        return sgemm_gflops(n, repeats, dtype)
     finally:
         torch.set_num_threads(before)
 
 
 def compute_peak(peaks: dict, dtype: torch.dtype) -> tuple[float, str]:
     """The peak GFLOP/s a `dtype` model's products can reach, and the instruction that gives it."""
-    kinds = [k for k in PEAK_KINDS + ("amx_bf16_torch",)
-             if k in peaks and (k not in BF16_ONLY_KINDS or dtype == torch.bfloat16)]
+    kinds = [k for k in PEAK_KINDS + BF16_ONLY_KINDS[1:] + FP16_ONLY_KINDS
+             if k in peaks and (k not in BF16_ONLY_KINDS or dtype == torch.bfloat16)
+             and (k not in FP16_ONLY_KINDS or dtype == torch.float16)]
     if not kinds:
         raise ValueError(f"no measured peak for {dtype} in {peaks}")
     best = max(kinds, key=lambda k: peaks[k])
@@ -156,7 +166,8 @@ def ceilings(dtype: torch.dtype, working_set_bytes: int, threads: int | None = N
     if any(k in peaks for k in PEAK_KINDS):
         gflops, kind = compute_peak(peaks, dtype)
         method = (f"csrc/peak.cpp micro-kernel ({kind})" if kind in PEAK_KINDS
-                  else "torch bf16 matmul 2048^3 on AMX (oneDNN): a lower bound of the AMX peak")
+                  else f"torch {str(dtype).removeprefix('torch.')} matmul 2048^3 (oneDNN on the CPU's native "
+                       f"{'AMX' if kind == 'amx_bf16_torch' else 'fp16'} instructions): a lower bound of their peak")
     else:
         gflops, kind = sgemm_gflops(), "torch.mm"
         method = "torch.mm fp32 1024^3 (prmkern._C unavailable: not a physical peak)"

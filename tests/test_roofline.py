@@ -86,6 +86,21 @@ def test_amx_counts_in_the_bf16_peak_only(monkeypatch):
     assert compute_peak(peaks, torch.float16)[0] < 1e6
 
 
+def test_native_fp16_counts_in_the_fp16_peak_only(monkeypatch):
+    """On a CPU with AVX512-FP16 or AMX-FP16 the fp16 peak includes torch's fp16 matmul rate; bf16's and fp32's
+    never do; elsewhere it is not measured."""
+    import benchmarks.roofline as roofline
+    flags = isa_flags()
+    native = flags["avx512_fp16"] or flags["amx_fp16"]
+    assert ("fp16_torch" in peak_gflops(1, repeats=1, seconds=0.002)) == native
+    monkeypatch.setattr(roofline, "isa_flags", lambda: dict(flags, avx512_fp16=True, amx_bf16=False))
+    monkeypatch.setattr(roofline, "sgemm_gflops", lambda n, repeats, dtype: 1e6 if dtype == torch.float16 else 0)
+    peaks = roofline.peak_gflops(1, repeats=1, seconds=0.002)
+    assert peaks["fp16_torch"] == 1e6 and "amx_bf16_torch" not in peaks
+    assert compute_peak(peaks, torch.float16) == (1e6, "fp16_torch")
+    assert compute_peak(peaks, torch.bfloat16)[0] < 1e6 and compute_peak(peaks, torch.float32)[0] < 1e6
+
+
 def test_nothing_beats_the_read_bandwidth():
     """An independent read-only sweep (torch's max over the buffer) never beats the best of the methods."""
     size = 64 << 20
