@@ -31,6 +31,7 @@ import torch
 PEAK_KINDS = ("fma_avx2", "fma_avx512", "bf16_dot")  # csrc/peak.cpp's micro-kernels
 BF16_ONLY_KINDS = ("bf16_dot", "amx_bf16_torch")  # peaks only bf16 products reach
 FP16_ONLY_KINDS = ("fp16_torch",)  # peaks only fp16 products reach
+LIBRARY_KINDS = ("amx_bf16_torch", "fp16_torch")  # torch's matmul rates, measured only where the CPU has them
 
 
 def cpu_model() -> str:
@@ -102,16 +103,11 @@ def peak_gflops(threads: int, repeats: int = 9, seconds: float = 0.02) -> dict:
     return out
 
 
-def amx_bf16_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float | None:
-    """On a CPU with AMX-BF16: torch's bf16 matmul rate at n^3 on `threads` threads (oneDNN runs it on the AMX
-    tiles), a lower bound of the AMX peak; None elsewhere (never measured there: a bf16 matmul without AMX is slow
-    and below the vdpbf16ps / FMA peaks anyway)."""
-    return _library_gflops(threads, torch.bfloat16, n, repeats) if isa_flags()["amx_bf16"] else None
-
-
 def _library_gflops(threads: int, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     """torch's `dtype` matmul rate at n^3 on `threads` threads: what oneDNN reaches with the CPU's native
-    instructions for that dtype (AMX, AVX512-FP16), which prmkern's micro-kernels do not measure."""
+    instructions for that dtype (AMX, AVX512-FP16), which prmkern's micro-kernels do not measure; a lower bound of
+    their peak. Only called where the CPU has them (a bf16 / fp16 matmul without them is slow, below the FMA and
+    vdpbf16ps peaks anyway)."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -122,7 +118,7 @@ def _library_gflops(threads: int, dtype: torch.dtype, n: int = 2048, repeats: in
 
 def compute_peak(peaks: dict, dtype: torch.dtype) -> tuple[float, str]:
     """The peak GFLOP/s a `dtype` model's products can reach, and the instruction that gives it."""
-    kinds = [k for k in PEAK_KINDS + BF16_ONLY_KINDS[1:] + FP16_ONLY_KINDS
+    kinds = [k for k in PEAK_KINDS + LIBRARY_KINDS
              if k in peaks and (k not in BF16_ONLY_KINDS or dtype == torch.bfloat16)
              and (k not in FP16_ONLY_KINDS or dtype == torch.float16)]
     if not kinds:

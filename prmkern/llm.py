@@ -97,7 +97,7 @@ def _check_arguments(model: Any, tokenizer: Any, seed: Any, tensor_parallel_size
                          f"bool)")
 
 
-def _resolve_device(device: Any) -> torch.device:
+def resolve_device(device: Any) -> torch.device:
     """`device` as a torch.device: None or "auto" (vLLM's) is cuda when available, else cpu."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -129,7 +129,7 @@ class LLM:
         _check_arguments(model=model, tokenizer=tokenizer, seed=seed, tensor_parallel_size=tensor_parallel_size)
         used = check_vllm_args(vllm_kwargs)
         hf_config = read_config(model)
-        device = _resolve_device(device)
+        device = resolve_device(device)
         if gpu_memory_utilization is not None and (
                 not isinstance(gpu_memory_utilization, (int, float)) or isinstance(gpu_memory_utilization, bool)
                 or not 0 < gpu_memory_utilization <= 1):

@@ -22,7 +22,7 @@ from prmkern.attention.backend import backend_class, backend_names
 from prmkern.cli import shards
 from prmkern.cli.vllm_flags import add_vllm_flags, llm_kwargs
 from prmkern.config import EngineConfig, EngineConfigError, check_values
-from prmkern.llm import LLM
+from prmkern.llm import LLM, resolve_device
 from prmkern.models.loader import DTYPES as DTYPE_NAMES
 from prmkern.tiny import default_model_dir
 from prmkern.verify.pruning import PRUNE_RULES, check_prune
@@ -176,8 +176,11 @@ def check_engine_args(args: argparse.Namespace) -> None:
     names = backend_names()
     if args.attention_backend is not None and args.attention_backend not in names:
         raise UsageError(f"--attention-backend {args.attention_backend}: accepted: {', '.join(names)}")
-    if args.attention_backend is not None:  # the device LLM picks: --device, else cuda when available
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.attention_backend is not None:  # on the device LLM will pick
+        try:
+            device = resolve_device(args.device)
+        except ValueError as e:
+            raise UsageError(f"--device {args.device}: {e}") from None
         why = backend_class(args.attention_backend).unavailable_on(device)
         if why is not None:
             raise UsageError(f"--attention-backend {args.attention_backend}: {why}")
